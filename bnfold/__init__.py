@@ -1,0 +1,1 @@
+"""bnfold: fold inference-time BatchNormalization into neighbouring linear ops."""
