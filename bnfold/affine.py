@@ -1,0 +1,113 @@
+"""The folding math, on numpy arrays only, in float64.
+
+Every fold is a per-channel affine ``y = s*x + t`` absorbed into a linear op's weight and bias:
+
+* after the op (the affine reads the op's output channels):  ``W' = s·W`` along the output-channel axis,
+  ``b' = s·b + t``;
+* before the op (the affine feeds the op's input channels):  ``W' = W·s`` along the input-channel axis,
+  ``b' = b + Σ W·t`` over everything but the output-channel axis. Exact only when every input value the op reads
+  went through the affine (no zero padding).
+
+A linear op only says where its channels are in the weight: ``axis`` and, for grouped convolutions, ``groups``.
+With groups, the weight axis holds the channel *within* a group and axis 0 enumerates rows that belong to groups
+in order: Conv's input channels (``[C_out, C_in/g, k...]``) and ConvTranspose's output channels
+(``[C_in, C_out/g, k...]``) both have that shape.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class FoldRefused(ValueError):
+    """The math can not be done exactly (shapes do not agree, values would overflow): the fold is skipped."""
+
+
+def bn_to_affine(scale, bias, mean, var, epsilon: float) -> tuple[np.ndarray, np.ndarray]:
+    """BatchNormalization in inference mode as ``y = s*x + t`` (float64)."""
+    scale, bias, mean, var = (np.asarray(a, dtype=np.float64) for a in (scale, bias, mean, var))
+    denom = var + np.float64(epsilon)
+    if not np.all(np.isfinite(denom)):
+        raise FoldRefused("non-finite variance")
+    if np.any(denom <= 0):
+        raise FoldRefused(f"variance + epsilon is not positive (min {denom.min():.3g})")
+    s = scale / np.sqrt(denom)
+    t = bias - mean * s
+    if not (np.all(np.isfinite(s)) and np.all(np.isfinite(t))):
+        raise FoldRefused("non-finite BatchNormalization parameters")
+    return s, t
+
+
+def channel_multiplier(values: np.ndarray, weight_shape: tuple[int, ...], axis: int, groups: int = 1) -> np.ndarray:
+    """An array broadcastable against a weight of ``weight_shape`` that puts ``values[c]`` on channel ``c``.
+
+    ``axis == 0``: channels run along axis 0. ``axis == 1``: channel ``c`` of group ``g`` sits at column
+    ``c - g*(C/groups)`` of the rows of group ``g`` (rows split evenly into ``groups``).
+    """
+    values = np.asarray(values, dtype=np.float64)
+    ndim = len(weight_shape)
+    if axis == 0:
+        if groups != 1 or values.shape[0] != weight_shape[0]:
+            raise FoldRefused(f"{values.shape[0]} channels do not match weight axis 0 of size {weight_shape[0]}")
+        return values.reshape((-1,) + (1,) * (ndim - 1))
+    if axis != 1:
+        raise ValueError("axis must be 0 or 1")
+    rows, per_group = weight_shape[0], weight_shape[1]
+    if groups < 1 or rows % groups or values.shape[0] != per_group * groups:
+        raise FoldRefused(
+            f"{values.shape[0]} channels do not match a weight of shape {list(weight_shape)} with group={groups}")
+    table = np.repeat(values.reshape(groups, per_group), rows // groups, axis=0)
+    return table.reshape(table.shape + (1,) * (ndim - 2))
+
+
+def absorb_after(weight, bias, s, t, *, axis: int, groups: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Fold ``s*y + t`` applied to the op's output into its weight and bias (``bias`` may be None)."""
+    w = np.asarray(weight, dtype=np.float64)
+    s = np.asarray(s, dtype=np.float64)
+    t = np.asarray(t, dtype=np.float64)
+    new_w = w * channel_multiplier(s, w.shape, axis, groups)
+    new_b = t.copy() if bias is None else s * np.asarray(bias, dtype=np.float64) + t
+    return new_w, new_b
+
+
+def absorb_before(weight, bias, s, t, *, in_axis: int, out_axis: int, groups: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Fold ``s*x + t`` applied to the op's input into its weight and bias (``bias`` may be None).
+
+    The bias gains ``Σ W·t`` summed over every weight axis except ``out_axis``; returned with the shape of the
+    output channels (broadcast against ``bias`` when given).
+    """
+    w = np.asarray(weight, dtype=np.float64)
+    new_w = w * channel_multiplier(s, w.shape, in_axis, groups)
+    reduce_axes = tuple(a for a in range(w.ndim) if a != out_axis)
+    shift = (w * channel_multiplier(t, w.shape, in_axis, groups)).sum(axis=reduce_axes)
+    new_b = shift if bias is None else np.asarray(bias, dtype=np.float64) + shift
+    return new_w, new_b
+
+
+def _finfo_max(dtype) -> float | None:
+    try:
+        return float(np.finfo(dtype).max)
+    except (TypeError, ValueError):
+        import ml_dtypes  # bfloat16 and friends
+
+        try:
+            return float(ml_dtypes.finfo(dtype).max)
+        except Exception:
+            return None
+
+
+def cast_checked(values: np.ndarray, dtype, what: str = "folded weights") -> np.ndarray:
+    """Round float64 results once to ``dtype``; refuse when a finite value would overflow it."""
+    values = np.asarray(values, dtype=np.float64)
+    if not np.all(np.isfinite(values)):
+        raise FoldRefused(f"{what} would not be finite")
+    limit = _finfo_max(dtype)
+    if limit is not None and values.size:
+        peak = float(np.max(np.abs(values)))
+        if peak > limit:
+            name = np.dtype(dtype).name
+            raise FoldRefused(f"{what} would overflow {name} (max |value| {peak:.4g} > {limit:.4g})")
+    out = values.astype(dtype)
+    if not np.all(np.isfinite(out.astype(np.float64))):  # rounding at the very edge of the range
+        raise FoldRefused(f"{what} would overflow {np.dtype(dtype).name}")
+    return out

@@ -1,0 +1,142 @@
+"""The ONNX fold pass: apply every enabled rule until nothing changes, in the main graph and every subgraph."""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable
+
+import onnx
+
+from ..errors import InputError
+from ..report import Fold, FoldReport, Skip
+from .graph import GraphIndex, ModelContext, node_label, subgraphs
+from .rules import RULE_NAMES, RULES, AffineAfterLinear, Rule, batchnorm_affine
+
+PER_SAMPLE_NORMS = {
+    "LayerNormalization": "normalizes each sample over its own features",
+    "InstanceNormalization": "normalizes each sample and channel over its own spatial values",
+    "GroupNormalization": "normalizes each sample over groups of its own channels",
+}
+_MUL_ADD = AffineAfterLinear.sources
+
+
+def count_batchnorms(graph: onnx.GraphProto) -> int:
+    total = 0
+    for node in graph.node:
+        if node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx"):
+            total += 1
+        for _, g in subgraphs(node):
+            total += count_batchnorms(g)
+    return total
+
+
+def select_rules(skip: Iterable[str] = ()) -> list[Rule]:
+    skip = set(skip)
+    unknown = skip - set(RULE_NAMES)
+    if unknown:
+        raise InputError(f"unknown rule {', '.join(sorted(unknown))} (choose from {', '.join(RULE_NAMES)})")
+    return [r for r in RULES if r.name not in skip]
+
+
+def fold_model(model: onnx.ModelProto, rules: list[Rule]) -> FoldReport:
+    """Fold ``model`` in place and say what happened."""
+    report = FoldReport(bn_before=count_batchnorms(model.graph))
+    ctx = ModelContext(model)
+    _fold_graph(GraphIndex(model.graph, ctx), rules, report)
+    for function in model.functions:
+        for node in function.node:
+            if node.op_type == "BatchNormalization":
+                report.skipped.append(Skip(node_label(node), "inside model-local function "
+                                           f"{function.domain}.{function.name}: functions are left as they are"))
+    report.bn_after = count_batchnorms(model.graph)
+    if ctx.used_initializer_inputs:
+        report.notes.append(f"IR version {ctx.ir_version} < 4 lists initializers as graph inputs too; "
+                            "they were treated as constants, as that format intends")
+    return report
+
+
+def _fold_graph(g: GraphIndex, rules: list[Rule], report: FoldReport) -> None:
+    bn_rules = [r for r in rules if "BatchNormalization" in r.sources]
+    affine_rules = [r for r in rules if r.sources & _MUL_ADD]
+    while True:
+        changed = False
+        skipped: list[Skip] = []
+        for node in list(g.live_nodes()):
+            if g.is_removed(node) or node.domain not in ("", "ai.onnx"):
+                continue
+            op = node.op_type
+            if op == "BatchNormalization":
+                outcome = _fold_batchnorm(g, node, bn_rules)
+                if isinstance(outcome, str):
+                    skipped.append(Skip(node_label(node), outcome, graph=g.path))
+                    continue
+            elif op in _MUL_ADD and affine_rules:
+                outcome = next((p for p in (r.match(g, node) for r in affine_rules) if p is not None), None)
+                if outcome is None:
+                    continue
+            else:
+                continue
+            label = node_label(node)
+            outcome.apply(g)
+            report.folded.append(Fold(label, outcome.into, outcome.rule, graph=g.path))
+            changed = True
+        if not changed:
+            break
+    report.skipped.extend(skipped)
+    for node in g.live_nodes():
+        if node.op_type in PER_SAMPLE_NORMS and node.domain in ("", "ai.onnx"):
+            report.skipped.append(Skip(node_label(node), f"not foldable: per-sample statistics ({node.op_type} "
+                                       f"{PER_SAMPLE_NORMS[node.op_type]}), no fixed affine exists",
+                                       op_type=node.op_type, graph=g.path))
+    g.commit()
+    for node in list(g.live_nodes()):
+        for attr_name, sub in subgraphs(node):
+            path = f"{g.path}/" if g.path else ""
+            _fold_graph(GraphIndex(sub, g.ctx, parent=g, path=f"{path}{node_label(node)}.{attr_name}"), rules, report)
+
+
+def _fold_batchnorm(g: GraphIndex, node: onnx.NodeProto, rules: list[Rule]):
+    """A Plan for the first rule that folds this BatchNormalization, else the reason none did."""
+    norm = batchnorm_affine(g, node)
+    if isinstance(norm, str):
+        return norm
+    reasons = []
+    for rule in rules:
+        outcome = rule.match(g, norm)
+        if outcome is None:
+            continue
+        if not isinstance(outcome, str):
+            return outcome
+        reasons.append(outcome)
+    if reasons:
+        return "; ".join(dict.fromkeys(reasons))
+    before = g.producer.get(norm.x)
+    after = g.consumers.get(norm.y, [])
+    src = f"{before.op_type} {node_label(before)}" if before is not None else f"graph input '{norm.x}'"
+    dst = ", ".join(f"{u.op_type} {node_label(u)}" for u in after[:3]) or "nothing"
+    if norm.y in g.outputs:
+        dst += " and the graph output"
+    if not rules:
+        return "every rule was skipped"
+    return f"no foldable linear op next to it (input from {src}, output to {dst})"
+
+
+def fold_onnx(model: "onnx.ModelProto | str | os.PathLike", *, skip: Iterable[str] = (),
+              inplace: bool = False) -> tuple[onnx.ModelProto, FoldReport]:
+    """Fold every BatchNormalization that folds exactly; return the folded model and a report.
+
+    ``model`` is a ModelProto (copied unless ``inplace=True``) or a path (loaded, external data included).
+    ``skip`` names rules to leave out (see ``bnfold.onnx.rules.RULE_NAMES``). Prints nothing.
+    """
+    from .io import load_model
+
+    rules = select_rules(skip)
+    if isinstance(model, onnx.ModelProto):
+        if not inplace:
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)
+            model = copy
+    else:
+        model = load_model(model)
+    report = fold_model(model, rules)
+    return model, report

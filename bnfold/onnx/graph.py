@@ -1,0 +1,496 @@
+"""A light, mutable index over one ONNX GraphProto: producers, consumers, constants, guarded edits.
+
+Works on the protobuf in place and touches only what a fold changes (the tensors it rewrites, the nodes it
+removes), so folding a large model costs little more than loading and saving it. Removals are recorded and
+applied once in :meth:`GraphIndex.commit`, because deleting from a protobuf repeated field is linear each time.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Iterable, Iterator
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from ..errors import InputError
+
+# Ops whose output is not a function of their inputs: never evaluated as constants.
+_NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
+                     "Bernoulli", "Dropout"}
+# Constant subgraphs evaluated ahead of time must stay small: they only ever feed BN parameters or weights.
+_MAX_EVAL_ELEMENTS = 1 << 24
+
+
+def node_label(node: onnx.NodeProto) -> str:
+    """A readable, stable identifier: the node's name, or its op type and first output."""
+    if node.name:
+        return node.name
+    out = next((o for o in node.output if o), "?")
+    return f"{node.op_type}({out})"
+
+
+def subgraphs(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.GraphProto]]:
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.name, attr.g
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            for i, g in enumerate(attr.graphs):
+                yield f"{attr.name}[{i}]", g
+
+
+def free_names(graph: onnx.GraphProto) -> set[str]:
+    """Names a (sub)graph reads from its enclosing scopes."""
+    defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    defined |= {t.name for t in graph.sparse_initializer}
+    used: set[str] = set()
+    for node in graph.node:
+        used.update(n for n in node.input if n)
+        for _, g in subgraphs(node):
+            used |= free_names(g)
+        defined.update(o for o in node.output if o)
+    used.update(o.name for o in graph.output)
+    return used - defined
+
+
+def all_names(graph: onnx.GraphProto, into: set[str]) -> set[str]:
+    """Every value name in a graph and its subgraphs (new names must avoid all of them)."""
+    into.update(i.name for i in graph.input)
+    into.update(t.name for t in graph.initializer)
+    into.update(o.name for o in graph.output)
+    for node in graph.node:
+        into.update(node.input)
+        into.update(node.output)
+        for _, g in subgraphs(node):
+            all_names(g, into)
+    return into
+
+
+class ModelContext:
+    """What every graph of one model shares: opset, IR version, the set of taken names, lazy shape info."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.ir_version = model.ir_version
+        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+        self.names = all_names(model.graph, set())
+        self._shapes: dict[str, list[int | str | None]] | None = None
+        # IR < 4 lists initializers as graph inputs too; they were read as constants (said in the report).
+        self.used_initializer_inputs = False
+
+    def unique_name(self, base: str) -> str:
+        name, i = base, 1
+        while name in self.names:
+            name = f"{base}_{i}"
+            i += 1
+        self.names.add(name)
+        return name
+
+    def inferred_shapes(self) -> dict[str, list[int | str | None]]:
+        """Shapes from ONNX shape inference, run once on a copy that leaves large tensors behind."""
+        if self._shapes is None:
+            self._shapes, self._types = _infer_shapes(self.model)
+        return self._shapes
+
+    def inferred_types(self) -> dict[str, int]:
+        self.inferred_shapes()
+        return self._types
+
+
+def _shape_of(type_proto: onnx.TypeProto) -> list[int | str | None] | None:
+    if not type_proto.HasField("tensor_type") or not type_proto.tensor_type.HasField("shape"):
+        return None
+    dims: list[int | str | None] = []
+    for d in type_proto.tensor_type.shape.dim:
+        if d.HasField("dim_value"):
+            dims.append(d.dim_value)
+        elif d.HasField("dim_param"):
+            dims.append(d.dim_param)
+        else:
+            dims.append(None)
+    return dims
+
+
+def _infer_shapes(model: onnx.ModelProto) -> tuple[dict[str, list[int | str | None]], dict[str, int]]:
+    skeleton = onnx.ModelProto()
+    skeleton.ir_version = max(model.ir_version, 4)
+    skeleton.opset_import.extend(model.opset_import)
+    skeleton.functions.extend(model.functions)
+    g, src = skeleton.graph, model.graph
+    g.node.extend(src.node)
+    g.output.extend(src.output)
+    g.value_info.extend(src.value_info)
+    input_names = set()
+    for i in src.input:
+        input_names.add(i.name)
+        g.input.append(i)
+    for t in src.initializer:
+        if int(np.prod(t.dims, dtype=np.int64)) <= 64 and t.data_location != onnx.TensorProto.EXTERNAL:
+            g.initializer.append(t)  # small tensors (shapes, axes) drive inference
+        elif t.name not in input_names:
+            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    try:
+        inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
+    except Exception:  # shape inference is a help, never a requirement
+        return {}, {}
+    shapes, types = {}, {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        shape = _shape_of(vi.type)
+        if shape is not None:
+            shapes[vi.name] = shape
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
+            types[vi.name] = vi.type.tensor_type.elem_type
+    for t in src.initializer:
+        shapes[t.name] = list(t.dims)
+    return shapes, types
+
+
+class GraphIndex:
+    """Producers, consumers and constants of one graph; edits go through its methods."""
+
+    def __init__(self, graph: onnx.GraphProto, ctx: ModelContext, parent: "GraphIndex | None" = None,
+                 path: str = ""):
+        self.graph = graph
+        self.ctx = ctx
+        self.parent = parent
+        self.path = path
+        self.nodes: list[onnx.NodeProto] = list(graph.node)
+        self.initializers: dict[str, onnx.TensorProto] = {t.name: t for t in graph.initializer}
+        self.inputs = {i.name for i in graph.input}
+        self.outputs = {o.name for o in graph.output}
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        self._removed_nodes: set[int] = set()
+        self._removed_initializers: set[str] = set()
+        self._dropped_values: set[str] = set()
+        self._constants: dict[str, np.ndarray] = {}
+        self._local_shapes: dict[str, list] | None = None
+        self._index(graph)
+
+    # ---- building --------------------------------------------------------------------------------------
+    def _index(self, graph: onnx.GraphProto) -> None:
+        known = set(self.inputs) | set(self.initializers) | {t.name for t in graph.sparse_initializer}
+        for node in self.nodes:
+            for name in node.input:
+                if not name:
+                    continue
+                if name not in known and not self._outer_defines(name):
+                    where = f" in subgraph {self.path}" if self.path else ""
+                    raise InputError(f"invalid graph{where}: node {node_label(node)} reads '{name}', which is not "
+                                     "defined before it (dangling input or a cycle)")
+                self.consumers[name].append(node)
+            for _, g in subgraphs(node):
+                for name in free_names(g):
+                    if name in known or self._outer_defines(name):
+                        self.consumers[name].append(node)
+            for name in node.output:
+                if not name:
+                    continue
+                if name in self.producer or name in self.initializers or name in self.inputs:
+                    raise InputError(f"invalid graph: '{name}' is defined twice (second time by {node_label(node)})")
+                self.producer[name] = node
+                known.add(name)
+        for name in self.outputs:
+            if name not in known and not self._outer_defines(name):
+                raise InputError(f"invalid graph: graph output '{name}' is never computed")
+
+    def _outer_defines(self, name: str) -> bool:
+        p = self.parent
+        while p is not None:
+            if name in p.producer or name in p.initializers or name in p.inputs:
+                return True
+            p = p.parent
+        return False
+
+    # ---- queries ---------------------------------------------------------------------------------------
+    def live_nodes(self) -> Iterable[onnx.NodeProto]:
+        return (n for n in self.nodes if id(n) not in self._removed_nodes)
+
+    def is_removed(self, node: onnx.NodeProto) -> bool:
+        return id(node) in self._removed_nodes
+
+    def only_consumer(self, name: str, node: onnx.NodeProto) -> bool:
+        """True when ``node`` is the one reader of ``name`` and it is not a graph output."""
+        users = self.consumers.get(name, [])
+        return name not in self.outputs and len(users) == 1 and users[0] is node
+
+    def usage(self, name: str) -> str:
+        """Why a value can not be rewritten: who else reads it."""
+        if name in self.outputs:
+            return f"'{name}' is a graph output"
+        users = self.consumers.get(name, [])
+        return f"'{name}' has {len(users)} consumers ({', '.join(node_label(u) for u in users[:3])})"
+
+    def is_overridable_input(self, name: str) -> bool:
+        return name in self.inputs and self.ctx.ir_version >= 4
+
+    def constant(self, name: str) -> tuple[np.ndarray | None, str]:
+        """The value of ``name`` if it is a compile-time constant, else ``(None, reason)``."""
+        if name in self._constants:
+            return self._constants[name], ""
+        if name in self.initializers:
+            if self.is_overridable_input(name):
+                return None, f"'{name}' is a graph input that can be overridden at run time"
+            if name in self.inputs:
+                self.ctx.used_initializer_inputs = True
+            tensor = self.initializers[name]
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                return None, f"'{name}' lives in external data that was not loaded"
+            return numpy_helper.to_array(tensor), ""
+        node = self.producer.get(name)
+        if node is None:
+            if name in self.inputs:
+                return None, f"'{name}' is a graph input"
+            if self.parent is not None:
+                return self.parent.constant(name)
+            return None, f"'{name}' is not defined"
+        value, reason = self._evaluate(node, name)
+        if value is not None:
+            self._constants[name] = value
+        return value, reason
+
+    def _evaluate(self, node: onnx.NodeProto, name: str) -> tuple[np.ndarray | None, str]:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            return _constant_node_value(node), ""
+        if node.domain not in ("", "ai.onnx") or node.op_type in _NONDETERMINISTIC or any(True for _ in subgraphs(node)):
+            return None, f"'{name}' is computed by {node.op_type} {node_label(node)}"
+        feeds = {}
+        for slot, inp in enumerate(node.input):
+            if not inp:
+                continue
+            value, _ = self.constant(inp)
+            if value is None:
+                value = self._stand_in(node, slot)
+            if value is None:
+                return None, f"'{name}' is computed at run time by {node.op_type} {node_label(node)}"
+            feeds[inp] = value
+        try:
+            from onnx.reference import ReferenceEvaluator
+
+            evaluator = ReferenceEvaluator(node, opsets={"": self.ctx.opset})
+            results = evaluator.run(None, feeds)
+        except Exception as exc:  # the reference evaluator lacks the op or rejects it: not a constant for us
+            return None, f"'{name}' could not be evaluated ahead of time ({type(exc).__name__})"
+        for out, value in zip(node.output, results):
+            value = np.asarray(value)
+            if value.size > _MAX_EVAL_ELEMENTS:
+                return None, f"'{name}' is a computed constant too large to evaluate"
+            if out:
+                self._constants[out] = value
+        return self._constants.get(name), ""
+
+    def _stand_in(self, node: onnx.NodeProto, slot: int) -> np.ndarray | None:
+        """Inputs whose value an op ignores: CastLike reads only the dtype of its second input, Shape only the
+        shape of its input. Such an input need not be constant; a zero-cost array of that dtype/shape stands in."""
+        name = node.input[slot]
+        if node.op_type == "CastLike" and slot == 1:
+            elem = self.elem_type(name)
+            if elem:
+                return np.zeros((), dtype=onnx.helper.tensor_dtype_to_np_dtype(elem))
+        if node.op_type == "Shape":
+            shape = self.static_shape(name)
+            if shape is not None:
+                return np.broadcast_to(np.zeros((), dtype=np.float32), shape)
+        return None
+
+    def rank(self, name: str) -> int | None:
+        shape = self.static_shape(name, allow_symbolic=True)
+        return None if shape is None else len(shape)
+
+    def static_shape(self, name: str, allow_symbolic: bool = False) -> list | None:
+        """The shape of a value from type annotations or shape inference; symbolic dims as strings/None."""
+        if name in self.initializers:
+            return list(self.initializers[name].dims)
+        shape = self._annotated_shapes().get(name)
+        if shape is None and self.parent is None:
+            shape = self.ctx.inferred_shapes().get(name)
+        if shape is None:
+            return None
+        if not allow_symbolic and not all(isinstance(d, int) for d in shape):
+            return None
+        return shape
+
+    def _annotated_shapes(self) -> dict[str, list]:
+        if self._local_shapes is None:
+            shapes = {}
+            for vi in list(self.graph.input) + list(self.graph.output) + list(self.graph.value_info):
+                s = _shape_of(vi.type)
+                if s is not None:
+                    shapes[vi.name] = s
+            self._local_shapes = shapes
+        return self._local_shapes
+
+    def elem_type(self, name: str) -> int | None:
+        if name in self.initializers:
+            return self.initializers[name].data_type
+        for vi in list(self.graph.input) + list(self.graph.output) + list(self.graph.value_info):
+            if vi.name == name and vi.type.HasField("tensor_type"):
+                return vi.type.tensor_type.elem_type or None
+        if self.parent is not None:
+            return self.parent.elem_type(name)
+        return self.ctx.inferred_types().get(name)
+
+    # ---- edits -------------------------------------------------------------------------------------------
+    def write_tensor(self, node: onnx.NodeProto, slot: int, value: np.ndarray, base_name: str | None = None) -> str:
+        """Give ``node``'s input ``slot`` the value ``value``.
+
+        The initializer is rewritten in place when this node is its only reader; otherwise (shared weight,
+        Constant node, computed or outer-scope constant, missing optional input) a new initializer is made for
+        this node and every other reader keeps the original.
+        """
+        old = node.input[slot] if slot < len(node.input) else ""
+        if old and old in self.initializers and self.only_consumer(old, node) and old not in self.inputs \
+                and self.initializers[old].data_location != onnx.TensorProto.EXTERNAL:
+            tensor = self.initializers[old]
+            new = numpy_helper.from_array(np.ascontiguousarray(value), old)
+            if new.data_type != tensor.data_type:
+                raise AssertionError("folding must keep the tensor's dtype")
+            doc = tensor.doc_string
+            tensor.CopyFrom(new)
+            tensor.doc_string = doc
+            self._constants.pop(old, None)
+            return old
+        name = self.add_initializer(value, base_name or (f"{old}_bnfold" if old else f"{node_label(node)}_bias"))
+        while len(node.input) <= slot:
+            node.input.append("")
+        node.input[slot] = name
+        self.consumers[name].append(node)
+        if old:
+            self._drop_use(old, node)
+        return name
+
+    def add_initializer(self, value: np.ndarray, base_name: str) -> str:
+        name = self.ctx.unique_name(base_name)
+        self.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
+        self.initializers[name] = self.graph.initializer[-1]
+        if self.ctx.ir_version < 4:  # below IR 4 every initializer must also be a graph input
+            self.graph.input.append(onnx.helper.make_tensor_value_info(name, self.initializers[name].data_type,
+                                                                        list(value.shape)))
+            self.inputs.add(name)
+        return name
+
+    def turn_into_add(self, node: onnx.NodeProto, x: str, bias: np.ndarray) -> None:
+        """Rewrite ``node`` in place as ``Add(x, bias)``, keeping its name, output and position."""
+        old_inputs = [n for n in node.input if n]
+        name = self.add_initializer(bias, f"{node_label(node)}_bias")
+        del node.input[:]
+        node.input.extend([x, name])
+        del node.attribute[:]
+        node.op_type, node.domain = "Add", ""
+        for old in set(old_inputs):
+            self._drop_use(old, node)
+        self.consumers[x].append(node)
+        self.consumers[name].append(node)
+
+    def rename_input(self, node: onnx.NodeProto, old: str, new: str) -> None:
+        for i, name in enumerate(node.input):
+            if name == old:
+                node.input[i] = new
+        self._drop_use(old, node)
+        self.consumers[new].append(node)
+
+    def move_output(self, node: onnx.NodeProto, new_name: str) -> None:
+        """``node`` now produces ``new_name`` (a value whose producer was removed); its old output goes away."""
+        old = node.output[0]
+        node.output[0] = new_name
+        self.producer.pop(old, None)
+        self.producer[new_name] = node
+        self.consumers.pop(old, None)
+        self._dropped_values.add(old)
+
+    def remove_node(self, node: onnx.NodeProto) -> None:
+        """Remove a node whose outputs nobody reads any more; constants it alone used go with it."""
+        self._removed_nodes.add(id(node))
+        for name in node.output:
+            if self.producer.get(name) is node:
+                del self.producer[name]
+                self._dropped_values.add(name)
+        for name in set(n for n in node.input if n):
+            self._drop_use(name, node)
+
+    def _drop_use(self, name: str, node: onnx.NodeProto) -> None:
+        users = self.consumers.get(name)
+        if users is not None:
+            self.consumers[name] = users = [u for u in users if u is not node]
+            if users or name in self.outputs:
+                return
+        if name in self.initializers and (name not in self.inputs or self.ctx.ir_version < 4):
+            self._removed_initializers.add(name)
+            self._constants.pop(name, None)
+            return
+        producer = self.producer.get(name)
+        if producer is not None and name in self._constants and _is_pure_constant_producer(producer) and \
+                not any(self.consumers.get(o) or o in self.outputs for o in producer.output if o):
+            self.remove_node(producer)
+
+    def commit(self) -> None:
+        """Apply recorded removals to the protobuf, each repeated field rewritten at most once."""
+        if self._removed_nodes:
+            keep_positions = [i for i, n in enumerate(self.nodes) if id(n) not in self._removed_nodes]
+            _delete_positions(self.graph.node, len(self.nodes), keep_positions)
+            self.nodes = [self.nodes[i] for i in keep_positions]
+            self._removed_nodes.clear()
+        if self._removed_initializers:
+            gone = self._removed_initializers
+            _delete_where(self.graph.initializer, lambda t: t.name in gone)
+            if self.ctx.ir_version < 4:
+                _delete_where(self.graph.input, lambda i: i.name in gone)
+                self.inputs -= gone
+            for name in gone:
+                self.initializers.pop(name, None)
+            self._dropped_values |= gone
+            self._removed_initializers = set()
+        if self._dropped_values:
+            dropped = self._dropped_values
+            _delete_where(self.graph.value_info, lambda v: v.name in dropped)
+            self._dropped_values = set()
+            self._local_shapes = None
+
+
+def _is_pure_constant_producer(node: onnx.NodeProto) -> bool:
+    return node.domain in ("", "ai.onnx") and node.op_type not in _NONDETERMINISTIC and \
+        not any(True for _ in subgraphs(node))
+
+
+def _delete_positions(field, length: int, keep_positions: list[int]) -> None:
+    keep = set(keep_positions)
+    for i in range(length - 1, -1, -1):
+        if i not in keep:
+            del field[i]
+
+
+def _delete_where(field, predicate) -> None:
+    for i in range(len(field) - 1, -1, -1):
+        if predicate(field[i]):
+            del field[i]
+
+
+def _constant_node_value(node: onnx.NodeProto) -> np.ndarray:
+    attr = node.attribute[0]
+    if attr.name == "value":
+        return numpy_helper.to_array(attr.t)
+    if attr.name == "value_float":
+        return np.array(attr.f, dtype=np.float32)
+    if attr.name == "value_floats":
+        return np.array(list(attr.floats), dtype=np.float32)
+    if attr.name == "value_int":
+        return np.array(attr.i, dtype=np.int64)
+    if attr.name == "value_ints":
+        return np.array(list(attr.ints), dtype=np.int64)
+    raise InputError(f"Constant node {node_label(node)} has an unsupported attribute '{attr.name}'")
+
+
+def get_attr(node: onnx.NodeProto, name: str, default=None):
+    for attr in node.attribute:
+        if attr.name == name:
+            return onnx.helper.get_attribute_value(attr)
+    return default
+
+
+def set_attr(node: onnx.NodeProto, name: str, value) -> None:
+    for i, attr in enumerate(node.attribute):
+        if attr.name == name:
+            del node.attribute[i]
+            break
+    node.attribute.append(onnx.helper.make_attribute(name, value))
