@@ -1,0 +1,191 @@
+"""The ``bnfold`` command. Thin: parse, call the library, render. Logs go to stderr; ``--json`` puts only the report
+on stdout. Exit codes: see :class:`bnfold.report.ExitCode` (0 done, 1 check failed, 2 bad input or usage,
+3 internal error)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import InputError
+from .report import ExitCode
+
+INTERNAL_ERROR = 3
+
+
+class _DefaultCommandGroup(click.Group):
+    """``bnfold MODEL ...`` means ``bnfold fold MODEL ...``."""
+
+    default_command = "fold"
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            args = [self.default_command, *args]
+        return super().parse_args(ctx, args)
+
+
+def _log(message: str) -> None:
+    click.echo(message, err=True)
+
+
+def _parse_shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
+    shapes = {}
+    for item in values:
+        name, sep, dims = item.rpartition("=")
+        try:
+            if not sep or not name:
+                raise ValueError
+            shapes[name] = tuple(int(d) for d in dims.lower().split("x"))
+            if any(d < 0 for d in shapes[name]):
+                raise ValueError
+        except ValueError:
+            raise click.BadParameter(f"'{item}' is not NAME=DxDxD (e.g. input=1x3x224x224)",
+                                     param_hint="--input-shape") from None
+    return shapes
+
+
+def _parse_providers(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    names = [p.strip() for p in value.split(",") if p.strip()]
+    if not names:
+        raise click.BadParameter("give at least one provider, e.g. cpu or cpu,cuda", param_hint="--providers")
+    return names
+
+
+def _default_output(model_path: Path) -> Path:
+    name = model_path.name
+    stem = name[:-5] if name.lower().endswith(".onnx") else name
+    return model_path.with_name(f"{stem}.folded.onnx")
+
+
+def _rule_choices() -> list[str]:
+    from .onnx.rules import RULE_NAMES
+
+    return list(RULE_NAMES)
+
+
+@click.group(cls=_DefaultCommandGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="bnfold")
+def cli() -> None:
+    """Fold inference-time BatchNormalization into the Conv/ConvTranspose/Gemm/MatMul next to it, verify that
+    the folded model computes the same function, and report what was done and why anything was left.
+
+    \b
+    bnfold MODEL.onnx            same as: bnfold fold MODEL.onnx
+    Exit codes: 0 done, 1 verification failed, 2 bad input or usage, 3 internal error.
+    """
+
+
+@cli.command("fold")
+@click.argument("model", type=click.Path(dir_okay=True, path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path),
+              help="Where to write the folded model [default: MODEL stem + .folded.onnx, beside the input].")
+@click.option("--json", "as_json", is_flag=True, help="Print only a JSON report on stdout.")
+@click.option("--no-verify", is_flag=True, help="Skip comparing original and folded outputs in onnxruntime.")
+@click.option("--providers", help="Comma-separated execution providers to verify on: cpu, cuda "
+              "[default: cpu, plus cuda when onnxruntime-gpu can use a GPU].")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=DxD...",
+              help="Concrete shape for an input with dynamic dimensions (repeatable; default dims are 1).")
+@click.option("--skip", "skip", multiple=True, type=click.Choice(_rule_choices()),
+              help="Leave out a fold rule (repeatable).")
+@click.option("--atol", type=float, help="Absolute tolerance for verification [default: by output dtype].")
+@click.option("--rtol", type=float, help="Relative tolerance for verification [default: by output dtype].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random verification inputs.")
+@click.option("--simplify", is_flag=True, help="Run onnxsim first (with its own BN fusion off).")
+def fold_command(model, output, as_json, no_verify, providers, input_shapes, skip, atol, rtol, seed, simplify):
+    """Fold BatchNormalization in MODEL (an .onnx file) and write the folded model."""
+    from .onnx.fold import fold_onnx
+    from .onnx.io import load_model, save_model
+
+    shapes = _parse_shapes(input_shapes)
+    provider_names = _parse_providers(providers)
+    output = output or _default_output(model)
+    if output.exists() and output.is_dir():
+        raise InputError(f"{output}: output is a directory")
+    if not output.parent.is_dir() and str(output.parent):
+        raise InputError(f"{output}: output directory {output.parent} does not exist")
+
+    original = load_model(model)
+    _log(f"loaded {model} ({len(original.graph.node)} nodes)")
+    working = original
+    if simplify:
+        from .onnx.simplify import simplify as run_simplify
+
+        working = run_simplify(original)
+        _log("simplified with onnxsim (BN fusion off)")
+    # the original stays untouched for verification; a simplified copy may be folded in place
+    folded, report = fold_onnx(working, skip=skip, inplace=no_verify or working is not original)
+    _log(f"folded {len(report.folded)} of {report.bn_before} BatchNormalization nodes")
+
+    verification = None
+    if not no_verify:
+        from .verify import verify
+
+        _log("verifying in onnxruntime (graph optimizations disabled)...")
+        verification = verify(original, folded, providers=provider_names, input_shapes=shapes or None,
+                              atol=atol, rtol=rtol, seed=seed)
+        if provider_names is not None:
+            missing = [name for name, r in verification.providers.items() if not r.available]
+            if missing:
+                raise InputError(f"requested provider {', '.join(missing)} is not available: "
+                                 f"{verification.providers[missing[0]].reason}")
+
+    passed = verification is None or verification.passed
+    written = None
+    if passed:
+        save_model(folded, output)
+        written = str(output)
+        _log(f"wrote {output}")
+    else:
+        _log("verification FAILED: no output written")
+
+    if as_json:
+        payload = {"input": str(model), "output": written, **report.to_dict(),
+                   "verify": verification.to_dict() if verification is not None else None}
+        click.echo(json.dumps(payload, indent=2, sort_keys=False))
+    else:
+        lines = report.summary_lines()
+        lines += verification.summary_lines() if verification is not None else ["verify: skipped (--no-verify)"]
+        lines.append(f"output: {written}" if written else "output: not written (verification failed)")
+        click.echo("\n".join(lines))
+    sys.exit(ExitCode.OK if passed else ExitCode.CHECK_FAILED)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: every failure becomes one line on stderr and a documented exit code."""
+    try:
+        cli.main(args=argv, prog_name="bnfold", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:  # usage errors
+        click.echo(f"bnfold: error: {exc.format_message()}", err=True)
+        sys.exit(ExitCode.BAD_INPUT)
+    except click.exceptions.Abort:
+        click.echo("bnfold: aborted", err=True)
+        sys.exit(ExitCode.BAD_INPUT)
+    except InputError as exc:
+        click.echo(f"bnfold: error: {exc}", err=True)
+        sys.exit(ExitCode.BAD_INPUT)
+    except MemoryError:
+        click.echo("bnfold: error: out of memory", err=True)
+        sys.exit(ExitCode.BAD_INPUT)
+    except KeyboardInterrupt:
+        click.echo("bnfold: interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:
+        if os.environ.get("BNFOLD_DEBUG"):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        click.echo(f"bnfold: internal error: {type(exc).__name__}: {first} (set BNFOLD_DEBUG=1 for a traceback; "
+                   "please report it)", err=True)
+        sys.exit(INTERNAL_ERROR)
+
+
+if __name__ == "__main__":
+    main()
