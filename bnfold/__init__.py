@@ -5,6 +5,7 @@ Importing ``bnfold`` imports neither torch nor onnxruntime; those load when a fu
 
 from .errors import BnfoldError, InputError
 from .report import ExitCode, Fold, FoldReport, OutputComparison, ProviderResult, Skip, VerifyReport
+from .verify import verify  # imports onnxruntime only when called
 
 __all__ = ["fold_onnx", "verify", "FoldReport", "Fold", "Skip", "VerifyReport", "ProviderResult",
            "OutputComparison", "ExitCode", "BnfoldError", "InputError"]
@@ -17,9 +18,3 @@ def fold_onnx(model, *, skip=(), inplace=False):
 
     return _fold_onnx(model, skip=skip, inplace=inplace)
 
-
-def verify(original, folded, **kwargs):
-    """Compare two ONNX models on seeded inputs per execution provider. See bnfold.verify.verify."""
-    from .verify import verify as _verify
-
-    return _verify(original, folded, **kwargs)

@@ -112,7 +112,6 @@ def fold_command(model, output, as_json, no_verify, providers, input_shapes, ski
         raise InputError(f"{output}: output directory {output.parent} does not exist")
 
     original = load_model(model)
-    _log(f"loaded {model} ({len(original.graph.node)} nodes)")
     working = original
     if simplify:
         from .onnx.simplify import simplify as run_simplify
@@ -121,7 +120,7 @@ def fold_command(model, output, as_json, no_verify, providers, input_shapes, ski
         _log("simplified with onnxsim (BN fusion off)")
     # the original stays untouched for verification; a simplified copy may be folded in place
     folded, report = fold_onnx(working, skip=skip, inplace=no_verify or working is not original)
-    _log(f"folded {len(report.folded)} of {report.bn_before} BatchNormalization nodes")
+    _log(f"{model}: {len(report.folded)} folds, BatchNormalization {report.bn_before} -> {report.bn_after}")
 
     verification = None
     if not no_verify:

@@ -55,7 +55,9 @@ __all__ = ["verify", "available_providers", "default_tolerances", "make_inputs",
 
 _PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 _SHORT = {full.lower(): short for short, full in _PROVIDERS.items()}
-_CUDA_MISSING = "CUDAExecutionProvider not available in this onnxruntime build (install onnxruntime-gpu and a CUDA runtime)"
+_CUDA_MISSING = (
+    "CUDAExecutionProvider not available in this onnxruntime build (install onnxruntime-gpu and a CUDA runtime)"
+)
 _CUDA_FELL_BACK = (
     "CUDAExecutionProvider could not be initialized, onnxruntime fell back to CPUExecutionProvider "
     "(check the CUDA and cuDNN runtime libraries)"
@@ -324,11 +326,11 @@ def _verify_on(
 ) -> ProviderResult:
     full = _PROVIDERS[short]
     if full not in ort.get_available_providers():
-        return ProviderResult(short, available=False, reason=_CUDA_MISSING if short == "cuda" else f"{full} not available")
+        reason = _CUDA_MISSING if short == "cuda" else f"{full} not available"
+        return ProviderResult(short, available=False, reason=reason)
 
     low = _low_precision_types(original) | _low_precision_types(folded)
     emulate = False
-    out_o = out_f = None
     try:
         out_o, used = _run(ort, original, full, feeds)
     except _OrtFailure as e:
@@ -469,7 +471,9 @@ def _float_outputs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, s
     return copy, renamed
 
 
-def _folded_failed(short: str, original: onnx.ModelProto, reason: str, notes: list[str] | None = None) -> ProviderResult:
+def _folded_failed(
+    short: str, original: onnx.ModelProto, reason: str, notes: list[str] | None = None
+) -> ProviderResult:
     # A ProviderResult passes when all its outputs pass, so an unrunnable folded model needs failing outputs.
     outputs = [_failed_output(vi.name, _declared_dtype(vi), None, None) for vi in original.graph.output]
     if not outputs:
