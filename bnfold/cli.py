@@ -101,7 +101,7 @@ def cli() -> None:
 def fold_command(model, output, as_json, no_verify, providers, input_shapes, skip, atol, rtol, seed, simplify):
     """Fold BatchNormalization in MODEL (an .onnx file) and write the folded model."""
     from .onnx.fold import fold_onnx
-    from .onnx.io import load_model, save_model
+    from .onnx.io import load_model_with_info, save_model
 
     shapes = _parse_shapes(input_shapes)
     provider_names = _parse_providers(providers)
@@ -111,7 +111,7 @@ def fold_command(model, output, as_json, no_verify, providers, input_shapes, ski
     if not output.parent.is_dir() and str(output.parent):
         raise InputError(f"{output}: output directory {output.parent} does not exist")
 
-    original = load_model(model)
+    original, external_data = load_model_with_info(model)
     working = original
     if simplify:
         from .onnx.simplify import simplify as run_simplify
@@ -138,7 +138,7 @@ def fold_command(model, output, as_json, no_verify, providers, input_shapes, ski
     passed = verification is None or verification.passed
     written = None
     if passed:
-        save_model(folded, output)
+        save_model(folded, output, external_data=external_data or None)
         written = str(output)
         _log(f"wrote {output}")
     else:

@@ -212,3 +212,29 @@ def test_import_bnfold_is_light():
     code = "import sys, bnfold; print('torch' in sys.modules, 'onnxruntime' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"]
+
+
+def test_external_data_in_and_out(tmp_path):
+    src_dir = tmp_path / "src"
+    src_dir.mkdir()
+    model = onnx.load(str(RESNET))
+    onnx.save(model, str(src_dir / "m.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="m.weights", size_threshold=0)
+    assert (src_dir / "m.weights").exists()
+    before = {p.name: sha(p) for p in src_dir.iterdir()}
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    proc = run_cli(src_dir / "m.onnx", "-o", out_dir / "f.onnx", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert {p.name: sha(p) for p in src_dir.iterdir()} == before
+    assert sorted(p.name for p in out_dir.iterdir()) == ["f.onnx", "f.onnx.data"]
+    skeleton = onnx.load(str(out_dir / "f.onnx"), load_external_data=False)
+    assert any(t.data_location == TensorProto.EXTERNAL for t in skeleton.graph.initializer)
+    feeds = random_feeds(RESNET)
+    for a, b in zip(ort_run(str(RESNET), feeds), ort_run(str(out_dir / "f.onnx"), feeds)):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+    # a missing external-data file is bad input, not a crash
+    (src_dir / "m.weights").unlink()
+    proc = run_cli(src_dir / "m.onnx", "-o", out_dir / "g.onnx")
+    assert proc.returncode == 2 and "external data" in proc.stderr
+    assert not (out_dir / "g.onnx").exists()

@@ -17,6 +17,12 @@ _PROTOBUF_LIMIT = 2**31 - 1
 
 def load_model(path: "str | os.PathLike") -> onnx.ModelProto:
     """Read a model and its external data; any problem becomes an InputError with one line."""
+    return load_model_with_info(path)[0]
+
+
+def load_model_with_info(path: "str | os.PathLike") -> tuple[onnx.ModelProto, bool]:
+    """``(model, external)``: the model with its external data loaded, and whether the file used external data
+    (so that the output can keep it)."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file")
@@ -39,16 +45,15 @@ def load_model(path: "str | os.PathLike") -> onnx.ModelProto:
         raise InputError(f"{path}: not an ONNX model (no graph)")
     if not model.opset_import and model.ir_version >= 3:
         raise InputError(f"{path}: invalid model: no opset_import")
-    if has_external_data(model):
+    external = has_external_data(model)
+    if external:
         try:
             from onnx.external_data_helper import load_external_data_for_model
 
             load_external_data_for_model(model, str(path.parent))
         except Exception as exc:
             raise InputError(f"{path}: cannot load external data ({_first_line(exc)})") from None
-        model.ClearField("metadata_props") if False else None
-        _mark_external(model)
-    return model
+    return model, external
 
 
 def has_external_data(model: onnx.ModelProto) -> bool:
@@ -57,30 +62,18 @@ def has_external_data(model: onnx.ModelProto) -> bool:
     return any(uses_external_data(t) for t in _get_all_tensors(model))
 
 
-# Remember that the input used external data even after it was loaded into memory, so the output keeps it.
-_EXTERNAL_MODELS: "set[int]" = set()
-
-
-def _mark_external(model: onnx.ModelProto) -> None:
-    _EXTERNAL_MODELS.add(id(model))
-
-
-def was_external(model: onnx.ModelProto) -> bool:
-    return id(model) in _EXTERNAL_MODELS
-
-
 def save_model(model: onnx.ModelProto, path: "str | os.PathLike", *, external_data: bool | None = None) -> None:
     """Write atomically: a temporary file beside the target, then a rename. No partial output on failure.
 
-    ``external_data`` None: external when the input had it or the model exceeds the 2 GB protobuf limit. The data
-    file is ``<name>.data`` beside the model. Saving with external data empties the model's tensors in memory.
+    ``external_data``: write tensors to ``<name>.data`` beside the model (None: only when the model exceeds the 2 GB
+    protobuf limit). Saving with external data moves the tensors out of the in-memory model.
     """
     path = Path(path)
     directory = path.parent if str(path.parent) else Path(".")
     if not directory.is_dir():
         raise InputError(f"{path}: output directory {directory} does not exist")
     if external_data is None:
-        external_data = was_external(model) or model.ByteSize() > _PROTOBUF_LIMIT
+        external_data = model.ByteSize() > _PROTOBUF_LIMIT
     try:
         tmp_dir = tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     except OSError as exc:

@@ -1,0 +1,286 @@
+"""Small ONNX model builders and the equivalence check shared by the fold tests.
+
+The check compares the folded model with the float64 reference interpreter (tests/reference.py) run on the
+ORIGINAL model, never with bnfold itself.
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto as TP
+from onnx import helper, numpy_helper
+
+try:  # tests/ on sys.path (rootdir-less "prepend" import mode)
+    from reference import run_reference
+except ImportError:  # pragma: no cover - tests/ is a package
+    from tests.reference import run_reference
+
+import bnfold
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+ELEM = {
+    np.dtype(np.float32): TP.FLOAT,
+    np.dtype(np.float16): TP.FLOAT16,
+    np.dtype(np.float64): TP.DOUBLE,
+    BF16: TP.BFLOAT16,
+}
+# Largest error allowed, relative to the largest |expected| value (at least 1).
+TOL = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-10, np.dtype(np.float16): 1e-2, BF16: 3e-2}
+
+
+def elem(dtype) -> int:
+    return ELEM[np.dtype(dtype)]
+
+
+def bn_stats(rng: np.random.Generator, channels: int, dtype=np.float32) -> dict[str, np.ndarray]:
+    """Realistic inference statistics: gamma U(0.5,1.5), beta N(0,0.3), mean N(0,0.5), var U(0.2,3)."""
+    return {
+        "scale": rng.uniform(0.5, 1.5, channels).astype(dtype),
+        "bias": rng.normal(0.0, 0.3, channels).astype(dtype),
+        "mean": rng.normal(0.0, 0.5, channels).astype(dtype),
+        "var": rng.uniform(0.2, 3.0, channels).astype(dtype),
+    }
+
+
+class Net:
+    """A tiny graph builder: ``net.node(...)``, ``net.init(...)``, ``net.bn(...)``, then ``net.model()``."""
+
+    def __init__(self, dtype=np.float32, seed: int = 0, opset: int = 15, ir: int | None = None):
+        self.dtype = np.dtype(dtype)
+        self.rng = np.random.default_rng(seed)
+        self.opset = opset
+        self.ir = ir
+        self.nodes: list[onnx.NodeProto] = []
+        self.inputs: list[onnx.ValueInfoProto] = []
+        self.outputs: list[onnx.ValueInfoProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self._n = 0
+
+    def fresh(self, base: str) -> str:
+        self._n += 1
+        return f"{base}{self._n}"
+
+    def input(self, name: str, shape, dtype=None) -> str:
+        self.inputs.append(helper.make_tensor_value_info(name, elem(dtype or self.dtype), shape))
+        return name
+
+    def output(self, name: str, shape=None, dtype=None) -> str:
+        self.outputs.append(helper.make_tensor_value_info(name, elem(dtype or self.dtype), shape))
+        return name
+
+    def init(self, name: str, value) -> str:
+        self.inits.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def weight(self, name: str, shape, dtype=None) -> str:
+        fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+        value = self.rng.standard_normal(shape) / np.sqrt(max(fan_in, 1))
+        return self.init(name, value.astype(dtype or self.dtype))
+
+    def node(self, op: str, inputs, outputs=None, **attrs) -> str:
+        if outputs is None:
+            outputs = [self.fresh(op.lower())]
+        elif isinstance(outputs, str):
+            outputs = [outputs]
+        self.nodes.append(helper.make_node(op, list(inputs), list(outputs), **attrs))
+        return outputs[0]
+
+    def constant(self, value, name: str | None = None) -> str:
+        return self.node("Constant", [], name or self.fresh("const"),
+                         value=numpy_helper.from_array(np.asarray(value)))
+
+    def bn(self, x: str, channels: int, y: str | None = None, *, dtype=None, params: str = "init",
+           stats: dict | None = None, **attrs) -> str:
+        """BatchNormalization over ``channels``; ``params``: "init" (initializers) or "const" (Constant nodes)."""
+        stats = stats or bn_stats(self.rng, channels, dtype or self.dtype)
+        names = []
+        for role in ("scale", "bias", "mean", "var"):
+            value = np.asarray(stats[role]).astype(dtype or self.dtype)
+            base = self.fresh(f"bn_{role}")
+            names.append(self.init(base, value) if params == "init" else self.constant(value, base))
+        return self.node("BatchNormalization", [x] + names, y, **attrs)
+
+    def conv(self, x: str, c_in: int, c_out: int, kernel, *, group: int = 1, bias: bool = True,
+             op: str = "Conv", **attrs) -> str:
+        if op == "Conv":
+            w = self.weight(self.fresh("W"), [c_out, c_in // group, *kernel])
+        else:  # ConvTranspose: [C_in, C_out/group, k...]
+            w = self.weight(self.fresh("W"), [c_in, c_out // group, *kernel])
+        inputs = [x, w]
+        if bias:
+            inputs.append(self.init(self.fresh("B"), (0.3 * self.rng.standard_normal(c_out)).astype(self.dtype)))
+        if group != 1:
+            attrs["group"] = group
+        return self.node(op, inputs, **attrs)
+
+    def model(self) -> onnx.ModelProto:
+        graph = helper.make_graph(self.nodes, "g", self.inputs, self.outputs, self.inits)
+        opsets = [helper.make_opsetid("", self.opset)]
+        model = helper.make_model(graph, opset_imports=opsets)
+        model.ir_version = self.ir if self.ir is not None else max(8, helper.find_min_ir_version_for(opsets))
+        return model
+
+
+# ---------------------------------------------------------------------------------------------- running models
+
+
+def _np_dtype(elem_type: int):
+    return BF16 if elem_type == TP.BFLOAT16 else helper.tensor_dtype_to_np_dtype(elem_type)
+
+
+def random_feeds(model: onnx.ModelProto, seed: int = 0, **overrides) -> dict[str, np.ndarray]:
+    """Seeded standard-normal feeds for every graph input that is not an initializer."""
+    rng = np.random.default_rng(seed)
+    inits = {t.name for t in model.graph.initializer}
+    feeds = {}
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        if vi.name in overrides:
+            feeds[vi.name] = overrides[vi.name]
+            continue
+        t = vi.type.tensor_type
+        shape = [d.dim_value for d in t.shape.dim]
+        dtype = _np_dtype(t.elem_type)
+        if dtype == np.bool_:
+            feeds[vi.name] = np.array(rng.integers(0, 2) == 1)
+        else:
+            feeds[vi.name] = rng.standard_normal(shape).astype(dtype)
+    return feeds
+
+
+def run_ort(model: onnx.ModelProto, feeds) -> dict[str, np.ndarray]:
+    """onnxruntime CPU with every graph optimization disabled; outputs upcast to float64."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    return {n: np.asarray(v, dtype=np.float64) for n, v in zip(names, sess.run(None, feeds))}
+
+
+def run_ref(model: onnx.ModelProto, feeds) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v, dtype=np.float64) for k, v in run_reference(model, feeds).items()}
+
+
+def assert_close(actual: dict, expected: dict, tol: float) -> None:
+    assert set(actual) == set(expected), (sorted(actual), sorted(expected))
+    for name, want in expected.items():
+        got = actual[name]
+        assert got.shape == want.shape, (name, got.shape, want.shape)
+        scale = max(1.0, float(np.max(np.abs(want)))) if want.size else 1.0
+        err = float(np.max(np.abs(got - want))) if want.size else 0.0
+        assert np.all(np.isfinite(got)), f"{name}: non-finite output"
+        assert err <= tol * scale, f"{name}: max abs error {err:.3g} > {tol:g} * {scale:.3g}"
+
+
+# ---------------------------------------------------------------------------------------------- model facts
+
+
+def count_ops(graph: onnx.GraphProto, op_type: str = "BatchNormalization") -> int:
+    total = 0
+    for node in graph.node:
+        total += node.op_type == op_type
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                total += count_ops(attr.g, op_type)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                total += sum(count_ops(g, op_type) for g in attr.graphs)
+    return total
+
+
+def _used_names(graph: onnx.GraphProto, into: set[str]) -> set[str]:
+    for node in graph.node:
+        into.update(node.input)
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                _used_names(attr.g, into)
+                into.update(o.name for o in attr.g.output)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    _used_names(g, into)
+                    into.update(o.name for o in g.output)
+    into.update(o.name for o in graph.output)
+    return into
+
+
+def unused_initializers(model: onnx.ModelProto) -> list[str]:
+    used = _used_names(model.graph, set())
+    unused = [t.name for t in model.graph.initializer if t.name not in used]
+
+    def sub(graph):
+        for node in graph.node:
+            for attr in node.attribute:
+                graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+                for g in graphs:
+                    inner = _used_names(g, set())
+                    unused.extend(f"{node.name}/{t.name}" for t in g.initializer if t.name not in inner)
+                    sub(g)
+    sub(model.graph)
+    return unused
+
+
+def io_signature(model: onnx.ModelProto):
+    """Graph inputs (not initializers) and outputs as (name, serialized type)."""
+    inits = {t.name for t in model.graph.initializer}
+    ins = [(i.name, i.type.SerializeToString()) for i in model.graph.input if i.name not in inits]
+    outs = [(o.name, o.type.SerializeToString()) for o in model.graph.output]
+    return ins, outs
+
+
+# ---------------------------------------------------------------------------------------------- the check
+
+
+def fold_and_check(model: onnx.ModelProto, *, bn_left: int = 0, rules=(), runner: str = "ort",
+                   tol: float | None = None, feeds: dict | list | None = None, expected_model=None,
+                   skip=()):
+    """Fold ``model`` and assert everything bnfold promises about it; return ``(folded, report)``.
+
+    * the input model is not modified; the folded one passes the full checker;
+    * ``bn_left`` BatchNormalization nodes remain (report agrees), every rule in ``rules`` was used;
+    * graph inputs/outputs keep their names and types, no initializer is left unused;
+    * numerically: the folded model (onnxruntime CPU without graph optimizations, or the float64 reference when
+      ``runner="ref"``) matches the float64 reference run of the ORIGINAL model (or ``expected_model``, a
+      hand-made equivalent when the reference lacks an op of the original) on each of ``feeds``.
+    """
+    before = model.SerializeToString()
+    folded, report = bnfold.fold_onnx(model, skip=skip)
+    assert model.SerializeToString() == before, "fold_onnx modified its input"
+    onnx.checker.check_model(folded, full_check=True)
+    assert count_ops(folded.graph) == bn_left, report.summary_lines()
+    assert report.bn_before == count_ops(model.graph)
+    assert report.bn_after == bn_left
+    used_rules = {f.rule for f in report.folded}
+    for rule in rules:
+        assert rule in used_rules, (rule, report.summary_lines())
+    assert io_signature(folded) == io_signature(model)
+    assert unused_initializers(folded) == [], unused_initializers(folded)
+
+    dtype = np.dtype(_np_dtype(model.graph.input[0].type.tensor_type.elem_type))
+    tol = TOL.get(dtype, 1e-4) if tol is None else tol
+    if feeds is None:
+        feeds = [random_feeds(model, seed=1)]
+    elif isinstance(feeds, dict):
+        feeds = [feeds]
+    for f in feeds:
+        expected = run_ref(expected_model if expected_model is not None else model, f)
+        actual = run_ort(folded, f) if runner == "ort" else run_ref(folded, f)
+        assert_close(actual, expected, tol)
+    return folded, report
+
+
+def refuse_and_check(model: onnx.ModelProto, reason: str, *, op_type: str = "BatchNormalization", skip=()):
+    """Fold ``model``, expect nothing folded: the model is byte-identical and the skip reason contains
+    ``reason`` (case-insensitive). Returns the report."""
+    before = model.SerializeToString()
+    folded, report = bnfold.fold_onnx(model, skip=skip)
+    assert model.SerializeToString() == before
+    assert report.folded == [], report.summary_lines()
+    assert folded.SerializeToString() == before, "a refused fold changed the model"
+    assert report.bn_after == report.bn_before == count_ops(model.graph)
+    matching = [s for s in report.skipped if s.op_type == op_type and reason.lower() in s.reason.lower()]
+    assert matching, (reason, report.summary_lines())
+    return report
