@@ -238,3 +238,14 @@ def test_external_data_in_and_out(tmp_path):
     proc = run_cli(src_dir / "m.onnx", "-o", out_dir / "g.onnx")
     assert proc.returncode == 2 and "external data" in proc.stderr
     assert not (out_dir / "g.onnx").exists()
+
+
+def test_simplify_keeps_bn_for_bnfold(tmp_path):
+    proc = run_cli(RESNET, "--simplify", "-o", tmp_path / "s.onnx", "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    # onnxsim ran with its own BN fusion off: every BN is still there for bnfold to fold and report
+    assert report["bn_before"] == 10 and report["bn_after"] == 0 and len(report["folded"]) == 10
+    assert report["verify"]["cpu"]["passed"]
+    simplified = onnx.load(str(tmp_path / "s.onnx"))
+    assert len(simplified.graph.node) < len(onnx.load(str(RESNET)).graph.node) - 10
