@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 from typing import Iterable
 
+import numpy as np
 import onnx
 
 from ..errors import InputError
 from ..report import Fold, FoldReport, Skip
-from .graph import GraphIndex, ModelContext, node_label, subgraphs
+from .io import materialize
+from .graph import GraphIndex, ModelContext, free_names, node_label, subgraphs
 from .rules import RULE_NAMES, RULES, AffineAfterLinear, Rule, batchnorm_affine
 
 PER_SAMPLE_NORMS = {
@@ -25,8 +27,8 @@ def count_batchnorms(graph: onnx.GraphProto) -> int:
     for node in graph.node:
         if node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx"):
             total += 1
-        for _, g in subgraphs(node):
-            total += count_batchnorms(g)
+        if node.attribute:
+            total += sum(count_batchnorms(g) for _, g in subgraphs(node))
     return total
 
 
@@ -38,8 +40,13 @@ def select_rules(skip: Iterable[str] = ()) -> list[Rule]:
     return [r for r in RULES if r.name not in skip]
 
 
-def fold_model(model: onnx.ModelProto, rules: list[Rule]) -> FoldReport:
-    """Fold ``model`` in place and say what happened."""
+def fold_model(model: onnx.ModelProto, rules: list[Rule],
+               replacements: "dict[str, np.ndarray] | None" = None) -> FoldReport:
+    """Fold ``model`` in place and say what happened.
+
+    With a ``replacements`` dict, new values of main-graph initializers are left there (name -> array) for
+    :func:`bnfold.onnx.io.save_model` to write, instead of being copied into the protobuf.
+    """
     report = FoldReport(bn_before=count_batchnorms(model.graph))
     ctx = ModelContext(model)
     _fold_graph(GraphIndex(model.graph, ctx), rules, report)
@@ -49,6 +56,10 @@ def fold_model(model: onnx.ModelProto, rules: list[Rule]) -> FoldReport:
                 report.skipped.append(Skip(node_label(node), "inside model-local function "
                                            f"{function.domain}.{function.name}: functions are left as they are"))
     report.bn_after = count_batchnorms(model.graph)
+    if replacements is None:
+        materialize(model, ctx.replacements)
+    else:
+        replacements.update(ctx.replacements)
     if ctx.used_initializer_inputs:
         report.notes.append(f"IR version {ctx.ir_version} < 4 lists initializers as graph inputs too; "
                             "they were treated as constants, as that format intends")
@@ -90,9 +101,19 @@ def _fold_graph(g: GraphIndex, rules: list[Rule], report: FoldReport) -> None:
                                        op_type=node.op_type, graph=g.path))
     g.commit()
     for node in list(g.live_nodes()):
-        for attr_name, sub in subgraphs(node):
+        if not node.attribute:
+            continue
+        bodies = list(subgraphs(node))
+        if not bodies:
+            continue
+        read_before = set().union(*(free_names(b) for _, b in bodies))
+        for attr_name, sub in bodies:
             path = f"{g.path}/" if g.path else ""
             _fold_graph(GraphIndex(sub, g.ctx, parent=g, path=f"{path}{node_label(node)}.{attr_name}"), rules, report)
+        # a fold inside may have stopped reading an outer value (BN parameters, a weight now copied locally)
+        for name in read_before - set().union(*(free_names(b) for _, b in bodies)) - set(node.input):
+            g.drop_use(name, node)
+    g.commit()
 
 
 def _fold_batchnorm(g: GraphIndex, node: onnx.NodeProto, rules: list[Rule]):
@@ -119,6 +140,19 @@ def _fold_batchnorm(g: GraphIndex, node: onnx.NodeProto, rules: list[Rule]):
     if not rules:
         return "every rule was skipped"
     return f"no foldable linear op next to it (input from {src}, output to {dst})"
+
+
+def fold_file(source: "str | os.PathLike", destination: "str | os.PathLike", *,
+              skip: Iterable[str] = ()) -> FoldReport:
+    """Load, fold and save without verification: the pipeline path, streaming the folded weights to disk."""
+    from .io import load_model_with_info, save_model
+
+    rules = select_rules(skip)
+    model, external = load_model_with_info(source)
+    replacements: dict = {}
+    report = fold_model(model, rules, replacements)
+    save_model(model, destination, external_data=external or None, replacements=replacements)
+    return report
 
 
 def fold_onnx(model: "onnx.ModelProto | str | os.PathLike", *, skip: Iterable[str] = (),

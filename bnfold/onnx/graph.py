@@ -7,6 +7,7 @@ applied once in :meth:`GraphIndex.commit`, because deleting from a protobuf repe
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from typing import Iterable, Iterator
 
@@ -21,6 +22,21 @@ _NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "Rando
                      "Bernoulli", "Dropout"}
 # Constant subgraphs evaluated ahead of time must stay small: they only ever feed BN parameters or weights.
 _MAX_EVAL_ELEMENTS = 1 << 24
+
+
+_RAW_FLOAT_DTYPES = {onnx.TensorProto.FLOAT: np.dtype(np.float32), onnx.TensorProto.FLOAT16: np.dtype(np.float16),
+                     onnx.TensorProto.DOUBLE: np.dtype(np.float64)}
+
+
+def tensor_to_array(tensor: onnx.TensorProto) -> np.ndarray:
+    """numpy_helper.to_array, with a fast path for float tensors held in raw_data (the common case)."""
+    dtype = _RAW_FLOAT_DTYPES.get(tensor.data_type)
+    if dtype is not None and tensor.HasField("raw_data"):
+        raw = tensor.raw_data
+        count = math.prod(tensor.dims)
+        if len(raw) == count * dtype.itemsize:
+            return np.frombuffer(raw, dtype=dtype).reshape(tuple(tensor.dims))
+    return numpy_helper.to_array(tensor)
 
 
 def node_label(node: onnx.NodeProto) -> str:
@@ -74,17 +90,22 @@ class ModelContext:
         self.model = model
         self.ir_version = model.ir_version
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
-        self.names = all_names(model.graph, set())
+        self._names: set[str] | None = None
         self._shapes: dict[str, list[int | str | None]] | None = None
         # IR < 4 lists initializers as graph inputs too; they were read as constants (said in the report).
         self.used_initializer_inputs = False
+        # New values of main-graph initializers, kept as arrays until saved or materialized: copying each folded
+        # weight into the protobuf costs as much again as the fold (see io.write_streamed).
+        self.replacements: dict[str, np.ndarray] = {}
 
     def unique_name(self, base: str) -> str:
+        if self._names is None:  # built on first need: most folds rewrite tensors in place and name nothing
+            self._names = all_names(self.model.graph, set())
         name, i = base, 1
-        while name in self.names:
+        while name in self._names:
             name = f"{base}_{i}"
             i += 1
-        self.names.add(name)
+        self._names.add(name)
         return name
 
     def inferred_shapes(self) -> dict[str, list[int | str | None]]:
@@ -126,7 +147,7 @@ def _infer_shapes(model: onnx.ModelProto) -> tuple[dict[str, list[int | str | No
         input_names.add(i.name)
         g.input.append(i)
     for t in src.initializer:
-        if int(np.prod(t.dims, dtype=np.int64)) <= 64 and t.data_location != onnx.TensorProto.EXTERNAL:
+        if math.prod(t.dims) <= 64 and t.data_location != onnx.TensorProto.EXTERNAL:
             g.initializer.append(t)  # small tensors (shapes, axes) drive inference
         elif t.name not in input_names:
             g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
@@ -180,7 +201,7 @@ class GraphIndex:
                     raise InputError(f"invalid graph{where}: node {node_label(node)} reads '{name}', which is not "
                                      "defined before it (dangling input or a cycle)")
                 self.consumers[name].append(node)
-            for _, g in subgraphs(node):
+            for _, g in (subgraphs(node) if node.attribute else ()):
                 for name in free_names(g):
                     if name in known or self._outer_defines(name):
                         self.consumers[name].append(node)
@@ -234,10 +255,12 @@ class GraphIndex:
                 return None, f"'{name}' is a graph input that can be overridden at run time"
             if name in self.inputs:
                 self.ctx.used_initializer_inputs = True
+            if self.parent is None and name in self.ctx.replacements:
+                return self.ctx.replacements[name], ""
             tensor = self.initializers[name]
             if tensor.data_location == onnx.TensorProto.EXTERNAL:
                 return None, f"'{name}' lives in external data that was not loaded"
-            return numpy_helper.to_array(tensor), ""
+            return tensor_to_array(tensor), ""
         node = self.producer.get(name)
         if node is None:
             if name in self.inputs:
@@ -343,12 +366,20 @@ class GraphIndex:
         if old and old in self.initializers and self.only_consumer(old, node) and old not in self.inputs \
                 and self.initializers[old].data_location != onnx.TensorProto.EXTERNAL:
             tensor = self.initializers[old]
-            new = numpy_helper.from_array(np.ascontiguousarray(value), old)
-            if new.data_type != tensor.data_type:
-                raise AssertionError("folding must keep the tensor's dtype")
-            doc = tensor.doc_string
-            tensor.CopyFrom(new)
-            tensor.doc_string = doc
+            value = np.ascontiguousarray(value)
+            if tensor.HasField("raw_data") and _RAW_FLOAT_DTYPES.get(tensor.data_type) == value.dtype \
+                    and tuple(tensor.dims) == value.shape:
+                if self.parent is None:  # same dtype and shape: the bytes are swapped when saved
+                    self.ctx.replacements[old] = value
+                else:
+                    tensor.raw_data = value.tobytes()
+            else:
+                new = numpy_helper.from_array(value, old)
+                if new.data_type != tensor.data_type:
+                    raise AssertionError("folding must keep the tensor's dtype")
+                doc = tensor.doc_string
+                tensor.CopyFrom(new)
+                tensor.doc_string = doc
             self._constants.pop(old, None)
             return old
         name = self.add_initializer(value, base_name or (f"{old}_bnfold" if old else f"{node_label(node)}_bias"))
@@ -357,7 +388,7 @@ class GraphIndex:
         node.input[slot] = name
         self.consumers[name].append(node)
         if old:
-            self._drop_use(old, node)
+            self.drop_use(old, node)
         return name
 
     def add_initializer(self, value: np.ndarray, base_name: str) -> str:
@@ -379,7 +410,7 @@ class GraphIndex:
         del node.attribute[:]
         node.op_type, node.domain = "Add", ""
         for old in set(old_inputs):
-            self._drop_use(old, node)
+            self.drop_use(old, node)
         self.consumers[x].append(node)
         self.consumers[name].append(node)
 
@@ -387,7 +418,7 @@ class GraphIndex:
         for i, name in enumerate(node.input):
             if name == old:
                 node.input[i] = new
-        self._drop_use(old, node)
+        self.drop_use(old, node)
         self.consumers[new].append(node)
 
     def move_output(self, node: onnx.NodeProto, new_name: str) -> None:
@@ -407,9 +438,10 @@ class GraphIndex:
                 del self.producer[name]
                 self._dropped_values.add(name)
         for name in set(n for n in node.input if n):
-            self._drop_use(name, node)
+            self.drop_use(name, node)
 
-    def _drop_use(self, name: str, node: onnx.NodeProto) -> None:
+    def drop_use(self, name: str, node: onnx.NodeProto) -> None:
+        """``node`` no longer reads ``name``; a constant nobody reads any more is removed."""
         users = self.consumers.get(name)
         if users is not None:
             self.consumers[name] = users = [u for u in users if u is not node]
@@ -439,6 +471,8 @@ class GraphIndex:
                 self.inputs -= gone
             for name in gone:
                 self.initializers.pop(name, None)
+                if self.parent is None:
+                    self.ctx.replacements.pop(name, None)
             self._dropped_values |= gone
             self._removed_initializers = set()
         if self._dropped_values:
@@ -455,15 +489,22 @@ def _is_pure_constant_producer(node: onnx.NodeProto) -> bool:
 
 def _delete_positions(field, length: int, keep_positions: list[int]) -> None:
     keep = set(keep_positions)
-    for i in range(length - 1, -1, -1):
-        if i not in keep:
-            del field[i]
+    _delete_runs(field, [i for i in range(length) if i not in keep])
 
 
 def _delete_where(field, predicate) -> None:
-    for i in range(len(field) - 1, -1, -1):
-        if predicate(field[i]):
-            del field[i]
+    _delete_runs(field, [i for i, item in enumerate(field) if predicate(item)])
+
+
+def _delete_runs(field, positions: list[int]) -> None:
+    """Delete sorted positions from a repeated field, back to front, one slice per contiguous run."""
+    end = len(positions)
+    while end:
+        start = end - 1
+        while start and positions[start - 1] == positions[start] - 1:
+            start -= 1
+        del field[positions[start]:positions[end - 1] + 1]
+        end = start
 
 
 def _constant_node_value(node: onnx.NodeProto) -> np.ndarray:

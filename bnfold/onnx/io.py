@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 
@@ -57,12 +59,46 @@ def load_model_with_info(path: "str | os.PathLike") -> tuple[onnx.ModelProto, bo
 
 
 def has_external_data(model: onnx.ModelProto) -> bool:
-    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+    """Whether any tensor (initializer, Constant attribute, in any subgraph) lives in an external file."""
+    return _graph_has_external(model.graph) or any(_nodes_have_external(f.node) for f in model.functions)
 
-    return any(uses_external_data(t) for t in _get_all_tensors(model))
+
+def _graph_has_external(graph: onnx.GraphProto) -> bool:
+    external = onnx.TensorProto.EXTERNAL
+    return any(t.data_location == external for t in graph.initializer) or _nodes_have_external(graph.node)
 
 
-def save_model(model: onnx.ModelProto, path: "str | os.PathLike", *, external_data: bool | None = None) -> None:
+def _nodes_have_external(nodes) -> bool:
+    external = onnx.TensorProto.EXTERNAL
+    for node in nodes:
+        if not node.attribute:  # most nodes: nothing to look at
+            continue
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR and attr.t.data_location == external:
+                return True
+            if attr.type == onnx.AttributeProto.GRAPH and _graph_has_external(attr.g):
+                return True
+            if attr.type == onnx.AttributeProto.GRAPHS and any(_graph_has_external(g) for g in attr.graphs):
+                return True
+    return False
+
+
+def estimated_size(model: onnx.ModelProto) -> int:
+    """Bytes of the main graph's initializers, from their shapes (reading raw_data would copy it)."""
+    itemsizes: dict[int, int] = {}
+    total = 0
+    for t in model.graph.initializer:
+        if t.data_type not in itemsizes:
+            try:
+                itemsizes[t.data_type] = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+            except Exception:  # string or unknown element types: count one byte each
+                itemsizes[t.data_type] = 1
+        total += math.prod(t.dims) * itemsizes[t.data_type]
+    return total
+
+
+def save_model(model: onnx.ModelProto, path: "str | os.PathLike", *, external_data: bool | None = None,
+               replacements: "dict[str, np.ndarray] | None" = None) -> None:
     """Write atomically: a temporary file beside the target, then a rename. No partial output on failure.
 
     ``external_data``: write tensors to ``<name>.data`` beside the model (None: only when the model exceeds the 2 GB
@@ -73,7 +109,7 @@ def save_model(model: onnx.ModelProto, path: "str | os.PathLike", *, external_da
     if not directory.is_dir():
         raise InputError(f"{path}: output directory {directory} does not exist")
     if external_data is None:
-        external_data = model.ByteSize() > _PROTOBUF_LIMIT
+        external_data = estimated_size(model) > _PROTOBUF_LIMIT - (64 << 20)
     try:
         tmp_dir = tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     except OSError as exc:
@@ -82,17 +118,103 @@ def save_model(model: onnx.ModelProto, path: "str | os.PathLike", *, external_da
         tmp_model = Path(tmp_dir) / path.name
         data_name = f"{path.name}.data"
         if external_data:
+            materialize(model, replacements)
             onnx.save_model(model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
                             location=data_name, size_threshold=1024)
             os.replace(Path(tmp_dir) / data_name, directory / data_name)
         else:
             with open(tmp_model, "wb") as f:
-                f.write(model.SerializeToString())
+                write_streamed(model, f, replacements)
         os.replace(tmp_model, path)
     except OSError as exc:
         raise InputError(f"{path}: cannot write ({exc.strerror or exc})") from None
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def write_streamed(model: onnx.ModelProto, f, replacements: "dict[str, np.ndarray] | None" = None) -> None:
+    """Serialize ``model`` in pieces: everything but the main graph's initializers, then each initializer framed
+    as its own ``ModelProto.graph.initializer`` entry.
+
+    Protobuf merges repeated occurrences of a message field, so the concatenation parses back to the same model
+    (same fields, same order), while memory never holds a second serialized copy of the whole model.
+    ``replacements`` maps initializer names to new values (same dtype and shape) that are written in place of the
+    tensor's raw_data without being copied into the protobuf first. The bytes are the same either way, and the
+    same model always gives the same bytes.
+    """
+    head = onnx.ModelProto()
+    _copy_except(model, head, "graph")
+    _copy_except(model.graph, head.graph, "initializer")
+    f.write(head.SerializeToString())
+    replacements = replacements or {}
+    for tensor in model.graph.initializer:
+        value = replacements.get(tensor.name)
+        if value is None:
+            body = tensor.SerializeToString()
+            f.write(_initializer_frame(len(body)))
+            f.write(body)
+            continue
+        raw = memoryview(np.ascontiguousarray(value)).cast("B")
+        low, high = onnx.TensorProto(), onnx.TensorProto()
+        for field, content in tensor.ListFields():  # protobuf writes fields in number order; raw_data is 9
+            if field.number == _RAW_DATA_FIELD:
+                continue
+            target = low if field.number < _RAW_DATA_FIELD else high
+            if field.is_repeated:
+                getattr(target, field.name).extend(content)
+            elif field.type == field.TYPE_MESSAGE:
+                getattr(target, field.name).CopyFrom(content)
+            else:
+                setattr(target, field.name, content)
+        low_bytes, high_bytes = low.SerializeToString(), high.SerializeToString()
+        raw_header = b"\x4a" + _varint(raw.nbytes)  # field 9, length-delimited
+        size = len(low_bytes) + len(raw_header) + raw.nbytes + len(high_bytes)
+        f.write(_initializer_frame(size) + low_bytes + raw_header)
+        f.write(raw)
+        f.write(high_bytes)
+
+
+_RAW_DATA_FIELD = 9
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _initializer_frame(tensor_size: int) -> bytes:
+    """ModelProto.graph (field 7) holding GraphProto.initializer (field 5) of ``tensor_size`` bytes."""
+    inner = b"\x2a" + _varint(tensor_size)
+    return b"\x3a" + _varint(len(inner) + tensor_size) + inner
+
+
+def materialize(model: onnx.ModelProto, replacements: "dict[str, np.ndarray] | None") -> None:
+    """Write pending replacement values into the model's initializers (and forget them)."""
+    if not replacements:
+        return
+    for tensor in model.graph.initializer:
+        value = replacements.pop(tensor.name, None)
+        if value is not None:
+            tensor.raw_data = np.ascontiguousarray(value).tobytes()
+
+
+def _copy_except(src, dst, skip: str) -> None:
+    for field, value in src.ListFields():
+        if field.name == skip:
+            continue
+        if field.is_repeated:
+            getattr(dst, field.name).extend(value)
+        elif field.type == field.TYPE_MESSAGE:
+            getattr(dst, field.name).CopyFrom(value)
+        else:
+            setattr(dst, field.name, value)
 
 
 def _first_line(exc: BaseException) -> str:

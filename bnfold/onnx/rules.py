@@ -12,6 +12,7 @@ Matching never edits the graph, so a refusal leaves the model exactly as it was.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar
 
@@ -56,6 +57,10 @@ class Plan:
                 g.remove_node(node)
 
 
+# ONNX float attributes are float32: an absent epsilon means float32(1e-5), as runtimes read it.
+_DEFAULT_EPSILON = float(np.float32(1e-5))
+
+
 # ---- the normalization side ---------------------------------------------------------------------------------
 
 def batchnorm_affine(g: GraphIndex, node: onnx.NodeProto) -> Affine | Reason:
@@ -84,15 +89,15 @@ def batchnorm_affine(g: GraphIndex, node: onnx.NodeProto) -> Affine | Reason:
     lengths = {p.shape[0] for p in params}
     if len(lengths) != 1:
         return f"parameter lengths disagree: {sorted(lengths)}"
-    if not all(np.issubdtype(np.asarray(p).dtype, np.floating) or str(p.dtype) == "bfloat16" for p in params):
+    if not all(_is_float(p) for p in params):
         return "parameters are not floating point"
-    if any(not np.all(np.isfinite(np.asarray(p, dtype=np.float64))) for p in params):
+    stacked = np.stack([np.asarray(p, dtype=np.float64) for p in params])
+    if not np.isfinite(stacked).all():
         return "parameters contain NaN or infinity"
-    var = np.asarray(params[3], dtype=np.float64)
-    if np.any(var < 0):
-        return f"negative running variance (min {var.min():.3g})"
+    if (stacked[3] < 0).any():
+        return f"negative running variance (min {stacked[3].min():.3g})"
     try:
-        s, t = bn_to_affine(*params, get_attr(node, "epsilon", 1e-5))
+        s, t = bn_to_affine(*stacked, get_attr(node, "epsilon", _DEFAULT_EPSILON))
     except FoldRefused as exc:
         return str(exc)
     return Affine(node, node.input[0], node.output[0], s, t)
@@ -183,12 +188,12 @@ def after_target(g: GraphIndex, name: str, reader: onnx.NodeProto) -> AfterTarge
     if node is None or node.domain not in ("", "ai.onnx"):
         return None
     op = node.op_type
-    bias_node = None
+    bias_node = add_bias = None
     if op == "Add":  # MatMul -> Add(const) -> normalization
         found = _matmul_bias_add(g, node)
         if found is None:
             return None
-        bias_node, node, bias_slot, bias = found
+        bias_node, node, bias_slot, add_bias = found
         op = "MatMul"
     if op not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
         return None
@@ -233,10 +238,10 @@ def after_target(g: GraphIndex, name: str, reader: onnx.NodeProto) -> AfterTarge
     if rank != 2:
         return f"{label} multiplies a rank-{rank} tensor: channel axis 1 is not the weight's output axis"
     if bias_node is not None:
-        if bias.ndim > 2 or (bias.ndim >= 1 and bias.shape[-1] not in (1, weight.shape[1])) or \
-                (bias.ndim == 2 and bias.shape[0] != 1):
+        if add_bias.ndim > 2 or (add_bias.ndim >= 1 and add_bias.shape[-1] not in (1, weight.shape[1])) or \
+                (add_bias.ndim == 2 and add_bias.shape[0] != 1):
             return f"the Add after {label} does not add a per-channel constant"
-        return AfterTarget(node, name, weight, 1, 1, bias, weight.shape[1], 2, bias_node, bias_slot)
+        return AfterTarget(node, name, weight, 1, 1, add_bias, weight.shape[1], 2, bias_node, bias_slot)
     return AfterTarget(node, name, weight, 1, 1, None, weight.shape[1], 2)
 
 
@@ -253,7 +258,7 @@ def _matmul_bias_add(g: GraphIndex, add: onnx.NodeProto):
 
 
 def _is_float(a: np.ndarray) -> bool:
-    return np.issubdtype(a.dtype, np.floating) or str(a.dtype) == "bfloat16"
+    return a.dtype.kind == "f" or a.dtype.name == "bfloat16"
 
 
 # ---- rules ------------------------------------------------------------------------------------------------------
@@ -375,7 +380,7 @@ def _flatten_keeps_channels(g: GraphIndex, node: onnx.NodeProto, norm: Affine) -
         return ""  # [0, -1] or [0, K]: keeps the batch axis, flattens the rest
     x_shape = g.static_shape(norm.x)
     if x_shape is not None and len(shape) == 2:
-        total = int(np.prod(x_shape[1:], dtype=np.int64))
+        total = math.prod(x_shape[1:])
         if shape in ([x_shape[0], -1], [-1, total], [x_shape[0], total]):
             return ""
     return f"can not prove Reshape {list(shape)} keeps the batch axis and flattens channels outermost"
