@@ -13,7 +13,7 @@ What it measures, all in one run:
   ``[1, 32, 8, 8]`` float32, opset 17, built with ``onnx.helper`` from seeded numpy (BN statistics are non-trivial:
   var in [0.5, 2], mean ~ N(0, 0.1), gamma ~ U(0.5, 1.5), beta ~ N(0, 0.1)). N = 2,000 is about 75 MB. Models are
   written once per run under ``benchmarks/_work/`` (git-ignored) and removed at the end unless ``--keep``.
-* "end-to-end fold": ``load_model(path)`` -> ``fold_onnx(model, inplace=True)`` -> ``save_model(model, out)``,
+* "end-to-end fold": ``bnfold.onnx.fold.fold_file(path, out)`` (load, fold, save; what ``bnfold --no-verify`` does),
   no verification. "floor": ``onnx.load(path)`` -> ``onnx.save(model, out)`` of the same file, the least any tool
   that rewrites the file must spend. Every timed run starts from the file on disk.
 * Ratio A = fold(N) / floor(N), bar <= 1.5. One warm-up each, then ``--repeat`` runs interleaved
@@ -54,8 +54,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from anywhere: import the checkout's bnfold
     sys.path.insert(0, str(ROOT))
 
-from bnfold.onnx.fold import fold_onnx  # noqa: E402
-from bnfold.onnx.io import load_model, save_model  # noqa: E402
+from bnfold.onnx.fold import fold_file, fold_onnx  # noqa: E402
 
 WORK = Path(__file__).resolve().parent / "_work"
 CHANNELS, SPATIAL, OPSET = 32, 8, 17
@@ -119,9 +118,7 @@ def run_floor(src: Path, out: Path) -> None:
 
 
 def run_fold(src: Path, out: Path) -> None:
-    model = load_model(src)
-    model, _report = fold_onnx(model, inplace=True)
-    save_model(model, out)
+    fold_file(src, out)
 
 
 def timed(fn, *args) -> float:
@@ -148,8 +145,7 @@ _MEMORY_SCRIPT = textwrap.dedent("""
     import json, sys
     sys.path.insert(0, sys.argv[1])
     import numpy, onnx, onnx.numpy_helper, onnx.reference, onnx.shape_inference, onnx.external_data_helper
-    from bnfold.onnx.fold import fold_onnx
-    from bnfold.onnx.io import load_model, save_model
+    from bnfold.onnx.fold import fold_file
 
     def status(key):
         with open("/proc/self/status") as f:
@@ -161,8 +157,7 @@ _MEMORY_SCRIPT = textwrap.dedent("""
     what, src, out = sys.argv[2:5]
     base = status("VmRSS")
     if what == "fold":
-        model, _ = fold_onnx(load_model(src), inplace=True)
-        save_model(model, out)
+        fold_file(src, out)
     else:
         model = onnx.load(src)
         onnx.save(model, out)

@@ -12,6 +12,7 @@ from ..errors import InputError
 from ..report import Fold, FoldReport, Skip
 from .io import materialize
 from .graph import GraphIndex, ModelContext, free_names, node_label, subgraphs
+from .prefetch import prefetch_batchnorm_affines, prefetch_conv_folds
 from .rules import RULE_NAMES, RULES, AffineAfterLinear, Rule, batchnorm_affine
 
 PER_SAMPLE_NORMS = {
@@ -47,7 +48,7 @@ def fold_model(model: onnx.ModelProto, rules: list[Rule],
     With a ``replacements`` dict, new values of main-graph initializers are left there (name -> array) for
     :func:`bnfold.onnx.io.save_model` to write, instead of being copied into the protobuf.
     """
-    report = FoldReport(bn_before=count_batchnorms(model.graph))
+    report = FoldReport()
     ctx = ModelContext(model)
     _fold_graph(GraphIndex(model.graph, ctx), rules, report)
     for function in model.functions:
@@ -55,7 +56,6 @@ def fold_model(model: onnx.ModelProto, rules: list[Rule],
             if node.op_type == "BatchNormalization":
                 report.skipped.append(Skip(node_label(node), "inside model-local function "
                                            f"{function.domain}.{function.name}: functions are left as they are"))
-    report.bn_after = count_batchnorms(model.graph)
     if replacements is None:
         materialize(model, ctx.replacements)
     else:
@@ -69,6 +69,10 @@ def fold_model(model: onnx.ModelProto, rules: list[Rule],
 def _fold_graph(g: GraphIndex, rules: list[Rule], report: FoldReport) -> None:
     bn_rules = [r for r in rules if "BatchNormalization" in r.sources]
     affine_rules = [r for r in rules if r.sources & _MUL_ADD]
+    batchnorms = [n for n in g.nodes if n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx")]
+    report.bn_before += len(batchnorms)
+    prefetched = prefetch_batchnorm_affines(g, batchnorms)
+    g.prefetched_folds = prefetch_conv_folds(g, batchnorms, prefetched)
     while True:
         changed = False
         skipped: list[Skip] = []
@@ -77,7 +81,7 @@ def _fold_graph(g: GraphIndex, rules: list[Rule], report: FoldReport) -> None:
                 continue
             op = node.op_type
             if op == "BatchNormalization":
-                outcome = _fold_batchnorm(g, node, bn_rules)
+                outcome = _fold_batchnorm(g, node, bn_rules, prefetched)
                 if isinstance(outcome, str):
                     skipped.append(Skip(node_label(node), outcome, graph=g.path))
                     continue
@@ -94,6 +98,7 @@ def _fold_graph(g: GraphIndex, rules: list[Rule], report: FoldReport) -> None:
         if not changed:
             break
     report.skipped.extend(skipped)
+    report.bn_after += sum(1 for n in batchnorms if not g.is_removed(n) and n.op_type == "BatchNormalization")
     for node in g.live_nodes():
         if node.op_type in PER_SAMPLE_NORMS and node.domain in ("", "ai.onnx"):
             report.skipped.append(Skip(node_label(node), f"not foldable: per-sample statistics ({node.op_type} "
@@ -116,9 +121,9 @@ def _fold_graph(g: GraphIndex, rules: list[Rule], report: FoldReport) -> None:
     g.commit()
 
 
-def _fold_batchnorm(g: GraphIndex, node: onnx.NodeProto, rules: list[Rule]):
+def _fold_batchnorm(g: GraphIndex, node: onnx.NodeProto, rules: list[Rule], prefetched: dict):
     """A Plan for the first rule that folds this BatchNormalization, else the reason none did."""
-    norm = batchnorm_affine(g, node)
+    norm = batchnorm_affine(g, node, prefetched)
     if isinstance(norm, str):
         return norm
     reasons = []

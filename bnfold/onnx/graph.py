@@ -24,18 +24,19 @@ _NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "Rando
 _MAX_EVAL_ELEMENTS = 1 << 24
 
 
-_RAW_FLOAT_DTYPES = {onnx.TensorProto.FLOAT: np.dtype(np.float32), onnx.TensorProto.FLOAT16: np.dtype(np.float16),
+RAW_FLOAT_DTYPES = {onnx.TensorProto.FLOAT: np.dtype(np.float32), onnx.TensorProto.FLOAT16: np.dtype(np.float16),
                      onnx.TensorProto.DOUBLE: np.dtype(np.float64)}
 
 
 def tensor_to_array(tensor: onnx.TensorProto) -> np.ndarray:
     """numpy_helper.to_array, with a fast path for float tensors held in raw_data (the common case)."""
-    dtype = _RAW_FLOAT_DTYPES.get(tensor.data_type)
-    if dtype is not None and tensor.HasField("raw_data"):
+    dtype = RAW_FLOAT_DTYPES.get(tensor.data_type)
+    if dtype is not None:
         raw = tensor.raw_data
-        count = math.prod(tensor.dims)
-        if len(raw) == count * dtype.itemsize:
-            return np.frombuffer(raw, dtype=dtype).reshape(tuple(tensor.dims))
+        if raw:
+            dims = tuple(tensor.dims)
+            if len(raw) == math.prod(dims) * dtype.itemsize:
+                return np.frombuffer(raw, dtype=dtype).reshape(dims)
     return numpy_helper.to_array(tensor)
 
 
@@ -187,6 +188,8 @@ class GraphIndex:
         self._dropped_values: set[str] = set()
         self._constants: dict[str, np.ndarray] = {}
         self._local_shapes: dict[str, list] | None = None
+        self.rewritten: set[str] = set()  # initializers given new values (invalidates prefetched math)
+        self.prefetched_folds: dict = {}  # id(normalization) -> prefetch.PrefetchedFold
         self._index(graph)
 
     # ---- building --------------------------------------------------------------------------------------
@@ -303,6 +306,18 @@ class GraphIndex:
                 self._constants[out] = value
         return self._constants.get(name), ""
 
+    def constant_meta(self, name: str) -> tuple[tuple[int, ...], np.dtype] | None:
+        """Shape and dtype of a constant without reading its values, when it is a plain float initializer."""
+        tensor = self.initializers.get(name)
+        if tensor is None or self.is_overridable_input(name) or tensor.data_location == onnx.TensorProto.EXTERNAL:
+            return None
+        dtype = RAW_FLOAT_DTYPES.get(tensor.data_type)
+        if dtype is None:
+            return None
+        if name in self.inputs:
+            self.ctx.used_initializer_inputs = True
+        return tuple(tensor.dims), dtype
+
     def _stand_in(self, node: onnx.NodeProto, slot: int) -> np.ndarray | None:
         """Inputs whose value an op ignores: CastLike reads only the dtype of its second input, Shape only the
         shape of its input. Such an input need not be constant; a zero-cost array of that dtype/shape stands in."""
@@ -367,8 +382,9 @@ class GraphIndex:
                 and self.initializers[old].data_location != onnx.TensorProto.EXTERNAL:
             tensor = self.initializers[old]
             value = np.ascontiguousarray(value)
-            if tensor.HasField("raw_data") and _RAW_FLOAT_DTYPES.get(tensor.data_type) == value.dtype \
-                    and tuple(tensor.dims) == value.shape:
+            self.rewritten.add(old)
+            if RAW_FLOAT_DTYPES.get(tensor.data_type) == value.dtype and tensor.HasField("raw_data") \
+                    and len(tensor.dims) == value.ndim and all(a == b for a, b in zip(tensor.dims, value.shape)):
                 if self.parent is None:  # same dtype and shape: the bytes are swapped when saved
                     self.ctx.replacements[old] = value
                 else:

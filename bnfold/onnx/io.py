@@ -155,29 +155,34 @@ def write_streamed(model: onnx.ModelProto, f, replacements: "dict[str, np.ndarra
             f.write(body)
             continue
         raw = memoryview(np.ascontiguousarray(value)).cast("B")
-        low, high = onnx.TensorProto(), onnx.TensorProto()
-        for field, content in tensor.ListFields():  # protobuf writes fields in number order; raw_data is 9
-            if field.number == _RAW_DATA_FIELD:
-                continue
-            target = low if field.number < _RAW_DATA_FIELD else high
-            if field.is_repeated:
-                getattr(target, field.name).extend(content)
-            elif field.type == field.TYPE_MESSAGE:
-                getattr(target, field.name).CopyFrom(content)
-            else:
-                setattr(target, field.name, content)
+        low = onnx.TensorProto()
+        low.CopyFrom(tensor)  # one C-level copy; cheaper than reading fields one by one in Python
+        low.ClearField("raw_data")
+        high = onnx.TensorProto()
+        for field, content in low.ListFields():  # protobuf writes fields in number order; raw_data (9) between
+            if field.number > _RAW_DATA_FIELD:
+                if field.is_repeated:
+                    getattr(high, field.name).extend(content)
+                elif field.type == field.TYPE_MESSAGE:
+                    getattr(high, field.name).CopyFrom(content)
+                else:
+                    setattr(high, field.name, content)
+                low.ClearField(field.name)
         low_bytes, high_bytes = low.SerializeToString(), high.SerializeToString()
         raw_header = b"\x4a" + _varint(raw.nbytes)  # field 9, length-delimited
         size = len(low_bytes) + len(raw_header) + raw.nbytes + len(high_bytes)
         f.write(_initializer_frame(size) + low_bytes + raw_header)
         f.write(raw)
-        f.write(high_bytes)
+        if high_bytes:
+            f.write(high_bytes)
 
 
 _RAW_DATA_FIELD = 9
 
 
 def _varint(value: int) -> bytes:
+    if value < 0x80:
+        return bytes((value,))
     out = bytearray()
     while True:
         byte = value & 0x7F

@@ -58,12 +58,13 @@ class Plan:
 
 
 # ONNX float attributes are float32: an absent epsilon means float32(1e-5), as runtimes read it.
-_DEFAULT_EPSILON = float(np.float32(1e-5))
+DEFAULT_EPSILON = float(np.float32(1e-5))
 
 
 # ---- the normalization side ---------------------------------------------------------------------------------
 
-def batchnorm_affine(g: GraphIndex, node: onnx.NodeProto) -> Affine | Reason:
+def batchnorm_affine(g: GraphIndex, node: onnx.NodeProto,
+                     prefetched: dict[int, tuple[np.ndarray, np.ndarray]] | None = None) -> Affine | Reason:
     """A BatchNormalization in inference mode with constant parameters, as a per-channel affine."""
     opset = g.ctx.opset
     if opset < 6:
@@ -78,6 +79,9 @@ def batchnorm_affine(g: GraphIndex, node: onnx.NodeProto) -> Affine | Reason:
         return "spatial=0: statistics per activation, not per channel"
     if len(node.input) < 5 or not node.output or not node.output[0]:
         return "malformed BatchNormalization (needs 5 inputs and an output)"
+    hit = prefetched.pop(id(node), None) if prefetched else None
+    if hit is not None:
+        return Affine(node, node.input[0], node.output[0], *hit)
     params = []
     for role, name in zip(("scale", "bias", "mean", "var"), node.input[1:5]):
         value, reason = g.constant(name)
@@ -86,18 +90,12 @@ def batchnorm_affine(g: GraphIndex, node: onnx.NodeProto) -> Affine | Reason:
         if value.ndim != 1:
             return f"{role} has shape {list(value.shape)}, expected one value per channel"
         params.append(value)
-    lengths = {p.shape[0] for p in params}
-    if len(lengths) != 1:
-        return f"parameter lengths disagree: {sorted(lengths)}"
+    if len({p.shape[0] for p in params}) != 1:
+        return f"parameter lengths disagree: {[p.shape[0] for p in params]}"
     if not all(_is_float(p) for p in params):
         return "parameters are not floating point"
-    stacked = np.stack([np.asarray(p, dtype=np.float64) for p in params])
-    if not np.isfinite(stacked).all():
-        return "parameters contain NaN or infinity"
-    if (stacked[3] < 0).any():
-        return f"negative running variance (min {stacked[3].min():.3g})"
     try:
-        s, t = bn_to_affine(*stacked, get_attr(node, "epsilon", _DEFAULT_EPSILON))
+        s, t = bn_to_affine(*params, get_attr(node, "epsilon", DEFAULT_EPSILON))
     except FoldRefused as exc:
         return str(exc)
     return Affine(node, node.input[0], node.output[0], s, t)
@@ -120,13 +118,42 @@ def _gemm_allowed(g: GraphIndex, dtype) -> bool:
     return g.ctx.opset >= (13 if str(np.dtype(dtype)) == "bfloat16" else 11)
 
 
+class _Weight:
+    """A constant weight whose values are read only when the math needs them (prefetched folds never do)."""
+
+    __slots__ = ("g", "name", "shape", "dtype", "_values")
+
+    def __init__(self, g: GraphIndex, name: str, shape: tuple[int, ...], dtype, values: np.ndarray | None = None):
+        self.g, self.name, self.shape, self.dtype, self._values = g, name, shape, np.dtype(dtype), values
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def values(self) -> np.ndarray:
+        if self._values is None:
+            self._values = self.g.constant(self.name)[0]
+        return self._values
+
+
+def _weight(g: GraphIndex, name: str) -> tuple[_Weight | None, str]:
+    meta = g.constant_meta(name)
+    if meta is not None:
+        return _Weight(g, name, *meta), ""
+    value, reason = g.constant(name)
+    if value is None:
+        return None, reason
+    return _Weight(g, name, value.shape, value.dtype, value), ""
+
+
 @dataclass
 class AfterTarget:
     """A linear op whose output channels can absorb a per-channel affine applied to its output."""
 
     node: onnx.NodeProto
     output: str  # the value the normalization reads
-    weight: np.ndarray
+    weight: _Weight
     axis: int
     groups: int
     bias: np.ndarray | None  # effective bias in float64 (Gemm: beta*C, MatMul+Add: the Add constant)
@@ -144,11 +171,15 @@ class AfterTarget:
         """
         if s.shape[0] != self.channels:
             raise FoldRefused(f"{s.shape[0]} channels vs {self.channels} output channels of {node_label(self.node)}")
-        new_w, new_b = absorb_after(self.weight, self.bias, s, t, axis=self.axis, groups=self.groups)
         dtype = self.weight.dtype
-        new_w = cast_checked(new_w, dtype)
-        needs_bias = self.bias is not None or bool(np.any(t != 0))
-        new_b = cast_checked(new_b, dtype, "folded bias") if needs_bias else None
+        done = g.prefetched_folds.pop(id(norm), None) if norm is not None else None
+        if done is not None and done.applies_to(g, self.node, s):
+            new_w, new_b = done.weight, done.bias
+        else:
+            new_w, new_b = absorb_after(self.weight.values, self.bias, s, t, axis=self.axis, groups=self.groups)
+            new_w = cast_checked(new_w, dtype)
+            needs_bias = self.bias is not None or bool(np.any(t != 0))
+            new_b = cast_checked(new_b, dtype, "folded bias") if needs_bias else None
         node, op, renamed = self.node, self.node.op_type, self.node
         edits: list[Callable[[], None]] = [lambda: g.write_tensor(node, 1, new_w)]
         norm_kept = False
@@ -204,7 +235,7 @@ def after_target(g: GraphIndex, name: str, reader: onnx.NodeProto) -> AfterTarge
         return f"the output of {label} is also used elsewhere: {g.usage(node.output[0])}"
     if len(node.input) < 2:
         return f"{label} has no weight input"
-    weight, reason = g.constant(node.input[1])
+    weight, reason = _weight(g, node.input[1])
     if weight is None:
         return f"weight of {label} is not constant: {reason}"
     if not _is_float(weight):
@@ -257,7 +288,7 @@ def _matmul_bias_add(g: GraphIndex, add: onnx.NodeProto):
     return None
 
 
-def _is_float(a: np.ndarray) -> bool:
+def _is_float(a) -> bool:
     return a.dtype.kind == "f" or a.dtype.name == "bfloat16"
 
 
