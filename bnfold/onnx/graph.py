@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import numpy as np
 import onnx
@@ -48,13 +48,20 @@ def node_label(node: onnx.NodeProto) -> str:
     return f"{node.op_type}({out})"
 
 
-def subgraphs(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.GraphProto]]:
+# In the default domain only these ops carry graph attributes; other domains are searched attribute by attribute.
+_OPS_WITH_SUBGRAPHS = frozenset({"If", "Loop", "Scan", "SequenceMap"})
+
+
+def subgraphs(node: onnx.NodeProto) -> list[tuple[str, onnx.GraphProto]]:
+    if node.op_type not in _OPS_WITH_SUBGRAPHS and node.domain in ("", "ai.onnx"):
+        return []
+    found = []
     for attr in node.attribute:
         if attr.type == onnx.AttributeProto.GRAPH:
-            yield attr.name, attr.g
+            found.append((attr.name, attr.g))
         elif attr.type == onnx.AttributeProto.GRAPHS:
-            for i, g in enumerate(attr.graphs):
-                yield f"{attr.name}[{i}]", g
+            found += [(f"{attr.name}[{i}]", g) for i, g in enumerate(attr.graphs)]
+    return found
 
 
 def free_names(graph: onnx.GraphProto) -> set[str]:
@@ -195,26 +202,27 @@ class GraphIndex:
     # ---- building --------------------------------------------------------------------------------------
     def _index(self, graph: onnx.GraphProto) -> None:
         known = set(self.inputs) | set(self.initializers) | {t.name for t in graph.sparse_initializer}
+        consumers, producer, initializers, inputs = self.consumers, self.producer, self.initializers, self.inputs
         for node in self.nodes:
             for name in node.input:
-                if not name:
-                    continue
-                if name not in known and not self._outer_defines(name):
-                    where = f" in subgraph {self.path}" if self.path else ""
-                    raise InputError(f"invalid graph{where}: node {node_label(node)} reads '{name}', which is not "
-                                     "defined before it (dangling input or a cycle)")
-                self.consumers[name].append(node)
-            for _, g in (subgraphs(node) if node.attribute else ()):
-                for name in free_names(g):
-                    if name in known or self._outer_defines(name):
-                        self.consumers[name].append(node)
+                if name:
+                    if name not in known and not self._outer_defines(name):
+                        where = f" in subgraph {self.path}" if self.path else ""
+                        raise InputError(f"invalid graph{where}: node {node_label(node)} reads '{name}', which is "
+                                         "not defined before it (dangling input or a cycle)")
+                    consumers[name].append(node)
+            if node.attribute:
+                for _, g in subgraphs(node):
+                    for name in free_names(g):
+                        if name in known or self._outer_defines(name):
+                            consumers[name].append(node)
             for name in node.output:
-                if not name:
-                    continue
-                if name in self.producer or name in self.initializers or name in self.inputs:
-                    raise InputError(f"invalid graph: '{name}' is defined twice (second time by {node_label(node)})")
-                self.producer[name] = node
-                known.add(name)
+                if name:
+                    if name in known and (name in producer or name in initializers or name in inputs):
+                        raise InputError(f"invalid graph: '{name}' is defined twice (second time by "
+                                         f"{node_label(node)})")
+                    producer[name] = node
+                    known.add(name)
         for name in self.outputs:
             if name not in known and not self._outer_defines(name):
                 raise InputError(f"invalid graph: graph output '{name}' is never computed")
@@ -378,13 +386,13 @@ class GraphIndex:
         this node and every other reader keeps the original.
         """
         old = node.input[slot] if slot < len(node.input) else ""
-        if old and old in self.initializers and self.only_consumer(old, node) and old not in self.inputs \
-                and self.initializers[old].data_location != onnx.TensorProto.EXTERNAL:
-            tensor = self.initializers[old]
+        tensor = self.initializers.get(old) if old else None
+        if tensor is not None and self.only_consumer(old, node) and old not in self.inputs \
+                and tensor.data_location != onnx.TensorProto.EXTERNAL:
             value = np.ascontiguousarray(value)
             self.rewritten.add(old)
-            if RAW_FLOAT_DTYPES.get(tensor.data_type) == value.dtype and tensor.HasField("raw_data") \
-                    and len(tensor.dims) == value.ndim and all(a == b for a, b in zip(tensor.dims, value.shape)):
+            if RAW_FLOAT_DTYPES.get(tensor.data_type) == value.dtype and tuple(tensor.dims) == value.shape \
+                    and tensor.HasField("raw_data"):
                 if self.parent is None:  # same dtype and shape: the bytes are swapped when saved
                     self.ctx.replacements[old] = value
                 else:
@@ -453,8 +461,9 @@ class GraphIndex:
             if self.producer.get(name) is node:
                 del self.producer[name]
                 self._dropped_values.add(name)
-        for name in set(n for n in node.input if n):
-            self.drop_use(name, node)
+        for name in set(node.input):
+            if name:
+                self.drop_use(name, node)
 
     def drop_use(self, name: str, node: onnx.NodeProto) -> None:
         """``node`` no longer reads ``name``; a constant nobody reads any more is removed."""

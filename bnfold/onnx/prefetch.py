@@ -10,7 +10,6 @@ that do not fit (computed parameters, other ops, refusals) simply take the per-n
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -56,16 +55,15 @@ def prefetch_batchnorm_affines(g: GraphIndex, nodes) -> dict[int, tuple[np.ndarr
 
 
 
-@dataclass(frozen=True)
 class PrefetchedFold:
     """New weight and bias of a Conv/ConvTranspose for the BatchNormalization after it."""
 
-    node: onnx.NodeProto
-    weight_name: str
-    bias_name: str
-    s: np.ndarray
-    weight: np.ndarray
-    bias: np.ndarray
+    __slots__ = ("node", "weight_name", "bias_name", "s", "weight", "bias")
+
+    def __init__(self, node: onnx.NodeProto, weight_name: str, bias_name: str, s: np.ndarray, weight: np.ndarray,
+                 bias: np.ndarray):
+        self.node, self.weight_name, self.bias_name = node, weight_name, bias_name
+        self.s, self.weight, self.bias = s, weight, bias
 
     def applies_to(self, g: GraphIndex, node: onnx.NodeProto, s: np.ndarray) -> bool:
         bias_name = node.input[2] if len(node.input) > 2 else ""

@@ -69,13 +69,15 @@ def batchnorm_affine(g: GraphIndex, node: onnx.NodeProto,
     opset = g.ctx.opset
     if opset < 6:
         return f"BatchNormalization-{opset} (consumed_inputs era) is not supported"
-    if any(node.output[1:]):
+    outputs = node.output
+    if len(outputs) > 1 and any(outputs[1:]):
         return "training mode: the node also outputs running statistics"
-    if get_attr(node, "training_mode", 0):
+    attrs = {a.name: a for a in node.attribute}
+    if "training_mode" in attrs and attrs["training_mode"].i:
         return "training mode (training_mode=1): it normalizes by batch statistics"
-    if opset < 7 and not get_attr(node, "is_test", 0):
+    if opset < 7 and not ("is_test" in attrs and attrs["is_test"].i):
         return "training mode (is_test=0 in BatchNormalization-6)"
-    if opset < 9 and get_attr(node, "spatial", 1) == 0:
+    if opset < 9 and "spatial" in attrs and attrs["spatial"].i == 0:
         return "spatial=0: statistics per activation, not per channel"
     if len(node.input) < 5 or not node.output or not node.output[0]:
         return "malformed BatchNormalization (needs 5 inputs and an output)"
@@ -213,6 +215,18 @@ def _matmul_to_gemm(g: GraphIndex, matmul: onnx.NodeProto, bias: np.ndarray) -> 
     g.write_tensor(matmul, 2, bias)
 
 
+class _Label:
+    """``"<op> <node name>"`` for messages, built only when printed."""
+
+    __slots__ = ("op", "node")
+
+    def __init__(self, op: str, node: onnx.NodeProto):
+        self.op, self.node = op, node
+
+    def __str__(self) -> str:
+        return f"{self.op} {node_label(self.node)}"
+
+
 def after_target(g: GraphIndex, name: str, reader: onnx.NodeProto) -> AfterTarget | Reason | None:
     """The linear op producing ``name``, if ``reader`` is its only consumer and its weights are constant."""
     node = g.producer.get(name)
@@ -228,30 +242,31 @@ def after_target(g: GraphIndex, name: str, reader: onnx.NodeProto) -> AfterTarge
         op = "MatMul"
     if op not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
         return None
-    label = f"{op} {node_label(node)}"
+    label = _Label(op, node)  # formatted only when a refusal needs it
     if not g.only_consumer(name, reader):
         return f"the output of {label} is also used elsewhere: {g.usage(name)}"
     if bias_node is not None and not g.only_consumer(node.output[0], bias_node):
         return f"the output of {label} is also used elsewhere: {g.usage(node.output[0])}"
-    if len(node.input) < 2:
+    inputs = node.input
+    if len(inputs) < 2:
         return f"{label} has no weight input"
-    weight, reason = _weight(g, node.input[1])
+    weight, reason = _weight(g, inputs[1])
     if weight is None:
         return f"weight of {label} is not constant: {reason}"
     if not _is_float(weight):
         return f"weight of {label} is not floating point"
     bias = None
-    if op in ("Conv", "ConvTranspose", "Gemm") and len(node.input) > 2 and node.input[2]:
-        bias, reason = g.constant(node.input[2])
+    if op != "MatMul" and len(inputs) > 2 and inputs[2]:
+        bias, reason = g.constant(inputs[2])
         if bias is None:
             return f"bias of {label} is not constant: {reason}"
         bias = np.asarray(bias, dtype=np.float64)
-    if op in ("Conv", "ConvTranspose"):
+    if op == "Conv" or op == "ConvTranspose":
         if weight.ndim < 3:
             return f"weight of {label} has rank {weight.ndim}"
-        groups = int(get_attr(node, "group", 1))
         if op == "Conv":
             return AfterTarget(node, name, weight, 0, 1, bias, weight.shape[0], weight.ndim)
+        groups = int(get_attr(node, "group", 1))
         return AfterTarget(node, name, weight, 1, groups, bias, weight.shape[1] * groups, weight.ndim)
     if weight.ndim != 2:
         return f"weight of {label} has rank {weight.ndim}, expected 2"
