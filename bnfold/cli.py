@@ -100,7 +100,9 @@ def cli() -> None:
 @click.option("--simplify", is_flag=True, help="Run onnxsim first (with its own BN fusion off).")
 def fold_command(model, output, as_json, no_verify, providers, input_shapes, skip, atol, rtol, seed, simplify):
     """Fold BatchNormalization in MODEL (an .onnx file) and write the folded model."""
-    from .onnx.fold import fold_onnx
+    import onnx
+
+    from .onnx.fold import fold_model, select_rules
     from .onnx.io import load_model_with_info, save_model
 
     shapes = _parse_shapes(input_shapes)
@@ -111,15 +113,20 @@ def fold_command(model, output, as_json, no_verify, providers, input_shapes, ski
     if not output.parent.is_dir() and str(output.parent):
         raise InputError(f"{output}: output directory {output.parent} does not exist")
 
+    rules = select_rules(skip)
     original, external_data = load_model_with_info(model)
-    working = original
+    folded = original
     if simplify:
         from .onnx.simplify import simplify as run_simplify
 
-        working = run_simplify(original)
+        folded = run_simplify(original)
         _log("simplified with onnxsim (BN fusion off)")
-    # the original stays untouched for verification; a simplified copy may be folded in place
-    folded, report = fold_onnx(working, skip=skip, inplace=no_verify or working is not original)
+    if folded is original and not no_verify:  # the original stays untouched for verification
+        folded = onnx.ModelProto()
+        folded.CopyFrom(original)
+    # Without verification nothing needs the folded weights in memory: they go straight to the file.
+    pending = {} if no_verify else None
+    report = fold_model(folded, rules, pending)
     _log(f"{model}: {len(report.folded)} folds, BatchNormalization {report.bn_before} -> {report.bn_after}")
 
     verification = None
@@ -138,7 +145,7 @@ def fold_command(model, output, as_json, no_verify, providers, input_shapes, ski
     passed = verification is None or verification.passed
     written = None
     if passed:
-        save_model(folded, output, external_data=external_data or None)
+        save_model(folded, output, external_data=external_data or None, replacements=pending)
         written = str(output)
         _log(f"wrote {output}")
     else:
