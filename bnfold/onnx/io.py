@@ -159,8 +159,8 @@ def write_streamed(model: onnx.ModelProto, f, replacements: "dict[str, np.ndarra
     from ``model``. The bytes are the same either way, and the same model always gives the same bytes.
     """
     head = onnx.ModelProto()
-    _copy_except(model, head, "graph")
-    _copy_except(model.graph, head.graph, "initializer")
+    _copy_fields(model, head, lambda field: field.name != "graph")
+    _copy_fields(model.graph, head.graph, lambda field: field.name != "initializer")
     f.write(head.SerializeToString())
     replacements = replacements or {}
     for tensor in model.graph.initializer:
@@ -172,19 +172,9 @@ def write_streamed(model: onnx.ModelProto, f, replacements: "dict[str, np.ndarra
             continue
         raw = memoryview(np.ascontiguousarray(value)).cast("B")
         if _has_fields_after_raw_data(tensor):  # rare: split the other fields around raw_data
-            low = onnx.TensorProto()
-            low.CopyFrom(tensor)
-            low.ClearField("raw_data")
-            high = onnx.TensorProto()
-            for field, content in low.ListFields():  # protobuf writes fields in number order
-                if field.number > _RAW_DATA_FIELD:
-                    if field.is_repeated:
-                        getattr(high, field.name).extend(content)
-                    elif field.type == field.TYPE_MESSAGE:
-                        getattr(high, field.name).CopyFrom(content)
-                    else:
-                        setattr(high, field.name, content)
-                    low.ClearField(field.name)
+            low, high = onnx.TensorProto(), onnx.TensorProto()  # protobuf writes fields in number order
+            _copy_fields(tensor, low, lambda field: field.number < _RAW_DATA_FIELD)
+            _copy_fields(tensor, high, lambda field: field.number > _RAW_DATA_FIELD)
         else:
             tensor.ClearField("raw_data")  # stale: the replacement is written in its place
             low, high = tensor, None
@@ -242,9 +232,10 @@ def materialize(model: onnx.ModelProto, replacements: "dict[str, np.ndarray] | N
             tensor.raw_data = np.ascontiguousarray(value).tobytes()
 
 
-def _copy_except(src, dst, skip: str) -> None:
+def _copy_fields(src, dst, keep) -> None:
+    """Copy the fields of message ``src`` for which ``keep(field_descriptor)`` holds into ``dst``."""
     for field, value in src.ListFields():
-        if field.name == skip:
+        if not keep(field):
             continue
         if field.is_repeated:
             getattr(dst, field.name).extend(value)

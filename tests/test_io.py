@@ -1,0 +1,88 @@
+"""Loading and saving: the streamed writer, pending replacements, atomic writes, and a library that prints nothing."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+import bnfold
+from bnfold.errors import InputError
+from bnfold.onnx.fold import fold_file, fold_onnx
+from bnfold.onnx.io import load_model, load_model_with_info, save_model, write_streamed
+
+RESNET = Path(__file__).resolve().parents[1] / "sample_models" / "resnet_small.onnx"
+
+
+def _with_odd_fields() -> onnx.ModelProto:
+    model = onnx.load(str(RESNET))
+    first = model.graph.initializer[0]
+    first.doc_string = "fields numbered after raw_data"
+    first.metadata_props.add(key="k", value="v")
+    return model
+
+
+def test_streamed_bytes_parse_to_the_same_model():
+    model = _with_odd_fields()
+    buffer = io.BytesIO()
+    write_streamed(model, buffer)
+    assert onnx.ModelProto.FromString(buffer.getvalue()) == model
+
+
+@pytest.mark.parametrize("which", [0, 1, -1])
+def test_replacements_give_the_same_bytes_as_materialized(which):
+    model = _with_odd_fields()
+    tensor = model.graph.initializer[which]
+    new = np.random.default_rng(0).standard_normal(tuple(tensor.dims)).astype(np.float32)
+    expected_model = onnx.ModelProto()
+    expected_model.CopyFrom(model)
+    expected_model.graph.initializer[which].raw_data = new.tobytes()
+    expected = io.BytesIO()
+    write_streamed(expected_model, expected)
+    actual = io.BytesIO()
+    write_streamed(model, actual, {tensor.name: new})
+    assert actual.getvalue() == expected.getvalue()
+    assert onnx.ModelProto.FromString(actual.getvalue()) == expected_model
+
+
+def test_save_is_atomic_and_deterministic(tmp_path):
+    model = onnx.load(str(RESNET))
+    save_model(model, tmp_path / "a.onnx")
+    save_model(model, tmp_path / "b.onnx")
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.onnx", "b.onnx"]  # no temporary left behind
+    assert onnx.load(str(tmp_path / "a.onnx")) == model
+    with pytest.raises(InputError, match="does not exist"):
+        save_model(model, tmp_path / "missing" / "c.onnx")
+
+
+def test_fold_file_matches_fold_onnx_byte_for_byte(tmp_path):
+    report = fold_file(RESNET, tmp_path / "streamed.onnx")
+    folded, report2 = fold_onnx(str(RESNET))
+    save_model(folded, tmp_path / "materialized.onnx")
+    assert report.to_dict() == report2.to_dict() and report.bn_after == 0
+    assert (tmp_path / "streamed.onnx").read_bytes() == (tmp_path / "materialized.onnx").read_bytes()
+
+
+def test_load_reads_memory_mapped_file_without_changing_it(tmp_path):
+    path = tmp_path / "m.onnx"
+    path.write_bytes(RESNET.read_bytes())
+    before = path.stat().st_mtime_ns, path.read_bytes()
+    model, external = load_model_with_info(path)
+    assert model == onnx.load(str(RESNET)) and external is False
+    assert (path.stat().st_mtime_ns, path.read_bytes()) == before
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    with pytest.raises(InputError, match="empty"):
+        load_model(tmp_path / "empty.onnx")
+
+
+def test_library_prints_nothing(capfd, tmp_path):
+    folded, report = bnfold.fold_onnx(str(RESNET))
+    result = bnfold.verify(str(RESNET), folded, providers=["cpu"])
+    fold_file(RESNET, tmp_path / "o.onnx")
+    assert result and report.bn_after == 0
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
