@@ -23,16 +23,6 @@ PER_SAMPLE_NORMS = {
 _MUL_ADD = AffineAfterLinear.sources
 
 
-def count_batchnorms(graph: onnx.GraphProto) -> int:
-    total = 0
-    for node in graph.node:
-        if node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx"):
-            total += 1
-        if node.attribute:
-            total += sum(count_batchnorms(g) for _, g in subgraphs(node))
-    return total
-
-
 def select_rules(skip: Iterable[str] = ()) -> list[Rule]:
     skip = set(skip)
     unknown = skip - set(RULE_NAMES)
@@ -54,6 +44,8 @@ def fold_model(model: onnx.ModelProto, rules: list[Rule],
     for function in model.functions:
         for node in function.node:
             if node.op_type == "BatchNormalization":
+                report.bn_before += 1
+                report.bn_after += 1
                 report.skipped.append(Skip(node_label(node), "inside model-local function "
                                            f"{function.domain}.{function.name}: functions are left as they are"))
     if replacements is None:
