@@ -1207,6 +1207,34 @@ def test_conv_bn_in_loop_body():
     assert report.folded[0].graph == "Loop_0.body"
 
 
+def test_gemm_bn_in_scan_body():
+    # The float64 reference has no Scan: the original runs in onnxruntime, which is independent of bnfold.
+    net = Net(seed=63)
+    xs = net.input("xs", [4, 2, 5])  # 4 steps of [N=2, K=5]
+    body = Net(seed=64)
+    g = body.node("Gemm", ["x_t", body.weight("W", [5, 3]), body.weight("C", [3])])
+    body.bn(g, 3, "y_t")
+    body.node("Identity", ["s_in"], "s_out")
+    graph = helper.make_graph(
+        body.nodes, "body",
+        [helper.make_tensor_value_info("s_in", TP.FLOAT, [1]), helper.make_tensor_value_info("x_t", TP.FLOAT, [2, 5])],
+        [helper.make_tensor_value_info("s_out", TP.FLOAT, [1]), helper.make_tensor_value_info("y_t", TP.FLOAT, [2, 3])],
+        body.inits)
+    s0 = net.init("s0", np.zeros(1, np.float32))
+    net.nodes.append(helper.make_node("Scan", [s0, xs], ["s_final", "ys"], name="Scan_0", body=graph,
+                                      num_scan_inputs=1))
+    net.output("ys", [4, 2, 3])
+    model = net.model()
+    folded, report = bnfold.fold_onnx(model)
+    onnx.checker.check_model(folded, full_check=True)
+    assert [(f.rule, f.graph) for f in report.folded] == [("gemm-bn", "Scan_0.body")]
+    assert report.bn_before == 1 and report.bn_after == 0
+    body_ops = [n.op_type for n in folded.graph.node[0].attribute[0].g.node]
+    assert "BatchNormalization" not in body_ops
+    feeds = random_feeds(model)
+    assert_close(run_ort(folded, feeds), run_ort(model, feeds), 1e-5)
+
+
 def test_default_epsilon_is_the_float32_attribute_value():
     # ONNX float attributes are float32: an absent epsilon means float32(1e-5), as onnxruntime and the
     # reference use. With a small variance the difference to the double 1e-5 is visible in a float64 model.
