@@ -49,6 +49,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from bnfold.errors import InputError
+from bnfold.onnx.graph import all_names, unique_name
 from bnfold.report import OutputComparison, ProviderResult, VerifyReport
 
 __all__ = ["verify", "available_providers", "default_tolerances", "make_inputs", "compare_arrays"]
@@ -458,12 +459,12 @@ def _float_outputs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, s
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     graph = copy.graph
-    taken = _all_names(graph)
+    taken = all_names(graph, set())
     renamed = {}
     for i in bf16:
         vi = graph.output[i]
         old = vi.name
-        new = _unique(f"{old}__bnfold_float32", taken)
+        new = unique_name(f"{old}__bnfold_float32", taken)
         graph.node.append(helper.make_node("Cast", [old], [new], to=TensorProto.FLOAT, name=new))
         vi.name = new
         vi.type.tensor_type.elem_type = TensorProto.FLOAT
@@ -726,21 +727,3 @@ def _walk_model(model: onnx.ModelProto, tensor, type_, dtype_attr) -> None:
         for vi in f.value_info:
             type_(vi.type)
         nodes(f.node)
-
-
-def _all_names(graph: onnx.GraphProto) -> set[str]:
-    names = {vi.name for vi in (*graph.input, *graph.output, *graph.value_info)}
-    names |= {t.name for t in graph.initializer}
-    for node in graph.node:
-        names.update(node.input)
-        names.update(node.output)
-        names.add(node.name)
-    return names
-
-
-def _unique(base: str, taken: set[str]) -> str:
-    name, i = base, 1
-    while name in taken:
-        name, i = f"{base}_{i}", i + 1
-    taken.add(name)
-    return name

@@ -78,14 +78,25 @@ def free_names(graph: onnx.GraphProto) -> set[str]:
     return used - defined
 
 
+def unique_name(base: str, taken: set[str]) -> str:
+    """``base``, or ``base_1``, ``base_2``... whichever is not in ``taken``; the name is added to ``taken``."""
+    name, i = base, 1
+    while name in taken:
+        name, i = f"{base}_{i}", i + 1
+    taken.add(name)
+    return name
+
+
 def all_names(graph: onnx.GraphProto, into: set[str]) -> set[str]:
-    """Every value name in a graph and its subgraphs (new names must avoid all of them)."""
+    """Every value and node name in a graph and its subgraphs (new names must avoid all of them)."""
     into.update(i.name for i in graph.input)
     into.update(t.name for t in graph.initializer)
     into.update(o.name for o in graph.output)
+    into.update(v.name for v in graph.value_info)
     for node in graph.node:
         into.update(node.input)
         into.update(node.output)
+        into.add(node.name)
         for _, g in subgraphs(node):
             all_names(g, into)
     return into
@@ -109,12 +120,7 @@ class ModelContext:
     def unique_name(self, base: str) -> str:
         if self._names is None:  # built on first need: most folds rewrite tensors in place and name nothing
             self._names = all_names(self.model.graph, set())
-        name, i = base, 1
-        while name in self._names:
-            name = f"{base}_{i}"
-            i += 1
-        self._names.add(name)
-        return name
+        return unique_name(base, self._names)
 
     def inferred_shapes(self) -> dict[str, list[int | str | None]]:
         """Shapes from ONNX shape inference, run once on a copy that leaves large tensors behind."""
