@@ -61,11 +61,16 @@ def _parse_file(path: Path) -> onnx.ModelProto:
     Reading the file into a bytes object first (as onnx.load does) costs a second copy of the whole model in fresh
     memory; parsing from the mapped page cache is several times faster and the file is never writable.
     """
+    model = onnx.ModelProto()
     with open(path, "rb") as f:
         if os.fstat(f.fileno()).st_size == 0:
             raise InputError(f"{path}: empty file")
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-            model = onnx.ModelProto()
+        try:
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError):  # not mappable (a pipe, some network file systems): read it
+            model.ParseFromString(f.read())
+            return model
+        with mapped:
             view = memoryview(mapped)
             try:
                 model.ParseFromString(view)
