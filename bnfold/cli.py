@@ -99,19 +99,58 @@ def cli() -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random verification inputs.")
 @click.option("--simplify", is_flag=True, help="Run onnxsim first (with its own BN fusion off).")
 def fold_command(model, output, as_json, no_verify, providers, input_shapes, skip, atol, rtol, seed, simplify):
-    """Fold BatchNormalization in MODEL (an .onnx file) and write the folded model."""
-    import onnx
-
-    from .onnx.fold import fold_model, select_rules
-    from .onnx.io import load_model_with_info, save_model
-
+    """Fold BatchNormalization in MODEL (an .onnx file, or a torch.export .pt2 program) and write the result."""
     shapes = _parse_shapes(input_shapes)
     provider_names = _parse_providers(providers)
-    output = output or _default_output(model)
+    if model.suffix.lower() == ".pt2":
+        if input_shapes or skip or simplify:
+            raise click.UsageError("--input-shape, --skip and --simplify apply to ONNX models, not .pt2 programs")
+        output = output or model.with_name(model.name[:-4] + ".folded.pt2")
+        _check_output(output)
+        report, verification, write = _fold_program(model, output, no_verify, provider_names, atol, rtol, seed)
+    else:
+        output = output or _default_output(model)
+        _check_output(output)
+        report, verification, write = _fold_onnx(model, output, no_verify, provider_names, shapes, skip, atol,
+                                                 rtol, seed, simplify)
+    if verification is not None and provider_names is not None:
+        missing = [name for name, r in verification.providers.items() if not r.available]
+        if missing:
+            raise InputError(f"requested provider {', '.join(missing)} is not available: "
+                             f"{verification.providers[missing[0]].reason}")
+    passed = verification is None or verification.passed
+    written = None
+    if passed:
+        write()
+        written = str(output)
+        _log(f"wrote {output}")
+    else:
+        _log("verification FAILED: no output written")
+
+    if as_json:
+        payload = {"input": str(model), "output": written, **report.to_dict(),
+                   "verify": verification.to_dict() if verification is not None else None}
+        click.echo(json.dumps(payload, indent=2, sort_keys=False))
+    else:
+        lines = report.summary_lines()
+        lines += verification.summary_lines() if verification is not None else ["verify: skipped (--no-verify)"]
+        lines.append(f"output: {written}" if written else "output: not written (verification failed)")
+        click.echo("\n".join(lines))
+    sys.exit(ExitCode.OK if passed else ExitCode.CHECK_FAILED)
+
+
+def _check_output(output: Path) -> None:
     if output.exists() and output.is_dir():
         raise InputError(f"{output}: output is a directory")
     if not output.parent.is_dir() and str(output.parent):
         raise InputError(f"{output}: output directory {output.parent} does not exist")
+
+
+def _fold_onnx(model, output, no_verify, provider_names, shapes, skip, atol, rtol, seed, simplify):
+    import onnx
+
+    from .onnx.fold import fold_model, select_rules
+    from .onnx.io import load_model_with_info, save_model
 
     rules = select_rules(skip)
     original, external_data = load_model_with_info(model)
@@ -128,7 +167,6 @@ def fold_command(model, output, as_json, no_verify, providers, input_shapes, ski
     pending = {} if no_verify else None
     report = fold_model(folded, rules, pending)
     _log(f"{model}: {len(report.folded)} folds, BatchNormalization {report.bn_before} -> {report.bn_after}")
-
     verification = None
     if not no_verify:
         from .verify import verify
@@ -136,31 +174,32 @@ def fold_command(model, output, as_json, no_verify, providers, input_shapes, ski
         _log("verifying in onnxruntime (graph optimizations disabled)...")
         verification = verify(original, folded, providers=provider_names, input_shapes=shapes or None,
                               atol=atol, rtol=rtol, seed=seed)
-        if provider_names is not None:
-            missing = [name for name, r in verification.providers.items() if not r.available]
-            if missing:
-                raise InputError(f"requested provider {', '.join(missing)} is not available: "
-                                 f"{verification.providers[missing[0]].reason}")
+    return report, verification, lambda: save_model(folded, output, external_data=external_data or None,
+                                                    replacements=pending)
 
-    passed = verification is None or verification.passed
-    written = None
-    if passed:
-        save_model(folded, output, external_data=external_data or None, replacements=pending)
-        written = str(output)
-        _log(f"wrote {output}")
-    else:
-        _log("verification FAILED: no output written")
 
-    if as_json:
-        payload = {"input": str(model), "output": written, **report.to_dict(),
-                   "verify": verification.to_dict() if verification is not None else None}
-        click.echo(json.dumps(payload, indent=2, sort_keys=False))
-    else:
-        lines = report.summary_lines()
-        lines += verification.summary_lines() if verification is not None else ["verify: skipped (--no-verify)"]
-        lines.append(f"output: {written}" if written else "output: not written (verification failed)")
-        click.echo("\n".join(lines))
-    sys.exit(ExitCode.OK if passed else ExitCode.CHECK_FAILED)
+def _fold_program(model, output, no_verify, provider_names, atol, rtol, seed):
+    try:
+        import torch
+    except ImportError:
+        raise InputError(".pt2 programs need PyTorch: pip install 'bnfold[torch]'") from None
+    from .torch.export import fold_exported, load_program, save_program
+
+    program = load_program(model)
+    folded, report = fold_exported(program)
+    _log(f"{model}: {len(report.folded)} folds, BatchNorm {report.bn_before} -> {report.bn_after}")
+    verification = None
+    if not no_verify:
+        from .torch.verify import verify
+
+        _log("verifying in torch (the exported example inputs and seeded random ones like them)...")
+        args = tuple(program.example_inputs[0]) if program.example_inputs is not None else ()
+        generator = torch.Generator().manual_seed(seed)
+        fresh = tuple(torch.randn(a.shape, generator=generator, dtype=a.dtype) if a.is_floating_point() else a
+                      for a in args)
+        verification = verify(program.module(), folded.module(), [args, fresh], devices=provider_names,
+                              atol=atol, rtol=rtol)
+    return report, verification, lambda: save_program(folded, output)
 
 
 def main(argv: list[str] | None = None) -> None:
