@@ -1,0 +1,92 @@
+"""torch.export programs: bnfold.torch.export.fold_exported and `bnfold MODEL.pt2`."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="the .pt2 path needs torch (installed by `make test` and .ci/run)")
+from torch import nn  # noqa: E402
+
+from bnfold.torch.export import fold_exported, load_program, save_program  # noqa: E402
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.ConvTranspose2d(8, 4, 2, stride=2, groups=2), nn.BatchNorm2d(4, affine=False),
+        nn.BatchNorm2d(4), nn.Conv2d(4, 6, 1),
+        nn.Flatten(), nn.BatchNorm1d(6 * 12 * 12), nn.Linear(6 * 12 * 12, 5), nn.BatchNorm1d(5))
+    for bn in model.modules():
+        if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.3, 2.0)
+            if bn.affine:
+                bn.weight.data.uniform_(0.5, 1.5)
+                bn.bias.data.normal_(0, 0.3)
+    return model.eval()
+
+
+def _program(model, dynamic=True):
+    x = torch.randn(2, 3, 8, 8)
+    shapes = ({0: torch.export.Dim("batch", min=2, max=64)},) if dynamic else None
+    return torch.export.export(model, (x,), dynamic_shapes=shapes)
+
+
+def test_fold_exported_matches_float64_reference_and_keeps_dynamic_batch():
+    model = _model()
+    folded, report = fold_exported(_program(model))
+    assert report.bn_before == 5 and report.bn_after == 0
+    assert {f.rule for f in report.folded} == {"conv-bn", "convtranspose-bn", "bn-linear", "linear-bn"}
+    ops = [str(n.target) for n in folded.graph.nodes if n.op == "call_function"]
+    assert not any("batch_norm" in op for op in ops)
+    reference = copy.deepcopy(model).double()
+    for batch in (2, 7):  # 7: a batch size the example never had, so the dimension must still be dynamic
+        x = torch.randn(batch, 3, 8, 8)
+        with torch.no_grad():
+            expected = reference(x.double())
+        got = folded.module()(x).double()
+        assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+    names = set(folded.state_dict)
+    assert {"0.weight", "0.bias"} <= names  # folded weights keep their names; BN tensors are gone
+    assert not any(name.startswith(("1.", "4.", "5.", "8.", "10.")) for name in names)
+
+
+def test_cli_pt2_round_trip_and_errors(tmp_path):
+    model = _model()
+    path = tmp_path / "net.pt2"
+    save_program(_program(model, dynamic=False), path)
+    before = path.read_bytes()
+
+    def run(*args):
+        proc = subprocess.run([sys.executable, "-m", "bnfold", *map(str, args)], capture_output=True, text=True)
+        assert "Traceback" not in proc.stderr
+        return proc
+
+    proc = run(path, "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["bn_after"] == 0 and report["verify"]["cpu"]["passed"]
+    out = tmp_path / "net.folded.pt2"
+    assert report["output"] == str(out) and path.read_bytes() == before
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        expected = copy.deepcopy(model).double()(x.double())
+    got = load_program(out).module()(x).double()
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+    failed = run(path, "-o", tmp_path / "never.pt2", "--atol", "0", "--rtol", "0", "--json")
+    assert failed.returncode == 1 and json.loads(failed.stdout)["output"] is None
+    assert not (tmp_path / "never.pt2").exists()
+
+    (tmp_path / "bad.pt2").write_bytes(b"not a zip archive")
+    for args in ((tmp_path / "bad.pt2",), (path, "--skip", "conv-bn"), (tmp_path / "missing.pt2",)):
+        proc = run(*args)
+        assert proc.returncode == 2
+        assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("bnfold: error:")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pt2", "net.folded.pt2", "net.pt2"]
