@@ -265,7 +265,8 @@ def _rank(node: fx.Node) -> int | None:
 def _own_copy(gm: fx.GraphModule, modules: dict, node: fx.Node) -> nn.Module:
     """The module this call site runs, copied under a new name when it is also called elsewhere."""
     layer = modules[node.target]
-    if _call_sites(gm, modules, layer) == 1 and sum(m is layer for m in modules.values()) == 1:
+    registered = sum(m is layer for _, m in gm.named_modules(remove_duplicate=False))
+    if _call_sites(gm, modules, layer) == 1 and registered == 1:
         return layer
     base, i = f"{node.target.replace('.', '_')}_bnfold", 0
     name = base
