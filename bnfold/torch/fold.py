@@ -46,7 +46,11 @@ def fold_module(module: nn.Module, example_inputs=None, *, inplace: bool = False
             raise InputError("the module is in training mode (BatchNorm would use batch statistics): call .eval() "
                              "first, or pass allow_train=True to fold an eval-mode copy")
         inplace = False
-    work = module if inplace else copy.deepcopy(module)
+    try:
+        work = module if inplace else copy.deepcopy(module)
+    except Exception as exc:  # e.g. legacy weight_norm tensors refuse deepcopy
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"the module can not be copied ({reason[:160]}); pass inplace=True to fold it in place") from None
     work.eval()
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
@@ -262,11 +266,34 @@ def _rank(node: fx.Node) -> int | None:
     return None if shape is None else len(shape)
 
 
+def _hooked(module: nn.Module) -> str:
+    """Why the module's call is more than its forward (hooks, weight parametrizations), or ''."""
+    from torch.nn.utils import parametrize
+
+    if parametrize.is_parametrized(module):
+        return "its weight is computed by a parametrization"
+    if module._forward_pre_hooks or module._forward_hooks or getattr(module, "_forward_hooks_with_kwargs", None):
+        return "it has forward hooks (e.g. legacy weight_norm) that would see different values"
+    return ""
+
+
+def _shared_elsewhere(gm: fx.GraphModule, modules: dict, node: fx.Node, layer: nn.Module) -> bool:
+    """Whether anything but this call site runs the layer or reads its tensors."""
+    if _call_sites(gm, modules, layer) != 1:
+        return True
+    if sum(m is layer for _, m in gm.named_modules(remove_duplicate=False)) != 1:
+        return True
+    own = {id(p) for p in layer.parameters(recurse=False)}
+    if sum(id(p) in own for _, p in gm.named_parameters(remove_duplicate=False)) != len(own):
+        return True  # a parameter tied to another module
+    prefix = f"{node.target}."
+    return any(n.op == "get_attr" and str(n.target).startswith(prefix) for n in gm.graph.nodes)
+
+
 def _own_copy(gm: fx.GraphModule, modules: dict, node: fx.Node) -> nn.Module:
-    """The module this call site runs, copied under a new name when it is also called elsewhere."""
+    """The module this call site runs, copied under a new name when anything else runs it or reads its tensors."""
     layer = modules[node.target]
-    registered = sum(m is layer for _, m in gm.named_modules(remove_duplicate=False))
-    if _call_sites(gm, modules, layer) == 1 and registered == 1:
+    if not _shared_elsewhere(gm, modules, node, layer):
         return layer
     base, i = f"{node.target.replace('.', '_')}_bnfold", 0
     name = base
@@ -302,6 +329,9 @@ def _fold_after(gm, modules, node: fx.Node, affine: _Affine) -> Fold | str:
     if kind is None:
         return ""
     label = f"{type(layer).__name__} '{source.target}'"
+    hooked = _hooked(layer) or _hooked(modules[node.target])
+    if hooked:
+        return f"not folded into {label}: {hooked}"
     if len(source.users) != 1:
         return f"the output of {label} is also used elsewhere ({len(source.users)} users)"
     if len(source.args) != 1 or source.kwargs:
@@ -375,6 +405,9 @@ def _fold_before(gm, modules, node: fx.Node, affine: _Affine) -> Fold | str:
     if kind == "convtranspose" or _single_tensor_arg(consumer) is not reads:
         return ""
     label = f"{type(layer).__name__} '{consumer.target}'"
+    hooked = _hooked(layer) or _hooked(modules[node.target])
+    if hooked:
+        return f"not folded into {label}: {hooked}"
     s, t = affine.s, affine.t
     if kind == "conv":
         if _pads(layer):
@@ -442,7 +475,7 @@ def _fold_sequential(root: nn.Module, example_inputs, report: FoldReport) -> Non
             except FoldRefused:
                 continue
             _write(layer, new_w, new_b)
-            seq._modules[second] = nn.Identity()
+            seq._modules[second] = nn.Identity().eval()
             folded_ids.add(id(norm))
             prefix = f"{seq_name}." if seq_name else ""
             report.folded.append(Fold(prefix + second, prefix + first, f"{kind}-bn"))
