@@ -68,11 +68,22 @@ def fold_module(module: nn.Module, example_inputs=None, *, inplace: bool = False
         from torch.fx.passes.shape_prop import ShapeProp
 
         with torch.no_grad():
-            ShapeProp(graph_module).propagate(*example_inputs)
+            _run_example(lambda: ShapeProp(graph_module).propagate(*example_inputs))
     _fold_graph(graph_module, report)
     graph_module.graph.lint()
     graph_module.recompile()
     return graph_module, report
+
+
+def _run_example(run) -> None:
+    """Run the example inputs through the module; inputs it can not take are the caller's error."""
+    try:
+        run()
+    except Exception as exc:
+        cause = exc.__cause__ or exc  # ShapeProp wraps the module's own error
+        text = str(cause).strip().splitlines()
+        raise InputError(f"example_inputs do not run through the module ({type(cause).__name__}: "
+                         f"{text[0][:200] if text else ''})") from None
 
 
 # ---- normalizations -----------------------------------------------------------------------------------------
@@ -498,7 +509,7 @@ def _observed_ranks(root: nn.Module, example_inputs) -> dict[int, set[int]]:
                 lambda mod, args, out: seen.setdefault(id(mod), set()).add(out.dim())))
     try:
         with torch.no_grad():
-            root(*example_inputs)
+            _run_example(lambda: root(*example_inputs))
     finally:
         for h in hooks:
             h.remove()

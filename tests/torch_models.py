@@ -1,0 +1,552 @@
+"""PyTorch test models and helpers for tests/test_torch_fold.py.
+
+Nothing here imports bnfold: the models, the BN randomisation and the float64 reference (the ORIGINAL module,
+deep-copied, converted to float64 and put in eval mode) are independent of the code under test.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
+
+
+# ================================================================================== frozen BatchNorm
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """Like torchvision.ops.FrozenBatchNorm2d: statistics and affine parameters are BUFFERS, not parameters."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.reshape(1, -1, 1, 1)
+        b = self.bias.reshape(1, -1, 1, 1)
+        rv = self.running_var.reshape(1, -1, 1, 1)
+        rm = self.running_mean.reshape(1, -1, 1, 1)
+        scale = w * (rv + self.eps).rsqrt()
+        bias = b - rm * scale
+        return x * scale + bias
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+BN_TYPES = (_BatchNorm, FrozenBatchNorm2d)
+
+
+def is_bn(module: nn.Module) -> bool:
+    return isinstance(module, BN_TYPES)
+
+
+def bn_names(module: nn.Module) -> list[str]:
+    """Qualified names of every BN-like submodule (used or not)."""
+    return [name for name, m in module.named_modules() if is_bn(m)]
+
+
+def count_bn_used(module: nn.Module) -> int:
+    """BN layers the module actually runs: call sites in a torch.fx graph, else BN-like submodules."""
+    if isinstance(module, torch.fx.GraphModule):
+        n = 0
+        for node in module.graph.nodes:
+            if node.op == "call_module" and is_bn(module.get_submodule(node.target)):
+                n += 1
+            elif node.op == "call_function" and node.target in (F.batch_norm, torch.batch_norm):
+                n += 1
+        return n
+    return len(bn_names(module))
+
+
+def randomize_bn(module: nn.Module, seed: int = 0, *, scale: float = 1.0) -> nn.Module:
+    """Give every BN non-trivial statistics and affine parameters (negative scales included)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if not is_bn(m):
+                continue
+            c = m.running_mean.shape[0] if m.running_mean is not None else m.num_features
+            dt = next((t.dtype for t in (getattr(m, "weight", None), m.running_mean) if t is not None), torch.float32)
+            if m.running_mean is not None:
+                m.running_mean.copy_((torch.randn(c, generator=g) * 0.5).to(dt))
+                m.running_var.copy_((torch.rand(c, generator=g) * 1.5 + 0.5).to(dt))
+            if getattr(m, "weight", None) is not None:
+                sign = torch.where(torch.rand(c, generator=g) < 0.2, -1.0, 1.0)
+                m.weight.copy_((sign * (torch.rand(c, generator=g) + 0.5) * scale).to(dt))
+                m.bias.copy_((torch.randn(c, generator=g) * 0.5).to(dt))
+    return module
+
+
+def reference(module: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
+    """The ORIGINAL module run in float64 in eval mode on a deep copy: the independent ground truth."""
+    ref = copy.deepcopy(module).double().eval()
+    with torch.no_grad():
+        return ref(*[x.double() for x in inputs])
+
+
+def assert_close_to_ref(out: torch.Tensor, ref: torch.Tensor, rtol: float = 1e-4, what: str = "") -> float:
+    """|out - ref| <= rtol * max|ref| (tolerance relative to the output scale); returns the relative error."""
+    assert out.shape == ref.shape, f"{what} shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    o = out.detach().double()
+    assert torch.isfinite(o).all(), f"{what} output has non-finite values"
+    err = (o - ref).abs().max().item()
+    scale = max(ref.abs().max().item(), 1e-6)
+    assert err <= rtol * scale, f"{what} max abs error {err:.3g} > {rtol:g} * output scale {scale:.3g}"
+    return err / scale
+
+
+def snapshot(module: nn.Module) -> dict:
+    """Everything fold_module(inplace=False) must leave untouched."""
+    return {
+        "state": {k: v.detach().clone() for k, v in module.state_dict().items()},
+        "dtypes": {k: v.dtype for k, v in module.state_dict().items()},
+        "training": {n: m.training for n, m in module.named_modules()},
+        "types": {n: type(m) for n, m in module.named_modules()},
+        "param_ids": {n: id(p) for n, p in module.named_parameters()},
+    }
+
+
+def assert_unchanged(module: nn.Module, snap: dict) -> None:
+    now = snapshot(module)
+    assert now["types"] == snap["types"], "module structure changed"
+    assert now["training"] == snap["training"], "training flags changed"
+    assert now["param_ids"] == snap["param_ids"], "parameters were replaced"
+    assert now["state"].keys() == snap["state"].keys(), "state_dict keys changed"
+    assert now["dtypes"] == snap["dtypes"], "state_dict dtypes changed"
+    for k, v in snap["state"].items():
+        assert torch.equal(now["state"][k], v), f"state_dict[{k!r}] changed"
+
+
+# ================================================================================== small pair models
+
+
+class Seq(nn.Sequential):
+    """An nn.Sequential under a different name (so tests can tell it from bnfold's own Sequentials)."""
+
+
+class ConvBN(nn.Module):
+    def __init__(self, conv: nn.Module, bn: nn.Module):
+        super().__init__()
+        self.conv = conv
+        self.bn = bn
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+class BNConv(nn.Module):
+    def __init__(self, bn: nn.Module, conv: nn.Module):
+        super().__init__()
+        self.bn = bn
+        self.conv = conv
+
+    def forward(self, x):
+        return self.conv(self.bn(x))
+
+
+class BNFlattenLinear(nn.Module):
+    """BN2d -> flatten (nn.Flatten or torch.flatten(x, 1)) -> Linear."""
+
+    def __init__(self, c: int, hw: int, out: int, functional: bool, bias: bool = True):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(c)
+        self.flatten = None if functional else nn.Flatten()
+        self.fc = nn.Linear(c * hw, out, bias=bias)
+        self.functional = functional
+
+    def forward(self, x):
+        x = self.bn(x)
+        x = torch.flatten(x, 1) if self.functional else self.flatten(x)
+        return self.fc(x)
+
+
+class ConvTwice(nn.Module):
+    """One conv called twice; only the first call feeds a BN."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x, y):
+        return self.bn(self.conv(x)) + self.conv(y)
+
+
+class LinearTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 5)
+        self.bn = nn.BatchNorm1d(5)
+
+    def forward(self, x):
+        return torch.relu(self.fc(x)) - self.bn(self.fc(x * 2))
+
+
+class ConvOutputReused(nn.Module):
+    """The conv output feeds the BN AND a residual add: the BN can not be folded into the conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return torch.relu(self.bn(y)) + y
+
+
+class BNOutputReused(nn.Module):
+    """The BN output feeds the conv AND the return value: the BN must stay for the second user."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(4)
+        self.conv = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        z = self.bn(x)
+        return self.conv(z) + z
+
+
+class LinearOverLastAxis(nn.Module):
+    """Linear over L on [N, C, L] followed by BatchNorm1d(C) over axis 1: NOT a linear-bn fold (C == L)."""
+
+    def __init__(self, n: int = 6):
+        super().__init__()
+        self.fc = nn.Linear(n, n)
+        self.bn = nn.BatchNorm1d(n)
+
+    def forward(self, x):
+        return self.bn(self.fc(x))
+
+
+class BN1dThenLinearOverLastAxis(nn.Module):
+    """BatchNorm1d(C) on [N, C, L] then Linear over L: NOT a bn-linear fold (C == L)."""
+
+    def __init__(self, n: int = 6):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(n)
+        self.fc = nn.Linear(n, n)
+
+    def forward(self, x):
+        return self.fc(self.bn(x))
+
+
+# ================================================================================== whole models
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + identity)
+
+
+class ResNetLike(nn.Module):
+    """Stem conv-BN-ReLU-maxpool, residual blocks (one with a conv1x1+BN downsample shortcut), pool, fc.
+    10 BN layers, every one directly after a conv whose only consumer it is."""
+
+    def __init__(self, num_classes: int = 5):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.maxpool = nn.MaxPool2d(2)
+        self.layer1 = nn.Sequential(BasicBlock(8, 8), BasicBlock(8, 8))
+        self.layer2 = nn.Sequential(BasicBlock(8, 16, stride=2), BasicBlock(16, 16))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
+        x = self.layer2(self.layer1(x))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def conv_bn_relu(cin, cout, k, stride=1, groups=1):
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, groups=groups, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU6())
+
+
+class MobileNetLike(nn.Module):
+    """Depthwise-separable blocks (depthwise conv groups=C + pointwise conv, each with BN), global pool,
+    Flatten, BatchNorm1d on [N, C], then the classifier Linear (bn-linear)."""
+
+    def __init__(self, num_classes: int = 7):
+        super().__init__()
+        self.features = nn.Sequential(
+            conv_bn_relu(3, 8, 3, stride=2),
+            conv_bn_relu(8, 8, 3, groups=8), conv_bn_relu(8, 16, 1),
+            conv_bn_relu(16, 16, 3, stride=2, groups=16), conv_bn_relu(16, 24, 1),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.bn = nn.BatchNorm1d(24)
+        self.classifier = nn.Linear(24, num_classes)
+
+    def forward(self, x):
+        return self.classifier(self.bn(self.flatten(self.pool(self.features(x)))))
+
+
+class MLP(nn.Module):
+    """Linear-BN1d-ReLU twice (one Linear without bias), then a plain Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(10, 32), nn.BatchNorm1d(32), nn.ReLU(),
+            nn.Linear(32, 16, bias=False), nn.BatchNorm1d(16), nn.ReLU(),
+            nn.Linear(16, 4),
+        )
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class Decoder(nn.Module):
+    """ConvTranspose decoder: strided ConvTranspose-BN-ReLU, a grouped one, a depthwise one, a final projection."""
+
+    def __init__(self):
+        super().__init__()
+        self.up1 = nn.ConvTranspose2d(16, 8, 4, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.up2 = nn.ConvTranspose2d(8, 8, 3, stride=2, padding=1, output_padding=1, groups=2)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.up3 = nn.ConvTranspose2d(8, 8, 3, padding=1, groups=8)
+        self.bn3 = nn.BatchNorm2d(8)
+        self.out = nn.ConvTranspose2d(8, 3, 1)
+
+    def forward(self, z):
+        z = F.relu(self.bn1(self.up1(z)))
+        z = F.relu(self.bn2(self.up2(z)))
+        z = F.relu(self.bn3(self.up3(z)))
+        return torch.tanh(self.out(z))
+
+
+class ControlFlowNet(nn.Module):
+    """Data-dependent ``if`` in forward (torch.fx can not trace it). Conv-BN pairs inside nn.Sequential blocks
+    can still be folded; the conv/BN called directly from forward can not be proven adjacent."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.pos = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                                 nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8))
+        self.neg = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Tanh())
+        self.head = nn.Conv2d(8, 4, 1)
+        self.head_bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        flag = x.mean() > 0
+        x = self.stem(x)
+        if flag:
+            x = self.pos(x)
+        else:
+            x = self.neg(x)
+        return self.head_bn(self.head(x))
+
+
+class SharedConvControlFlow(nn.Module):
+    """Untraceable; the conv inside the Sequential is ALSO registered as ``self.side`` and called directly on the
+    other branch, where it must keep its original weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4))
+        self.side = self.block[0]
+
+    def forward(self, x):
+        if x.mean() > 0:
+            return self.block(x)
+        return self.side(x)
+
+
+# ================================================================================== adversarial data flow
+
+
+class ConvBNBN(nn.Module):
+    """Two BNs in a row after one conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(4, eps=0.05)
+        self.bn2 = nn.BatchNorm2d(4, eps=0.02)
+
+    def forward(self, x):
+        return self.bn2(self.bn1(self.conv(x)))
+
+
+class SharedBN(nn.Module):
+    """One BN module called at two sites: after a conv (foldable) and after a ReLU (not foldable)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4, eps=0.05)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + self.bn(torch.relu(x))
+
+
+class ConvTwoBNs(nn.Module):
+    """One conv called twice, each call followed by a different BN."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn_a = nn.BatchNorm2d(4, eps=0.05)
+        self.bn_b = nn.BatchNorm2d(4, eps=0.05)
+
+    def forward(self, x):
+        return self.bn_a(self.conv(x)) * self.bn_b(self.conv(x + 1))
+
+
+class ConvWeightReadElsewhere(nn.Module):
+    """The conv's weight is also read directly in forward (a get_attr outside the conv call)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4, eps=0.05)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + self.conv.weight.sum(dim=(1, 2, 3)).view(1, -1, 1, 1)
+
+
+class TiedLinear(nn.Module):
+    """Two Linear modules share ONE weight Parameter; only the first is followed by a BN."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(6, 6)
+        self.bn = nn.BatchNorm1d(6, eps=0.05)
+        self.fc2 = nn.Linear(6, 6)
+        self.fc2.weight = self.fc1.weight
+
+    def forward(self, x):
+        return self.bn(self.fc1(x)) + self.fc2(x)
+
+
+class ScaledBN(nn.BatchNorm2d):
+    """A BatchNorm2d subclass whose forward is NOT plain BN."""
+
+    def forward(self, x):
+        return super().forward(x) * 2.0 + 1.0
+
+
+class NotQuiteFrozenBN(FrozenBatchNorm2d):
+    """Looks like a frozen BN (same buffers, eps) but ignores its bias."""
+
+    def forward(self, x):
+        w = self.weight.reshape(1, -1, 1, 1)
+        rv = self.running_var.reshape(1, -1, 1, 1)
+        return x * (w * (rv + self.eps).rsqrt())
+
+
+class FlattenKeepChannels(nn.Module):
+    """BN2d(C) on [N, C, H, W], then a flatten that KEEPS the channel axis and a Linear over H*W (C == H*W):
+    the Linear contracts the spatial axis, not the BN channel axis: no bn-linear fold."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(4, eps=0.05)
+        self.flat = nn.Flatten(2) if how == "nn.Flatten(2)" else None
+        self.how = how
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = self.bn(x)
+        if self.how == "torch.flatten(x, 2)":
+            x = torch.flatten(x, 2)
+        elif self.how == "x.flatten(2)":
+            x = x.flatten(2)
+        elif self.how == "reshape":
+            x = x.reshape(x.shape[0], x.shape[1], -1)
+        else:
+            x = self.flat(x)
+        return self.fc(x)
+
+
+class LinearTransposeBN(nn.Module):
+    """Linear over the last axis of [N, L, C], transposed to [N, C, L], then BatchNorm1d(C): not adjacent."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(5, 6)
+        self.bn = nn.BatchNorm1d(6, eps=0.05)
+
+    def forward(self, x):
+        return self.bn(self.fc(x).transpose(1, 2))
+
+
+class ConvTransposeOutputSize(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, groups=2)
+        self.bn = nn.BatchNorm2d(6, eps=0.05)
+
+    def forward(self, x):
+        return self.bn(self.up(x, output_size=[x.shape[2] * 2, x.shape[3] * 2]))
+
+
+class UntraceableLinearBlocks(nn.Module):
+    """Untraceable. ``pos`` (taken by positive inputs) gets rank-2 input; ``neg`` (only taken by negative inputs)
+    is Linear over L on [N, C, L] then BatchNorm1d(C) with C == L: folding ``neg`` would be wrong."""
+
+    def __init__(self):
+        super().__init__()
+        self.pos = nn.Sequential(nn.Linear(6, 6), nn.BatchNorm1d(6, eps=0.05))
+        self.neg = nn.Sequential(nn.Linear(6, 6), nn.BatchNorm1d(6, eps=0.05))
+
+    def forward(self, x):  # x: [N, 6, 6]
+        if x.mean() > 0:
+            return self.pos(x.mean(dim=2)).unsqueeze(2) + x
+        return self.neg(x)
+
+
+class UntraceableMixedRanks(nn.Module):
+    """Untraceable; one Sequential(Linear, BatchNorm1d) called on rank-2 AND rank-3 inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Sequential(nn.Linear(6, 6), nn.BatchNorm1d(6, eps=0.05))
+
+    def forward(self, x):  # x: [N, 6, 6]
+        if x.mean() > -100:
+            return self.block(x) + self.block(x[:, :, 0]).unsqueeze(2)
+        return x
+
+
+class UntraceablePairs(nn.Module):
+    """Untraceable; Sequential(BN, Conv padding 0), Sequential(BN, Conv padding 1), Sequential(Conv, BN, BN)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.BatchNorm2d(3, eps=0.05), nn.Conv2d(3, 4, 3))
+        self.b = nn.Sequential(nn.BatchNorm2d(4, eps=0.05), nn.Conv2d(4, 4, 3, padding=1))
+        self.c = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4, eps=0.05), nn.BatchNorm2d(4, eps=0.02))
+
+    def forward(self, x):
+        x = self.c(self.b(self.a(x)))
+        if x.sum() > 1e9:
+            x = x * 0
+        return x
