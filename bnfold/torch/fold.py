@@ -494,8 +494,9 @@ def _fold_sequential(root: nn.Module, example_inputs, report: FoldReport) -> Non
         if id(m) not in folded_ids:
             reason = _as_affine(m)
             report.skipped.append(Skip(name, reason if isinstance(reason, str) else
-                                       "not provably adjacent to a linear layer (module not traceable by torch.fx)",
-                                       op_type=type(m).__name__))
+                                       "torch.fx could not trace the module, and this BatchNorm is not right after a "
+                                       "Conv/ConvTranspose/Linear in an nn.Sequential whose ranks are proven (the "
+                                       "only folds made without a trace)", op_type=type(m).__name__))
     report.bn_after += len(all_norms) - len(folded_ids)
 
 
