@@ -52,7 +52,8 @@ from bnfold.errors import InputError
 from bnfold.onnx.graph import all_names, unique_name
 from bnfold.report import OutputComparison, ProviderResult, VerifyReport
 
-__all__ = ["verify", "available_providers", "default_tolerances", "make_inputs", "compare_arrays"]
+__all__ = ["verify", "available_providers", "default_tolerances", "make_inputs", "compare_arrays",
+           "failed_comparison"]
 
 _PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 _SHORT = {full.lower(): short for short, full in _PROVIDERS.items()}
@@ -372,13 +373,13 @@ def _verify_on(
         dtype = _declared_dtype(vi)
         if name not in out_f:
             notes.append(f"folded model has no output '{name}'")
-            result.outputs.append(_failed_output(name, dtype, atol, rtol))
+            result.outputs.append(failed_comparison(name, dtype, atol, rtol))
             continue
         a, b = out_f[name], out_o[name]
         shape_a, shape_b = _shape_of(a), _shape_of(b)
         if shape_a != shape_b:
             notes.append(f"output '{name}' has shape {shape_a} in the folded model, {shape_b} in the original")
-            result.outputs.append(_failed_output(name, dtype, atol, rtol))
+            result.outputs.append(failed_comparison(name, dtype, atol, rtol))
             continue
         cmp = compare_arrays(name, b, a, atol=atol, rtol=rtol, dtype=dtype)
         dtype_f = _folded_dtype(folded, name)
@@ -476,15 +477,17 @@ def _folded_failed(
     short: str, original: onnx.ModelProto, reason: str, notes: list[str] | None = None
 ) -> ProviderResult:
     # A ProviderResult passes when all its outputs pass, so an unrunnable folded model needs failing outputs.
-    outputs = [_failed_output(vi.name, _declared_dtype(vi), None, None) for vi in original.graph.output]
+    outputs = [failed_comparison(vi.name, _declared_dtype(vi), None, None) for vi in original.graph.output]
     if not outputs:
         outputs = [OutputComparison("<model>", float("inf"), float("inf"), 0.0, 0.0, False)]
     return ProviderResult(short, reason="; ".join([*(notes or []), reason]), outputs=outputs)
 
 
-def _failed_output(name: str, dtype: str | None, atol: float | None, rtol: float | None) -> OutputComparison:
-    d_atol, d_rtol = _TOLERANCES.get(dtype or "", (0.0, 0.0))
-    is_float = (dtype or "") in _TOLERANCES
+def failed_comparison(name: str, dtype: str | None, atol: float | None, rtol: float | None) -> OutputComparison:
+    """An output that could not be compared (missing, other shape or dtype, a run that raised): an infinite
+    error, with the tolerances that would have applied to it."""
+    d_atol, d_rtol = default_tolerances(dtype) if dtype else (0.0, 0.0)
+    is_float = d_atol > 0 or d_rtol > 0
     return OutputComparison(
         name,
         float("inf"),

@@ -12,7 +12,6 @@ import itertools
 
 import ml_dtypes
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 from hypothesis import HealthCheck, given, settings

@@ -38,8 +38,8 @@ import torch
 from torch import nn
 
 from bnfold.errors import InputError
-from bnfold.report import OutputComparison, ProviderResult, VerifyReport
-from bnfold.verify import compare_arrays, default_tolerances
+from bnfold.report import ProviderResult, VerifyReport
+from bnfold.verify import compare_arrays, failed_comparison
 
 __all__ = ["verify", "benchmark", "TorchBenchmark", "Timing"]
 
@@ -120,9 +120,9 @@ def _verify_on(
     names = _ordered_names(outs_o)
     if failure:
         result.reason = failure
-        result.outputs = [_failed(n, _dtype_of(_first_value(outs_o, n)), atol, rtol) for n in names]
+        result.outputs = [failed_comparison(n, _dtype_of(_first_value(outs_o, n)), atol, rtol) for n in names]
         if not result.outputs:
-            result.outputs = [_failed("<module>", "", atol, rtol)]
+            result.outputs = [failed_comparison("<module>", "", atol, rtol)]
         return result
 
     notes: list[str] = []
@@ -152,7 +152,7 @@ def _verify_on(
             per_f.append(a_np)
         if problem:
             notes.append(problem)
-            result.outputs.append(_failed(out_name, dtype, atol, rtol))
+            result.outputs.append(failed_comparison(out_name, dtype, atol, rtol))
             continue
         result.outputs.append(compare_arrays(out_name, per_o, per_f, atol=atol, rtol=rtol, dtype=dtype))
 
@@ -163,23 +163,10 @@ def _verify_on(
                 notes.append(f"the folded module returns {out_name}, which the original does not"
                              f"{_on_batch(i, batches)}")
                 if out_name not in {c.name for c in result.outputs}:
-                    result.outputs.append(_failed(out_name, _dtype_of(value), atol, rtol))
+                    result.outputs.append(failed_comparison(out_name, _dtype_of(value), atol, rtol))
     result.reason = "; ".join(notes)
     return result
 
-
-def _failed(name: str, dtype: str, atol: float | None, rtol: float | None) -> OutputComparison:
-    d_atol, d_rtol = default_tolerances(dtype) if dtype else (0.0, 0.0)
-    is_float = d_atol > 0 or d_rtol > 0
-    return OutputComparison(
-        name,
-        float("inf"),
-        float("inf"),
-        float(atol) if atol is not None and is_float else d_atol,
-        float(rtol) if rtol is not None and is_float else d_rtol,
-        False,
-        dtype=dtype,
-    )
 
 
 # ------------------------------------------------------------------------------------------------- benchmark
