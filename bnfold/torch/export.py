@@ -178,15 +178,7 @@ def _fold_after(gm, bn: fx.Node, affine: _Affine, x, output: fx.Node) -> Fold | 
     reason = _prove_channel_axis(layer, layer.kind, _rank(x), affine)
     if reason:
         return reason
-    try:
-        new_w, new_b = _plan_after(layer, layer.kind, affine)
-    except FoldRefused as exc:
-        return str(exc)
-    _set_params(gm, x, new_w, new_b)
-    output.replace_all_uses_with(x)
-    for dead in (output, bn) if output is not bn else (bn,):
-        gm.graph.erase_node(dead)
-    return Fold(bn.name, x.name, f"{layer.kind}-bn")
+    return _commit(gm, bn, output, x, lambda: _plan_after(layer, layer.kind, affine), x, f"{layer.kind}-bn")
 
 
 def _fold_before(gm, bn: fx.Node, affine: _Affine, x, output: fx.Node) -> Fold | str:
@@ -219,15 +211,20 @@ def _fold_before(gm, bn: fx.Node, affine: _Affine, x, output: fx.Node) -> Fold |
         if features % s.shape[0]:
             return f"{label} reads {features} features, not a multiple of {s.shape[0]} channels"
         s, t = np.repeat(s, features // s.shape[0]), np.repeat(t, features // s.shape[0])
+    return _commit(gm, bn, output, consumer, lambda: _plan_before(layer, layer.kind, s, t), x, f"bn-{layer.kind}")
+
+
+def _commit(gm, bn: fx.Node, output: fx.Node, call: fx.Node, plan, replacement: fx.Node, rule: str) -> Fold | str:
+    """Do the math (a refusal leaves the graph as it was), then give the call its new tensors and drop the BN."""
     try:
-        new_w, new_b = _plan_before(layer, layer.kind, s, t)
+        new_w, new_b = plan()
     except FoldRefused as exc:
         return str(exc)
-    _set_params(gm, consumer, new_w, new_b)
-    output.replace_all_uses_with(x)
+    _set_params(gm, call, new_w, new_b)
+    output.replace_all_uses_with(replacement)
     for dead in (output, bn) if output is not bn else (bn,):
         gm.graph.erase_node(dead)
-    return Fold(bn.name, consumer.name, f"bn-{layer.kind}")
+    return Fold(bn.name, call.name, rule)
 
 
 def _set_params(gm: fx.GraphModule, call: fx.Node, weight: torch.Tensor, bias: torch.Tensor) -> None:

@@ -352,16 +352,7 @@ def _fold_after(gm, modules, node: fx.Node, affine: _Affine) -> Fold | str:
     reason = _prove_channel_axis(layer, kind, _rank(source), affine)
     if reason:
         return reason
-    try:
-        new_w, new_b = _plan_after(layer, kind, affine)
-    except FoldRefused as exc:
-        return str(exc)
-    into = source.target
-    target = _own_copy(gm, modules, source)
-    _write(target, new_w, new_b)
-    bn_name = node.target
-    _remove_call(gm, modules, node, source)
-    return Fold(bn_name, into, f"{'linear' if kind == 'linear' else kind}-bn")
+    return _commit(gm, modules, node, source, lambda: _plan_after(layer, kind, affine), source, f"{kind}-bn")
 
 
 def _prove_channel_axis(layer, kind: str, rank: int | None, affine: _Affine) -> str:
@@ -437,16 +428,19 @@ def _fold_before(gm, modules, node: fx.Node, affine: _Affine) -> Fold | str:
         if features % s.shape[0]:
             return f"{label} reads {features} features, not a multiple of {s.shape[0]} channels"
         s, t = np.repeat(s, features // s.shape[0]), np.repeat(t, features // s.shape[0])
+    return _commit(gm, modules, node, consumer, lambda: _plan_before(layer, kind, s, t), source, f"bn-{kind}")
+
+
+def _commit(gm, modules, bn: fx.Node, call: fx.Node, plan, replacement: fx.Node, rule: str) -> Fold | str:
+    """Do the math (a refusal leaves the graph as it was), then write the layer this call runs and drop the BN."""
     try:
-        new_w, new_b = _plan_before(layer, kind, s, t)
+        new_w, new_b = plan()
     except FoldRefused as exc:
         return str(exc)
-    into = consumer.target
-    target = _own_copy(gm, modules, consumer)
-    _write(target, new_w, new_b)
-    bn_name = node.target
-    _remove_call(gm, modules, node, source)
-    return Fold(bn_name, into, f"bn-{kind}")
+    into, bn_name = call.target, bn.target
+    _write(_own_copy(gm, modules, call), new_w, new_b)
+    _remove_call(gm, modules, bn, replacement)
+    return Fold(bn_name, into, rule)
 
 
 # ---- fallback for modules torch.fx can not trace ---------------------------------------------------------------
