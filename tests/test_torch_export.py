@@ -90,3 +90,51 @@ def test_cli_pt2_round_trip_and_errors(tmp_path):
         assert proc.returncode == 2
         assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("bnfold: error:")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pt2", "net.folded.pt2", "net.pt2"]
+
+
+class _Payload:
+    """Unpickling this creates a marker file: proof that code ran."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def _rewrite_archive(src, dst, edit):
+    import zipfile
+
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for item in zin.infolist():
+            zout.writestr(item, edit(item.filename, zin.read(item.filename)))
+
+
+@pytest.mark.parametrize("where", ["weights", "sample_inputs"])
+def test_pickled_payloads_are_refused_and_never_run(tmp_path, where):
+    import pickle
+
+    path = tmp_path / "net.pt2"
+    save_program(_program(_model(), dynamic=False), path)
+    marker = tmp_path / "code_ran"
+
+    def edit(name, data):
+        if where == "weights" and name.endswith("data/weights/model_weights_config.json"):
+            config = json.loads(data)
+            first = next(iter(config["config"]))
+            config["config"][first]["use_pickle"] = True
+            return json.dumps(config).encode()
+        if where == "weights" and name.endswith("data/weights/weight_0"):
+            return pickle.dumps(_Payload(marker))
+        if where == "sample_inputs" and "/data/sample_inputs/" in name:
+            return pickle.dumps(_Payload(marker))
+        return data
+
+    hostile = tmp_path / "hostile.pt2"
+    _rewrite_archive(path, hostile, edit)
+    proc = subprocess.run([sys.executable, "-m", "bnfold", str(hostile), "--no-verify"], capture_output=True,
+                          text=True)
+    assert proc.returncode == 2 and "refused" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not marker.exists()
+    assert not (tmp_path / "hostile.folded.pt2").exists()

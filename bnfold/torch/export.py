@@ -8,10 +8,14 @@ dimensions.
 
 from __future__ import annotations
 
+import io
+import json
 import logging
 import os
 import shutil
 import tempfile
+import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -257,10 +261,11 @@ def _unique_attr(owner: nn.Module, base: str) -> str:
 
 
 def load_program(path: "str | os.PathLike"):
-    """torch.export.load with one-line errors (the format holds no pickled code)."""
+    """torch.export.load with one-line errors, after checking that nothing in the archive needs unpickling."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file")
+    _refuse_pickles(path)
     logger = logging.getLogger("torch.export")  # it logs a traceback before raising on a bad file
     level = logger.level
     logger.setLevel(logging.CRITICAL)
@@ -272,6 +277,38 @@ def load_program(path: "str | os.PathLike"):
                          f"{text[0] if text else ''})") from None
     finally:
         logger.setLevel(level)
+
+
+def _refuse_pickles(path: Path) -> None:
+    """torch.export.load unpickles (``weights_only=False``) weights or constants marked ``use_pickle``, opaque
+    objects, and example inputs that a safe load rejects: any of those could run code. Look before loading."""
+    from torch.export.pt2_archive.constants import TENSOR_CONSTANT_FILENAME_PREFIX
+
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise InputError(f"{path}: not a torch.export program ({exc})") from None
+    with archive:
+        for name in archive.namelist():
+            inner = name.split("/", 1)[-1]  # entries sit under the archive's own root folder
+            try:
+                if inner.startswith(("data/weights/", "data/constants/")) and inner.endswith("_config.json"):
+                    for fqn, payload in json.loads(archive.read(name)).get("config", {}).items():
+                        plain = not payload.get("use_pickle") and (
+                            inner.startswith("data/weights/")
+                            or str(payload.get("path_name", "")).startswith(TENSOR_CONSTANT_FILENAME_PREFIX))
+                        if not plain:
+                            raise InputError(f"{path}: refused: '{fqn}' is stored as a pickle, which could run code "
+                                             "when loaded (re-save the program with plain tensors)")
+                elif inner.startswith("data/sample_inputs/"):
+                    with warnings.catch_warnings():  # torch warns about what it refuses; the error says it
+                        warnings.simplefilter("ignore")
+                        torch.load(io.BytesIO(archive.read(name)), weights_only=True)
+            except InputError:
+                raise
+            except Exception as exc:
+                raise InputError(f"{path}: refused: '{inner}' can not be read safely ({type(exc).__name__}); it "
+                                 "may need arbitrary unpickling") from None
 
 
 def save_program(program, path: "str | os.PathLike") -> None:
