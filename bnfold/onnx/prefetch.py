@@ -65,6 +65,12 @@ class PrefetchedFold:
         self.node, self.weight_name, self.bias_name = node, weight_name, bias_name
         self.s, self.weight, self.bias = s, weight, bias
 
+    def edits(self, g: GraphIndex, out_name: str) -> list:
+        """The graph edits of this fold, as the conv-bn/convtranspose-bn rules would make them."""
+        node, weight, bias = self.node, self.weight, self.bias
+        return [lambda: g.write_tensor(node, 1, weight), lambda: g.write_tensor(node, 2, bias),
+                lambda: g.move_output(node, out_name)]
+
     def applies_to(self, g: GraphIndex, node: onnx.NodeProto, s: np.ndarray) -> bool:
         bias_name = node.input[2] if len(node.input) > 2 else ""
         return (node is self.node and s is self.s and node.input[1] == self.weight_name

@@ -174,14 +174,10 @@ class AfterTarget:
         if s.shape[0] != self.channels:
             raise FoldRefused(f"{s.shape[0]} channels vs {self.channels} output channels of {node_label(self.node)}")
         dtype = self.weight.dtype
-        done = g.prefetched_folds.pop(id(norm), None) if norm is not None else None
-        if done is not None and done.applies_to(g, self.node, s):
-            new_w, new_b = done.weight, done.bias
-        else:
-            new_w, new_b = absorb_after(self.weight.values, self.bias, s, t, axis=self.axis, groups=self.groups)
-            new_w = cast_checked(new_w, dtype)
-            needs_bias = self.bias is not None or bool(np.any(t != 0))
-            new_b = cast_checked(new_b, dtype, "folded bias") if needs_bias else None
+        new_w, new_b = absorb_after(self.weight.values, self.bias, s, t, axis=self.axis, groups=self.groups)
+        new_w = cast_checked(new_w, dtype)
+        needs_bias = self.bias is not None or bool(np.any(t != 0))
+        new_b = cast_checked(new_b, dtype, "folded bias") if needs_bias else None
         node, op, renamed = self.node, self.node.op_type, self.node
         edits: list[Callable[[], None]] = [lambda: g.write_tensor(node, 1, new_w)]
         norm_kept = False
@@ -329,6 +325,10 @@ class FoldAfter(Rule):
         producer = g.producer.get(norm.x)
         if producer is None or producer.op_type not in self.op_types:
             return None
+        done = g.prefetched_folds.pop(id(norm.node), None)
+        if done is not None and done.applies_to(g, producer, norm.s) and g.only_consumer(norm.x, norm.node):
+            # prefetch checked all that after_target would (constant tensors, channels, dtype) and did the math
+            return Plan(self.name, node_label(producer), done.edits(g, norm.y), [norm.node])
         target = after_target(g, norm.x, norm.node)
         if not isinstance(target, AfterTarget):
             return target
