@@ -78,7 +78,8 @@ def cli() -> None:
 
     \b
     bnfold MODEL.onnx            same as: bnfold fold MODEL.onnx
-    Exit codes: 0 done, 1 verification failed, 2 bad input or usage, 3 internal error.
+    bnfold audit CHECKPOINT      inspect stored BatchNorm statistics
+    Exit codes: 0 done, 1 a check failed (verification, audit errors), 2 bad input or usage, 3 internal error.
     """
 
 
@@ -200,6 +201,27 @@ def _fold_program(model, output, no_verify, provider_names, atol, rtol, seed):
         verification = verify(program.module(), folded.module(), [args, fresh], devices=provider_names,
                               atol=atol, rtol=rtol)
     return report, verification, lambda: save_program(folded, output)
+
+
+@cli.command("audit")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print only a JSON report on stdout.")
+@click.option("--plot", type=click.Path(path_type=Path), help="Also draw per-layer distributions to this PNG.")
+@click.option("--data", type=click.Path(path_type=Path), help="Calibration data to compare stored statistics with.")
+def audit_command(path, as_json, plot, data):
+    """Audit the BatchNorm statistics stored in PATH: an .onnx model, a PyTorch checkpoint (.pt/.pth/.ckpt, read
+    with weights_only=True) or a .safetensors file. Exit 1 when a finding has error severity."""
+    from .audit import audit, plot as draw
+
+    report = audit(path, data=data)
+    if plot is not None:
+        draw(report, plot)
+        _log(f"wrote {plot}")
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        click.echo("\n".join(report.summary_lines()))
+    sys.exit(report.exit_code)
 
 
 def main(argv: list[str] | None = None) -> None:
