@@ -48,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, require_file
 
 __all__ = ["DEAD_GAMMA", "DEFAULT_EPS", "FP16_MAX", "GENERIC_WEIGHT_MAGNITUDE", "TINY_VARIANCE", "AuditReport",
            "Finding", "LayerAudit", "audit", "plot"]
@@ -298,11 +298,7 @@ def audit(path, *, data=None) -> AuditReport:
     """
     if data is not None:
         raise InputError("--data is not supported yet")
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: no such file")
-    if path.is_dir():
-        raise InputError(f"{path}: is a directory, not a model or checkpoint file")
+    path = require_file(path, "a model or checkpoint file")
     try:
         size = path.stat().st_size
     except OSError as exc:

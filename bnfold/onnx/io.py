@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 
-from ..errors import InputError
+from ..errors import InputError, require_file
 
 _PROTOBUF_LIMIT = 2**31 - 1
 
@@ -27,11 +27,7 @@ def load_model(path: "str | os.PathLike") -> onnx.ModelProto:
 def load_model_with_info(path: "str | os.PathLike") -> tuple[onnx.ModelProto, bool]:
     """``(model, external)``: the model with its external data loaded, and whether the file used external data
     (so that the output can keep it)."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: no such file")
-    if path.is_dir():
-        raise InputError(f"{path}: is a directory, not an ONNX file")
+    path = require_file(path, "an ONNX file")
     try:
         model = _parse_file(path)
     except OSError as exc:

@@ -24,7 +24,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..affine import FoldRefused
-from ..errors import InputError
+from ..errors import InputError, require_file
 from ..report import Fold, FoldReport, Skip
 from .fold import _affine, _Affine, _plan_after, _plan_before, _prove_channel_axis
 
@@ -262,9 +262,7 @@ def _unique_attr(owner: nn.Module, base: str) -> str:
 
 def load_program(path: "str | os.PathLike"):
     """torch.export.load with one-line errors, after checking that nothing in the archive needs unpickling."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such file")
+    path = require_file(path, "a torch.export program")
     _refuse_pickles(path)
     logger = logging.getLogger("torch.export")  # it logs a traceback before raising on a bad file
     level = logger.level
