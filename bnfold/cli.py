@@ -79,6 +79,7 @@ def cli() -> None:
     \b
     bnfold MODEL.onnx            same as: bnfold fold MODEL.onnx
     bnfold audit CHECKPOINT      inspect stored BatchNorm statistics
+    bnfold calibrate MODEL.onnx --data DATA.npz   recompute them from data
     Exit codes: 0 done, 1 a check failed (verification, audit errors), 2 bad input or usage, 3 internal error.
     """
 
@@ -201,6 +202,45 @@ def _fold_program(model, output, no_verify, provider_names, atol, rtol, seed):
         verification = verify(program.module(), folded.module(), [args, fresh], devices=provider_names,
                               atol=atol, rtol=rtol)
     return report, verification, lambda: save_program(folded, output)
+
+
+@cli.command("calibrate")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--data", "data_path", required=True, type=click.Path(path_type=Path),
+              help="DATA.npz (one array per graph input, batched along axis 0) or a directory of .npy/.npz files.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--estimator", type=click.Choice(["unbiased", "ema"]), default="unbiased", show_default=True)
+@click.option("--decay", type=float, default=0.9, show_default=True, help="EMA decay (PyTorch momentum = 1 - decay).")
+@click.option("-o", "--output", type=click.Path(path_type=Path),
+              help="Where to write [default: MODEL stem + .calibrated.onnx, beside the input].")
+@click.option("--json", "as_json", is_flag=True, help="Print only a JSON summary on stdout.")
+def calibrate_command(model, data_path, batch_size, estimator, decay, output, as_json):
+    """Recompute the statistics of every BatchNormalization in MODEL from data (training-mode semantics: each
+    batch normalized by its own statistics) and write a model with the new running mean/var, ready to fold."""
+    from .onnx.calibrate import calibrate_onnx, load_calibration_data
+    from .onnx.io import load_model_with_info, save_model
+
+    name = model.name[:-5] if model.name.lower().endswith(".onnx") else model.name
+    output = output or model.with_name(f"{name}.calibrated.onnx")
+    _check_output(output)
+    original, external_data = load_model_with_info(model)
+    data = load_calibration_data(data_path, original)
+    total = -(-len(next(iter(data.values()))) // batch_size)
+    with click.progressbar(length=total, label="calibrating", file=sys.stderr) as bar:
+        calibrated, info = calibrate_onnx(original, data, batch_size=batch_size, estimator=estimator, decay=decay,
+                                          progress=lambda done, _total: bar.update(done - bar.pos))
+    save_model(calibrated, output, external_data=external_data or None)
+    _log(f"wrote {output}")
+    if as_json:
+        click.echo(json.dumps({"input": str(model), "output": str(output), "estimator": estimator, **info}, indent=2))
+    else:
+        lines = [f"calibrated {len(info['layers'])} BatchNormalization nodes ({estimator})"]
+        lines += [f"  {layer['bn']}: {layer['batches']} batches, {layer['values']} values per channel"
+                  for layer in info["layers"]]
+        lines += [f"note: {note}" for note in info["notes"]]
+        lines.append(f"output: {output}")
+        click.echo("\n".join(lines))
+    sys.exit(ExitCode.OK)
 
 
 @cli.command("audit")
