@@ -91,6 +91,8 @@ class LayerAudit:
     findings: list[Finding] = field(default_factory=list)
     # min/median/max of running_var and |folded scale| for plot(); not part of to_dict()
     quantiles: dict = field(default_factory=dict, repr=False, compare=False)
+    # with --data (ONNX): stored vs freshly estimated statistics, see _add_drift
+    drift: dict | None = None
 
     @property
     def severity(self) -> str | None:
@@ -103,7 +105,8 @@ class LayerAudit:
         return {"name": self.name, "channels": self.channels, "num_batches_tracked": self.num_batches_tracked,
                 "ranges": {k: (list(v) if v is not None else None) for k, v in self.ranges.items()},
                 "folded_scale": list(self.folded_scale) if self.folded_scale is not None else None,
-                "findings": [f.to_dict() for f in self.findings]}
+                "findings": [f.to_dict() for f in self.findings],
+                **({"drift": self.drift} if self.drift is not None else {})}
 
 
 @dataclass
@@ -183,6 +186,7 @@ class _BNParams:
     producer_weight_max: np.ndarray | None = None
     producer_label: str | None = None
     module_path: str | None = None  # ONNX: the module path the parameter names reveal, if any
+    node_output: str | None = None  # ONNX main graph: the BN node's output, to find it again after calibration
 
 
 def _finite_range(values: np.ndarray | None) -> list[float] | None:
@@ -296,8 +300,6 @@ def audit(path, *, data=None) -> AuditReport:
 
     Raises InputError (one line) for unreadable, unrecognised or unsafe inputs.
     """
-    if data is not None:
-        raise InputError("--data is not supported yet")
     path = require_file(path, "a model or checkpoint file")
     try:
         size = path.stat().st_size
@@ -313,9 +315,64 @@ def audit(path, *, data=None) -> AuditReport:
     else:
         params, notes = _read_torch(path)
     layers = [_check_layer(p) for p in params]
+    if data is not None:
+        if kind != "onnx":
+            raise InputError("--data applies to ONNX models (fresh statistics are estimated with onnxruntime)")
+        _add_drift(path, data, params, layers, notes)
     if not layers:
         notes.append("no BatchNorm layers found")
     return AuditReport(str(path), kind, layers, notes)
+
+
+# Drift worth a warning: a stored mean more than half a (fresh) standard deviation away, or a variance off by 2x.
+_DRIFT_MEAN_SHIFT = 0.5
+_DRIFT_VAR_RATIO = 2.0
+
+
+def _add_drift(path: Path, data, params: list[_BNParams], layers: list[LayerAudit], notes: list[str]) -> None:
+    """Estimate each main-graph BN's statistics from ``data`` (training-mode semantics, unbiased estimator) and
+    report how far the stored ones are: max |Δmean| in fresh standard deviations, and the range of
+    (stored var + eps) / (fresh var + eps)."""
+    from .onnx.calibrate import calibrate_onnx, load_calibration_data
+    from .onnx.io import load_model
+
+    model = load_model(path)
+    calibrated, info = calibrate_onnx(model, load_calibration_data(data, model), batch_size=_DRIFT_BATCH)
+    notes.extend(f"drift estimate: {note}" for note in info.get("notes", []))
+    values = {t.name: t for t in calibrated.graph.initializer}
+    from onnx import numpy_helper
+
+    fresh = {}
+    for node in calibrated.graph.node:
+        if node.op_type == "BatchNormalization" and len(node.input) >= 5 and node.input[3] in values \
+                and node.input[4] in values:
+            fresh[node.output[0]] = (_f64(numpy_helper.to_array(values[node.input[3]])),
+                                     _f64(numpy_helper.to_array(values[node.input[4]])))
+    for p, layer in zip(params, layers):
+        if p.node_output not in fresh:
+            continue
+        mean, var = fresh[p.node_output]
+        with np.errstate(all="ignore"):
+            shift = np.abs(p.mean - mean) / np.sqrt(var + p.eps)
+            ratio = (p.var + p.eps) / (var + p.eps)
+        layer.drift = {"mean_shift_max": _finite_or_none(np.nanmax(shift)),
+                       "var_ratio_min": _finite_or_none(np.nanmin(ratio)),
+                       "var_ratio_max": _finite_or_none(np.nanmax(ratio))}
+        drifted = (shift > _DRIFT_MEAN_SHIFT) | (ratio > _DRIFT_VAR_RATIO) | (ratio < 1 / _DRIFT_VAR_RATIO)
+        if drifted.any():
+            layer.findings.append(Finding(
+                "stats-drift", "warning",
+                f"stored statistics differ from the data in {_indices(drifted)}: mean off by up to "
+                f"{np.nanmax(shift):.3g} standard deviations, variance ratio {np.nanmin(ratio):.3g}.."
+                f"{np.nanmax(ratio):.3g} (thresholds {_DRIFT_MEAN_SHIFT} and {_DRIFT_VAR_RATIO}x)"))
+
+
+_DRIFT_BATCH = 32
+
+
+def _finite_or_none(value) -> float | None:
+    value = float(value)
+    return value if np.isfinite(value) else None
 
 
 def _kind_of(path: Path) -> str:
@@ -399,6 +456,7 @@ def _walk_onnx_graph(graph, outer_constants: dict, prefix: str, params: list, no
             if isinstance(params_or_reason, str):
                 notes.append(f"BatchNormalization {label!r} not audited: {params_or_reason}")
             else:
+                params_or_reason.node_output = node.output[0] if not prefix else None
                 params.append(params_or_reason)
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.GRAPH:

@@ -355,8 +355,8 @@ def test_report_dict_json_and_exit_code(tmp_path):
     assert warn.exit_code == 0
 
 
-def test_data_is_reserved(tmp_path):
-    with pytest.raises(InputError, match="not supported yet"):
+def test_missing_data_is_input_error(tmp_path):
+    with pytest.raises(InputError):
         audit(bn_onnx(tmp_path / "m.onnx", healthy()), data=tmp_path / "d.npz")
 
 
@@ -443,3 +443,54 @@ def test_cli_audit_exit_codes(tmp_path):
     run = subprocess.run([sys.executable, "-m", "bnfold", "audit", str(junk)], capture_output=True, text=True,
                          check=False)
     assert run.returncode == 2 and run.stderr.count("\n") == 1
+
+
+def test_audit_data_reports_drift_against_fresh_statistics(tmp_path):
+    """--data: stored statistics far from the data's are a stats-drift warning; calibrated ones are not."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from bnfold.onnx.calibrate import calibrate_onnx, load_calibration_data
+
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 1, 1)).astype(np.float32), "W"),
+             numpy_helper.from_array(np.ones(4, np.float32), "g"), numpy_helper.from_array(np.zeros(4, np.float32), "b"),
+             numpy_helper.from_array(np.full(4, 5.0, np.float32), "m"),
+             numpy_helper.from_array(np.full(4, 9.0, np.float32), "v")]
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "W"], ["c"]),
+         helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["y"], name="bn")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 4, 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    onnx.save(model, str(tmp_path / "stale.onnx"))
+    np.savez(tmp_path / "data.npz", x=rng.standard_normal((64, 3, 4, 4)).astype(np.float32))
+
+    stale = audit(tmp_path / "stale.onnx", data=tmp_path / "data.npz")
+    [layer] = stale.layers
+    assert [f.code for f in layer.findings] == ["stats-drift"] and layer.findings[0].severity == "warning"
+    # independent check of the reported shift: the fresh mean of channel k is the mean of W[k] . x over the data
+    x = np.load(tmp_path / "data.npz")["x"].astype(np.float64)
+    w = numpy_helper.to_array(inits[0]).astype(np.float64)[:, :, 0, 0]
+    conv = np.einsum("kc,nchw->nkhw", w, x)
+    fresh_mean = conv.mean(axis=(0, 2, 3))
+    assert layer.drift["mean_shift_max"] > 0.5
+    assert np.isclose(layer.drift["mean_shift_max"],
+                      np.max(np.abs(5.0 - fresh_mean) / np.sqrt(layer_fresh_var(conv) + float(np.float32(1e-5)))),
+                      rtol=1e-3)
+    json.dumps(stale.to_dict(), allow_nan=False)
+
+    calibrated, _ = calibrate_onnx(model, load_calibration_data(tmp_path / "data.npz", model), batch_size=32)
+    onnx.save(calibrated, str(tmp_path / "fresh.onnx"))
+    fresh = audit(tmp_path / "fresh.onnx", data=tmp_path / "data.npz")
+    assert fresh.layers[0].findings == [] and fresh.layers[0].drift["mean_shift_max"] < 1e-3
+    with pytest.raises(InputError, match="ONNX"):
+        torch = pytest.importorskip("torch")
+        torch.save({"bn.running_mean": torch.zeros(2), "bn.running_var": torch.ones(2)}, tmp_path / "c.pt")
+        audit(tmp_path / "c.pt", data=tmp_path / "data.npz")
+
+
+def layer_fresh_var(conv: np.ndarray) -> np.ndarray:
+    """Algorithm 2 over batches of 32 (the audit's batch size) for equal batches: m/(m-1) * mean of biased vars."""
+    batches = [conv[i:i + 32] for i in range(0, len(conv), 32)]
+    m = batches[0].shape[0] * conv.shape[2] * conv.shape[3]
+    return m / (m - 1) * np.mean([b.var(axis=(0, 2, 3)) for b in batches], axis=0)
