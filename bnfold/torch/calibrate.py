@@ -13,7 +13,6 @@ import warnings
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -57,12 +56,24 @@ class _Recorder:
             raise InputError(f"BatchNorm layer {self.name!r} got input {tuple(x.shape)} with {m} value per "
                              "channel; batch statistics need at least 2 (use larger calibration batches)")
         dims = [0, *range(2, x.dim())]
-        variance, mean = torch.var_mean(x.detach().to(torch.float64), dim=dims, correction=0)
-        self.means.append(mean)
-        self.variances.append(variance)
+        # Two passes in at least float32 (mean, then mean of squared deviations: no cancellation), recorded in
+        # float64; the same centered values are then normalized, as training mode does. torch.var_mean over
+        # [0, 2, ...] and a float64 copy of every activation each cost more than the layer it calibrates.
+        work = x.detach() if x.dtype in (torch.float32, torch.float64) else x.detach().float()
+        mean = work.mean(dim=dims, keepdim=True)
+        centered = work - mean
+        variance = centered.square().mean(dim=dims)
+        self.means.append(mean.reshape(-1).to(torch.float64))
+        self.variances.append(variance.to(torch.float64))
         self.sizes.append(m)
-        # Normalize by this batch's statistics, exactly as the layer does in training mode.
-        return F.batch_norm(x, None, None, layer.weight, layer.bias, True, 0.0, layer.eps)
+        scale = torch.rsqrt(variance + layer.eps)
+        if layer.weight is not None:
+            scale = scale * layer.weight.to(scale.dtype)
+        view = (1, -1) + (1,) * (x.dim() - 2)
+        out = centered.mul_(scale.view(view))  # centered is this call's own buffer: scale and shift it in place
+        if layer.bias is not None:
+            out.add_(layer.bias.to(out.dtype).view(view))
+        return out.to(x.dtype)
 
     def moments(self) -> tuple[np.ndarray, np.ndarray, list[int]]:
         """All recorded ``(means [K, C], biased variances [K, C], sizes)`` as float64 numpy (one copy each)."""
