@@ -26,6 +26,10 @@ _EMA_DISTRIBUTED = ("the ema estimator is order dependent and not defined across
                     "use estimator='unbiased'")
 
 
+# Below var = 1000 * eps, recovering var from a float32 1/sqrt(var + eps) loses more than ~1e-4 relative.
+_RECOVERABLE = 1000.0
+
+
 class _Recorder:
     """Stands in for one BatchNorm layer's forward: records the float64 moments of each input it sees and
     normalizes by them (training-mode BatchNorm without touching the running statistics)."""
@@ -56,9 +60,23 @@ class _Recorder:
             raise InputError(f"BatchNorm layer {self.name!r} got input {tuple(x.shape)} with {m} value per "
                              "channel; batch statistics need at least 2 (use larger calibration batches)")
         dims = [0, *range(2, x.dim())]
-        # Two passes in at least float32 (mean, then mean of squared deviations: no cancellation), recorded in
-        # float64; the same centered values are then normalized, as training mode does. torch.var_mean over
-        # [0, 2, ...] and a float64 copy of every activation each cost more than the layer it calibrates.
+        if x.dtype == torch.float32:
+            # torch's own training-mode kernel: one fused pass that normalizes and keeps the batch mean and
+            # 1/sqrt(var + eps) (accumulated in double on the CPU, stored as float32). var = invstd**-2 - eps is
+            # then exact to ~1e-7 relative unless var is small against eps; those layers take the exact path.
+            out, mean, invstd = torch.native_batch_norm(x, layer.weight, layer.bias, None, None, True, 0.0,
+                                                        layer.eps)
+            variance = invstd.detach().to(torch.float64).pow(-2) - layer.eps
+            if bool((variance >= _RECOVERABLE * layer.eps).all()):
+                self.means.append(mean.detach().to(torch.float64))
+                self.variances.append(variance)
+                self.sizes.append(m)
+                return out
+        return self._exact(x, layer, dims, m)
+
+    def _exact(self, x, layer, dims, m):
+        """Two passes in at least float32 (mean, then mean of squared deviations: no cancellation), recorded in
+        float64; the same centered values are then normalized, as training mode does."""
         work = x.detach() if x.dtype in (torch.float32, torch.float64) else x.detach().float()
         mean = work.mean(dim=dims, keepdim=True)
         centered = work - mean
