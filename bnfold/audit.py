@@ -424,6 +424,8 @@ def _read_onnx(path: Path) -> tuple[list[_BNParams], list[str]]:
 def _walk_onnx_graph(graph, outer_constants: dict, prefix: str, params: list, notes: list, onnx) -> None:
     from onnx import numpy_helper
 
+    from .onnx.graph import constant_node_value
+
     constants = dict(outer_constants)  # name -> TensorProto or a numpy array
     for init in graph.initializer:
         constants[init.name] = init
@@ -435,7 +437,7 @@ def _walk_onnx_graph(graph, outer_constants: dict, prefix: str, params: list, no
                 producers[out] = node
                 constants.pop(out, None)  # a node output shadows an outer name
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output:
-            value = _constant_node_value(node, numpy_helper)
+            value = constant_node_value(node)
             if value is not None:
                 constants[node.output[0]] = value
     for name in inputs:  # a graph input overrides an initializer of the same name
@@ -464,17 +466,6 @@ def _walk_onnx_graph(graph, outer_constants: dict, prefix: str, params: list, no
             elif attr.type == onnx.AttributeProto.GRAPHS:
                 for i, g in enumerate(attr.graphs):
                     _walk_onnx_graph(g, constants, f"{label}/{attr.name}[{i}]/", params, notes, onnx)
-
-
-def _constant_node_value(node, numpy_helper) -> np.ndarray | None:
-    for attr in node.attribute:
-        if attr.name == "value" and attr.HasField("t"):
-            return numpy_helper.to_array(attr.t)
-        if attr.name == "value_float":
-            return np.array(attr.f, dtype=np.float32)
-        if attr.name == "value_floats":
-            return np.array(list(attr.floats), dtype=np.float32)
-    return None
 
 
 def _onnx_bn(node, label: str, get, producers) -> _BNParams | str:

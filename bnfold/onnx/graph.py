@@ -292,7 +292,10 @@ class GraphIndex:
 
     def _evaluate(self, node: onnx.NodeProto, name: str) -> tuple[np.ndarray | None, str]:
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-            return _constant_node_value(node), ""
+            value = constant_node_value(node)
+            if value is None:
+                raise InputError(f"Constant node {node_label(node)} holds no numeric tensor")
+            return value, ""
         if node.domain not in ("", "ai.onnx") or node.op_type in _NONDETERMINISTIC or any(True for _ in subgraphs(node)):
             return None, f"'{name}' is computed by {node.op_type} {node_label(node)}"
         feeds = {}
@@ -538,19 +541,20 @@ def _delete_runs(field, positions: list[int]) -> None:
         end = start
 
 
-def _constant_node_value(node: onnx.NodeProto) -> np.ndarray:
-    attr = node.attribute[0]
-    if attr.name == "value":
-        return numpy_helper.to_array(attr.t)
-    if attr.name == "value_float":
-        return np.array(attr.f, dtype=np.float32)
-    if attr.name == "value_floats":
-        return np.array(list(attr.floats), dtype=np.float32)
-    if attr.name == "value_int":
-        return np.array(attr.i, dtype=np.int64)
-    if attr.name == "value_ints":
-        return np.array(list(attr.ints), dtype=np.int64)
-    raise InputError(f"Constant node {node_label(node)} has an unsupported attribute '{attr.name}'")
+def constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
+    """The value of a Constant node, or None for attributes that hold no numeric tensor (strings, sparse)."""
+    for attr in node.attribute:
+        if attr.name == "value" and attr.HasField("t"):
+            return numpy_helper.to_array(attr.t)
+        if attr.name == "value_float":
+            return np.array(attr.f, dtype=np.float32)
+        if attr.name == "value_floats":
+            return np.array(list(attr.floats), dtype=np.float32)
+        if attr.name == "value_int":
+            return np.array(attr.i, dtype=np.int64)
+        if attr.name == "value_ints":
+            return np.array(list(attr.ints), dtype=np.int64)
+    return None
 
 
 def get_attr(node: onnx.NodeProto, name: str, default=None):
