@@ -5,9 +5,10 @@ Importing ``bnfold`` imports neither torch nor onnxruntime; those load when a fu
 
 from .errors import BnfoldError, InputError
 from .report import ExitCode, Fold, FoldReport, OutputComparison, ProviderResult, Skip, VerifyReport
+from .bench import benchmark  # imports onnxruntime only when called
 from .verify import verify  # imports onnxruntime only when called
 
-__all__ = ["fold_onnx", "verify", "FoldReport", "Fold", "Skip", "VerifyReport", "ProviderResult",
+__all__ = ["fold_onnx", "verify", "benchmark", "FoldReport", "Fold", "Skip", "VerifyReport", "ProviderResult",
            "OutputComparison", "ExitCode", "BnfoldError", "InputError"]
 __version__ = "0.1.0"
 
@@ -17,4 +18,5 @@ def fold_onnx(model, *, skip=(), inplace=False):
     from .onnx.fold import fold_onnx as _fold_onnx
 
     return _fold_onnx(model, skip=skip, inplace=inplace)
+
 

@@ -38,9 +38,7 @@ safetensors nor matplotlib; they load when a function needs them.
 from __future__ import annotations
 
 import math
-import os
 import re
-import tempfile
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -757,19 +755,12 @@ def _detect_bn(state: Mapping, shape, to_array, is_float, notes: list[str], load
 
 def plot(report: AuditReport, out_path) -> None:
     """Per-layer min/median/max of running_var and of |folded scale|, on log axes, as a PNG (written atomically)."""
-    # The Agg canvas is used directly (no pyplot): no global backend switch, no display needed.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from .plotting import check_png_path, new_figure, save_png
 
-    out_path = Path(out_path)
-    directory = out_path.parent if str(out_path.parent) else Path(".")
-    if not directory.is_dir():
-        raise InputError(f"{out_path}: output directory {directory} does not exist")
-
+    out_path = check_png_path(out_path)
     layers = report.layers
     n = len(layers)
-    fig = Figure(figsize=(max(6.0, min(0.18 * n + 2.0, 40.0)), 7.0), dpi=100)
-    FigureCanvasAgg(fig)
+    fig = new_figure(max(6.0, min(0.18 * n + 2.0, 40.0)), 7.0)
     ax_var, ax_scale = fig.subplots(2, 1, sharex=True)
     fig.suptitle(f"BatchNorm audit: {Path(report.source).name} ({n} layer{'s' if n != 1 else ''})")
     if n == 0:
@@ -805,17 +796,4 @@ def plot(report: AuditReport, out_path) -> None:
         else:
             ax_scale.set_xlabel("layer index")
     fig.tight_layout()
-
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=directory)
-    except OSError as exc:
-        raise InputError(f"{out_path}: cannot write ({exc.strerror or exc})") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png")
-        os.replace(tmp, out_path)
-    except OSError as exc:
-        raise InputError(f"{out_path}: cannot write ({exc.strerror or exc})") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    save_png(fig, out_path)

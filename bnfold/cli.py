@@ -80,6 +80,7 @@ def cli() -> None:
     bnfold MODEL.onnx            same as: bnfold fold MODEL.onnx
     bnfold audit CHECKPOINT      inspect stored BatchNorm statistics
     bnfold calibrate MODEL.onnx --data DATA.npz   recompute them from data
+    bnfold bench MODEL.onnx      time original, folded and ideal in onnxruntime
     Exit codes: 0 done, 1 a check failed (verification, audit errors), 2 bad input or usage, 3 internal error.
     """
 
@@ -202,6 +203,90 @@ def _fold_program(model, output, no_verify, provider_names, atol, rtol, seed):
         verification = verify(program.module(), folded.module(), [args, fresh], devices=provider_names,
                               atol=atol, rtol=rtol)
     return report, verification, lambda: save_program(folded, output)
+
+
+def _parse_opt_levels(values: tuple[str, ...]) -> list[str]:
+    from .bench import OPT_LEVELS
+
+    levels = [v.strip().lower() for item in values for v in item.split(",") if v.strip()]
+    for level in levels:
+        if level not in OPT_LEVELS:
+            raise click.BadParameter(f"'{level}' is not one of {', '.join(OPT_LEVELS)}", param_hint="--opt-level")
+    return levels or ["disabled", "all"]
+
+
+@cli.command("bench")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("folded", required=False, type=click.Path(path_type=Path))
+@click.option("--providers", help="Comma-separated execution providers: cpu, cuda "
+              "[default: cpu, plus cuda when onnxruntime-gpu is installed].")
+@click.option("--opt-level", "opt_levels", multiple=True, metavar="LEVEL[,LEVEL]",
+              help="onnxruntime graph optimization level(s): disabled, basic, extended, all (repeatable or "
+              "comma-separated) [default: disabled,all].")
+@click.option("--json", "as_json", is_flag=True, help="Print only a JSON report on stdout.")
+@click.option("--plot", type=click.Path(path_type=Path), help="Also draw the comparison to this PNG.")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=DxD...",
+              help="Concrete shape for an input with dynamic dimensions (repeatable; default dims are 1).")
+@click.option("--skip", "skip", multiple=True, type=click.Choice(_rule_choices()),
+              help="Leave out a fold rule when folding in memory (repeatable).")
+@click.option("--threads", type=click.IntRange(min=1),
+              help="onnxruntime intra-op threads [default: the CPUs this process may use].")
+@click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True, help="Untimed rounds first.")
+@click.option("--repeat", type=click.IntRange(min=1),
+              help="Timed rounds [default: at least 10 rounds and --min-time seconds].")
+@click.option("--min-time", "min_time", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="Seconds of timed rounds per provider and level when --repeat is not given.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")
+def bench_command(model, folded, providers, opt_levels, as_json, plot, input_shapes, skip, threads, warmup, repeat,
+                  min_time, seed):
+    """Time MODEL against its folded form (FOLDED, or folded in memory) and the ideal: MODEL with every
+    BatchNormalization removed, the floor any fold can reach. Latency median [p10, p90] per provider and
+    optimization level, session-creation time, speedup. Progress goes to stderr."""
+    from .bench import benchmark, plot as draw
+    from .plotting import check_png_path
+
+    shapes = _parse_shapes(input_shapes)
+    provider_names = _parse_providers(providers)
+    levels = _parse_opt_levels(opt_levels)
+    if plot is not None:
+        check_png_path(plot)
+    if folded is not None and skip:
+        raise click.UsageError("--skip applies when bnfold folds MODEL itself, not to a given FOLDED model")
+    if model.suffix.lower() == ".pt2":
+        if opt_levels or input_shapes or skip:
+            raise click.UsageError("--opt-level, --input-shape and --skip apply to ONNX models, not .pt2 programs")
+        report = _bench_program(model, folded, provider_names, warmup, repeat, threads)
+    else:
+        report = benchmark(model, folded, providers=provider_names, opt_levels=levels, input_shapes=shapes or None,
+                           seed=seed, warmup=warmup, repeat=repeat, min_time_s=min_time, threads=threads,
+                           skip=skip, progress=_log)
+    if provider_names is not None:
+        missing = [r for r in report.results if not r.available]
+        if missing:
+            raise InputError(f"requested provider {missing[0].provider} is not available: {missing[0].reason}")
+    if plot is not None:
+        draw(report, plot)
+        _log(f"wrote {plot}")
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        click.echo("\n".join(report.summary_lines()))
+    sys.exit(ExitCode.OK)
+
+
+def _bench_program(model, folded, provider_names, warmup, repeat, threads):
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise InputError(".pt2 programs need PyTorch: pip install 'bnfold[torch]'") from None
+    from .torch.export import benchmark_program, load_program
+
+    program = load_program(model)
+    folded_program = load_program(folded) if folded is not None else None
+    report = benchmark_program(program, folded_program, devices=provider_names, warmup=warmup,
+                               repeat=repeat or 30, threads=threads, progress=_log)
+    report.model = str(model)
+    return report
 
 
 @cli.command("calibrate")

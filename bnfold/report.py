@@ -7,6 +7,8 @@ import enum
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
+
 
 class ExitCode(enum.IntEnum):
     """The process exit status of every bnfold command (documented in the README)."""
@@ -187,3 +189,30 @@ class VerifyReport:
                     f" (atol {o.atol:g}, rtol {o.rtol:g}) {mark}"
                 )
         return lines
+
+
+@dataclass
+class Timing:
+    """Latency of one model or module, in milliseconds: the median and spread (10th/90th percentiles) of the
+    timed samples. What one sample is depends on who measured it (one run per input batch, in both benchmarks)."""
+
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    min_ms: float
+    samples_ms: list[float] = field(default_factory=list, repr=False)
+
+    @classmethod
+    def from_samples(cls, samples_ms: list[float]) -> Timing:
+        arr = np.asarray(samples_ms, dtype=np.float64)
+        p10, med, p90 = np.percentile(arr, [10, 50, 90])
+        return cls(float(med), float(p10), float(p90), float(arr.min()), [float(s) for s in samples_ms])
+
+    def to_dict(self) -> dict:
+        return {
+            "median_ms": self.median_ms,
+            "p10_ms": self.p10_ms,
+            "p90_ms": self.p90_ms,
+            "min_ms": self.min_ms,
+            "samples": len(self.samples_ms),
+        }

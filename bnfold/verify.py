@@ -38,8 +38,10 @@ the original element type first, so both models see identical values. The provid
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -404,23 +406,37 @@ def _run(ort: Any, model: onnx.ModelProto, provider: str, feeds: dict[str, np.nd
     else:
         session_providers = [provider]
     try:
-        if model.ByteSize() <= _MAX_INLINE_BYTES:
-            sess = ort.InferenceSession(model.SerializeToString(), options, providers=session_providers)
+        with ort_session(ort, model, options, session_providers) as (sess, _):
             return _run_session(sess, feed, renamed)
-        # protobuf cannot serialize >2 GiB: go through a file with the tensors stored beside it
-        with tempfile.TemporaryDirectory(prefix="bnfold-verify-") as tmp:
-            path = os.path.join(tmp, "model.onnx")
-            copy = onnx.ModelProto()
-            copy.CopyFrom(model)  # saving with external data rewrites the tensors it saves
-            onnx.save(copy, path, save_as_external_data=True, all_tensors_to_one_file=True, location="weights.data")
-            del copy
-            sess = ort.InferenceSession(path, options, providers=session_providers)
-            try:
-                return _run_session(sess, feed, renamed)
-            finally:
-                del sess  # release the files before the directory goes
     except Exception as e:  # noqa: BLE001 - onnxruntime raises many exception types; all mean "cannot run"
         raise _OrtFailure(e) from e
+
+
+@contextlib.contextmanager
+def ort_session(ort: Any, model: onnx.ModelProto, options: Any, providers: list):
+    """``(session, seconds it took to create)`` for ``model``. Models whose protobuf would pass 2 GiB are saved to a
+    temporary file with external data first (not timed), which lives as long as the session."""
+    if model.ByteSize() <= _MAX_INLINE_BYTES:
+        data = model.SerializeToString()
+        start = time.perf_counter()
+        sess = ort.InferenceSession(data, options, providers=providers)
+        elapsed = time.perf_counter() - start
+        del data
+        yield sess, elapsed
+        return
+    with tempfile.TemporaryDirectory(prefix="bnfold-ort-") as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)  # saving with external data rewrites the tensors it saves
+        onnx.save(copy, path, save_as_external_data=True, all_tensors_to_one_file=True, location="weights.data")
+        del copy
+        start = time.perf_counter()
+        sess = ort.InferenceSession(path, options, providers=providers)
+        elapsed = time.perf_counter() - start
+        try:
+            yield sess, elapsed
+        finally:
+            del sess  # release the files before the directory goes
 
 
 def _run_session(sess: Any, feed: dict, renamed: dict[str, str]) -> tuple[dict, str]:

@@ -260,6 +260,75 @@ def _unique_attr(owner: nn.Module, base: str) -> str:
     return name
 
 
+def without_batchnorm(program) -> fx.GraphModule:
+    """The program's module with every BatchNorm call removed (its input passed on): the latency floor of any fold,
+    not the same function. A training-mode call whose batch statistics are read is kept."""
+    import operator
+
+    gm = program.module()
+    for node in [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _BATCHNORM]:
+        x = node.args[0]
+        if node.target == aten.batch_norm.default:
+            node.replace_all_uses_with(x)
+        else:
+            users = list(node.users)
+            if not all(u.target is operator.getitem and u.args[1] == 0 for u in users):
+                continue
+            for user in users:
+                user.replace_all_uses_with(x)
+                gm.graph.erase_node(user)
+        gm.graph.erase_node(node)
+    gm.graph.eliminate_dead_code()
+    _drop_unused_tensors(gm)
+    gm.recompile()
+    return gm
+
+
+def benchmark_program(program, folded=None, *, devices=None, warmup: int = 5, repeat: int = 30,
+                      threads: int | None = None, progress=None):
+    """Time a ``torch.export`` program, its folded form (``folded``, or folded here) and the ideal (every BatchNorm
+    call removed) in eager mode on each device, with :func:`bnfold.torch.benchmark` on the program's example
+    inputs. Returns a :class:`bnfold.bench.BenchReport` (``opt_level`` is ``"eager"``, no session times);
+    a CUDA device that is not there is reported unavailable."""
+    import time
+
+    from ..bench import BenchReport, BenchResult, ModelTiming
+    from .verify import _cuda_missing, _resolve_devices, benchmark
+
+    say = progress or (lambda _line: None)
+    if program.example_inputs is None:
+        raise InputError("the exported program carries no example inputs to time it with")
+    args, kwargs = program.example_inputs
+    if kwargs:
+        raise InputError("programs with keyword example inputs are not supported by bench")
+    fold_ms = fold_report = None
+    if folded is None:
+        say("folding the program in memory")
+        start = time.perf_counter()
+        folded, fold_report = fold_exported(program)
+        fold_ms = (time.perf_counter() - start) * 1e3
+    ideal = without_batchnorm(program)
+    count = lambda gm: sum(n.op == "call_function" and n.target in _BATCHNORM for n in gm.graph.nodes)  # noqa: E731
+    original_module, folded_module = program.module(), folded.module()
+    report = BenchReport(
+        model="<program>", folded_from="given" if fold_report is None else "folded in memory",
+        bn_original=count(original_module), bn_folded=count(folded_module), bn_ideal=count(ideal),
+        inputs={f"arg{i}": list(a.shape) for i, a in enumerate(args) if isinstance(a, torch.Tensor)},
+        warmup=warmup, fold_ms=fold_ms, fold=fold_report)
+    for name, device in _resolve_devices(devices):
+        if device.type == "cuda" and _cuda_missing(device):
+            report.results.append(BenchResult(name, "eager", available=False, reason=_cuda_missing(device)))
+            continue
+        say(f"timing original, folded and ideal on {name} (eager)")
+        timed = benchmark(original_module, folded_module, tuple(args), ideal=ideal, device=device, warmup=warmup,
+                          repeat=repeat, threads=threads)
+        report.results.append(BenchResult(
+            name, "eager", threads=timed.threads, rounds=timed.repeat,
+            timings={"original": ModelTiming(None, timed.original), "folded": ModelTiming(None, timed.folded),
+                     "ideal": ModelTiming(None, timed.ideal)}))
+    return report
+
+
 def load_program(path: "str | os.PathLike"):
     """torch.export.load with one-line errors, after checking that nothing in the archive needs unpickling."""
     path = require_file(path, "a torch.export program")

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from bnfold.errors import InputError
-from bnfold.report import ProviderResult, VerifyReport
+from bnfold.report import ProviderResult, Timing, VerifyReport
 from bnfold.verify import compare_arrays, failed_comparison
 
 __all__ = ["verify", "benchmark", "TorchBenchmark", "Timing"]
@@ -170,32 +170,6 @@ def _verify_on(
 
 
 # ------------------------------------------------------------------------------------------------- benchmark
-
-
-@dataclass
-class Timing:
-    """Latency of one module: one sample is one forward pass per input batch, in milliseconds."""
-
-    median_ms: float
-    p10_ms: float
-    p90_ms: float
-    min_ms: float
-    samples_ms: list[float] = field(default_factory=list, repr=False)
-
-    @classmethod
-    def from_samples(cls, samples_ms: list[float]) -> Timing:
-        arr = np.asarray(samples_ms, dtype=np.float64)
-        p10, med, p90 = np.percentile(arr, [10, 50, 90])
-        return cls(float(med), float(p10), float(p90), float(arr.min()), [float(s) for s in samples_ms])
-
-    def to_dict(self) -> dict:
-        return {
-            "median_ms": self.median_ms,
-            "p10_ms": self.p10_ms,
-            "p90_ms": self.p90_ms,
-            "min_ms": self.min_ms,
-            "samples": len(self.samples_ms),
-        }
 
 
 @dataclass
