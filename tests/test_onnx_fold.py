@@ -1328,3 +1328,21 @@ def test_bn_on_rank3_flatten_gemm():
     net.node("Gemm", [f, net.weight("W", [12, 5])], "y")
     net.output("y")
     fold_and_check(net.model(), rules=["bn-gemm"])
+
+
+def test_deep_runtime_chain_read_by_an_add_after_conv_is_not_walked_recursively():
+    """A per-channel Add after a Conv asks whether its other input is constant. Above it sits a chain of 3,000
+    runtime nodes: the answer must come without exhausting Python's recursion limit (or walking the chain once per
+    question), and the graph must fold as usual."""
+    net = Net(seed=5)
+    x = net.input("x", [1, 2, 3, 3])
+    r = x
+    for _ in range(3000):
+        r = net.node("Relu", [r])
+    c = net.bn(net.conv(x, 2, 2, [1, 1]), 2)
+    net.node("Add", [c, r], "y")
+    net.output("y", [1, 2, 3, 3])
+    folded, report = bnfold.fold_onnx(net.model())
+    assert report.bn_after == 0 and len(report.folded) == 1
+    assert count_ops(folded.graph, "Add") == 1 and count_ops(folded.graph, "Relu") == 3000
+

@@ -16,6 +16,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..errors import InputError
+from .constant_ops import evaluate
 
 # Ops whose output is not a function of their inputs: never evaluated as constants.
 _NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
@@ -200,7 +201,9 @@ class GraphIndex:
         self._removed_initializers: set[str] = set()
         self._dropped_values: set[str] = set()
         self._constants: dict[str, np.ndarray] = {}
+        self._not_constant: dict[str, str] = {}  # name -> why it is not a compile-time constant
         self._local_shapes: dict[str, list] | None = None
+        self._local_types: dict[str, int | None] | None = None
         self.rewritten: set[str] = set()  # initializers given new values (invalidates prefetched math)
         self.prefetched_folds: dict = {}  # id(normalization) -> prefetch.PrefetchedFold
         self._index(graph)
@@ -264,9 +267,42 @@ class GraphIndex:
         return name in self.inputs and self.ctx.ir_version >= 4
 
     def constant(self, name: str) -> tuple[np.ndarray | None, str]:
-        """The value of ``name`` if it is a compile-time constant, else ``(None, reason)``."""
+        """The value of ``name`` if it is a compile-time constant, else ``(None, reason)``.
+
+        Producers are evaluated bottom-up with an explicit stack (a deep graph must not exhaust Python's recursion
+        limit), and both answers are cached: a value computed at run time stays so under every fold, so asking
+        again (every residual Add asks about its skip input) costs nothing.
+        """
+        known = self._known(name)
+        if known is not None:
+            return known
+        stack, active = [name], {name}
+        while stack:
+            current = stack[-1]
+            node = self.producer[current]
+            pending = [inp for slot, inp in enumerate(node.input)
+                       if inp and self._known(inp) is None and self._stand_in(node, slot) is None]
+            cycle = next((inp for inp in pending if inp in active), None)
+            if cycle is not None:
+                self._not_constant[current] = f"'{current}' depends on itself (the graph has a cycle)"
+            elif pending:
+                stack.extend(pending)
+                active.update(pending)
+                continue
+            else:
+                value, reason = self._evaluate(node, current)
+                if value is None:
+                    self._not_constant[current] = reason
+            stack.pop()
+            active.discard(current)
+        return self._known(name)
+
+    def _known(self, name: str) -> tuple[np.ndarray | None, str] | None:
+        """The answer for ``name`` if it needs no evaluation of a producer (or is cached), else None."""
         if name in self._constants:
             return self._constants[name], ""
+        if name in self._not_constant:
+            return None, self._not_constant[name]
         if name in self.initializers:
             if self.is_overridable_input(name):
                 return None, f"'{name}' is a graph input that can be overridden at run time"
@@ -278,50 +314,55 @@ class GraphIndex:
             if tensor.data_location == onnx.TensorProto.EXTERNAL:
                 return None, f"'{name}' lives in external data that was not loaded"
             return tensor_to_array(tensor), ""
-        node = self.producer.get(name)
-        if node is None:
+        if name not in self.producer:
             if name in self.inputs:
                 return None, f"'{name}' is a graph input"
             if self.parent is not None:
                 return self.parent.constant(name)
             return None, f"'{name}' is not defined"
-        value, reason = self._evaluate(node, name)
-        if value is not None:
-            self._constants[name] = value
-        return value, reason
+        return None
 
     def _evaluate(self, node: onnx.NodeProto, name: str) -> tuple[np.ndarray | None, str]:
+        """Evaluate ``node`` (whose inputs are all known by now) and cache its outputs."""
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
             value = constant_node_value(node)
             if value is None:
                 raise InputError(f"Constant node {node_label(node)} holds no numeric tensor")
+            self._constants[name] = value
             return value, ""
         if node.domain not in ("", "ai.onnx") or node.op_type in _NONDETERMINISTIC or any(True for _ in subgraphs(node)):
             return None, f"'{name}' is computed by {node.op_type} {node_label(node)}"
         feeds = {}
+        values: list[np.ndarray | None] = []
         for slot, inp in enumerate(node.input):
             if not inp:
+                values.append(None)
                 continue
-            value, _ = self.constant(inp)
+            value = self._stand_in(node, slot)  # inputs whose values the op ignores are not looked up
             if value is None:
-                value = self._stand_in(node, slot)
+                value, _ = self._known(inp)
             if value is None:
                 return None, f"'{name}' is computed at run time by {node.op_type} {node_label(node)}"
             feeds[inp] = value
-        try:
-            from onnx.reference import ReferenceEvaluator
+            values.append(value)
+        results = evaluate(node, values, self.ctx.opset)
+        if results is None:
+            try:
+                from onnx.reference import ReferenceEvaluator
 
-            evaluator = ReferenceEvaluator(node, opsets={"": self.ctx.opset})
-            results = evaluator.run(None, feeds)
-        except Exception as exc:  # the reference evaluator lacks the op or rejects it: not a constant for us
-            return None, f"'{name}' could not be evaluated ahead of time ({type(exc).__name__})"
+                evaluator = ReferenceEvaluator(node, opsets={"": self.ctx.opset})
+                results = evaluator.run(None, feeds)
+            except Exception as exc:  # the reference evaluator lacks the op or rejects it: not a constant for us
+                return None, f"'{name}' could not be evaluated ahead of time ({type(exc).__name__})"
         for out, value in zip(node.output, results):
             value = np.asarray(value)
             if value.size > _MAX_EVAL_ELEMENTS:
                 return None, f"'{name}' is a computed constant too large to evaluate"
             if out:
                 self._constants[out] = value
-        return self._constants.get(name), ""
+        if name not in self._constants:
+            return None, f"'{name}' is not computed by {node.op_type} {node_label(node)}"
+        return self._constants[name], ""
 
     def constant_meta(self, name: str) -> tuple[tuple[int, ...], np.dtype] | None:
         """Shape and dtype of a constant without reading its values, when it is a plain float initializer."""
@@ -337,7 +378,8 @@ class GraphIndex:
 
     def _stand_in(self, node: onnx.NodeProto, slot: int) -> np.ndarray | None:
         """Inputs whose value an op ignores: CastLike reads only the dtype of its second input, Shape only the
-        shape of its input. Such an input need not be constant; a zero-cost array of that dtype/shape stands in."""
+        shape of its input. When that is known, a zero-cost array of that dtype/shape stands in, and the input
+        need not be constant (nor be looked up, which would walk the graph above it)."""
         name = node.input[slot]
         if node.op_type == "CastLike" and slot == 1:
             elem = self.elem_type(name)
@@ -379,9 +421,14 @@ class GraphIndex:
     def elem_type(self, name: str) -> int | None:
         if name in self.initializers:
             return self.initializers[name].data_type
-        for vi in list(self.graph.input) + list(self.graph.output) + list(self.graph.value_info):
-            if vi.name == name and vi.type.HasField("tensor_type"):
-                return vi.type.tensor_type.elem_type or None
+        if self._local_types is None:
+            types: dict[str, int | None] = {}
+            for vi in list(self.graph.input) + list(self.graph.output) + list(self.graph.value_info):
+                if vi.type.HasField("tensor_type"):
+                    types.setdefault(vi.name, vi.type.tensor_type.elem_type or None)
+            self._local_types = types
+        if name in self._local_types:
+            return self._local_types[name]
         if self.parent is not None:
             return self.parent.elem_type(name)
         return self.ctx.inferred_types().get(name)
