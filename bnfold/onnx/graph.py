@@ -202,6 +202,7 @@ class GraphIndex:
         self._dropped_values: set[str] = set()
         self._constants: dict[str, np.ndarray] = {}
         self._not_constant: dict[str, str] = {}  # name -> why it is not a compile-time constant
+        self._runtime: set[str] = set()  # names whose value depends on a graph input
         self._local_shapes: dict[str, list] | None = None
         self._local_types: dict[str, int | None] | None = None
         self.rewritten: set[str] = set()  # initializers given new values (invalidates prefetched math)
@@ -212,7 +213,25 @@ class GraphIndex:
     def _index(self, graph: onnx.GraphProto) -> None:
         known = set(self.inputs) | set(self.initializers) | {t.name for t in graph.sparse_initializer}
         consumers, producer, initializers, inputs = self.consumers, self.producer, self.initializers, self.inputs
+        # Values that depend on a run-time input, found in the same pass: asking whether they are constant then
+        # costs one lookup. (Shape reads only a shape and CastLike's second input only a dtype: not counted.)
+        runtime = self._runtime
+        runtime.update(n for n in inputs if n not in initializers or self.ctx.ir_version >= 4)
+        parent_runtime = self.parent._is_runtime if self.parent is not None else (lambda _name: False)
         for node in self.nodes:
+            if node.op_type == "Shape" or node.domain not in ("", "ai.onnx"):
+                reads = ()
+            elif node.op_type == "CastLike":
+                reads = node.input[:1]
+            else:
+                reads = node.input
+            if node.op_type in _NONDETERMINISTIC:
+                runtime.update(node.output)
+            else:
+                for n in reads:
+                    if n in runtime or (n not in known and n and parent_runtime(n)):
+                        runtime.update(node.output)
+                        break
             for name in node.input:
                 if name:
                     if name not in known and not self._outer_defines(name):
@@ -235,6 +254,16 @@ class GraphIndex:
         for name in self.outputs:
             if name not in known and not self._outer_defines(name):
                 raise InputError(f"invalid graph: graph output '{name}' is never computed")
+
+    def _is_runtime(self, name: str) -> bool:
+        g = self
+        while g is not None:
+            if name in g._runtime:
+                return True
+            if name in g.producer or name in g.initializers:
+                return False
+            g = g.parent
+        return False
 
     def _outer_defines(self, name: str) -> bool:
         p = self.parent
@@ -314,6 +343,9 @@ class GraphIndex:
             if tensor.data_location == onnx.TensorProto.EXTERNAL:
                 return None, f"'{name}' lives in external data that was not loaded"
             return tensor_to_array(tensor), ""
+        if name in self._runtime and name in self.producer:
+            node = self.producer[name]
+            return None, f"'{name}' is computed at run time by {node.op_type} {node_label(node)}"
         if name not in self.producer:
             if name in self.inputs:
                 return None, f"'{name}' is a graph input"
@@ -345,8 +377,14 @@ class GraphIndex:
                 return None, f"'{name}' is computed at run time by {node.op_type} {node_label(node)}"
             feeds[inp] = value
             values.append(value)
-        results = evaluate(node, values, self.ctx.opset)
+        if node.op_type == "Shape" and isinstance(values[0], _ShapeOnly):
+            start, end = get_attr(node, "start", 0), get_attr(node, "end", None)
+            results = [np.array(values[0].shape[start:end], dtype=np.int64)]  # ONNX clamps as slicing does
+        else:
+            results = evaluate(node, [v.array() if isinstance(v, _ShapeOnly) else v for v in values],
+                               self.ctx.opset)
         if results is None:
+            feeds = {k: v.array() if isinstance(v, _ShapeOnly) else v for k, v in feeds.items()}
             try:
                 from onnx.reference import ReferenceEvaluator
 
@@ -388,7 +426,7 @@ class GraphIndex:
         if node.op_type == "Shape":
             shape = self.static_shape(name)
             if shape is not None:
-                return np.broadcast_to(np.zeros((), dtype=np.float32), shape)
+                return _ShapeOnly(tuple(shape))
         return None
 
     def rank(self, name: str) -> int | None:
@@ -561,6 +599,18 @@ class GraphIndex:
             _delete_where(self.graph.value_info, lambda v: v.name in dropped)
             self._dropped_values = set()
             self._local_shapes = None
+
+
+class _ShapeOnly:
+    """Stands in for an input of which Shape reads only the shape."""
+
+    __slots__ = ("shape",)
+
+    def __init__(self, shape: tuple[int, ...]):
+        self.shape = shape
+
+    def array(self) -> np.ndarray:
+        return np.broadcast_to(np.zeros((), dtype=np.float32), self.shape)
 
 
 def _is_pure_constant_producer(node: onnx.NodeProto) -> bool:

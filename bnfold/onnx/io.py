@@ -127,6 +127,9 @@ def save_model(model: onnx.ModelProto, path: "str | os.PathLike", *, external_da
         raise InputError(f"{path}: output directory {directory} does not exist")
     if external_data is None:
         external_data = estimated_size(model) > _PROTOBUF_LIMIT - (64 << 20)
+    if not external_data:
+        _save_inline(model, path, directory, replacements)
+        return
     try:
         tmp_dir = tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     except OSError as exc:
@@ -134,19 +137,40 @@ def save_model(model: onnx.ModelProto, path: "str | os.PathLike", *, external_da
     try:
         tmp_model = Path(tmp_dir) / path.name
         data_name = f"{path.name}.data"
-        if external_data:
-            materialize(model, replacements)
-            onnx.save_model(model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name, size_threshold=1024)
-            os.replace(Path(tmp_dir) / data_name, directory / data_name)
-        else:
-            with open(tmp_model, "wb") as f:
-                write_streamed(model, f, replacements)
+        materialize(model, replacements)
+        onnx.save_model(model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data_name, size_threshold=1024)
+        os.replace(Path(tmp_dir) / data_name, directory / data_name)
         os.replace(tmp_model, path)
     except OSError as exc:
         raise InputError(f"{path}: cannot write ({exc.strerror or exc})") from None
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def _save_inline(model: onnx.ModelProto, path: Path, directory: Path, replacements) -> None:
+    """One file: written to a temporary file in the same directory, then renamed over ``path``."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot write ({exc.strerror or exc})") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write_streamed(model, f, replacements)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a model file is as readable as any other
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot write ({exc.strerror or exc})") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@functools.lru_cache(maxsize=1)
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_streamed(model: onnx.ModelProto, f, replacements: "dict[str, np.ndarray] | None" = None) -> None:

@@ -68,7 +68,8 @@ class PrefetchedFold:
     def edits(self, g: GraphIndex, out_name: str) -> list:
         """The graph edits of this fold, as the conv-bn/convtranspose-bn rules would make them."""
         node, weight, bias = self.node, self.weight, self.bias
-        return [lambda: g.write_tensor(node, 1, weight), lambda: g.write_tensor(node, 2, bias),
+        # bias first, as in AfterTarget.plan_edits: a weight read by a computed bias is then rewritten in place
+        return [lambda: g.write_tensor(node, 2, bias), lambda: g.write_tensor(node, 1, weight),
                 lambda: g.move_output(node, out_name)]
 
     def applies_to(self, g: GraphIndex, node: onnx.NodeProto, s: np.ndarray) -> bool:

@@ -179,7 +179,7 @@ class AfterTarget:
         needs_bias = self.bias is not None or bool(np.any(t != 0))
         new_b = cast_checked(new_b, dtype, "folded bias") if needs_bias else None
         node, op, renamed = self.node, self.node.op_type, self.node
-        edits: list[Callable[[], None]] = [lambda: g.write_tensor(node, 1, new_w)]
+        edits: list[Callable[[], None]] = []
         norm_kept = False
         if new_b is None:
             pass
@@ -200,6 +200,9 @@ class AfterTarget:
             norm_kept, out_name = True, None
         else:
             raise FoldRefused("would need a new Add node (opset < 11 has no Gemm with optional bias)")
+        # The weight goes last: a computed bias (an exporter's Shape(W) -> Expand chain) may read the weight, and
+        # once the new bias has replaced it the weight has one reader left and is rewritten in place, not copied.
+        edits.append(lambda: g.write_tensor(node, 1, new_w))
         if out_name is not None:
             edits.append(lambda: g.move_output(renamed, out_name))
         return edits, norm_kept
