@@ -153,10 +153,16 @@ def _fold_onnx(model, output, no_verify, provider_names, shapes, skip, atol, rto
     import onnx
 
     from .onnx.fold import fold_model, select_rules
-    from .onnx.io import load_model_with_info, save_model
+    from .onnx.io import load_model_lazily, load_model_with_info, save_model
 
     rules = select_rules(skip)
-    original, external_data = load_model_with_info(model)
+    if no_verify and not simplify:
+        # Nothing needs the weights in memory: external tensors stay in their files and stream to the output.
+        original, source = load_model_lazily(model)
+        external_data = source is not None
+    else:
+        original, external_data = load_model_with_info(model)
+        source = None
     folded = original
     if simplify:
         from .onnx.simplify import simplify as run_simplify
@@ -168,7 +174,7 @@ def _fold_onnx(model, output, no_verify, provider_names, shapes, skip, atol, rto
         folded.CopyFrom(original)
     # Without verification nothing needs the folded weights in memory: they go straight to the file.
     pending = {} if no_verify else None
-    report = fold_model(folded, rules, pending)
+    report = fold_model(folded, rules, pending, source)
     _log(f"{model}: {len(report.folded)} folds, BatchNormalization {report.bn_before} -> {report.bn_after}")
     verification = None
     if not no_verify:
@@ -178,7 +184,7 @@ def _fold_onnx(model, output, no_verify, provider_names, shapes, skip, atol, rto
         verification = verify(original, folded, providers=provider_names, input_shapes=shapes or None,
                               atol=atol, rtol=rtol, seed=seed)
     return report, verification, lambda: save_model(folded, output, external_data=external_data or None,
-                                                    replacements=pending)
+                                                    replacements=pending, source=source)
 
 
 def _fold_program(model, output, no_verify, provider_names, atol, rtol, seed):

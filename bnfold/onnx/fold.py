@@ -10,6 +10,7 @@ import onnx
 
 from ..errors import InputError
 from ..report import Fold, FoldReport, Skip
+from .external import ExternalData
 from .io import materialize
 from .graph import GraphIndex, ModelContext, free_names, node_label, subgraphs
 from .prefetch import prefetch_batchnorm_affines, prefetch_conv_folds
@@ -32,14 +33,16 @@ def select_rules(skip: Iterable[str] = ()) -> list[Rule]:
 
 
 def fold_model(model: onnx.ModelProto, rules: list[Rule],
-               replacements: "dict[str, np.ndarray] | None" = None) -> FoldReport:
+               replacements: "dict[str, np.ndarray] | None" = None, external: "ExternalData | None" = None
+               ) -> FoldReport:
     """Fold ``model`` in place and say what happened.
 
     With a ``replacements`` dict, new values of main-graph initializers are left there (name -> array) for
-    :func:`bnfold.onnx.io.save_model` to write, instead of being copied into the protobuf.
+    :func:`bnfold.onnx.io.save_model` to write, instead of being copied into the protobuf. ``external`` serves the
+    main graph's initializers of a lazily loaded model (:func:`bnfold.onnx.io.load_model_lazily`).
     """
     report = FoldReport()
-    ctx = ModelContext(model)
+    ctx = ModelContext(model, external)
     _fold_graph(GraphIndex(model.graph, ctx), rules, report)
     for function in model.functions:
         for node in function.node:
@@ -141,14 +144,23 @@ def _fold_batchnorm(g: GraphIndex, node: onnx.NodeProto, rules: list[Rule], pref
 
 def fold_file(source: "str | os.PathLike", destination: "str | os.PathLike", *,
               skip: Iterable[str] = ()) -> FoldReport:
-    """Load, fold and save without verification: the pipeline path, streaming the folded weights to disk."""
-    from .io import load_model_with_info, save_model
+    """Load, fold and save without verification: the pipeline path, streaming the folded weights to disk.
+
+    A model with external data keeps it: its tensors are read from their files one at a time, folded values are
+    spilled to a temporary file, and the output's data file is written tensor by tensor, so memory holds about
+    the protobuf and a few tensors, never the weights."""
+    from .io import load_model_lazily, save_model
 
     rules = select_rules(skip)
-    model, external = load_model_with_info(source)
+    model, external = load_model_lazily(source)
     replacements: dict = {}
-    report = fold_model(model, rules, replacements)
-    save_model(model, destination, external_data=external or None, replacements=replacements)
+    try:
+        report = fold_model(model, rules, replacements, external)
+        save_model(model, destination, external_data=external is not None or None, replacements=replacements,
+                   source=external)
+    finally:
+        if external is not None:
+            external.close()
     return report
 
 

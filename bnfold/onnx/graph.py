@@ -17,6 +17,7 @@ from onnx import numpy_helper
 
 from ..errors import InputError
 from .constant_ops import evaluate
+from .external import ExternalData, value_of
 
 # Ops whose output is not a function of their inputs: never evaluated as constants.
 _NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
@@ -106,8 +107,11 @@ def all_names(graph: onnx.GraphProto, into: set[str]) -> set[str]:
 class ModelContext:
     """What every graph of one model shares: opset, IR version, the set of taken names, lazy shape info."""
 
-    def __init__(self, model: onnx.ModelProto):
+    def __init__(self, model: onnx.ModelProto, external: "ExternalData | None" = None):
         self.model = model
+        # Serves main-graph initializers that stay in external files (lazily loaded models); folded values of
+        # those are spilled to disk rather than held in memory.
+        self.external = external
         self.ir_version = model.ir_version
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
         self._names: set[str] | None = None
@@ -338,9 +342,11 @@ class GraphIndex:
             if name in self.inputs:
                 self.ctx.used_initializer_inputs = True
             if self.parent is None and name in self.ctx.replacements:
-                return self.ctx.replacements[name], ""
+                return value_of(self.ctx.replacements[name]), ""
             tensor = self.initializers[name]
             if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                if self.parent is None and self.ctx.external is not None:
+                    return self.ctx.external.read(tensor), ""
                 return None, f"'{name}' lives in external data that was not loaded"
             return tensor_to_array(tensor), ""
         if name in self._runtime and name in self.producer:
@@ -405,7 +411,8 @@ class GraphIndex:
     def constant_meta(self, name: str) -> tuple[tuple[int, ...], np.dtype] | None:
         """Shape and dtype of a constant without reading its values, when it is a plain float initializer."""
         tensor = self.initializers.get(name)
-        if tensor is None or self.is_overridable_input(name) or tensor.data_location == onnx.TensorProto.EXTERNAL:
+        if tensor is None or self.is_overridable_input(name) or (
+                tensor.data_location == onnx.TensorProto.EXTERNAL and not self._serves_external()):
             return None
         dtype = RAW_FLOAT_DTYPES.get(tensor.data_type)
         if dtype is None:
@@ -413,6 +420,9 @@ class GraphIndex:
         if name in self.inputs:
             self.ctx.used_initializer_inputs = True
         return tuple(tensor.dims), dtype
+
+    def _serves_external(self) -> bool:
+        return self.parent is None and self.ctx.external is not None
 
     def _stand_in(self, node: onnx.NodeProto, slot: int) -> np.ndarray | None:
         """Inputs whose value an op ignores: CastLike reads only the dtype of its second input, Shape only the
@@ -481,12 +491,16 @@ class GraphIndex:
         """
         old = node.input[slot] if slot < len(node.input) else ""
         tensor = self.initializers.get(old) if old else None
+        external = tensor is not None and tensor.data_location == onnx.TensorProto.EXTERNAL
         if tensor is not None and self.only_consumer(old, node) and old not in self.inputs \
-                and tensor.data_location != onnx.TensorProto.EXTERNAL:
+                and (not external or self._serves_external()):
             value = np.ascontiguousarray(value)
             self.rewritten.add(old)
-            if RAW_FLOAT_DTYPES.get(tensor.data_type) == value.dtype and tuple(tensor.dims) == value.shape \
-                    and tensor.HasField("raw_data"):
+            same_layout = RAW_FLOAT_DTYPES.get(tensor.data_type) == value.dtype and tuple(tensor.dims) == value.shape
+            if external and tuple(tensor.dims) == value.shape and \
+                    onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type) == value.dtype:
+                self.ctx.replacements[old] = self.ctx.external.spill(value)  # written out when the model is saved
+            elif same_layout and tensor.HasField("raw_data"):
                 if self.parent is None:  # same dtype and shape: the bytes are swapped when saved
                     self.ctx.replacements[old] = value
                 else:

@@ -15,6 +15,8 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from ..errors import InputError, require_file
+from .external import (ExternalData, check_external_data, load_all_external_data, value_of,
+                       write_with_external_data)
 
 _PROTOBUF_LIMIT = 2**31 - 1
 
@@ -28,6 +30,27 @@ def load_model_with_info(path: "str | os.PathLike") -> tuple[onnx.ModelProto, bo
     """``(model, external)``: the model with its external data loaded, and whether the file used external data
     (so that the output can keep it)."""
     path = require_file(path, "an ONNX file")
+    model = _parse_checked(path)
+    external = has_external_data(model)
+    if external:
+        check_external_data(model, path.parent)
+        load_all_external_data(model, path.parent)
+    return model, external
+
+
+def load_model_lazily(path: "str | os.PathLike") -> tuple[onnx.ModelProto, "ExternalData | None"]:
+    """``(model, external)``: like :func:`load_model_with_info`, but the main graph's external initializers stay in
+    their files, served one at a time by the returned :class:`ExternalData` (None when the model has none)."""
+    path = require_file(path, "an ONNX file")
+    model = _parse_checked(path)
+    if not has_external_data(model):
+        return model, None
+    check_external_data(model, path.parent)
+    load_all_external_data(model, path.parent, except_main_initializers=True)
+    return model, ExternalData(path.parent)
+
+
+def _parse_checked(path: Path) -> onnx.ModelProto:
     try:
         model = _parse_file(path)
     except OSError as exc:
@@ -40,15 +63,7 @@ def load_model_with_info(path: "str | os.PathLike") -> tuple[onnx.ModelProto, bo
         raise InputError(f"{path}: not an ONNX model (no graph)")
     if not model.opset_import and model.ir_version >= 3:
         raise InputError(f"{path}: invalid model: no opset_import")
-    external = has_external_data(model)
-    if external:
-        try:
-            from onnx.external_data_helper import load_external_data_for_model
-
-            load_external_data_for_model(model, str(path.parent))
-        except Exception as exc:
-            raise InputError(f"{path}: cannot load external data ({_first_line(exc)})") from None
-    return model, external
+    return model
 
 
 def _parse_file(path: Path) -> onnx.ModelProto:
@@ -115,11 +130,12 @@ def estimated_size(model: onnx.ModelProto) -> int:
 
 
 def save_model(model: onnx.ModelProto, path: "str | os.PathLike", *, external_data: bool | None = None,
-               replacements: "dict[str, np.ndarray] | None" = None) -> None:
+               replacements: "dict[str, np.ndarray] | None" = None, source: "ExternalData | None" = None) -> None:
     """Write atomically: a temporary file beside the target, then a rename. No partial output on failure.
 
     ``external_data``: write tensors to ``<name>.data`` beside the model (None: only when the model exceeds the 2 GB
-    protobuf limit). Saving with external data moves the tensors out of the in-memory model.
+    protobuf limit). Saving with external data moves the tensors out of the in-memory model; ``source`` serves the
+    tensors of a lazily loaded model (:func:`load_model_lazily`) that still live in their files.
     """
     path = Path(path)
     directory = path.parent if str(path.parent) else Path(".")
@@ -137,9 +153,8 @@ def save_model(model: onnx.ModelProto, path: "str | os.PathLike", *, external_da
     try:
         tmp_model = Path(tmp_dir) / path.name
         data_name = f"{path.name}.data"
-        materialize(model, replacements)
-        onnx.save_model(model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_name, size_threshold=1024)
+        with open(tmp_model, "wb") as f:
+            write_with_external_data(model, f, Path(tmp_dir) / data_name, data_name, replacements, source)
         os.replace(Path(tmp_dir) / data_name, directory / data_name)
         os.replace(tmp_model, path)
     except OSError as exc:
@@ -254,7 +269,10 @@ def materialize(model: onnx.ModelProto, replacements: "dict[str, np.ndarray] | N
     for tensor in model.graph.initializer:
         value = replacements.pop(tensor.name, None)
         if value is not None:
-            tensor.raw_data = np.ascontiguousarray(value).tobytes()
+            tensor.raw_data = np.ascontiguousarray(value_of(value)).tobytes()
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                tensor.data_location = onnx.TensorProto.DEFAULT
+                del tensor.external_data[:]
 
 
 def _copy_fields(src, dst, keep) -> None:
