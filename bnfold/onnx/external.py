@@ -92,9 +92,8 @@ def load_external_tensor(tensor: TensorProto, base: Path) -> None:
 def load_all_external_data(model: onnx.ModelProto, base: Path, *, except_main_initializers: bool = False) -> None:
     """Load external tensors into the model; with ``except_main_initializers`` the main graph's initializers
     stay external (they are served by :class:`ExternalData`)."""
-    main = {id(t) for t in model.graph.initializer} if except_main_initializers else set()
-    for tensor in _all_tensors(model):
-        if tensor.data_location == TensorProto.EXTERNAL and id(tensor) not in main:
+    for tensor in _all_tensors(model, main_initializers=not except_main_initializers):
+        if tensor.data_location == TensorProto.EXTERNAL:
             load_external_tensor(tensor, base)
 
 
@@ -236,11 +235,13 @@ def _nbytes(tensor: TensorProto) -> int | None:
     return math.prod(tensor.dims) * itemsize
 
 
-def _all_tensors(model: onnx.ModelProto):
-    """Every TensorProto of the model: initializers and tensor attributes in all graphs and functions."""
+def _all_tensors(model: onnx.ModelProto, main_initializers: bool = True):
+    """Every TensorProto of the model: initializers and tensor attributes in all graphs and functions (the main
+    graph's initializers only with ``main_initializers``)."""
 
-    def graph_tensors(graph: onnx.GraphProto):
-        yield from graph.initializer
+    def graph_tensors(graph: onnx.GraphProto, initializers: bool = True):
+        if initializers:
+            yield from graph.initializer
         for sparse in graph.sparse_initializer:
             yield sparse.values
             yield sparse.indices
@@ -259,6 +260,6 @@ def _all_tensors(model: onnx.ModelProto):
                     for g in attr.graphs:
                         yield from graph_tensors(g)
 
-    yield from graph_tensors(model.graph)
+    yield from graph_tensors(model.graph, main_initializers)
     for function in model.functions:
         yield from node_tensors(function.node)
