@@ -67,8 +67,11 @@ def _cast_like(inputs, attrs, opset):
 
 def _expand(inputs, attrs, opset):
     x, shape = inputs
-    out = np.broadcast_shapes(x.shape, tuple(int(d) for d in shape))
-    return np.broadcast_to(x, out).copy()
+    dims = tuple(int(d) for d in shape)
+    if x.size == 1 and all(d >= 0 for d in dims):  # the exporters' commonest case: fill with one value
+        rank = max(x.ndim, len(dims))
+        return np.full((1,) * (rank - len(dims)) + dims, x.reshape(()), dtype=x.dtype)
+    return np.broadcast_to(x, np.broadcast_shapes(x.shape, dims)).copy()
 
 
 def _axes(inputs, attrs, opset) -> list[int] | None:

@@ -313,8 +313,17 @@ class GraphIndex:
         while stack:
             current = stack[-1]
             node = self.producer[current]
-            pending = [inp for slot, inp in enumerate(node.input)
-                       if inp and self._known(inp) is None and self._stand_in(node, slot) is None]
+            values: list = []  # per input: its value, a stand-in, or None (absent, run-time or still pending)
+            pending = []
+            for slot, inp in enumerate(node.input):
+                known = self._known(inp) if inp else (None, "")
+                if known is not None and known[0] is not None:
+                    values.append(known[0])
+                    continue
+                stand_in = self._stand_in(node, slot) if inp else None
+                if stand_in is None and known is None:
+                    pending.append(inp)
+                values.append(stand_in)
             cycle = next((inp for inp in pending if inp in active), None)
             if cycle is not None:
                 self._not_constant[current] = f"'{current}' depends on itself (the graph has a cycle)"
@@ -323,7 +332,7 @@ class GraphIndex:
                 active.update(pending)
                 continue
             else:
-                value, reason = self._evaluate(node, current)
+                value, reason = self._evaluate(node, current, values)
                 if value is None:
                     self._not_constant[current] = reason
             stack.pop()
@@ -360,8 +369,9 @@ class GraphIndex:
             return None, f"'{name}' is not defined"
         return None
 
-    def _evaluate(self, node: onnx.NodeProto, name: str) -> tuple[np.ndarray | None, str]:
-        """Evaluate ``node`` (whose inputs are all known by now) and cache its outputs."""
+    def _evaluate(self, node: onnx.NodeProto, name: str, values: list) -> tuple[np.ndarray | None, str]:
+        """Evaluate ``node`` on ``values`` (one per input: a constant, a stand-in, or None for an absent or
+        run-time input) and cache its outputs."""
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
             value = constant_node_value(node)
             if value is None:
@@ -371,18 +381,12 @@ class GraphIndex:
         if node.domain not in ("", "ai.onnx") or node.op_type in _NONDETERMINISTIC or any(True for _ in subgraphs(node)):
             return None, f"'{name}' is computed by {node.op_type} {node_label(node)}"
         feeds = {}
-        values: list[np.ndarray | None] = []
-        for slot, inp in enumerate(node.input):
+        for inp, value in zip(node.input, values):
             if not inp:
-                values.append(None)
                 continue
-            value = self._stand_in(node, slot)  # inputs whose values the op ignores are not looked up
-            if value is None:
-                value, _ = self._known(inp)
             if value is None:
                 return None, f"'{name}' is computed at run time by {node.op_type} {node_label(node)}"
             feeds[inp] = value
-            values.append(value)
         if node.op_type == "Shape" and isinstance(values[0], _ShapeOnly):
             start, end = get_attr(node, "start", 0), get_attr(node, "end", None)
             results = [np.array(values[0].shape[start:end], dtype=np.int64)]  # ONNX clamps as slicing does
