@@ -404,12 +404,15 @@ def _f64(values) -> np.ndarray:
 def _read_onnx(path: Path) -> tuple[list[_BNParams], list[str]]:
     import onnx
 
+    from .onnx.graph import GraphIndex, ModelContext
     from .onnx.io import load_model
 
     model = load_model(path)
+    context = ModelContext(model)
+    GraphIndex(model.graph, context)  # InputError for an invalid graph: dangling names, cycles, duplicates
     params: list[_BNParams] = []
     notes: list[str] = []
-    _walk_onnx_graph(model.graph, {}, "", params, notes, onnx)
+    _walk_onnx_graph(model.graph, {}, "", params, notes, onnx, context.inferred_shapes())
     # Exporters name nodes like "node__native_batch_norm_legit_no_training__0" but keep the module path in the
     # parameter names ("layer1.0.bn1.running_mean"): use that path where it names exactly one BN.
     paths = [p.module_path for p in params]
@@ -419,7 +422,9 @@ def _read_onnx(path: Path) -> tuple[list[_BNParams], list[str]]:
     return params, notes
 
 
-def _walk_onnx_graph(graph, outer_constants: dict, prefix: str, params: list, notes: list, onnx) -> None:
+def _walk_onnx_graph(graph, outer_constants: dict, prefix: str, params: list, notes: list, onnx,
+                     shapes: dict | None = None) -> None:
+    """``shapes``: inferred shapes of the main graph's values (None in subgraphs)."""
     from onnx import numpy_helper
 
     from .onnx.graph import constant_node_value
@@ -447,12 +452,15 @@ def _walk_onnx_graph(graph, outer_constants: dict, prefix: str, params: list, no
             return None
         if isinstance(value, np.ndarray):
             return value
-        return numpy_helper.to_array(value)
+        try:
+            return numpy_helper.to_array(value)
+        except (ValueError, TypeError) as exc:  # e.g. raw_data that does not fit the tensor's shape
+            raise InputError(f"invalid model: tensor {name!r} cannot be read ({exc})") from None
 
     for index, node in enumerate(graph.node):
         label = prefix + (node.name or f"{node.op_type}({next((o for o in node.output if o), '?')})")
         if node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx"):
-            params_or_reason = _onnx_bn(node, label, get, producers)
+            params_or_reason = _onnx_bn(node, label, get, producers, shapes or {})
             if isinstance(params_or_reason, str):
                 notes.append(f"BatchNormalization {label!r} not audited: {params_or_reason}")
             else:
@@ -466,7 +474,7 @@ def _walk_onnx_graph(graph, outer_constants: dict, prefix: str, params: list, no
                     _walk_onnx_graph(g, constants, f"{label}/{attr.name}[{i}]/", params, notes, onnx)
 
 
-def _onnx_bn(node, label: str, get, producers) -> _BNParams | str:
+def _onnx_bn(node, label: str, get, producers, shapes: dict) -> _BNParams | str:
     if len(node.input) < 5:
         return "fewer than 5 inputs"
     for attr in node.attribute:
@@ -482,8 +490,15 @@ def _onnx_bn(node, label: str, get, producers) -> _BNParams | str:
         values.append(_f64(value))
     gamma, beta, mean, var = values
     c = mean.size
-    if c == 0 or any(v.size != c for v in values):
-        return "scale, B, mean and var do not have the same non-zero length"
+    if any(v.size != c for v in values):
+        raise InputError(f"invalid model: BatchNormalization {label!r} has scale, B, mean and var of lengths "
+                         f"{[v.size for v in values]}")
+    shape = shapes.get(node.input[0])
+    if shape is not None and len(shape) >= 2 and isinstance(shape[1], int) and shape[1] != c:
+        raise InputError(f"invalid model: BatchNormalization {label!r} has {c} channels, but its input has "
+                         f"{shape[1]}")
+    if c == 0:
+        return "it has no channels"
     eps = float(np.float32(1e-5))
     for attr in node.attribute:
         if attr.name == "epsilon":

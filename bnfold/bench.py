@@ -272,10 +272,10 @@ def benchmark(
     if folded is None:
         from .onnx.fold import fold_onnx
 
-        say(f"folding {source} in memory")
         start = time.perf_counter()
         folded_model, fold_report = fold_onnx(original, skip=skip)
         fold_ms = (time.perf_counter() - start) * 1e3
+        say(f"folded {source} in memory ({fold_ms:.0f} ms)")  # after: a model that cannot fold is one error line
     else:
         if skip:
             raise InputError("skip applies only when bnfold folds the model itself (no folded model given)")
@@ -634,13 +634,16 @@ def _count_batchnorm(model: onnx.ModelProto) -> int:
 
 
 def _load_model(model: Any, what: str) -> onnx.ModelProto:
-    if isinstance(model, onnx.ModelProto):
-        return model
+    from .onnx.graph import GraphIndex, ModelContext
+
     if isinstance(model, (str, os.PathLike)):
         from .onnx.io import load_model
 
-        return load_model(model)
-    raise InputError(f"{what} must be an onnx.ModelProto or a path, not {type(model).__name__}")
+        model = load_model(model)
+    elif not isinstance(model, onnx.ModelProto):
+        raise InputError(f"{what} must be an onnx.ModelProto or a path, not {type(model).__name__}")
+    GraphIndex(model.graph, ModelContext(model))  # InputError for an invalid graph, before any session is made
+    return model
 
 
 def _real_inputs(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:

@@ -255,6 +255,7 @@ def bench_command(model, folded, providers, opt_levels, as_json, plot, input_sha
     provider_names = _parse_providers(providers)
     levels = _parse_opt_levels(opt_levels)
     if plot is not None:
+        _check_output(plot)
         check_png_path(plot)
     if folded is not None and skip:
         raise click.UsageError("--skip applies when bnfold folds MODEL itself, not to a given FOLDED model")
@@ -316,10 +317,21 @@ def calibrate_command(model, data_path, batch_size, estimator, decay, output, as
     _check_output(output)
     original, external_data = load_model_with_info(model)
     data = load_calibration_data(data_path, original)
-    total = -(-len(next(iter(data.values()))) // batch_size)
-    with click.progressbar(length=total, label="calibrating", file=sys.stderr) as bar:
+    bar = None  # started by the first finished batch: an error found before that is the only line on stderr
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = click.progressbar(length=total, label="calibrating", file=sys.stderr)
+            bar.__enter__()
+        bar.update(done - bar.pos)
+
+    try:
         calibrated, info = calibrate_onnx(original, data, batch_size=batch_size, estimator=estimator, decay=decay,
-                                          progress=lambda done, _total: bar.update(done - bar.pos))
+                                          progress=progress)
+    finally:
+        if bar is not None:
+            bar.__exit__(None, None, None)
     save_model(calibrated, output, external_data=external_data or None)
     _log(f"wrote {output}")
     if as_json:
@@ -344,6 +356,8 @@ def audit_command(path, as_json, plot, data):
     with weights_only=True) or a .safetensors file. Exit 1 when a finding has error severity."""
     from .audit import audit, plot as draw
 
+    if plot is not None:
+        _check_output(plot)
     report = audit(path, data=data)
     if plot is not None:
         draw(report, plot)

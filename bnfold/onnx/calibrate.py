@@ -25,7 +25,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .. import stats
 from ..errors import InputError
-from .graph import ModelContext, free_names, node_label, subgraphs
+from .graph import GraphIndex, ModelContext, free_names, node_label, subgraphs
 
 __all__ = ["calibrate_onnx", "load_calibration_data"]
 
@@ -41,12 +41,19 @@ def _real_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
 
 def _load_file(path: Path) -> dict[str, np.ndarray]:
     try:
-        if path.suffix == ".npy":
-            return {path.stem: np.load(path, allow_pickle=False)}
-        with np.load(path, allow_pickle=False) as archive:
-            if not isinstance(archive, np.lib.npyio.NpzFile):
+        # Our own handle: np.load leaks the one it opens when the archive turns out to be corrupt. The magic
+        # bytes are checked first so that np.load never takes anything else for a pickle.
+        with open(path, "rb") as f:
+            magic = f.read(6)
+            f.seek(0)
+            if path.suffix == ".npy":
+                if magic != b"\x93NUMPY":
+                    raise InputError(f"{path}: not an .npy file")
+                return {path.stem: np.load(f, allow_pickle=False)}
+            if not magic.startswith((b"PK\x03\x04", b"PK\x05\x06")):
                 raise InputError(f"{path}: not an .npz archive")
-            return {key: archive[key] for key in archive.files}
+            with np.load(f, allow_pickle=False) as archive:
+                return {key: archive[key] for key in archive.files}
     except InputError:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
@@ -100,6 +107,8 @@ def load_calibration_data(path: str | os.PathLike, model: onnx.ModelProto) -> di
 def _validate(data: dict[str, np.ndarray], model: onnx.ModelProto, where: str) -> None:
     inputs = _real_inputs(model)
     expected = [i.name for i in inputs]
+    if not expected:
+        raise InputError(f"{where}: the model has no inputs, so no data can be fed to it")
     missing = [n for n in expected if n not in data]
     extra = sorted(n for n in data if n not in expected)
     if missing or extra:
@@ -140,6 +149,22 @@ def _validate(data: dict[str, np.ndarray], model: onnx.ModelProto, where: str) -
         raise InputError(f"{where}: the calibration data holds no samples")
 
 
+def _check_fixed_batch(model: onnx.ModelProto, data: dict[str, np.ndarray], batch_size: int) -> None:
+    """An input with a fixed size on axis 0 takes only batches of exactly that many samples."""
+    for vi in _real_inputs(model):
+        dims = vi.type.tensor_type.shape.dim
+        if not dims or not dims[0].HasField("dim_value"):
+            continue
+        fixed, samples = dims[0].dim_value, len(data[vi.name])
+        sizes = ({batch_size} if samples >= batch_size else set()) | ({samples % batch_size} - {0})
+        if sizes != {fixed}:
+            if fixed == 0:
+                raise InputError(f"input {vi.name!r} has size 0 on axis 0: the model takes no samples")
+            raise InputError(f"input {vi.name!r} has a fixed batch size of {fixed} (axis 0), but {samples} samples "
+                             f"in batches of {batch_size} give batches of {sorted(sizes)}: use batch size {fixed} "
+                             f"and a multiple of {fixed} samples")
+
+
 # ---------------------------------------------------------------------------------------------------- calibration
 
 class _Target:
@@ -158,8 +183,8 @@ class _Target:
 
 def _find_targets(model: onnx.ModelProto, notes: list[str]) -> list[_Target]:
     graph = model.graph
-    initializers = {t.name for t in graph.initializer}
-    overridable = {i.name for i in graph.input} & initializers
+    initializers = {t.name: t for t in graph.initializer}
+    overridable = {i.name for i in graph.input} & set(initializers)
     ctx = ModelContext(model)
     targets = []
     for position, node in enumerate(graph.node):
@@ -173,7 +198,16 @@ def _find_targets(model: onnx.ModelProto, notes: list[str]) -> list[_Target]:
         if any(name not in initializers or name in overridable for name in node.input[3:5]):
             notes.append(f"{label}: skipped, its mean/var are not constant initializers")
             continue
+        lengths = [math.prod(initializers[name].dims) for name in node.input[1:5] if name in initializers]
+        if len(set(lengths)) > 1:
+            raise InputError(f"invalid model: {label} has scale, B, mean and var of lengths {lengths}")
+        channels = lengths[0]
         shape = ctx.inferred_shapes().get(node.input[0])
+        if shape is not None and len(shape) >= 2 and isinstance(shape[1], int) and shape[1] != channels:
+            raise InputError(f"invalid model: {label} has {channels} channels, but its input has {shape[1]}")
+        if channels == 0:
+            notes.append(f"{label}: skipped, it has no channels")
+            continue
         if shape is None or len(shape) < 2:
             notes.append(f"{label}: skipped, the rank of its input is unknown")
             continue
@@ -321,6 +355,8 @@ def calibrate_onnx(model: onnx.ModelProto, data: dict[str, np.ndarray], *, batch
     if estimator == "ema" and (isinstance(decay, bool) or not 0.0 <= float(decay) <= 1.0):
         raise InputError(f"decay must be a number in [0, 1], got {decay!r}")
     _validate(data, model, "calibration data")
+    GraphIndex(model.graph, ModelContext(model))  # InputError for an invalid graph: dangling names, cycles, ...
+    _check_fixed_batch(model, data, batch_size)
     notes: list[str] = []
     targets = _find_targets(model, notes)
     info = {"layers": [], "notes": notes}

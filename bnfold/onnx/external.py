@@ -68,7 +68,7 @@ def external_ref(tensor: TensorProto, base: Path) -> ExternalRef:
         length = size - offset
     if offset < 0 or length < 0 or offset + length > size:
         raise InputError(f"{what} asks for bytes {offset}..{offset + length} of '{location}', which has {size}")
-    expected = _nbytes(tensor)
+    expected = tensor_nbytes(tensor)
     if expected is not None and expected != length:
         raise InputError(f"{what} has {length} bytes in '{location}', but its shape {list(tensor.dims)} needs "
                          f"{expected}")
@@ -77,7 +77,7 @@ def external_ref(tensor: TensorProto, base: Path) -> ExternalRef:
 
 def check_external_data(model: onnx.ModelProto, base: Path) -> None:
     """Check every external reference in the model (all graphs, Constant attributes, functions)."""
-    for tensor in _all_tensors(model):
+    for tensor in all_tensors(model):
         if tensor.data_location == TensorProto.EXTERNAL:
             external_ref(tensor, base)
 
@@ -92,7 +92,7 @@ def load_external_tensor(tensor: TensorProto, base: Path) -> None:
 def load_all_external_data(model: onnx.ModelProto, base: Path, *, except_main_initializers: bool = False) -> None:
     """Load external tensors into the model; with ``except_main_initializers`` the main graph's initializers
     stay external (they are served by :class:`ExternalData`)."""
-    for tensor in _all_tensors(model, main_initializers=not except_main_initializers):
+    for tensor in all_tensors(model, main_initializers=not except_main_initializers):
         if tensor.data_location == TensorProto.EXTERNAL:
             load_external_tensor(tensor, base)
 
@@ -136,7 +136,7 @@ class ExternalData:
         value = np.ascontiguousarray(value)
         self._spill.seek(0, os.SEEK_END)
         offset = self._spill.tell()
-        self._spill.write(memoryview(value).cast("B"))
+        self._spill.write(value.reshape(-1).view(np.uint8))
         return Spilled(self._spill, offset, value.nbytes, value.dtype, value.shape)
 
     def close(self) -> None:
@@ -190,7 +190,7 @@ def write_with_external_data(model: onnx.ModelProto, model_file, data_path: Path
             if isinstance(value, Spilled):
                 value.copy_to(data)
             elif value is not None:
-                data.write(memoryview(np.ascontiguousarray(value)).cast("B"))
+                data.write(np.ascontiguousarray(value).reshape(-1).view(np.uint8))
             elif ref is not None:
                 with open(ref.path, "rb") as f:
                     f.seek(ref.offset)
@@ -225,7 +225,7 @@ def _read_bytes(ref: ExternalRef) -> bytes:
     return data
 
 
-def _nbytes(tensor: TensorProto) -> int | None:
+def tensor_nbytes(tensor: TensorProto) -> int | None:
     try:
         itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
     except Exception:  # strings, unknown types: no fixed size to check
@@ -235,7 +235,7 @@ def _nbytes(tensor: TensorProto) -> int | None:
     return math.prod(tensor.dims) * itemsize
 
 
-def _all_tensors(model: onnx.ModelProto, main_initializers: bool = True):
+def all_tensors(model: onnx.ModelProto, main_initializers: bool = True):
     """Every TensorProto of the model: initializers and tensor attributes in all graphs and functions (the main
     graph's initializers only with ``main_initializers``)."""
 

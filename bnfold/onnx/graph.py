@@ -460,6 +460,15 @@ class GraphIndex:
             return None
         return shape
 
+    def known_shape(self, name: str) -> list | None:
+        """The shape of a value if annotated, an initializer's, or already inferred: never runs inference."""
+        if name in self.initializers:
+            return list(self.initializers[name].dims)
+        shape = self._annotated_shapes().get(name)
+        if shape is None and self.parent is None and self.ctx._shapes is not None:
+            shape = self.ctx._shapes.get(name)
+        return shape
+
     def _annotated_shapes(self) -> dict[str, list]:
         if self._local_shapes is None:
             shapes = {}

@@ -15,8 +15,8 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from ..errors import InputError, require_file
-from .external import (ExternalData, check_external_data, load_all_external_data, value_of,
-                       write_with_external_data)
+from .external import (ExternalData, all_tensors, check_external_data, load_all_external_data, tensor_nbytes,
+                       value_of, write_with_external_data)
 
 _PROTOBUF_LIMIT = 2**31 - 1
 
@@ -53,6 +53,8 @@ def load_model_lazily(path: "str | os.PathLike") -> tuple[onnx.ModelProto, "Exte
 def _parse_checked(path: Path) -> onnx.ModelProto:
     try:
         model = _parse_file(path)
+    except InputError:
+        raise
     except OSError as exc:
         raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
     except (DecodeError, RuntimeWarning, ValueError, UnicodeDecodeError) as exc:
@@ -63,7 +65,20 @@ def _parse_checked(path: Path) -> onnx.ModelProto:
         raise InputError(f"{path}: not an ONNX model (no graph)")
     if not model.opset_import and model.ir_version >= 3:
         raise InputError(f"{path}: invalid model: no opset_import")
+    _check_tensor_sizes(model, path)
     return model
+
+
+def _check_tensor_sizes(model: onnx.ModelProto, path: Path) -> None:
+    """Every tensor held in raw_data has the bytes its shape needs (a corrupt file otherwise fails deep inside
+    numpy, or not at all where a command never reads that tensor)."""
+    for tensor in all_tensors(model):
+        if not tensor.HasField("raw_data") or tensor.data_location == onnx.TensorProto.EXTERNAL:
+            continue
+        expected = tensor_nbytes(tensor)
+        if expected is not None and len(tensor.raw_data) != expected:
+            raise InputError(f"{path}: invalid model: tensor '{tensor.name}' has {len(tensor.raw_data)} bytes, "
+                             f"but its shape {list(tensor.dims)} needs {expected}")
 
 
 def _parse_file(path: Path) -> onnx.ModelProto:
@@ -210,7 +225,7 @@ def write_streamed(model: onnx.ModelProto, f, replacements: "dict[str, np.ndarra
             f.write(_initializer_frame(len(body)))
             f.write(body)
             continue
-        raw = memoryview(np.ascontiguousarray(value)).cast("B")
+        raw = np.ascontiguousarray(value).reshape(-1).view(np.uint8)  # bytes, also for zero-size arrays
         if _has_fields_after_raw_data(tensor):  # rare: split the other fields around raw_data
             low, high = onnx.TensorProto(), onnx.TensorProto()  # protobuf writes fields in number order
             _copy_fields(tensor, low, lambda field: field.number < _RAW_DATA_FIELD)

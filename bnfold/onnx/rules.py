@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 
 from ..affine import FoldRefused, absorb_after, absorb_before, bn_to_affine, cast_checked
+from ..errors import InputError
 from .graph import GraphIndex, get_attr, node_label, set_attr
 
 Reason = str
@@ -83,6 +84,7 @@ def batchnorm_affine(g: GraphIndex, node: onnx.NodeProto,
         return "malformed BatchNormalization (needs 5 inputs and an output)"
     hit = prefetched.pop(id(node), None) if prefetched else None
     if hit is not None:
+        _check_channels(g, node, hit[0].shape[0])
         return Affine(node, node.input[0], node.output[0], *hit)
     params = []
     for role, name in zip(("scale", "bias", "mean", "var"), node.input[1:5]):
@@ -93,7 +95,9 @@ def batchnorm_affine(g: GraphIndex, node: onnx.NodeProto,
             return f"{role} has shape {list(value.shape)}, expected one value per channel"
         params.append(value)
     if len({p.shape[0] for p in params}) != 1:
-        return f"parameter lengths disagree: {[p.shape[0] for p in params]}"
+        raise InputError(f"invalid model: BatchNormalization {node_label(node)} has scale, B, mean and var of "
+                         f"lengths {[p.shape[0] for p in params]}")
+    _check_channels(g, node, params[0].shape[0])
     if not all(_is_float(p) for p in params):
         return "parameters are not floating point"
     try:
@@ -101,6 +105,14 @@ def batchnorm_affine(g: GraphIndex, node: onnx.NodeProto,
     except FoldRefused as exc:
         return str(exc)
     return Affine(node, node.input[0], node.output[0], s, t)
+
+
+def _check_channels(g: GraphIndex, node: onnx.NodeProto, channels: int) -> None:
+    """A BN whose parameters do not match its input's channel count (when the shape is at hand) is invalid."""
+    shape = g.known_shape(node.input[0])
+    if shape is not None and len(shape) >= 2 and isinstance(shape[1], int) and shape[1] != channels:
+        raise InputError(f"invalid model: BatchNormalization {node_label(node)} has {channels} channels, "
+                         f"but its input has {shape[1]}")
 
 
 def _channel_vector(const: np.ndarray, rank: int | None, channels: int) -> np.ndarray | None:
@@ -335,6 +347,10 @@ class FoldAfter(Rule):
         target = after_target(g, norm.x, norm.node)
         if not isinstance(target, AfterTarget):
             return target
+        if target.node.op_type in ("Conv", "ConvTranspose") and norm.node.op_type == "BatchNormalization" and \
+                norm.s.shape[0] != target.channels:  # both read axis 1: only an invalid model disagrees
+            raise InputError(f"invalid model: BatchNormalization {node_label(norm.node)} has {norm.s.shape[0]} "
+                             f"channels, but its input has {target.channels} ({node_label(target.node)})")
         try:
             edits, norm_kept = target.plan_edits(g, norm.s, norm.t, norm.y, norm.node)
         except FoldRefused as exc:

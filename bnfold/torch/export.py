@@ -333,17 +333,33 @@ def load_program(path: "str | os.PathLike"):
     """torch.export.load with one-line errors, after checking that nothing in the archive needs unpickling."""
     path = require_file(path, "a torch.export program")
     _refuse_pickles(path)
-    logger = logging.getLogger("torch.export")  # it logs a traceback before raising on a bad file
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
+    # torch logs the real error with a traceback, then raises one that points at "the warnings above": keep the
+    # log quiet, and name the logged error instead.
+    logger = logging.getLogger("torch.export")
+    logged = _LoggedError()
+    handlers, propagate = logger.handlers[:], logger.propagate
+    logger.handlers, logger.propagate = [logged], False
     try:
         return torch.export.load(str(path))
     except Exception as exc:
-        text = str(exc).strip().splitlines()
-        raise InputError(f"{path}: not a torch.export program ({type(exc).__name__}: "
-                         f"{text[0] if text else ''})") from None
+        cause = logged.error if logged.error is not None and "warnings above" in str(exc) else exc
+        text = str(cause).strip().splitlines()
+        first = text[0].split("  (Could this error message be improved?")[0].rstrip() if text else ""
+        raise InputError(f"{path}: not a torch.export program ({type(cause).__name__}: {first})") from None
     finally:
-        logger.setLevel(level)
+        logger.handlers, logger.propagate = handlers, propagate
+
+
+class _LoggedError(logging.Handler):
+    """Remembers the last exception logged with exc_info, and prints nothing."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.error = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info and record.exc_info[1] is not None:
+            self.error = record.exc_info[1]
 
 
 def _refuse_pickles(path: Path) -> None:
