@@ -1346,3 +1346,21 @@ def test_deep_runtime_chain_read_by_an_add_after_conv_is_not_walked_recursively(
     assert report.bn_after == 0 and len(report.folded) == 1
     assert count_ops(folded.graph, "Add") == 1 and count_ops(folded.graph, "Relu") == 3000
 
+
+@pytest.mark.parametrize("typed", [(True,), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("channels", [1, 2, 4])
+def test_conv_bias_in_typed_fields_not_raw_data(typed, channels):
+    """A Conv bias stored in float_data (not raw_data) is read by value, never as raw bytes: the batched prefetch
+    once read such biases as empty bytes and folded garbage (two Convs of 2 channels) or crashed (found by
+    tests/test_fuzz.py)."""
+    net = Net(seed=67)
+    x = net.input("x", [1, 3, 4, 4])
+    for i, as_floats in enumerate(typed):
+        b = (np.arange(channels) + 10 * i + 1).astype(np.float32)
+        if as_floats:
+            net.inits.append(helper.make_tensor(f"B{i}", TP.FLOAT, [channels], b.tolist()))
+        else:
+            net.init(f"B{i}", b)
+        net.bn(net.node("Conv", [x, net.weight(f"W{i}", [channels, 3, 1, 1]), f"B{i}"]), channels, f"y{i}")
+        net.output(f"y{i}")
+    fold_and_check(net.model(), rules=["conv-bn"])

@@ -113,6 +113,8 @@ def prefetch_conv_folds(g: GraphIndex, nodes, affines: dict[int, tuple[np.ndarra
         channels = dims[0] if conv.op_type == "Conv" else dims[1] * group
         if st[0].shape[0] != channels or (bias is not None and tuple(bias.dims) != (channels,)):
             continue
+        if bias is not None and len(bias.raw_data) != channels * RAW_FLOAT_DTYPES[bias.data_type].itemsize:
+            continue  # values in typed fields (float_data, ...), not raw_data: the per-node path reads them
         groups[(conv.op_type, dims, weight.data_type, group, bool(bias_name))].append((bn, conv, weight, bias, st))
     done: dict[int, PrefetchedFold] = {}
     for (op, dims, data_type, group, has_bias), members in groups.items():
