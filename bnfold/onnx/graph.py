@@ -130,7 +130,7 @@ class ModelContext:
     def inferred_shapes(self) -> dict[str, list[int | str | None]]:
         """Shapes from ONNX shape inference, run once on a copy that leaves large tensors behind."""
         if self._shapes is None:
-            self._shapes, self._types = _infer_shapes(self.model)
+            self._shapes, self._types = _infer_shapes(self.model, self.external)
         return self._shapes
 
     def inferred_types(self) -> dict[str, int]:
@@ -152,7 +152,8 @@ def _shape_of(type_proto: onnx.TypeProto) -> list[int | str | None] | None:
     return dims
 
 
-def _infer_shapes(model: onnx.ModelProto) -> tuple[dict[str, list[int | str | None]], dict[str, int]]:
+def _infer_shapes(model: onnx.ModelProto, external: "ExternalData | None" = None
+                  ) -> tuple[dict[str, list[int | str | None]], dict[str, int]]:
     skeleton = onnx.ModelProto()
     skeleton.ir_version = max(model.ir_version, 4)
     skeleton.opset_import.extend(model.opset_import)
@@ -168,6 +169,8 @@ def _infer_shapes(model: onnx.ModelProto) -> tuple[dict[str, list[int | str | No
     for t in src.initializer:
         if math.prod(t.dims) <= 64 and t.data_location != onnx.TensorProto.EXTERNAL:
             g.initializer.append(t)  # small tensors (shapes, axes) drive inference
+        elif math.prod(t.dims) <= 64 and external is not None:  # a small one left in a lazily read file
+            g.initializer.append(numpy_helper.from_array(external.read(t), t.name))
         elif t.name not in input_names:
             g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
     try:
@@ -522,9 +525,10 @@ class GraphIndex:
                 new = numpy_helper.from_array(value, old)
                 if new.data_type != tensor.data_type:
                     raise AssertionError("folding must keep the tensor's dtype")
-                doc = tensor.doc_string
+                doc = tensor.doc_string if tensor.HasField("doc_string") else None
                 tensor.CopyFrom(new)
-                tensor.doc_string = doc
+                if doc is not None:  # an unset doc_string stays unset (set-but-empty is serialized)
+                    tensor.doc_string = doc
             self._constants.pop(old, None)
             return old
         name = self.add_initializer(value, base_name or (f"{old}_bnfold" if old else f"{node_label(node)}_bias"))

@@ -252,7 +252,7 @@ def _raw_data_header(nbytes: int) -> bytes:
 
 
 def _has_fields_after_raw_data(tensor: onnx.TensorProto) -> bool:
-    return bool(tensor.doc_string or len(tensor.external_data) or tensor.HasField("data_location")
+    return bool(tensor.HasField("doc_string") or len(tensor.external_data) or tensor.HasField("data_location")
                 or len(tensor.metadata_props) or len(tensor.double_data) or len(tensor.uint64_data))
 
 
