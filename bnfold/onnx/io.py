@@ -170,7 +170,8 @@ def save_model(model: onnx.ModelProto, path: "str | os.PathLike", *, external_da
         data_name = f"{path.name}.data"
         with open(tmp_model, "wb") as f:
             write_with_external_data(model, f, Path(tmp_dir) / data_name, data_name, replacements, source)
-        os.replace(Path(tmp_dir) / data_name, directory / data_name)
+        if (Path(tmp_dir) / data_name).stat().st_size:  # every tensor small enough to stay inline: no data file
+            os.replace(Path(tmp_dir) / data_name, directory / data_name)
         os.replace(tmp_model, path)
     except OSError as exc:
         raise InputError(f"{path}: cannot write ({exc.strerror or exc})") from None
