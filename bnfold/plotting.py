@@ -3,11 +3,10 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 from .errors import InputError
+from .files import write_atomically
 
 
 def new_figure(width: float, height: float):
@@ -35,17 +34,4 @@ def save_png(fig, out_path) -> None:
     """Write ``fig`` to ``out_path`` through a temporary file in the same directory and a rename: a failed or
     interrupted write leaves no partial file."""
     out_path = check_png_path(out_path)
-    directory = out_path.parent if str(out_path.parent) else Path(".")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=directory)
-    except OSError as exc:
-        raise InputError(f"{out_path}: cannot write ({exc.strerror or exc})") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png")
-        os.replace(tmp, out_path)
-    except OSError as exc:
-        raise InputError(f"{out_path}: cannot write ({exc.strerror or exc})") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomically(out_path, lambda f: fig.savefig(f, format="png"))

@@ -15,6 +15,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from ..errors import InputError, require_file
+from ..files import write_atomically
 from .external import (ExternalData, all_tensors, check_external_data, load_all_external_data, tensor_nbytes,
                        value_of, write_with_external_data)
 
@@ -159,7 +160,7 @@ def save_model(model: onnx.ModelProto, path: "str | os.PathLike", *, external_da
     if external_data is None:
         external_data = estimated_size(model) > _PROTOBUF_LIMIT - (64 << 20)
     if not external_data:
-        _save_inline(model, path, directory, replacements)
+        _save_inline(model, path, replacements)
         return
     try:
         tmp_dir = tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
@@ -179,29 +180,9 @@ def save_model(model: onnx.ModelProto, path: "str | os.PathLike", *, external_da
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
-def _save_inline(model: onnx.ModelProto, path: Path, directory: Path, replacements) -> None:
+def _save_inline(model: onnx.ModelProto, path: Path, replacements) -> None:
     """One file: written to a temporary file in the same directory, then renamed over ``path``."""
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    except OSError as exc:
-        raise InputError(f"{path}: cannot write ({exc.strerror or exc})") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write_streamed(model, f, replacements)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a model file is as readable as any other
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise InputError(f"{path}: cannot write ({exc.strerror or exc})") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-@functools.lru_cache(maxsize=1)
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    write_atomically(path, lambda f: write_streamed(model, f, replacements))
 
 
 def write_streamed(model: onnx.ModelProto, f, replacements: "dict[str, np.ndarray] | None" = None) -> None:
