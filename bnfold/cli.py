@@ -249,14 +249,12 @@ def bench_command(model, folded, providers, opt_levels, as_json, plot, input_sha
     BatchNormalization removed, the floor any fold can reach. Latency median [p10, p90] per provider and
     optimization level, session-creation time, speedup. Progress goes to stderr."""
     from .bench import benchmark, plot as draw
-    from .plotting import check_png_path
 
     shapes = _parse_shapes(input_shapes)
     provider_names = _parse_providers(providers)
     levels = _parse_opt_levels(opt_levels)
     if plot is not None:
         _check_output(plot)
-        check_png_path(plot)
     if folded is not None and skip:
         raise click.UsageError("--skip applies when bnfold folds MODEL itself, not to a given FOLDED model")
     if model.suffix.lower() == ".pt2":
@@ -271,13 +269,7 @@ def bench_command(model, folded, providers, opt_levels, as_json, plot, input_sha
         missing = [r for r in report.results if not r.available]
         if missing:
             raise InputError(f"requested provider {missing[0].provider} is not available: {missing[0].reason}")
-    if plot is not None:
-        draw(report, plot)
-        _log(f"wrote {plot}")
-    if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=2))
-    else:
-        click.echo("\n".join(report.summary_lines()))
+    _render(report, as_json, plot, draw)
     sys.exit(ExitCode.OK)
 
 
@@ -359,6 +351,12 @@ def audit_command(path, as_json, plot, data):
     if plot is not None:
         _check_output(plot)
     report = audit(path, data=data)
+    _render(report, as_json, plot, draw)
+    sys.exit(report.exit_code)
+
+
+def _render(report, as_json: bool, plot, draw) -> None:
+    """The PNG if asked for, then the report: JSON alone on stdout, or its summary lines."""
     if plot is not None:
         draw(report, plot)
         _log(f"wrote {plot}")
@@ -366,7 +364,6 @@ def audit_command(path, as_json, plot, data):
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:
         click.echo("\n".join(report.summary_lines()))
-    sys.exit(report.exit_code)
 
 
 def main(argv: list[str] | None = None) -> None:
