@@ -27,12 +27,12 @@ def bn_to_affine(scale, bias, mean, var, epsilon: float) -> tuple[np.ndarray, np
     """BatchNormalization in inference mode as ``y = s*x + t`` (float64); FoldRefused says why when it can not be.
 
     ``s = scale / sqrt(var + eps)``, ``t = bias - mean * s``: the same float64 operations as
-    :func:`bn_to_affine_batch`, so both give identical bits.
+    :func:`bn_to_affine_flat`, so both give identical bits.
     """
     params = np.array([scale, bias, mean, var], dtype=np.float64)
-    s, t, ok = bn_to_affine_batch(params[None], np.array([epsilon], dtype=np.float64))
-    if ok[0]:
-        return s[0], t[0]
+    s, t, valid = bn_to_affine_flat(*params, np.full(params.shape[1], epsilon, dtype=np.float64))
+    if valid.all():
+        return s, t
     var = params[3]
     if not np.isfinite(params).all():
         raise FoldRefused("parameters contain NaN or infinity")
@@ -43,21 +43,23 @@ def bn_to_affine(scale, bias, mean, var, epsilon: float) -> tuple[np.ndarray, np
     raise FoldRefused("the folded scale or shift overflows float64")
 
 
-def bn_to_affine_batch(params: np.ndarray, epsilon: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Many BatchNormalizations at once: ``params`` [G, 4, C] float64 rows of (scale, bias, mean, var), ``epsilon``
-    [G]. Returns ``s``, ``t`` [G, C] and ``ok`` [G]: False where a parameter is not finite, a variance is negative,
-    ``var + eps`` is not positive, or ``s``/``t`` overflow (those rows must not be folded).
+def bn_to_affine_flat(scale: np.ndarray, bias: np.ndarray, mean: np.ndarray, var: np.ndarray, epsilon: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Many BatchNormalizations at once, their channels laid end to end: float64 vectors of one value per channel
+    (``epsilon`` repeated over each layer's channels). Returns ``s``, ``t`` and ``valid`` per channel: False where a
+    parameter is not finite, the variance is negative, ``var + eps`` is not positive, or ``s``/``t`` overflow (a
+    layer with such a channel must not be folded).
 
     Batching matters: a model with thousands of BN layers would otherwise spend most of its fold time in the
     per-call overhead of numpy on arrays of a few dozen values.
     """
     with np.errstate(all="ignore"):
-        denom = params[:, 3] + epsilon[:, None]
-        s = params[:, 0] / np.sqrt(denom)
-        t = params[:, 1] - params[:, 2] * s
-        ok = (np.isfinite(params).all(axis=(1, 2)) & (params[:, 3] >= 0).all(axis=1) & (denom > 0).all(axis=1)
-              & np.isfinite(s).all(axis=1) & np.isfinite(t).all(axis=1))
-    return s, t, ok
+        denom = var + epsilon
+        s = scale / np.sqrt(denom)
+        t = bias - mean * s
+        valid = np.isfinite(scale) & np.isfinite(bias) & np.isfinite(mean) & np.isfinite(var) & (var >= 0) & \
+            (denom > 0) & np.isfinite(s) & np.isfinite(t)
+    return s, t, valid
 
 
 def channel_multiplier(values: np.ndarray, weight_shape: tuple[int, ...], axis: int, groups: int = 1) -> np.ndarray:
@@ -66,63 +68,43 @@ def channel_multiplier(values: np.ndarray, weight_shape: tuple[int, ...], axis: 
     ``axis == 0``: channels run along axis 0. ``axis == 1``: channel ``c`` of group ``g`` sits at column
     ``c - g*(C/groups)`` of the rows of group ``g`` (rows split evenly into ``groups``).
     """
-    return channel_multiplier_batch(np.asarray(values, dtype=np.float64)[None], weight_shape, axis, groups)[0]
-
-
-def channel_multiplier_batch(values: np.ndarray, weight_shape: tuple[int, ...], axis: int,
-                             groups: int = 1) -> np.ndarray:
-    """:func:`channel_multiplier` for ``values`` [G, C]: one multiplier per weight of a stack [G, *weight_shape]."""
-    count, channels = values.shape
+    values = np.asarray(values, dtype=np.float64)
+    channels = values.shape[0]
     ndim = len(weight_shape)
     if axis == 0:
         if groups != 1 or channels != weight_shape[0]:
             raise FoldRefused(f"{channels} channels do not match weight axis 0 of size {weight_shape[0]}")
-        return values.reshape((count, channels) + (1,) * (ndim - 1))
+        return values.reshape((channels,) + (1,) * (ndim - 1))
     if axis != 1:
         raise ValueError("axis must be 0 or 1")
     rows, per_group = weight_shape[0], weight_shape[1]
     if groups < 1 or rows % groups or channels != per_group * groups:
         raise FoldRefused(
             f"{channels} channels do not match a weight of shape {list(weight_shape)} with group={groups}")
-    table = np.repeat(values.reshape(count, groups, per_group), rows // groups, axis=1)
+    if groups == 1:  # one group: a broadcast along axis 1, no table
+        return values.reshape((1, channels) + (1,) * (ndim - 2))
+    table = np.repeat(values.reshape(groups, per_group), rows // groups, axis=0)
     return table.reshape(table.shape + (1,) * (ndim - 2))
 
 
 def absorb_after(weight, bias, s, t, *, axis: int, groups: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Fold ``s*y + t`` applied to the op's output into its weight and bias (``bias`` may be None)."""
     weight = np.asarray(weight)
-    new_w, new_b = absorb_after_batch(weight[None], None if bias is None else np.asarray(bias)[None],
-                                      np.asarray(s, dtype=np.float64)[None], np.asarray(t, dtype=np.float64)[None],
-                                      axis=axis, groups=groups)
-    return new_w[0], new_b[0]
-
-
-def absorb_after_batch(weights: np.ndarray, biases: np.ndarray | None, s: np.ndarray, t: np.ndarray, *,
-                       axis: int, groups: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`absorb_after` for a stack of G weights [G, *shape] (biases [G, ...] or None, s and t [G, C])."""
-    new_w = np.multiply(weights, channel_multiplier_batch(s, weights.shape[1:], axis, groups), dtype=np.float64)
-    new_b = t.copy() if biases is None else s * np.asarray(biases, dtype=np.float64) + t
+    s, t = np.asarray(s, dtype=np.float64), np.asarray(t, dtype=np.float64)
+    new_w = np.multiply(weight, channel_multiplier(s, weight.shape, axis, groups), dtype=np.float64)
+    new_b = t.copy() if bias is None else s * np.asarray(bias, dtype=np.float64) + t
     return new_w, new_b
 
 
-def absorb_after_cast(weights: list[np.ndarray], biases: np.ndarray | None, s: np.ndarray, t: np.ndarray, *,
-                      axis: int, groups: int, dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`absorb_after` then :func:`cast_rows` for G weights of one shape, without a float64 copy of them.
+def absorb_after_into(weight: np.ndarray, s: np.ndarray, out: np.ndarray, *, axis: int, groups: int = 1) -> None:
+    """:func:`absorb_after`'s weight, rounded once to ``out``'s dtype as numpy writes it into ``out``.
 
-    Each product is computed in float64 and rounded once to ``dtype`` as numpy writes it out (bit-identical to
-    casting a float64 result), so the memory traffic is that of the weights themselves: on large models the fold
-    is bound by memory, not arithmetic. Returns the new weights [G, *shape], biases [G, C] and which rows stayed
-    finite.
+    Each product is computed in float64 and rounded once (bit-identical to casting a float64 result), without a
+    float64 copy of the weight: on large models the fold is bound by memory traffic, not arithmetic. Overflow gives
+    infinities (numpy warns unless called under ``np.errstate(over="ignore", invalid="ignore")``): check ``out``.
     """
-    multiplier = channel_multiplier_batch(s, weights[0].shape, axis, groups)
-    new_w = np.empty((len(weights),) + weights[0].shape, dtype=dtype)
-    with np.errstate(over="ignore", invalid="ignore"):
-        for i, weight in enumerate(weights):
-            np.multiply(weight, multiplier[i], out=new_w[i], dtype=np.float64, casting="unsafe")
-    new_b = t.copy() if biases is None else s * np.asarray(biases, dtype=np.float64) + t
-    new_b, ok_b = cast_rows(new_b, dtype)
-    ok_w = np.isfinite(new_w).reshape(len(new_w), -1).all(axis=1)
-    return new_w, new_b, ok_w & ok_b
+    np.multiply(weight, channel_multiplier(s, weight.shape, axis, groups), out=out, dtype=np.float64,
+                casting="unsafe")
 
 
 def absorb_before(weight, bias, s, t, *, in_axis: int, out_axis: int, groups: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -137,13 +119,6 @@ def absorb_before(weight, bias, s, t, *, in_axis: int, out_axis: int, groups: in
     shift = (w * channel_multiplier(t, w.shape, in_axis, groups)).sum(axis=reduce_axes)
     new_b = shift if bias is None else np.asarray(bias, dtype=np.float64) + shift
     return new_w, new_b
-
-
-def cast_rows(values: np.ndarray, dtype) -> tuple[np.ndarray, np.ndarray]:
-    """Round a float64 stack [G, ...] once to ``dtype``; also return which rows stayed finite."""
-    with np.errstate(over="ignore", invalid="ignore"):
-        out = values.astype(dtype)
-    return out, np.isfinite(out).reshape(len(out), -1).all(axis=1)
 
 
 def cast_checked(values: np.ndarray, dtype, what: str = "folded weights") -> np.ndarray:

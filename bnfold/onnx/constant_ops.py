@@ -21,10 +21,11 @@ _INTS = {np.dtype(t) for t in (np.int8, np.int16, np.int32, np.int64, np.uint8, 
 
 def evaluate(node: onnx.NodeProto, inputs: list[np.ndarray | None], opset: int) -> list[np.ndarray] | None:
     """The outputs of ``node`` on ``inputs`` (None for an absent optional input), or None if not covered here."""
-    kernel = _KERNELS.get(node.op_type)
+    op = node.op_type
+    kernel = _KERNELS.get(op)
     if kernel is None:
         return None
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    attrs = {} if op in _NO_ATTRIBUTES else {a.name: attribute_value(a) for a in node.attribute}
     try:
         result = kernel(inputs, attrs, opset)
     except (ValueError, IndexError, TypeError):  # malformed for numpy: let the reference evaluator judge it
@@ -32,6 +33,18 @@ def evaluate(node: onnx.NodeProto, inputs: list[np.ndarray | None], opset: int) 
     if result is None:
         return None
     return [np.asarray(result)]
+
+
+def attribute_value(attr: onnx.AttributeProto):
+    """onnx.helper.get_attribute_value, without its dispatch for the scalar types attributes mostly have."""
+    kind = attr.type
+    if kind == onnx.AttributeProto.INT:
+        return attr.i
+    if kind == onnx.AttributeProto.FLOAT:
+        return attr.f
+    if kind == onnx.AttributeProto.INTS:
+        return list(attr.ints)
+    return helper.get_attribute_value(attr)
 
 
 def _identity(inputs, attrs, opset):
@@ -122,6 +135,9 @@ def _float_binary(fn: Callable[[np.ndarray, np.ndarray], np.ndarray]):
 
     return kernel
 
+
+# Ops whose numpy form here reads no attribute: their attributes are not even parsed.
+_NO_ATTRIBUTES = frozenset({"Identity", "CastLike", "Expand", "Add", "Sub", "Mul", "Div"})
 
 _KERNELS = {
     "Identity": _identity,

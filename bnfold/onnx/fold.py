@@ -64,15 +64,23 @@ def fold_model(model: onnx.ModelProto, rules: list[Rule],
 def _fold_graph(g: GraphIndex, rules: list[Rule], report: FoldReport) -> None:
     bn_rules = [r for r in rules if "BatchNormalization" in r.sources]
     affine_rules = [r for r in rules if r.sources & _MUL_ADD]
-    batchnorms = [n for n in g.nodes if n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx")]
+    watched = _MUL_ADD | {"BatchNormalization"} if affine_rules else {"BatchNormalization"}
+    # One pass over the graph finds every node a rule starts from (folds never create new ones; a BN turned into
+    # an Add stays the same node) and the per-sample norms to report.
+    candidates, per_sample = [], []
+    for node in g.nodes:
+        op = node.op_type
+        if (op in watched or op in PER_SAMPLE_NORMS) and node.domain in ("", "ai.onnx"):
+            (per_sample if op in PER_SAMPLE_NORMS else candidates).append(node)
+    batchnorms = [n for n in candidates if n.op_type == "BatchNormalization"]
     report.bn_before += len(batchnorms)
     prefetched = prefetch_batchnorm_affines(g, batchnorms)
     g.prefetched_folds = prefetch_conv_folds(g, batchnorms, prefetched)
     while True:
         changed = False
         skipped: list[Skip] = []
-        for node in list(g.live_nodes()):
-            if g.is_removed(node) or node.domain not in ("", "ai.onnx"):
+        for node in candidates:
+            if g.is_removed(node):
                 continue
             op = node.op_type
             if op == "BatchNormalization":
@@ -94,18 +102,15 @@ def _fold_graph(g: GraphIndex, rules: list[Rule], report: FoldReport) -> None:
             break
     report.skipped.extend(skipped)
     report.bn_after += sum(1 for n in batchnorms if not g.is_removed(n) and n.op_type == "BatchNormalization")
-    for node in g.live_nodes():
-        if node.op_type in PER_SAMPLE_NORMS and node.domain in ("", "ai.onnx"):
-            report.skipped.append(Skip(node_label(node), f"not foldable: per-sample statistics ({node.op_type} "
-                                       f"{PER_SAMPLE_NORMS[node.op_type]}), no fixed affine exists",
-                                       op_type=node.op_type, graph=g.path))
+    for node in per_sample:
+        report.skipped.append(Skip(node_label(node), f"not foldable: per-sample statistics ({node.op_type} "
+                                   f"{PER_SAMPLE_NORMS[node.op_type]}), no fixed affine exists",
+                                   op_type=node.op_type, graph=g.path))
     g.commit()
-    for node in list(g.live_nodes()):
-        if not node.attribute:
+    for node in g.nodes_with_subgraphs:
+        if g.is_removed(node):
             continue
         bodies = list(subgraphs(node))
-        if not bodies:
-            continue
         read_before = set().union(*(free_names(b) for _, b in bodies))
         for attr_name, sub in bodies:
             path = f"{g.path}/" if g.path else ""

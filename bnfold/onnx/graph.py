@@ -7,6 +7,7 @@ applied once in :meth:`GraphIndex.commit`, because deleting from a protobuf repe
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
 from typing import Iterable
@@ -16,7 +17,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..errors import InputError
-from .constant_ops import evaluate
+from .constant_ops import attribute_value, evaluate
 from .external import ExternalData, value_of
 
 # Ops whose output is not a function of their inputs: never evaluated as constants.
@@ -40,6 +41,22 @@ def tensor_to_array(tensor: onnx.TensorProto) -> np.ndarray:
             if len(raw) == math.prod(dims) * dtype.itemsize:
                 return np.frombuffer(raw, dtype=dtype).reshape(dims)
     return numpy_helper.to_array(tensor)
+
+
+_RAW_FLOAT_TYPES = {dtype: data_type for data_type, dtype in RAW_FLOAT_DTYPES.items()}
+
+
+def array_to_tensor(value: np.ndarray, name: str) -> onnx.TensorProto:
+    """numpy_helper.from_array, with a fast path giving the same message for float arrays (the common case)."""
+    data_type = _RAW_FLOAT_TYPES.get(value.dtype)
+    if data_type is None:
+        return numpy_helper.from_array(value, name)
+    tensor = onnx.TensorProto()
+    tensor.dims.extend(value.shape)
+    tensor.data_type = data_type
+    tensor.name = name
+    tensor.raw_data = value.tobytes()  # C order, whatever the array's layout, as from_array writes it
+    return tensor
 
 
 def node_label(node: onnx.NodeProto) -> str:
@@ -115,6 +132,7 @@ class ModelContext:
         self.ir_version = model.ir_version
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
         self._names: set[str] | None = None
+        self.main_index: GraphIndex | None = None  # set by the main graph's GraphIndex, which knows its names
         self._shapes: dict[str, list[int | str | None]] | None = None
         # IR < 4 lists initializers as graph inputs too; they were read as constants (said in the report).
         self.used_initializer_inputs = False
@@ -124,8 +142,27 @@ class ModelContext:
 
     def unique_name(self, base: str) -> str:
         if self._names is None:  # built on first need: most folds rewrite tensors in place and name nothing
-            self._names = all_names(self.model.graph, set())
+            self._names = self._taken_names()
         return unique_name(base, self._names)
+
+    def _taken_names(self) -> set[str]:
+        """What :func:`all_names` finds, taken from the main graph's index where it already holds the names."""
+        main = self.main_index
+        if main is None:
+            return all_names(self.model.graph, set())
+        graph = self.model.graph
+        taken = set(main.producer)
+        taken.update(main.consumers)
+        taken.update(main.initializers)
+        taken.update(main.inputs)
+        taken.update(main.outputs)
+        taken.update(main.removed_names)  # gone from the graph (committed or not): the old protobuf had them
+        taken.update(main._dropped_values)
+        taken.update(vi.name for vi in graph.value_info)
+        taken.update(node.name for node in main.nodes)
+        for body in main.bodies:
+            all_names(body, taken)
+        return taken
 
     def inferred_shapes(self) -> dict[str, list[int | str | None]]:
         """Shapes from ONNX shape inference, run once on a copy that leaves large tensors behind."""
@@ -210,50 +247,61 @@ class GraphIndex:
         self._constants: dict[str, np.ndarray] = {}
         self._not_constant: dict[str, str] = {}  # name -> why it is not a compile-time constant
         self._runtime: set[str] = set()  # names whose value depends on a graph input
-        self._local_shapes: dict[str, list] | None = None
-        self._local_types: dict[str, int | None] | None = None
+        self._local_shapes: _Annotations | None = None
         self.rewritten: set[str] = set()  # initializers given new values (invalidates prefetched math)
         self.prefetched_folds: dict = {}  # id(normalization) -> prefetch.PrefetchedFold
+        # Input and output names of each node (by id), read once: reading them from the protobuf costs ~0.3 us a
+        # name every time. Every edit goes through this class and keeps them current.
+        self._inputs_of: dict[int, list[str]] = {}
+        self._outputs_of: dict[int, list[str]] = {}
+        self.bodies: list[onnx.GraphProto] = []  # subgraphs of this graph's nodes
+        self.nodes_with_subgraphs: list[onnx.NodeProto] = []
+        self.removed_names: set[str] = set()  # values that no longer exist (still not to be reused before commit)
         self._index(graph)
+        if parent is None:
+            ctx.main_index = self
 
     # ---- building --------------------------------------------------------------------------------------
     def _index(self, graph: onnx.GraphProto) -> None:
         known = set(self.inputs) | set(self.initializers) | {t.name for t in graph.sparse_initializer}
-        consumers, producer, initializers, inputs = self.consumers, self.producer, self.initializers, self.inputs
+        consumers, producer, initializers, inputs_ = self.consumers, self.producer, self.initializers, self.inputs
         # Values that depend on a run-time input, found in the same pass: asking whether they are constant then
         # costs one lookup. (Shape reads only a shape and CastLike's second input only a dtype: not counted.)
         runtime = self._runtime
-        runtime.update(n for n in inputs if n not in initializers or self.ctx.ir_version >= 4)
+        runtime.update(n for n in inputs_ if n not in initializers or self.ctx.ir_version >= 4)
         parent_runtime = self.parent._is_runtime if self.parent is not None else (lambda _name: False)
+        inputs_of, outputs_of = self._inputs_of, self._outputs_of
         for node in self.nodes:
-            if node.op_type == "Shape" or node.domain not in ("", "ai.onnx"):
-                reads = ()
-            elif node.op_type == "CastLike":
-                reads = node.input[:1]
-            else:
-                reads = node.input
-            if node.op_type in _NONDETERMINISTIC:
-                runtime.update(node.output)
-            else:
-                for n in reads:
-                    if n in runtime or (n not in known and n and parent_runtime(n)):
-                        runtime.update(node.output)
+            op = node.op_type
+            inputs = inputs_of[id(node)] = list(node.input)
+            outputs = outputs_of[id(node)] = list(node.output)
+            default_domain = node.domain in ("", "ai.onnx")
+            if op in _NONDETERMINISTIC:
+                runtime.update(outputs)
+            elif default_domain and op != "Shape":
+                for n in (inputs[:1] if op == "CastLike" else inputs):
+                    if n in runtime or (n and n not in known and parent_runtime(n)):
+                        runtime.update(outputs)
                         break
-            for name in node.input:
+            for name in inputs:
                 if name:
                     if name not in known and not self._outer_defines(name):
                         where = f" in subgraph {self.path}" if self.path else ""
                         raise InputError(f"invalid graph{where}: node {node_label(node)} reads '{name}', which is "
                                          "not defined before it (dangling input or a cycle)")
                     consumers[name].append(node)
-            if node.attribute:
-                for _, g in subgraphs(node):
+            if (op in _OPS_WITH_SUBGRAPHS or not default_domain) and node.attribute:
+                found = subgraphs(node)
+                if found:
+                    self.nodes_with_subgraphs.append(node)
+                for _, g in found:
+                    self.bodies.append(g)
                     for name in free_names(g):
                         if name in known or self._outer_defines(name):
                             consumers[name].append(node)
-            for name in node.output:
+            for name in outputs:
                 if name:
-                    if name in known and (name in producer or name in initializers or name in inputs):
+                    if name in known and (name in producer or name in initializers or name in inputs_):
                         raise InputError(f"invalid graph: '{name}' is defined twice (second time by "
                                          f"{node_label(node)})")
                     producer[name] = node
@@ -281,6 +329,14 @@ class GraphIndex:
         return False
 
     # ---- queries ---------------------------------------------------------------------------------------
+    def inputs_of(self, node: onnx.NodeProto) -> list[str]:
+        """``list(node.input)``, cached (do not modify it)."""
+        return self._inputs_of[id(node)]
+
+    def outputs_of(self, node: onnx.NodeProto) -> list[str]:
+        """``list(node.output)``, cached (do not modify it)."""
+        return self._outputs_of[id(node)]
+
     def live_nodes(self) -> Iterable[onnx.NodeProto]:
         return (n for n in self.nodes if id(n) not in self._removed_nodes)
 
@@ -305,35 +361,89 @@ class GraphIndex:
     def constant(self, name: str) -> tuple[np.ndarray | None, str]:
         """The value of ``name`` if it is a compile-time constant, else ``(None, reason)``.
 
-        Producers are evaluated bottom-up with an explicit stack (a deep graph must not exhaust Python's recursion
-        limit), and both answers are cached: a value computed at run time stays so under every fold, so asking
-        again (every residual Add asks about its skip input) costs nothing.
+        Both answers are cached: a value computed at run time stays so under every fold, so asking again (every
+        residual Add asks about its skip input) costs nothing.
         """
+        value = self._constants.get(name)
+        if value is not None:
+            return value, ""
         known = self._known(name)
         if known is not None:
             return known
+        return self._compute(name, 0)
+
+    # Producers deeper than this are evaluated with an explicit stack: a deep graph must not exhaust Python's
+    # recursion limit, and shallow ones (nearly all) are cheaper to walk recursively.
+    _MAX_RECURSION = 64
+
+    def _compute(self, name: str, depth: int) -> tuple[np.ndarray | None, str]:
+        """Evaluate the producer of ``name``, whose inputs are evaluated first (the graph is acyclic: _index
+        checked every input is defined before it is read)."""
+        if depth > self._MAX_RECURSION:
+            return self._compute_iteratively(name)
+        node = self.producer[name]
+        op = node.op_type
+        constants, runtime = self._constants, self._runtime
+        values: list = []  # per input: its value, a stand-in, or None (absent)
+        for slot, inp in enumerate(self._inputs_of[id(node)]):
+            if not inp:
+                values.append(None)
+                continue
+            value = constants.get(inp)
+            if value is None:
+                if inp in runtime:
+                    value = self._stand_in(node, slot) if op == "CastLike" or op == "Shape" else None
+                else:
+                    known = self._known(inp)
+                    if known is None:
+                        known = self._compute(inp, depth + 1)
+                    value = known[0]
+                    if value is None:
+                        value = self._stand_in(node, slot)
+                if value is None:  # no need to look at the other inputs
+                    reason = self._not_constant[name] = f"'{name}' is computed at run time by {op} {node_label(node)}"
+                    return None, reason
+            values.append(value)
+        value, reason = self._evaluate(node, name, values)
+        if value is None:
+            self._not_constant[name] = reason
+        return value, reason
+
+    def _compute_iteratively(self, name: str) -> tuple[np.ndarray | None, str]:
+        constants, runtime = self._constants, self._runtime
         stack, active = [name], {name}
         while stack:
             current = stack[-1]
             node = self.producer[current]
+            op = node.op_type
             values: list = []  # per input: its value, a stand-in, or None (absent, run-time or still pending)
             pending = []
-            for slot, inp in enumerate(node.input):
-                known = self._known(inp) if inp else (None, "")
+            for slot, inp in enumerate(self._inputs_of[id(node)]):
+                if not inp:
+                    values.append(None)
+                    continue
+                value = constants.get(inp)
+                if value is not None:
+                    values.append(value)
+                    continue
+                if inp in runtime and (op == "CastLike" or op == "Shape"):  # the common run-time case, no lookup
+                    values.append(self._stand_in(node, slot))
+                    continue
+                known = self._known(inp)
                 if known is not None and known[0] is not None:
                     values.append(known[0])
                     continue
-                stand_in = self._stand_in(node, slot) if inp else None
+                stand_in = self._stand_in(node, slot)
                 if stand_in is None and known is None:
                     pending.append(inp)
                 values.append(stand_in)
-            cycle = next((inp for inp in pending if inp in active), None)
-            if cycle is not None:
-                self._not_constant[current] = f"'{current}' depends on itself (the graph has a cycle)"
-            elif pending:
-                stack.extend(pending)
-                active.update(pending)
-                continue
+            if pending:
+                if any(inp in active for inp in pending):
+                    self._not_constant[current] = f"'{current}' depends on itself (the graph has a cycle)"
+                else:
+                    stack.extend(pending)
+                    active.update(pending)
+                    continue
             else:
                 value, reason = self._evaluate(node, current, values)
                 if value is None:
@@ -363,7 +473,8 @@ class GraphIndex:
             return tensor_to_array(tensor), ""
         if name in self._runtime and name in self.producer:
             node = self.producer[name]
-            return None, f"'{name}' is computed at run time by {node.op_type} {node_label(node)}"
+            reason = self._not_constant[name] = f"'{name}' is computed at run time by {node.op_type} {node_label(node)}"
+            return None, reason
         if name not in self.producer:
             if name in self.inputs:
                 return None, f"'{name}' is a graph input"
@@ -375,45 +486,44 @@ class GraphIndex:
     def _evaluate(self, node: onnx.NodeProto, name: str, values: list) -> tuple[np.ndarray | None, str]:
         """Evaluate ``node`` on ``values`` (one per input: a constant, a stand-in, or None for an absent or
         run-time input) and cache its outputs."""
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+        op = node.op_type
+        if op == "Constant" and node.domain in ("", "ai.onnx"):
             value = constant_node_value(node)
             if value is None:
                 raise InputError(f"Constant node {node_label(node)} holds no numeric tensor")
             self._constants[name] = value
             return value, ""
-        if node.domain not in ("", "ai.onnx") or node.op_type in _NONDETERMINISTIC or any(True for _ in subgraphs(node)):
-            return None, f"'{name}' is computed by {node.op_type} {node_label(node)}"
-        feeds = {}
-        for inp, value in zip(node.input, values):
-            if not inp:
-                continue
-            if value is None:
-                return None, f"'{name}' is computed at run time by {node.op_type} {node_label(node)}"
-            feeds[inp] = value
-        if node.op_type == "Shape" and isinstance(values[0], _ShapeOnly):
+        if not _is_pure_constant_producer(node):
+            return None, f"'{name}' is computed by {op} {node_label(node)}"
+        inputs = self._inputs_of[id(node)]
+        for inp, value in zip(inputs, values):
+            if value is None and inp:
+                return None, f"'{name}' is computed at run time by {op} {node_label(node)}"
+        if op == "Shape" and type(values[0]) is _ShapeOnly:
             start, end = get_attr(node, "start", 0), get_attr(node, "end", None)
             results = [np.array(values[0].shape[start:end], dtype=np.int64)]  # ONNX clamps as slicing does
         else:
-            results = evaluate(node, [v.array() if isinstance(v, _ShapeOnly) else v for v in values],
-                               self.ctx.opset)
-        if results is None:
-            feeds = {k: v.array() if isinstance(v, _ShapeOnly) else v for k, v in feeds.items()}
-            try:
-                from onnx.reference import ReferenceEvaluator
+            arrays = [v.array() if type(v) is _ShapeOnly else v for v in values]
+            results = evaluate(node, arrays, self.ctx.opset)
+            if results is None:
+                feeds = {inp: value for inp, value in zip(inputs, arrays) if inp}
+                try:
+                    from onnx.reference import ReferenceEvaluator
 
-                evaluator = ReferenceEvaluator(node, opsets={"": self.ctx.opset})
-                results = evaluator.run(None, feeds)
-            except Exception as exc:  # the reference evaluator lacks the op or rejects it: not a constant for us
-                return None, f"'{name}' could not be evaluated ahead of time ({type(exc).__name__})"
-        for out, value in zip(node.output, results):
+                    evaluator = ReferenceEvaluator(node, opsets={"": self.ctx.opset})
+                    results = evaluator.run(None, feeds)
+                except Exception as exc:  # the reference evaluator lacks the op or rejects it: not a constant for us
+                    return None, f"'{name}' could not be evaluated ahead of time ({type(exc).__name__})"
+        for out, value in zip(self._outputs_of[id(node)], results):
             value = np.asarray(value)
             if value.size > _MAX_EVAL_ELEMENTS:
                 return None, f"'{name}' is a computed constant too large to evaluate"
             if out:
                 self._constants[out] = value
-        if name not in self._constants:
-            return None, f"'{name}' is not computed by {node.op_type} {node_label(node)}"
-        return self._constants[name], ""
+        value = self._constants.get(name)
+        if value is None:
+            return None, f"'{name}' is not computed by {op} {node_label(node)}"
+        return value, ""
 
     def constant_meta(self, name: str) -> tuple[tuple[int, ...], np.dtype] | None:
         """Shape and dtype of a constant without reading its values, when it is a plain float initializer."""
@@ -435,11 +545,11 @@ class GraphIndex:
         """Inputs whose value an op ignores: CastLike reads only the dtype of its second input, Shape only the
         shape of its input. When that is known, a zero-cost array of that dtype/shape stands in, and the input
         need not be constant (nor be looked up, which would walk the graph above it)."""
-        name = node.input[slot]
+        name = self._inputs_of[id(node)][slot]
         if node.op_type == "CastLike" and slot == 1:
             elem = self.elem_type(name)
             if elem:
-                return np.zeros((), dtype=onnx.helper.tensor_dtype_to_np_dtype(elem))
+                return _dtype_stand_in(elem)
         if node.op_type == "Shape":
             shape = self.static_shape(name)
             if shape is not None:
@@ -472,27 +582,17 @@ class GraphIndex:
             shape = self.ctx._shapes.get(name)
         return shape
 
-    def _annotated_shapes(self) -> dict[str, list]:
+    def _annotated_shapes(self) -> "_Annotations":
         if self._local_shapes is None:
-            shapes = {}
-            for vi in list(self.graph.input) + list(self.graph.output) + list(self.graph.value_info):
-                s = _shape_of(vi.type)
-                if s is not None:
-                    shapes[vi.name] = s
-            self._local_shapes = shapes
+            self._local_shapes = _Annotations(self.graph)
         return self._local_shapes
 
     def elem_type(self, name: str) -> int | None:
         if name in self.initializers:
             return self.initializers[name].data_type
-        if self._local_types is None:
-            types: dict[str, int | None] = {}
-            for vi in list(self.graph.input) + list(self.graph.output) + list(self.graph.value_info):
-                if vi.type.HasField("tensor_type"):
-                    types.setdefault(vi.name, vi.type.tensor_type.elem_type or None)
-            self._local_types = types
-        if name in self._local_types:
-            return self._local_types[name]
+        annotations = self._annotated_shapes()
+        if annotations.annotates(name):
+            return annotations.elem_type(name)
         if self.parent is not None:
             return self.parent.elem_type(name)
         return self.ctx.inferred_types().get(name)
@@ -505,7 +605,8 @@ class GraphIndex:
         Constant node, computed or outer-scope constant, missing optional input) a new initializer is made for
         this node and every other reader keeps the original.
         """
-        old = node.input[slot] if slot < len(node.input) else ""
+        cached = self._inputs_of[id(node)]
+        old = cached[slot] if slot < len(cached) else ""
         tensor = self.initializers.get(old) if old else None
         external = tensor is not None and tensor.data_location == onnx.TensorProto.EXTERNAL
         if tensor is not None and self.only_consumer(old, node) and old not in self.inputs \
@@ -531,22 +632,38 @@ class GraphIndex:
                     tensor.doc_string = doc
             self._constants.pop(old, None)
             return old
+        dropped = False
+        if tensor is None and old in self.producer and self.only_consumer(old, node) and base_name is None:
+            # A computed constant read only here (an exporter's zero-bias chain): once its producers are gone the
+            # value keeps its name as an initializer. No new name, and the node's inputs stay as they were.
+            self.drop_use(old, node)
+            dropped = True
+            if old not in self.producer and not self.consumers.get(old):
+                self._constants.pop(old, None)
+                self._not_constant.pop(old, None)
+                self._runtime.discard(old)
+                self.rewritten.add(old)
+                self.add_initializer(value, old, exact=True)
+                self.consumers[old].append(node)
+                return old
         name = self.add_initializer(value, base_name or (f"{old}_bnfold" if old else f"{node_label(node)}_bias"))
         while len(node.input) <= slot:
             node.input.append("")
-        node.input[slot] = name
+            cached.append("")
+        node.input[slot] = cached[slot] = name
         self.consumers[name].append(node)
-        if old:
+        if old and not dropped:
             self.drop_use(old, node)
         return name
 
-    def add_initializer(self, value: np.ndarray, base_name: str) -> str:
-        name = self.ctx.unique_name(base_name)
-        self.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
-        self.initializers[name] = self.graph.initializer[-1]
+    def add_initializer(self, value: np.ndarray, base_name: str, exact: bool = False) -> str:
+        """A new initializer named ``base_name`` made unique (``exact``: a name known to be free)."""
+        name = base_name if exact else self.ctx.unique_name(base_name)
+        tensor = self.graph.initializer.add()  # filled in place: appending a finished tensor would copy it
+        tensor.CopyFrom(array_to_tensor(value, name))
+        self.initializers[name] = tensor
         if self.ctx.ir_version < 4:  # below IR 4 every initializer must also be a graph input
-            self.graph.input.append(onnx.helper.make_tensor_value_info(name, self.initializers[name].data_type,
-                                                                        list(value.shape)))
+            self.graph.input.append(onnx.helper.make_tensor_value_info(name, tensor.data_type, list(value.shape)))
             self.inputs.add(name)
         return name
 
@@ -556,6 +673,7 @@ class GraphIndex:
         name = self.add_initializer(bias, f"{node_label(node)}_bias")
         del node.input[:]
         node.input.extend([x, name])
+        self._inputs_of[id(node)] = [x, name]
         del node.attribute[:]
         node.op_type, node.domain = "Add", ""
         for old in set(old_inputs):
@@ -564,16 +682,18 @@ class GraphIndex:
         self.consumers[name].append(node)
 
     def rename_input(self, node: onnx.NodeProto, old: str, new: str) -> None:
-        for i, name in enumerate(node.input):
+        cached = self._inputs_of[id(node)]
+        for i, name in enumerate(cached):
             if name == old:
-                node.input[i] = new
+                node.input[i] = cached[i] = new
         self.drop_use(old, node)
         self.consumers[new].append(node)
 
     def move_output(self, node: onnx.NodeProto, new_name: str) -> None:
         """``node`` now produces ``new_name`` (a value whose producer was removed); its old output goes away."""
-        old = node.output[0]
-        node.output[0] = new_name
+        cached = self._outputs_of[id(node)]
+        old = cached[0]
+        node.output[0] = cached[0] = new_name
         self.producer.pop(old, None)
         self.producer[new_name] = node
         self.consumers.pop(old, None)
@@ -582,19 +702,24 @@ class GraphIndex:
     def remove_node(self, node: onnx.NodeProto) -> None:
         """Remove a node whose outputs nobody reads any more; constants it alone used go with it."""
         self._removed_nodes.add(id(node))
-        for name in node.output:
-            if self.producer.get(name) is node:
-                del self.producer[name]
+        producer = self.producer
+        for name in self._outputs_of[id(node)]:
+            if producer.get(name) is node:
+                del producer[name]
                 self._dropped_values.add(name)
-        for name in set(node.input):
-            if name:
+        inputs = self._inputs_of[id(node)]
+        for i, name in enumerate(inputs):
+            if name and name not in inputs[:i]:
                 self.drop_use(name, node)
 
     def drop_use(self, name: str, node: onnx.NodeProto) -> None:
         """``node`` no longer reads ``name``; a constant nobody reads any more is removed."""
         users = self.consumers.get(name)
         if users is not None:
-            self.consumers[name] = users = [u for u in users if u is not node]
+            if len(users) == 1 and users[0] is node:
+                users.clear()
+            else:
+                users[:] = [u for u in users if u is not node]
             if users or name in self.outputs:
                 return
         if name in self.initializers and (name not in self.inputs or self.ctx.ir_version < 4):
@@ -603,7 +728,7 @@ class GraphIndex:
             return
         producer = self.producer.get(name)
         if producer is not None and name in self._constants and _is_pure_constant_producer(producer) and \
-                not any(self.consumers.get(o) or o in self.outputs for o in producer.output if o):
+                not any(self.consumers.get(o) or o in self.outputs for o in self._outputs_of[id(producer)] if o):
             self.remove_node(producer)
 
     def commit(self) -> None:
@@ -628,8 +753,70 @@ class GraphIndex:
         if self._dropped_values:
             dropped = self._dropped_values
             _delete_where(self.graph.value_info, lambda v: v.name in dropped)
+            self.removed_names |= dropped
             self._dropped_values = set()
             self._local_shapes = None
+
+
+@functools.lru_cache(maxsize=None)
+def _dtype_stand_in(elem_type: int) -> np.ndarray:
+    """A read-only zero scalar of an ONNX element type (all a CastLike's second input contributes)."""
+    value = np.zeros((), dtype=onnx.helper.tensor_dtype_to_np_dtype(elem_type))
+    value.flags.writeable = False
+    return value
+
+
+class _Annotations:
+    """Shapes and element types annotated in one graph (inputs, outputs, value_info), each parsed on first lookup:
+    a fold asks for a few of them, and parsing every annotation of an exported model cost more than the fold.
+
+    Where a name is annotated twice the last shape and the first tensor type count."""
+
+    __slots__ = ("_graph", "_last", "_first", "_shapes", "_types")
+
+    def __init__(self, graph: onnx.GraphProto):
+        last: dict[str, onnx.ValueInfoProto] = {}
+        first: dict[str, onnx.ValueInfoProto] = {}
+        for field in (graph.input, graph.output, graph.value_info):
+            for vi in field:
+                name = vi.name
+                last[name] = vi
+                if name not in first:
+                    first[name] = vi
+        self._graph, self._last, self._first, self._shapes, self._types = graph, last, first, {}, {}
+
+    def get(self, name: str) -> list | None:
+        """The annotated shape of ``name`` (symbolic dims as strings/None), or None."""
+        try:
+            return self._shapes[name]
+        except KeyError:
+            vi = self._last.get(name)
+            shape = None if vi is None else _shape_of(vi.type)
+            self._shapes[name] = shape
+            return shape
+
+    def annotates(self, name: str) -> bool:
+        """Whether ``name`` has a tensor-type annotation here."""
+        vi = self._first.get(name)
+        if vi is None:
+            return False
+        if vi.type.HasField("tensor_type"):
+            return True
+        for field in (self._graph.input, self._graph.output, self._graph.value_info):  # rare: a later one may
+            for other in field:
+                if other.name == name and other.type.HasField("tensor_type"):
+                    self._first[name] = other
+                    return True
+        self._first.pop(name)
+        return False
+
+    def elem_type(self, name: str) -> int | None:
+        try:
+            return self._types[name]
+        except KeyError:
+            elem = self._first[name].type.tensor_type.elem_type or None
+            self._types[name] = elem
+            return elem
 
 
 class _ShapeOnly:
@@ -645,8 +832,9 @@ class _ShapeOnly:
 
 
 def _is_pure_constant_producer(node: onnx.NodeProto) -> bool:
-    return node.domain in ("", "ai.onnx") and node.op_type not in _NONDETERMINISTIC and \
-        not any(True for _ in subgraphs(node))
+    # in the default domain only _OPS_WITH_SUBGRAPHS carry graphs (see subgraphs())
+    op = node.op_type
+    return op not in _NONDETERMINISTIC and op not in _OPS_WITH_SUBGRAPHS and node.domain in ("", "ai.onnx")
 
 
 def _delete_positions(field, length: int, keep_positions: list[int]) -> None:
@@ -688,7 +876,7 @@ def constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
 def get_attr(node: onnx.NodeProto, name: str, default=None):
     for attr in node.attribute:
         if attr.name == name:
-            return onnx.helper.get_attribute_value(attr)
+            return attribute_value(attr)
     return default
 
 

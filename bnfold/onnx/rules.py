@@ -21,6 +21,7 @@ import onnx
 
 from ..affine import FoldRefused, absorb_after, absorb_before, bn_to_affine, cast_checked
 from ..errors import InputError
+from .constant_ops import attribute_value
 from .graph import GraphIndex, get_attr, node_label, set_attr
 
 Reason = str
@@ -64,30 +65,49 @@ DEFAULT_EPSILON = float(np.float32(1e-5))
 
 # ---- the normalization side ---------------------------------------------------------------------------------
 
-def batchnorm_affine(g: GraphIndex, node: onnx.NodeProto,
-                     prefetched: dict[int, tuple[np.ndarray, np.ndarray]] | None = None) -> Affine | Reason:
-    """A BatchNormalization in inference mode with constant parameters, as a per-channel affine."""
+def inference_epsilon(g: GraphIndex, node: onnx.NodeProto) -> float | Reason:
+    """The epsilon of a BatchNormalization that normalizes by its stored statistics, else why it does not."""
     opset = g.ctx.opset
     if opset < 6:
         return f"BatchNormalization-{opset} (consumed_inputs era) is not supported"
-    outputs = node.output
+    outputs = g.outputs_of(node)
     if len(outputs) > 1 and any(outputs[1:]):
         return "training mode: the node also outputs running statistics"
-    attrs = {a.name: a for a in node.attribute}
-    if "training_mode" in attrs and attrs["training_mode"].i:
+    epsilon = training_mode = is_test = spatial = None
+    for attr in node.attribute:  # one pass: the first of each name counts, as get_attr reads them
+        name = attr.name
+        if name == "epsilon" and epsilon is None:
+            epsilon = attribute_value(attr)
+        elif name == "training_mode" and training_mode is None:
+            training_mode = attr.i
+        elif name == "is_test" and is_test is None:
+            is_test = attr.i
+        elif name == "spatial" and spatial is None:
+            spatial = attr.i
+    if training_mode:
         return "training mode (training_mode=1): it normalizes by batch statistics"
-    if opset < 7 and not ("is_test" in attrs and attrs["is_test"].i):
+    if opset < 7 and not is_test:
         return "training mode (is_test=0 in BatchNormalization-6)"
-    if opset < 9 and "spatial" in attrs and attrs["spatial"].i == 0:
+    if opset < 9 and spatial == 0:
         return "spatial=0: statistics per activation, not per channel"
-    if len(node.input) < 5 or not node.output or not node.output[0]:
+    if len(g.inputs_of(node)) < 5 or not outputs or not outputs[0]:
         return "malformed BatchNormalization (needs 5 inputs and an output)"
+    return DEFAULT_EPSILON if epsilon is None else epsilon
+
+
+def batchnorm_affine(g: GraphIndex, node: onnx.NodeProto,
+                     prefetched: dict[int, tuple[np.ndarray, np.ndarray]] | None = None) -> Affine | Reason:
+    """A BatchNormalization in inference mode with constant parameters, as a per-channel affine."""
+    inputs = g.inputs_of(node)
     hit = prefetched.pop(id(node), None) if prefetched else None
-    if hit is not None:
+    if hit is not None:  # prefetch made inference_epsilon's checks before it did the math
         _check_channels(g, node, hit[0].shape[0])
-        return Affine(node, node.input[0], node.output[0], *hit)
+        return Affine(node, inputs[0], g.outputs_of(node)[0], *hit)
+    epsilon = inference_epsilon(g, node)
+    if isinstance(epsilon, str):
+        return epsilon
     params = []
-    for role, name in zip(("scale", "bias", "mean", "var"), node.input[1:5]):
+    for role, name in zip(("scale", "bias", "mean", "var"), inputs[1:5]):
         value, reason = g.constant(name)
         if value is None:
             return f"{role} is not constant: {reason}"
@@ -101,15 +121,15 @@ def batchnorm_affine(g: GraphIndex, node: onnx.NodeProto,
     if not all(_is_float(p) for p in params):
         return "parameters are not floating point"
     try:
-        s, t = bn_to_affine(*params, get_attr(node, "epsilon", DEFAULT_EPSILON))
+        s, t = bn_to_affine(*params, epsilon)
     except FoldRefused as exc:
         return str(exc)
-    return Affine(node, node.input[0], node.output[0], s, t)
+    return Affine(node, inputs[0], g.outputs_of(node)[0], s, t)
 
 
 def _check_channels(g: GraphIndex, node: onnx.NodeProto, channels: int) -> None:
     """A BN whose parameters do not match its input's channel count (when the shape is at hand) is invalid."""
-    shape = g.known_shape(node.input[0])
+    shape = g.known_shape(g.inputs_of(node)[0])
     if shape is not None and len(shape) >= 2 and isinstance(shape[1], int) and shape[1] != channels:
         raise InputError(f"invalid model: BatchNormalization {node_label(node)} has {channels} channels, "
                          f"but its input has {shape[1]}")
