@@ -30,7 +30,7 @@ def bn_to_affine(scale, bias, mean, var, epsilon: float) -> tuple[np.ndarray, np
     :func:`bn_to_affine_flat`, so both give identical bits.
     """
     params = np.array([scale, bias, mean, var], dtype=np.float64)
-    s, t, valid = bn_to_affine_flat(*params, np.full(params.shape[1], epsilon, dtype=np.float64))
+    s, t, valid = bn_to_affine_flat(*params, np.float64(epsilon))
     if valid.all():
         return s, t
     var = params[3]
@@ -43,10 +43,10 @@ def bn_to_affine(scale, bias, mean, var, epsilon: float) -> tuple[np.ndarray, np
     raise FoldRefused("the folded scale or shift overflows float64")
 
 
-def bn_to_affine_flat(scale: np.ndarray, bias: np.ndarray, mean: np.ndarray, var: np.ndarray, epsilon: np.ndarray
+def bn_to_affine_flat(scale: np.ndarray, bias: np.ndarray, mean: np.ndarray, var: np.ndarray, epsilon
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Many BatchNormalizations at once, their channels laid end to end: float64 vectors of one value per channel
-    (``epsilon`` repeated over each layer's channels). Returns ``s``, ``t`` and ``valid`` per channel: False where a
+    """Many BatchNormalizations at once, their channels laid end to end: float64 vectors of one value per channel,
+    ``epsilon`` one float or one per channel. Returns ``s``, ``t`` and ``valid`` per channel: False where a
     parameter is not finite, the variance is negative, ``var + eps`` is not positive, or ``s``/``t`` overflow (a
     layer with such a channel must not be folded).
 
@@ -54,12 +54,19 @@ def bn_to_affine_flat(scale: np.ndarray, bias: np.ndarray, mean: np.ndarray, var
     per-call overhead of numpy on arrays of a few dozen values.
     """
     with np.errstate(all="ignore"):
-        denom = var + epsilon
-        s = scale / np.sqrt(denom)
-        t = bias - mean * s
-        valid = np.isfinite(scale) & np.isfinite(bias) & np.isfinite(mean) & np.isfinite(var) & (var >= 0) & \
-            (denom > 0) & np.isfinite(s) & np.isfinite(t)
-    return s, t, valid
+        s, t = _bn_to_affine(scale, bias, mean, var, epsilon)
+        return s, t, _affine_valid(s, t, var)
+
+
+def _bn_to_affine(scale, bias, mean, var, epsilon) -> tuple[np.ndarray, np.ndarray]:
+    s = scale / np.sqrt(var + epsilon)
+    return s, bias - mean * s
+
+
+def _affine_valid(s: np.ndarray, t: np.ndarray, var: np.ndarray) -> np.ndarray:
+    # Enough to catch every bad parameter: a non-finite scale, bias or mean, or var + eps <= 0, makes s or t
+    # non-finite; only an infinite variance (s = 0) needs its own test.
+    return np.isfinite(s) & np.isfinite(t) & np.isfinite(var) & (var >= 0)
 
 
 def channel_multiplier(values: np.ndarray, weight_shape: tuple[int, ...], axis: int, groups: int = 1) -> np.ndarray:
@@ -94,17 +101,6 @@ def absorb_after(weight, bias, s, t, *, axis: int, groups: int = 1) -> tuple[np.
     new_w = np.multiply(weight, channel_multiplier(s, weight.shape, axis, groups), dtype=np.float64)
     new_b = t.copy() if bias is None else s * np.asarray(bias, dtype=np.float64) + t
     return new_w, new_b
-
-
-def absorb_after_into(weight: np.ndarray, s: np.ndarray, out: np.ndarray, *, axis: int, groups: int = 1) -> None:
-    """:func:`absorb_after`'s weight, rounded once to ``out``'s dtype as numpy writes it into ``out``.
-
-    Each product is computed in float64 and rounded once (bit-identical to casting a float64 result), without a
-    float64 copy of the weight: on large models the fold is bound by memory traffic, not arithmetic. Overflow gives
-    infinities (numpy warns unless called under ``np.errstate(over="ignore", invalid="ignore")``): check ``out``.
-    """
-    np.multiply(weight, channel_multiplier(s, weight.shape, axis, groups), out=out, dtype=np.float64,
-                casting="unsafe")
 
 
 def absorb_before(weight, bias, s, t, *, in_axis: int, out_axis: int, groups: int = 1) -> tuple[np.ndarray, np.ndarray]:

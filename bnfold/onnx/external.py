@@ -225,14 +225,31 @@ def _read_bytes(ref: ExternalRef) -> bytes:
     return data
 
 
+# Element types packed several to a byte in raw_data: elements per byte.
+_PACKED = {getattr(TensorProto, name): per_byte for name, per_byte in
+           (("INT4", 2), ("UINT4", 2), ("FLOAT4E2M1", 2), ("INT2", 4), ("UINT2", 4)) if hasattr(TensorProto, name)}
+_UNCHECKED = {getattr(TensorProto, name) for name in ("FLOAT6E2M3", "FLOAT6E3M2") if hasattr(TensorProto, name)}
+_itemsizes: dict[int, int | None] = {}
+
+
 def tensor_nbytes(tensor: TensorProto) -> int | None:
-    try:
-        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
-    except Exception:  # strings, unknown types: no fixed size to check
-        return None
-    if tensor.data_type in (TensorProto.INT4, TensorProto.UINT4):
-        return (math.prod(tensor.dims) + 1) // 2
-    return math.prod(tensor.dims) * itemsize
+    """The bytes raw_data needs for the tensor's shape, or None where that is not a fixed size."""
+    data_type = tensor.data_type
+    per_byte = _PACKED.get(data_type)
+    if per_byte is not None:
+        return (math.prod(tensor.dims) + per_byte - 1) // per_byte
+    itemsize = _itemsizes.get(data_type, -1)
+    if itemsize == -1:
+        try:
+            itemsize = None if data_type in _UNCHECKED else \
+                np.dtype(helper.tensor_dtype_to_np_dtype(data_type)).itemsize
+        except Exception:  # strings, unknown types: no fixed size to check
+            itemsize = None
+        _itemsizes[data_type] = itemsize
+    return None if itemsize is None else math.prod(tensor.dims) * itemsize
+
+
+_TENSOR_ATTRIBUTE_OPS = frozenset({"Constant", "ConstantOfShape", "If", "Loop", "Scan", "SequenceMap"})
 
 
 def all_tensors(model: onnx.ModelProto, main_initializers: bool = True):
@@ -249,6 +266,9 @@ def all_tensors(model: onnx.ModelProto, main_initializers: bool = True):
 
     def node_tensors(nodes):
         for node in nodes:
+            # in the default domain only these ops carry tensors or graphs in their attributes
+            if node.op_type not in _TENSOR_ATTRIBUTE_OPS and node.domain in ("", "ai.onnx"):
+                continue
             for attr in node.attribute:
                 if attr.type == onnx.AttributeProto.TENSOR:
                     yield attr.t

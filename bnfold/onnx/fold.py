@@ -14,7 +14,7 @@ from .external import ExternalData
 from .io import materialize
 from .graph import GraphIndex, ModelContext, free_names, node_label, subgraphs
 from .prefetch import prefetch_batchnorm_affines, prefetch_conv_folds
-from .rules import RULE_NAMES, RULES, AffineAfterLinear, Rule, batchnorm_affine
+from .rules import RULE_NAMES, RULES, AffineAfterLinear, FoldAfter, Rule, batchnorm_affine
 
 PER_SAMPLE_NORMS = {
     "LayerNormalization": "normalizes each sample over its own features",
@@ -22,9 +22,12 @@ PER_SAMPLE_NORMS = {
     "GroupNormalization": "normalizes each sample over groups of its own channels",
 }
 _MUL_ADD = AffineAfterLinear.sources
+_PREFETCHABLE = frozenset({"Conv", "ConvTranspose", "Gemm"})
 
 
 def select_rules(skip: Iterable[str] = ()) -> list[Rule]:
+    if not skip:
+        return list(RULES)
     skip = set(skip)
     unknown = skip - set(RULE_NAMES)
     if unknown:
@@ -43,7 +46,11 @@ def fold_model(model: onnx.ModelProto, rules: list[Rule],
     """
     report = FoldReport()
     ctx = ModelContext(model, external)
-    _fold_graph(GraphIndex(model.graph, ctx), rules, report)
+    # Overflow and invalid values are checked for where they matter (a fold with them is refused); one errstate
+    # for the whole pass, because entering one costs more than most of the small array operations it covers.
+    with np.errstate(all="ignore"):
+        _fold_graph(GraphIndex(model.graph, ctx), rules, report)
+    ctx.main_index = None  # the index points back at the context: drop the cycle now, not at the next GC
     for function in model.functions:
         for node in function.node:
             if node.op_type == "BatchNormalization":
@@ -75,7 +82,11 @@ def _fold_graph(g: GraphIndex, rules: list[Rule], report: FoldReport) -> None:
     batchnorms = [n for n in candidates if n.op_type == "BatchNormalization"]
     report.bn_before += len(batchnorms)
     prefetched = prefetch_batchnorm_affines(g, batchnorms)
-    g.prefetched_folds = prefetch_conv_folds(g, batchnorms, prefetched)
+    # Conv/ConvTranspose/Gemm -> BN folds whose math is done ahead; applied directly when their rule is the one
+    # that would fold them (the first rule for that producer) and nothing changed since.
+    ready = prefetch_conv_folds(g, batchnorms, prefetched, {op: rule.name for rule in bn_rules
+                                                            if isinstance(rule, FoldAfter)
+                                                            for op in rule.op_types if op in _PREFETCHABLE})
     while True:
         changed = False
         skipped: list[Skip] = []
@@ -84,6 +95,13 @@ def _fold_graph(g: GraphIndex, rules: list[Rule], report: FoldReport) -> None:
                 continue
             op = node.op_type
             if op == "BatchNormalization":
+                done = ready.pop(id(node), None)
+                if done is not None and done.still_applies(g, node):
+                    fold = Fold(node_label(node), node_label(done.node), done.rule, graph=g.path)
+                    done.apply(g, node)
+                    report.folded.append(fold)
+                    changed = True
+                    continue
                 outcome = _fold_batchnorm(g, node, bn_rules, prefetched)
                 if isinstance(outcome, str):
                     skipped.append(Skip(node_label(node), outcome, graph=g.path))

@@ -249,7 +249,6 @@ class GraphIndex:
         self._runtime: set[str] = set()  # names whose value depends on a graph input
         self._local_shapes: _Annotations | None = None
         self.rewritten: set[str] = set()  # initializers given new values (invalidates prefetched math)
-        self.prefetched_folds: dict = {}  # id(normalization) -> prefetch.PrefetchedFold
         # Input and output names of each node (by id), read once: reading them from the protobuf costs ~0.3 us a
         # name every time. Every edit goes through this class and keeps them current.
         self._inputs_of: dict[int, list[str]] = {}
@@ -878,6 +877,18 @@ def get_attr(node: onnx.NodeProto, name: str, default=None):
         if attr.name == name:
             return attribute_value(attr)
     return default
+
+
+def get_attrs(node: onnx.NodeProto, **defaults) -> dict:
+    """Several attributes in one pass over the node's attributes: ``{name: value or its default}``."""
+    found = dict(defaults)
+    pending = set(defaults)
+    for attr in node.attribute:
+        name = attr.name
+        if name in pending:  # the first of a name counts, as in get_attr
+            found[name] = attribute_value(attr)
+            pending.discard(name)
+    return found
 
 
 def set_attr(node: onnx.NodeProto, name: str, value) -> None:

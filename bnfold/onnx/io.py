@@ -73,12 +73,16 @@ def _parse_checked(path: Path) -> onnx.ModelProto:
 def _check_tensor_sizes(model: onnx.ModelProto, path: Path) -> None:
     """Every tensor held in raw_data has the bytes its shape needs (a corrupt file otherwise fails deep inside
     numpy, or not at all where a command never reads that tensor)."""
+    external = onnx.TensorProto.EXTERNAL
     for tensor in all_tensors(model):
-        if not tensor.HasField("raw_data") or tensor.data_location == onnx.TensorProto.EXTERNAL:
+        if tensor.data_location == external:
             continue
+        raw = tensor.raw_data
+        if not raw and not tensor.HasField("raw_data"):
+            continue  # values in typed fields (float_data, ...), or none
         expected = tensor_nbytes(tensor)
-        if expected is not None and len(tensor.raw_data) != expected:
-            raise InputError(f"{path}: invalid model: tensor '{tensor.name}' has {len(tensor.raw_data)} bytes, "
+        if expected is not None and len(raw) != expected:
+            raise InputError(f"{path}: invalid model: tensor '{tensor.name}' has {len(raw)} bytes, "
                              f"but its shape {list(tensor.dims)} needs {expected}")
 
 
@@ -180,9 +184,18 @@ def save_model(model: onnx.ModelProto, path: "str | os.PathLike", *, external_da
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
+# Below this many bytes of weights a model is serialized whole: streaming it in pieces saves memory, not time.
+_STREAM_ABOVE = 16 << 20
+
+
 def _save_inline(model: onnx.ModelProto, path: Path, replacements) -> None:
     """One file: written to a temporary file in the same directory, then renamed over ``path``."""
-    write_atomically(path, lambda f: write_streamed(model, f, replacements))
+    if estimated_size(model) < _STREAM_ABOVE:
+        materialize(model, replacements)
+        data = model.SerializeToString()
+        write_atomically(path, lambda f: f.write(data))
+    else:
+        write_atomically(path, lambda f: write_streamed(model, f, replacements))
 
 
 def write_streamed(model: onnx.ModelProto, f, replacements: "dict[str, np.ndarray] | None" = None) -> None:

@@ -15,15 +15,15 @@ from collections import defaultdict
 import numpy as np
 import onnx
 
-from ..affine import absorb_after_into, bn_to_affine_flat
-from .graph import RAW_FLOAT_DTYPES, GraphIndex, get_attr
+from ..affine import _affine_valid, _bn_to_affine, channel_multiplier
+from .graph import RAW_FLOAT_DTYPES, GraphIndex, get_attr, get_attrs
 from .rules import inference_epsilon
 
 
 def prefetch_batchnorm_affines(g: GraphIndex, nodes) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """``bn_to_affine`` for every BatchNormalization whose parameters are plain float initializers, all channels of
     one dtype in one run of numpy calls. Keyed by ``id(node)``; nodes left out take the per-node path, which also
-    explains refusals."""
+    explains refusals. Call under ``np.errstate(all="ignore")`` (the fold pass does)."""
     by_dtype: dict[int, list] = defaultdict(list)
     initializers, inputs = g.initializers, g.inputs
     replaced = g.ctx.replacements if g.parent is None else {}
@@ -31,9 +31,8 @@ def prefetch_batchnorm_affines(g: GraphIndex, nodes) -> dict[int, tuple[np.ndarr
         epsilon = inference_epsilon(g, node)
         if isinstance(epsilon, str):
             continue  # the per-node path says why
-        names = g.inputs_of(node)[1:5]
         tensors = []
-        for name in names:
+        for name in g.inputs_of(node)[1:5]:
             tensor = initializers.get(name)
             # computed, Constant-node, (IR < 4) input-listed or already rewritten parameters: per-node path
             if tensor is None or name in inputs or name in replaced:
@@ -46,52 +45,62 @@ def prefetch_batchnorm_affines(g: GraphIndex, nodes) -> dict[int, tuple[np.ndarr
                 continue
             raws = [t.raw_data for t in tensors if t.data_type == data_type]
             size = len(raws[0])
-            if not size or len(raws) < 4 or any(len(r) != size for r in raws) or \
-                    any(tuple(t.dims) != (size // dtype.itemsize,) for t in tensors):
-                continue
-            by_dtype[data_type].append((node, raws, epsilon))
+            # four vectors of the same byte length: one value per channel each (else the per-node path refuses)
+            if size and len(raws) == 4 and all(len(r) == size for r in raws[1:]) and \
+                    all(len(t.dims) == 1 for t in tensors) and tensors[0].dims[0] * dtype.itemsize == size:
+                by_dtype[data_type].append((node, raws, epsilon, size // dtype.itemsize))
     cache = {}
     for data_type, members in by_dtype.items():
         dtype = RAW_FLOAT_DTYPES[data_type]
-        channels = [len(raws[0]) // dtype.itemsize for _, raws, _ in members]
-        scale, bias, mean, var = (np.frombuffer(b"".join(raws[role] for _, raws, _ in members), dtype=dtype)
-                                  .astype(np.float64) for role in range(4))
-        epsilon = np.repeat(np.array([eps for _, _, eps in members], dtype=np.float64), channels)
-        s, t, valid = bn_to_affine_flat(scale, bias, mean, var, epsilon)
-        ends = np.cumsum(channels).tolist()
-        ok = np.logical_and.reduceat(valid, [end - c for end, c in zip(ends, channels)]).tolist()
+        # every scale, then every bias, mean, var: four runs of one vector
+        flat = np.frombuffer(b"".join([raws[role] for role in range(4) for _, raws, _, _ in members]),
+                             dtype=dtype).astype(np.float64)
+        total = len(flat) // 4
+        scale, bias, mean, var = flat[:total], flat[total:2 * total], flat[2 * total:3 * total], flat[3 * total:]
+        epsilons = {eps for _, _, eps, _ in members}
+        epsilon = np.float64(epsilons.pop()) if len(epsilons) == 1 else \
+            np.repeat(np.array([eps for _, _, eps, _ in members], dtype=np.float64), [m[3] for m in members])
+        s, t = _bn_to_affine(scale, bias, mean, var, epsilon)
+        valid = _affine_valid(s, t, var)
+        all_valid = bool(valid.all())
         start = 0
-        for (node, _, _), end, fine in zip(members, ends, ok):
-            if fine:
+        for node, _, _, channels in members:
+            end = start + channels
+            if all_valid or valid[start:end].all():
                 cache[id(node)] = (s[start:end], t[start:end])
             start = end
     return cache
 
 
 class PrefetchedFold:
-    """New weight and bias of a Conv/ConvTranspose/Gemm for the BatchNormalization after it."""
+    """New weight and bias of a Conv/ConvTranspose/Gemm for the BatchNormalization after it, computed ahead."""
 
-    __slots__ = ("node", "weight_name", "bias_name", "s", "weight", "bias")
+    __slots__ = ("rule", "node", "weight_name", "bias_name", "weight", "bias")
 
-    def __init__(self, node: onnx.NodeProto, weight_name: str, bias_name: str, s: np.ndarray, weight: np.ndarray,
+    def __init__(self, rule: str, node: onnx.NodeProto, weight_name: str, bias_name: str, weight: np.ndarray,
                  bias: np.ndarray | None):
-        self.node, self.weight_name, self.bias_name = node, weight_name, bias_name
-        self.s, self.weight, self.bias = s, weight, bias
+        self.rule, self.node, self.weight_name, self.bias_name = rule, node, weight_name, bias_name
+        self.weight, self.bias = weight, bias
 
-    def edits(self, g: GraphIndex, out_name: str) -> list:
-        """The graph edits of this fold, as the conv-bn/convtranspose-bn/gemm-bn rules would make them."""
-        node, weight, bias = self.node, self.weight, self.bias
-        # bias first, as in AfterTarget.plan_edits: a weight read by a computed bias is then rewritten in place
-        edits = [] if bias is None else [lambda: g.write_tensor(node, 2, bias)]
-        edits += [lambda: g.write_tensor(node, 1, weight), lambda: g.move_output(node, out_name)]
-        return edits
-
-    def applies_to(self, g: GraphIndex, node: onnx.NodeProto, s: np.ndarray) -> bool:
-        inputs = node.input
+    def still_applies(self, g: GraphIndex, bn: onnx.NodeProto) -> bool:
+        """Earlier folds left the layer, its tensors and its one reader (``bn``) as prefetch saw them."""
+        x = g.inputs_of(bn)[0]
+        if g.producer.get(x) is not self.node or not g.only_consumer(x, bn):
+            return False
+        inputs = g.inputs_of(self.node)
         bias_name = inputs[2] if len(inputs) > 2 else ""
-        return (node is self.node and s is self.s and inputs[1] == self.weight_name
-                and bias_name == self.bias_name and self.weight_name not in g.rewritten
+        return (inputs[1] == self.weight_name and bias_name == self.bias_name and self.weight_name not in g.rewritten
                 and self.bias_name not in g.rewritten)
+
+    def apply(self, g: GraphIndex, bn: onnx.NodeProto) -> None:
+        """The edits the conv-bn/convtranspose-bn/gemm-bn rules would make, then ``bn`` goes."""
+        node = self.node
+        # bias first, as in AfterTarget.plan_edits: a weight read by a computed bias is then rewritten in place
+        if self.bias is not None:
+            g.write_tensor(node, 2, self.bias)
+        g.write_tensor(node, 1, self.weight)
+        g.move_output(node, g.outputs_of(bn)[0])
+        g.remove_node(bn)
 
 
 def _plain_tensor(g: GraphIndex, name: str):
@@ -124,11 +133,12 @@ def _bias_values(g: GraphIndex, name: str, data_type: int, channels: int) -> np.
     return value
 
 
-def prefetch_conv_folds(g: GraphIndex, nodes, affines: dict[int, tuple[np.ndarray, np.ndarray]]
-                        ) -> dict[int, PrefetchedFold]:
+def prefetch_conv_folds(g: GraphIndex, nodes, affines: dict[int, tuple[np.ndarray, np.ndarray]],
+                        rule_for: dict[str, str]) -> dict[int, PrefetchedFold]:
     """Folded weights for every Conv/ConvTranspose/Gemm -> BatchNormalization whose weight is a plain initializer
-    and whose bias is one too, or a computed constant, or absent. Biases of one dtype are computed in one run of
-    numpy calls; each weight is multiplied straight into its folded dtype."""
+    and whose bias is one too, or a computed constant, or absent; ``rule_for`` maps each op whose rule is enabled
+    to the rule's name. New biases are computed in one run of numpy calls; each weight is multiplied straight into
+    its folded dtype. Keyed by ``id(bn)``. Call under ``np.errstate(all="ignore")`` (the fold pass does)."""
     jobs = []
     producers = g.producer
     for bn in nodes:
@@ -140,10 +150,9 @@ def prefetch_conv_folds(g: GraphIndex, nodes, affines: dict[int, tuple[np.ndarra
         if layer is None:
             continue
         op = layer.op_type
-        if op not in ("Conv", "ConvTranspose", "Gemm") or layer.domain not in ("", "ai.onnx") \
-                or not g.only_consumer(x, bn):
+        if op not in rule_for or layer.domain not in ("", "ai.onnx") or not g.only_consumer(x, bn):
             continue
-        inputs = layer.input
+        inputs = g.inputs_of(layer)
         if len(inputs) < 2:
             continue
         weight = _plain_tensor(g, inputs[1])
@@ -156,9 +165,10 @@ def prefetch_conv_folds(g: GraphIndex, nodes, affines: dict[int, tuple[np.ndarra
             continue
         group = 1
         if op == "Gemm":
-            if len(dims) != 2 or get_attr(layer, "beta", 1.0) != 1.0:
+            attrs = get_attrs(layer, beta=1.0, transB=0)
+            if len(dims) != 2 or attrs["beta"] != 1.0:
                 continue  # beta != 1 is rewritten by the per-node path
-            axis = 0 if get_attr(layer, "transB", 0) else 1
+            axis = 0 if attrs["transB"] else 1
             channels = dims[axis]
         elif len(dims) < 3:
             continue
@@ -182,29 +192,27 @@ def prefetch_conv_folds(g: GraphIndex, nodes, affines: dict[int, tuple[np.ndarra
     done: dict[int, PrefetchedFold] = {}
     if not jobs:
         return done
-    with np.errstate(over="ignore", invalid="ignore"):
-        # new biases: s*b + t for layers with a bias, t itself for those without (as absorb_after has it)
-        with_bias = [job for job in jobs if job[7] is not None]
-        new_biases = {}
-        if with_bias:
-            s = np.concatenate([job[8][0] for job in with_bias])
-            t = np.concatenate([job[8][1] for job in with_bias])
-            b = np.concatenate([job[7] for job in with_bias]).astype(np.float64)
-            flat = s * b + t
-            start = 0
-            for job in with_bias:
-                end = start + job[8][0].shape[0]
-                new_biases[id(job[0])] = flat[start:end]
-                start = end
-        for bn, layer, weight_name, weight, axis, group, bias_name, bias, (s, t) in jobs:
-            new_w = np.empty(weight.shape, dtype=weight.dtype)
-            absorb_after_into(weight, s, new_w, axis=axis, groups=group)
-            if bias is not None:
-                new_b = new_biases[id(bn)].astype(weight.dtype)
-            elif t.any():  # as in AfterTarget.plan_edits: no bias is added when the shift is all zero
-                new_b = t.astype(weight.dtype)
-            else:
-                new_b = None
-            if np.isfinite(new_w).all() and (new_b is None or np.isfinite(new_b).all()):
-                done[id(bn)] = PrefetchedFold(layer, weight_name, bias_name, s, new_w, new_b)
+    # New biases: s*b + t where the layer has a bias, t itself where it has none (as absorb_after has it).
+    with_bias = [job for job in jobs if job[7] is not None]
+    if with_bias:
+        flat = np.concatenate([job[8][0] for job in with_bias]) * \
+            np.concatenate([job[7] for job in with_bias]).astype(np.float64) + \
+            np.concatenate([job[8][1] for job in with_bias])
+    start = 0
+    for bn, layer, weight_name, weight, axis, group, bias_name, bias, (s, t) in jobs:
+        # multiplied in float64 and rounded once to the weight's dtype as numpy writes the result, without a
+        # float64 copy of the weight: on large models the fold is bound by memory traffic, not arithmetic
+        new_w = np.empty(weight.shape, dtype=weight.dtype)
+        np.multiply(weight, channel_multiplier(s, weight.shape, axis, group), out=new_w, dtype=np.float64,
+                    casting="unsafe")
+        if bias is not None:
+            end = start + s.shape[0]
+            new_b = flat[start:end].astype(weight.dtype)
+            start = end
+        elif t.any():  # as in AfterTarget.plan_edits: no bias is added when the shift is all zero
+            new_b = t.astype(weight.dtype)
+        else:
+            new_b = None
+        if np.isfinite(new_w).all() and (new_b is None or np.isfinite(new_b).all()):
+            done[id(bn)] = PrefetchedFold(rule_for[layer.op_type], layer, weight_name, bias_name, new_w, new_b)
     return done

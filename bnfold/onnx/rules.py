@@ -360,10 +360,6 @@ class FoldAfter(Rule):
         producer = g.producer.get(norm.x)
         if producer is None or producer.op_type not in self.op_types:
             return None
-        done = g.prefetched_folds.pop(id(norm.node), None)
-        if done is not None and done.applies_to(g, producer, norm.s) and g.only_consumer(norm.x, norm.node):
-            # prefetch checked all that after_target would (constant tensors, channels, dtype) and did the math
-            return Plan(self.name, node_label(producer), done.edits(g, norm.y), [norm.node])
         target = after_target(g, norm.x, norm.node)
         if not isinstance(target, AfterTarget):
             return target
