@@ -80,10 +80,12 @@ def _cast_like(inputs, attrs, opset):
 
 def _expand(inputs, attrs, opset):
     x, shape = inputs
-    dims = tuple(int(d) for d in shape)
-    if x.size == 1 and all(d >= 0 for d in dims):  # the exporters' commonest case: fill with one value
+    dims = tuple(shape.tolist())
+    if x.size == 1 and min(dims, default=0) >= 0:  # the exporters' commonest case: fill with one value
         rank = max(x.ndim, len(dims))
-        return np.full((1,) * (rank - len(dims)) + dims, x.reshape(()), dtype=x.dtype)
+        out = np.empty((1,) * (rank - len(dims)) + dims, dtype=x.dtype)
+        out.fill(x.reshape(())[()])
+        return out
     return np.broadcast_to(x, np.broadcast_shapes(x.shape, dims)).copy()
 
 

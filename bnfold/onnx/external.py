@@ -249,7 +249,7 @@ def tensor_nbytes(tensor: TensorProto) -> int | None:
     return None if itemsize is None else math.prod(tensor.dims) * itemsize
 
 
-_TENSOR_ATTRIBUTE_OPS = frozenset({"Constant", "ConstantOfShape", "If", "Loop", "Scan", "SequenceMap"})
+TENSOR_ATTRIBUTE_OPS = frozenset({"Constant", "ConstantOfShape", "If", "Loop", "Scan", "SequenceMap"})
 
 
 def all_tensors(model: onnx.ModelProto, main_initializers: bool = True):
@@ -267,7 +267,7 @@ def all_tensors(model: onnx.ModelProto, main_initializers: bool = True):
     def node_tensors(nodes):
         for node in nodes:
             # in the default domain only these ops carry tensors or graphs in their attributes
-            if node.op_type not in _TENSOR_ATTRIBUTE_OPS and node.domain in ("", "ai.onnx"):
+            if node.op_type not in TENSOR_ATTRIBUTE_OPS and node.domain in ("", "ai.onnx"):
                 continue
             for attr in node.attribute:
                 if attr.type == onnx.AttributeProto.TENSOR:

@@ -49,7 +49,8 @@ def fold_model(model: onnx.ModelProto, rules: list[Rule],
     # Overflow and invalid values are checked for where they matter (a fold with them is refused); one errstate
     # for the whole pass, because entering one costs more than most of the small array operations it covers.
     with np.errstate(all="ignore"):
-        _fold_graph(GraphIndex(model.graph, ctx), rules, report)
+        main = GraphIndex(model.graph, ctx)
+        _fold_graph(main, rules, report)
     ctx.main_index = None  # the index points back at the context: drop the cycle now, not at the next GC
     for function in model.functions:
         for node in function.node:
@@ -59,7 +60,7 @@ def fold_model(model: onnx.ModelProto, rules: list[Rule],
                 report.skipped.append(Skip(node_label(node), "inside model-local function "
                                            f"{function.domain}.{function.name}: functions are left as they are"))
     if replacements is None:
-        materialize(model, ctx.replacements)
+        materialize(model, ctx.replacements, main.initializers)
     else:
         replacements.update(ctx.replacements)
     if ctx.used_initializer_inputs:

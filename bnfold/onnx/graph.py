@@ -486,13 +486,14 @@ class GraphIndex:
         """Evaluate ``node`` on ``values`` (one per input: a constant, a stand-in, or None for an absent or
         run-time input) and cache its outputs."""
         op = node.op_type
-        if op == "Constant" and node.domain in ("", "ai.onnx"):
+        default_domain = node.domain in ("", "ai.onnx")
+        if op == "Constant" and default_domain:
             value = constant_node_value(node)
             if value is None:
                 raise InputError(f"Constant node {node_label(node)} holds no numeric tensor")
             self._constants[name] = value
             return value, ""
-        if not _is_pure_constant_producer(node):
+        if not default_domain or op in _NONDETERMINISTIC or op in _OPS_WITH_SUBGRAPHS:
             return None, f"'{name}' is computed by {op} {node_label(node)}"
         inputs = self._inputs_of[id(node)]
         for inp, value in zip(inputs, values):
@@ -510,16 +511,16 @@ class GraphIndex:
                     from onnx.reference import ReferenceEvaluator
 
                     evaluator = ReferenceEvaluator(node, opsets={"": self.ctx.opset})
-                    results = evaluator.run(None, feeds)
+                    results = [np.asarray(r) for r in evaluator.run(None, feeds)]
                 except Exception as exc:  # the reference evaluator lacks the op or rejects it: not a constant for us
                     return None, f"'{name}' could not be evaluated ahead of time ({type(exc).__name__})"
+        constants = self._constants
         for out, value in zip(self._outputs_of[id(node)], results):
-            value = np.asarray(value)
             if value.size > _MAX_EVAL_ELEMENTS:
                 return None, f"'{name}' is a computed constant too large to evaluate"
             if out:
-                self._constants[out] = value
-        value = self._constants.get(name)
+                constants[out] = value
+        value = constants.get(name)
         if value is None:
             return None, f"'{name}' is not computed by {op} {node_label(node)}"
         return value, ""
@@ -706,29 +707,35 @@ class GraphIndex:
             if producer.get(name) is node:
                 del producer[name]
                 self._dropped_values.add(name)
-        inputs = self._inputs_of[id(node)]
-        for i, name in enumerate(inputs):
-            if name and name not in inputs[:i]:
+        for name in dict.fromkeys(self._inputs_of[id(node)]):  # each input once, in order
+            if name:
                 self.drop_use(name, node)
 
     def drop_use(self, name: str, node: onnx.NodeProto) -> None:
         """``node`` no longer reads ``name``; a constant nobody reads any more is removed."""
         users = self.consumers.get(name)
-        if users is not None:
-            if len(users) == 1 and users[0] is node:
-                users.clear()
+        if users:
+            if len(users) == 1:
+                if users[0] is node:
+                    users.clear()
             else:
                 users[:] = [u for u in users if u is not node]
-            if users or name in self.outputs:
+            if users:
                 return
-        if name in self.initializers and (name not in self.inputs or self.ctx.ir_version < 4):
-            self._removed_initializers.add(name)
-            self._constants.pop(name, None)
+        if name in self.outputs:
+            return
+        if name in self.initializers:
+            if name not in self.inputs or self.ctx.ir_version < 4:
+                self._removed_initializers.add(name)
+                self._constants.pop(name, None)
             return
         producer = self.producer.get(name)
-        if producer is not None and name in self._constants and _is_pure_constant_producer(producer) and \
-                not any(self.consumers.get(o) or o in self.outputs for o in self._outputs_of[id(producer)] if o):
-            self.remove_node(producer)
+        if producer is None or name not in self._constants or not _is_pure_constant_producer(producer):
+            return
+        for out in self._outputs_of[id(producer)]:
+            if out and (self.consumers.get(out) or out in self.outputs):
+                return
+        self.remove_node(producer)
 
     def commit(self) -> None:
         """Apply recorded removals to the protobuf, each repeated field rewritten at most once."""
@@ -739,7 +746,10 @@ class GraphIndex:
             self._removed_nodes.clear()
         if self._removed_initializers:
             gone = self._removed_initializers
-            _delete_where(self.graph.initializer, lambda t: t.name in gone)
+            if len(self.initializers) == len(self.graph.initializer):  # the dict is in graph order: no names read
+                _delete_runs(self.graph.initializer, [i for i, name in enumerate(self.initializers) if name in gone])
+            else:  # duplicate initializer names (an invalid model): look at each
+                _delete_where(self.graph.initializer, lambda t: t.name in gone)
             if self.ctx.ir_version < 4:
                 _delete_where(self.graph.input, lambda i: i.name in gone)
                 self.inputs -= gone
@@ -751,7 +761,9 @@ class GraphIndex:
             self._removed_initializers = set()
         if self._dropped_values:
             dropped = self._dropped_values
-            _delete_where(self.graph.value_info, lambda v: v.name in dropped)
+            annotations = self._local_shapes
+            if annotations is None or not annotations.names().isdisjoint(dropped):
+                _delete_where(self.graph.value_info, lambda v: v.name in dropped)
             self.removed_names |= dropped
             self._dropped_values = set()
             self._local_shapes = None
@@ -783,6 +795,10 @@ class _Annotations:
                 if name not in first:
                     first[name] = vi
         self._graph, self._last, self._first, self._shapes, self._types = graph, last, first, {}, {}
+
+    def names(self):
+        """Every annotated name (a view)."""
+        return self._last.keys()
 
     def get(self, name: str) -> list | None:
         """The annotated shape of ``name`` (symbolic dims as strings/None), or None."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import math
 import mmap
 import os
 import shutil
@@ -16,8 +15,8 @@ from google.protobuf.message import DecodeError
 
 from ..errors import InputError, require_file
 from ..files import write_atomically
-from .external import (ExternalData, all_tensors, check_external_data, load_all_external_data, tensor_nbytes,
-                       value_of, write_with_external_data)
+from .external import (TENSOR_ATTRIBUTE_OPS, ExternalData, all_tensors, check_external_data, load_all_external_data,
+                       tensor_nbytes, value_of, write_with_external_data)
 
 _PROTOBUF_LIMIT = 2**31 - 1
 
@@ -123,8 +122,8 @@ def _graph_has_external(graph: onnx.GraphProto) -> bool:
 def _nodes_have_external(nodes) -> bool:
     external = onnx.TensorProto.EXTERNAL
     for node in nodes:
-        if not node.attribute:  # most nodes: nothing to look at
-            continue
+        if node.op_type not in TENSOR_ATTRIBUTE_OPS and node.domain in ("", "ai.onnx"):
+            continue  # no tensor or graph attributes
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.TENSOR and attr.t.data_location == external:
                 return True
@@ -133,20 +132,6 @@ def _nodes_have_external(nodes) -> bool:
             if attr.type == onnx.AttributeProto.GRAPHS and any(_graph_has_external(g) for g in attr.graphs):
                 return True
     return False
-
-
-def estimated_size(model: onnx.ModelProto) -> int:
-    """Bytes of the main graph's initializers, from their shapes (reading raw_data would copy it)."""
-    itemsizes: dict[int, int] = {}
-    total = 0
-    for t in model.graph.initializer:
-        if t.data_type not in itemsizes:
-            try:
-                itemsizes[t.data_type] = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-            except Exception:  # string or unknown element types: count one byte each
-                itemsizes[t.data_type] = 1
-        total += math.prod(t.dims) * itemsizes[t.data_type]
-    return total
 
 
 def save_model(model: onnx.ModelProto, path: "str | os.PathLike", *, external_data: bool | None = None,
@@ -161,10 +146,13 @@ def save_model(model: onnx.ModelProto, path: "str | os.PathLike", *, external_da
     directory = path.parent if str(path.parent) else Path(".")
     if not directory.is_dir():
         raise InputError(f"{path}: output directory {directory} does not exist")
-    if external_data is None:
-        external_data = estimated_size(model) > _PROTOBUF_LIMIT - (64 << 20)
+    if external_data is None:  # replacements have the size of the values they replace: ByteSize counts them
+        size = model.ByteSize()
+        external_data = size > _PROTOBUF_LIMIT - (64 << 20)
+    else:
+        size = None
     if not external_data:
-        _save_inline(model, path, replacements)
+        _save_inline(model, path, replacements, size)
         return
     try:
         tmp_dir = tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
@@ -188,9 +176,9 @@ def save_model(model: onnx.ModelProto, path: "str | os.PathLike", *, external_da
 _STREAM_ABOVE = 16 << 20
 
 
-def _save_inline(model: onnx.ModelProto, path: Path, replacements) -> None:
+def _save_inline(model: onnx.ModelProto, path: Path, replacements, size: int | None = None) -> None:
     """One file: written to a temporary file in the same directory, then renamed over ``path``."""
-    if estimated_size(model) < _STREAM_ABOVE:
+    if (model.ByteSize() if size is None else size) < _STREAM_ABOVE:
         materialize(model, replacements)
         data = model.SerializeToString()
         write_atomically(path, lambda f: f.write(data))
@@ -272,11 +260,17 @@ def _initializer_frame(tensor_size: int) -> bytes:
     return b"\x3a" + _varint(len(inner) + tensor_size) + inner
 
 
-def materialize(model: onnx.ModelProto, replacements: "dict[str, np.ndarray] | None") -> None:
-    """Write pending replacement values into the model's initializers (and forget them)."""
+def materialize(model: onnx.ModelProto, replacements: "dict[str, np.ndarray] | None",
+                initializers: "dict[str, onnx.TensorProto] | None" = None) -> None:
+    """Write pending replacement values into the model's initializers (and forget them). ``initializers``: the main
+    graph's initializers by name, when at hand (every replaced one among them)."""
     if not replacements:
         return
-    for tensor in model.graph.initializer:
+    if initializers is not None:
+        tensors = [initializers[name] for name in replacements if name in initializers]
+    else:
+        tensors = [tensor for tensor in model.graph.initializer if tensor.name in replacements]
+    for tensor in tensors:
         value = replacements.pop(tensor.name, None)
         if value is not None:
             tensor.raw_data = np.ascontiguousarray(value_of(value)).tobytes()
