@@ -147,12 +147,9 @@ def save_model(model: onnx.ModelProto, path: "str | os.PathLike", *, external_da
     if not directory.is_dir():
         raise InputError(f"{path}: output directory {directory} does not exist")
     if external_data is None:  # replacements have the size of the values they replace: ByteSize counts them
-        size = model.ByteSize()
-        external_data = size > _PROTOBUF_LIMIT - (64 << 20)
-    else:
-        size = None
+        external_data = model.ByteSize() > _PROTOBUF_LIMIT - (64 << 20)
     if not external_data:
-        _save_inline(model, path, replacements, size)
+        _save_inline(model, path, replacements)
         return
     try:
         tmp_dir = tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
@@ -172,18 +169,10 @@ def save_model(model: onnx.ModelProto, path: "str | os.PathLike", *, external_da
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
-# Below this many bytes of weights a model is serialized whole: streaming it in pieces saves memory, not time.
-_STREAM_ABOVE = 16 << 20
-
-
-def _save_inline(model: onnx.ModelProto, path: Path, replacements, size: int | None = None) -> None:
-    """One file: written to a temporary file in the same directory, then renamed over ``path``."""
-    if (model.ByteSize() if size is None else size) < _STREAM_ABOVE:
-        materialize(model, replacements)
-        data = model.SerializeToString()
-        write_atomically(path, lambda f: f.write(data))
-    else:
-        write_atomically(path, lambda f: write_streamed(model, f, replacements))
+def _save_inline(model: onnx.ModelProto, path: Path, replacements) -> None:
+    """One file: written to a temporary file in the same directory, then renamed over ``path``. Always streamed,
+    also when small: the external-data writer frames tensors the same way, so every path writes the same bytes."""
+    write_atomically(path, lambda f: write_streamed(model, f, replacements))
 
 
 def write_streamed(model: onnx.ModelProto, f, replacements: "dict[str, np.ndarray] | None" = None) -> None:
