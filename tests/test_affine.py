@@ -293,3 +293,21 @@ def test_property_conv_transpose_absorb_after(groups, cin_g, cout_g, k, stride, 
     new_w, new_b = absorb_after(w, b, s, t, axis=1, groups=groups)
     np.testing.assert_allclose(conv_transpose1d(x, new_w, new_b, groups, stride),
                                affine(conv_transpose1d(x, w, b, groups, stride), s, t), rtol=1e-11, atol=1e-11)
+
+
+def test_bn_to_affine_flat_validity_is_the_full_definition():
+    """bn_to_affine_flat's short validity test (s, t and var finite, var >= 0) flags exactly the channels the full
+    definition does: every parameter finite, var >= 0, var + eps > 0, s and t finite."""
+    from bnfold.affine import bn_to_affine_flat
+
+    special = np.array([0.0, -0.0, 1.0, -1.0, 1e-300, 1e300, -1e300, 1e-45, np.inf, -np.inf, np.nan, 3.5e38])
+    grid = np.array(np.meshgrid(special, special, special, special, indexing="ij")).reshape(4, -1)
+    for eps in (1e-5, 0.0, -1.0, 1e-320):
+        scale, bias, mean, var = grid
+        s, t, valid = bn_to_affine_flat(scale, bias, mean, var, np.float64(eps))
+        with np.errstate(all="ignore"):
+            denom = var + eps
+            full = (np.isfinite(grid).all(axis=0) & (var >= 0) & (denom > 0) & np.isfinite(s) & np.isfinite(t))
+            np.testing.assert_array_equal(s, scale / np.sqrt(denom))
+            np.testing.assert_array_equal(t, bias - mean * s)
+        np.testing.assert_array_equal(valid, full)

@@ -86,3 +86,28 @@ def test_library_prints_nothing(capfd, tmp_path):
     assert result and report.bn_after == 0
     out, err = capfd.readouterr()
     assert out == "" and err == ""
+
+
+_PACKED_TYPES = [(name, per_byte) for name, per_byte in
+                 (("INT4", 2), ("UINT4", 2), ("FLOAT4E2M1", 2), ("INT2", 4), ("UINT2", 4))
+                 if hasattr(onnx.TensorProto, name)]
+
+
+@pytest.mark.parametrize("type_name,per_byte", _PACKED_TYPES)
+def test_packed_sub_byte_tensors_are_sized_by_packing(tmp_path, type_name, per_byte):
+    """raw_data of 4- and 2-bit types holds several elements a byte: a right-sized one loads, a wrong one does not."""
+    def model_with(nbytes: int) -> Path:
+        tensor = onnx.TensorProto(name="packed", data_type=getattr(onnx.TensorProto, type_name), dims=[7],
+                                  raw_data=bytes(nbytes))
+        graph = onnx.helper.make_graph(
+            [onnx.helper.make_node("Identity", ["x"], ["y"])], "g",
+            [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+            [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])], [tensor])
+        path = tmp_path / f"{type_name}_{nbytes}.onnx"
+        path.write_bytes(onnx.helper.make_model(graph).SerializeToString())
+        return path
+
+    right = -(-7 // per_byte)  # ceil(7 / per_byte)
+    assert load_model(model_with(right)).graph.initializer[0].raw_data == bytes(right)
+    with pytest.raises(InputError, match=f"tensor 'packed' has 7 bytes, but its shape \\[7\\] needs {right}"):
+        load_model(model_with(7))

@@ -106,6 +106,33 @@ def test_conv_bn_bias_from_constant_subgraph():
     twin = None if {"Expand", "CastLike"} <= SUPPORTED_OPS else build(False)
     folded, _ = fold_and_check(model, rules=["conv-bn"], expected_model=twin)
     assert {n.op_type for n in folded.graph.node} == {"Conv"}, [n.op_type for n in folded.graph.node]
+    # the computed bias was read by the Conv alone: it keeps its name, now as an initializer
+    bias_name = next(n for n in model.graph.node if n.op_type == "Conv").input[2]
+    assert folded.graph.node[0].input[2] == bias_name
+    assert bias_name in {t.name for t in folded.graph.initializer}
+    assert not any(t.name.endswith("_bnfold") for t in folded.graph.initializer)
+
+
+def test_conv_bn_computed_bias_read_elsewhere_gets_a_new_name():
+    """A computed bias that another node also reads stays for that reader; the folded Conv gets its own."""
+    def build(dynamo: bool):
+        net = Net(seed=12, opset=18)
+        x = net.input("x", [2, 3, 6, 6])
+        w = net.weight("W", [5, 3, 3, 3])
+        bias = _dynamo_zero_bias(net, x, w) if dynamo else net.init("zero_bias", np.zeros(5, np.float32))
+        c = net.node("Conv", [x, w, bias], pads=[1, 1, 1, 1])
+        net.bn(c, 5, "y")
+        net.node("Identity", [bias], "b")
+        net.output("y")
+        net.output("b", [5])
+        return net.model(), bias
+
+    model, bias = build(True)
+    twin = None if {"Expand", "CastLike"} <= SUPPORTED_OPS else build(False)[0]
+    folded, _ = fold_and_check(model, rules=["conv-bn"], expected_model=twin)
+    conv = next(n for n in folded.graph.node if n.op_type == "Conv")
+    assert conv.input[2] == f"{bias}_bnfold"
+    assert any(n.output[0] == bias for n in folded.graph.node), "the Identity's input is still computed"
 
 
 # ============================================================================================ ConvTranspose -> BN
@@ -133,14 +160,15 @@ def test_convtranspose_bn(nd, c_in, c_out, group, attrs, bias):
 @pytest.mark.parametrize("trans_a", [0, 1])
 @pytest.mark.parametrize("trans_b", [0, 1])
 @pytest.mark.parametrize("bias_shape", [None, [5], [1, 5], []])
-def test_gemm_bn(trans_a, trans_b, bias_shape):
+@pytest.mark.parametrize("beta", [1.9, 1.0])  # beta 1 with a [5] or no bias: the batched (prefetched) path
+def test_gemm_bn(trans_a, trans_b, bias_shape, beta):
     net = Net(seed=7)
     x = net.input("x", [4, 3] if trans_a else [3, 4])
     w = net.weight("W", [5, 4] if trans_b else [4, 5])
     inputs = [x, w]
     if bias_shape is not None:
         inputs.append(net.init("C", net.rng.standard_normal(bias_shape).astype(np.float32)))
-    g = net.node("Gemm", inputs, transA=trans_a, transB=trans_b, alpha=0.7, beta=1.9)
+    g = net.node("Gemm", inputs, transA=trans_a, transB=trans_b, alpha=0.7, beta=beta)
     net.bn(g, 5, "y")
     net.output("y")
     fold_and_check(net.model(), rules=["gemm-bn"])
