@@ -272,8 +272,8 @@ class GraphIndex:
         inputs_of, outputs_of = self._inputs_of, self._outputs_of
         for node in self.nodes:
             op = node.op_type
-            inputs = inputs_of[id(node)] = list(node.input)
-            outputs = outputs_of[id(node)] = list(node.output)
+            inputs = inputs_of[id(node)] = node.input[:]  # a list; slicing reads a repeated field fastest
+            outputs = outputs_of[id(node)] = node.output[:]
             default_domain = node.domain in ("", "ai.onnx")
             if op in _NONDETERMINISTIC:
                 runtime.update(outputs)
