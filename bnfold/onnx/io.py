@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import mmap
 import os
 import shutil
@@ -134,6 +135,20 @@ def _nodes_have_external(nodes) -> bool:
     return False
 
 
+def estimated_size(model: onnx.ModelProto) -> int:
+    """Bytes of the main graph's initializers, from their shapes (reading raw_data would copy it)."""
+    itemsizes: dict[int, int] = {}
+    total = 0
+    for t in model.graph.initializer:
+        if t.data_type not in itemsizes:
+            try:
+                itemsizes[t.data_type] = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+            except Exception:  # string or unknown element types: count one byte each
+                itemsizes[t.data_type] = 1
+        total += math.prod(t.dims) * itemsizes[t.data_type]
+    return total
+
+
 def save_model(model: onnx.ModelProto, path: "str | os.PathLike", *, external_data: bool | None = None,
                replacements: "dict[str, np.ndarray] | None" = None, source: "ExternalData | None" = None) -> None:
     """Write atomically: a temporary file beside the target, then a rename. No partial output on failure.
@@ -146,8 +161,8 @@ def save_model(model: onnx.ModelProto, path: "str | os.PathLike", *, external_da
     directory = path.parent if str(path.parent) else Path(".")
     if not directory.is_dir():
         raise InputError(f"{path}: output directory {directory} does not exist")
-    if external_data is None:  # replacements have the size of the values they replace: ByteSize counts them
-        external_data = model.ByteSize() > _PROTOBUF_LIMIT - (64 << 20)
+    if external_data is None:  # from shapes: upb's ByteSize would serialize the whole model to count it
+        external_data = estimated_size(model) > _PROTOBUF_LIMIT - (64 << 20)
     if not external_data:
         _save_inline(model, path, replacements)
         return

@@ -159,10 +159,6 @@ def prefetch_conv_folds(g: GraphIndex, nodes, affines: dict[int, tuple[np.ndarra
         if weight is None:
             continue
         dims = tuple(weight.dims)
-        dtype = RAW_FLOAT_DTYPES[weight.data_type]
-        raw = weight.raw_data
-        if not raw or len(raw) != math.prod(dims) * dtype.itemsize:
-            continue
         group = 1
         if op == "Gemm":
             attrs = get_attrs(layer, beta=1.0, transB=0)
@@ -187,8 +183,7 @@ def prefetch_conv_folds(g: GraphIndex, nodes, affines: dict[int, tuple[np.ndarra
             bias = _bias_values(g, bias_name, weight.data_type, channels)
             if bias is None:
                 continue
-        jobs.append((bn, layer, weight.name, np.frombuffer(raw, dtype=dtype).reshape(dims), axis, group, bias_name,
-                     bias, st))
+        jobs.append((bn, layer, weight, dims, axis, group, bias_name, bias, st))
     done: dict[int, PrefetchedFold] = {}
     if not jobs:
         return done
@@ -199,20 +194,26 @@ def prefetch_conv_folds(g: GraphIndex, nodes, affines: dict[int, tuple[np.ndarra
             np.concatenate([job[7] for job in with_bias]).astype(np.float64) + \
             np.concatenate([job[8][1] for job in with_bias])
     start = 0
-    for bn, layer, weight_name, weight, axis, group, bias_name, bias, (s, t) in jobs:
-        # multiplied in float64 and rounded once to the weight's dtype as numpy writes the result, without a
-        # float64 copy of the weight: on large models the fold is bound by memory traffic, not arithmetic
-        new_w = np.empty(weight.shape, dtype=weight.dtype)
-        np.multiply(weight, channel_multiplier(s, weight.shape, axis, group), out=new_w, dtype=np.float64,
-                    casting="unsafe")
+    for bn, layer, tensor, dims, axis, group, bias_name, bias, (s, t) in jobs:
         if bias is not None:
             end = start + s.shape[0]
-            new_b = flat[start:end].astype(weight.dtype)
+            new_b = flat[start:end]
             start = end
-        elif t.any():  # as in AfterTarget.plan_edits: no bias is added when the shift is all zero
-            new_b = t.astype(weight.dtype)
         else:
-            new_b = None
+            new_b = t if t.any() else None  # as in AfterTarget.plan_edits: no bias for an all-zero shift
+        # The weight's bytes are read here, one tensor at a time (a copy of every weight at once would double the
+        # fold's peak memory). Multiplied in float64 and rounded once to the weight's dtype as numpy writes the
+        # result, without a float64 copy: on large models the fold is bound by memory traffic, not arithmetic.
+        dtype = RAW_FLOAT_DTYPES[tensor.data_type]
+        raw = tensor.raw_data
+        if not raw or len(raw) != math.prod(dims) * dtype.itemsize:
+            continue  # values in typed fields, or a size that does not fit: the per-node path reads or refuses
+        weight = np.frombuffer(raw, dtype=dtype).reshape(dims)
+        new_w = np.empty(dims, dtype=dtype)
+        np.multiply(weight, channel_multiplier(s, dims, axis, group), out=new_w, dtype=np.float64, casting="unsafe")
+        del weight, raw
+        if new_b is not None:
+            new_b = new_b.astype(dtype)
         if np.isfinite(new_w).all() and (new_b is None or np.isfinite(new_b).all()):
-            done[id(bn)] = PrefetchedFold(rule_for[layer.op_type], layer, weight_name, bias_name, new_w, new_b)
+            done[id(bn)] = PrefetchedFold(rule_for[layer.op_type], layer, tensor.name, bias_name, new_w, new_b)
     return done
