@@ -1025,6 +1025,16 @@ def test_bn_params_in_outer_scope_do_not_stay_behind():
     fold_and_check(model, feeds=feeds, rules=["conv-bn"])
 
 
+def test_skipping_every_rule_still_counts_and_explains_each_batchnorm():
+    from bnfold.onnx.rules import RULE_NAMES
+
+    net, c = _conv_bn()
+    net.bn(c, 4, "y")
+    net.output("y")
+    report = refuse_and_check(net.model(), "every rule was skipped", skip=RULE_NAMES)
+    assert report.bn_before == report.bn_after == 1
+
+
 def test_unknown_skip_rule_is_an_input_error():
     net, c = _conv_bn()
     net.bn(c, 4, "y")

@@ -49,7 +49,7 @@ def fold_model(model: onnx.ModelProto, rules: list[Rule],
     # Overflow and invalid values are checked for where they matter (a fold with them is refused); one errstate
     # for the whole pass, because entering one costs more than most of the small array operations it covers.
     with np.errstate(all="ignore"):
-        main = GraphIndex(model.graph, ctx)
+        main = GraphIndex(model.graph, ctx, watch=_watched_ops(rules))
         _fold_graph(main, rules, report)
     ctx.main_index = None  # the index points back at the context: drop the cycle now, not at the next GC
     for function in model.functions:
@@ -69,17 +69,20 @@ def fold_model(model: onnx.ModelProto, rules: list[Rule],
     return report
 
 
+def _watched_ops(rules: list[Rule]) -> frozenset[str]:
+    """Ops a fold starts from, and the per-sample norms the report names: the index lists them as it reads."""
+    starts = frozenset({"BatchNormalization"}).union(*(rule.sources for rule in rules))  # BNs are always counted
+    return starts | PER_SAMPLE_NORMS.keys()
+
+
 def _fold_graph(g: GraphIndex, rules: list[Rule], report: FoldReport) -> None:
     bn_rules = [r for r in rules if "BatchNormalization" in r.sources]
     affine_rules = [r for r in rules if r.sources & _MUL_ADD]
-    watched = _MUL_ADD | {"BatchNormalization"} if affine_rules else {"BatchNormalization"}
-    # One pass over the graph finds every node a rule starts from (folds never create new ones; a BN turned into
-    # an Add stays the same node) and the per-sample norms to report.
+    # Every node a rule starts from (folds never create new ones; a BN turned into an Add stays the same node),
+    # and the per-sample norms to report, as the index found them.
     candidates, per_sample = [], []
-    for node in g.nodes:
-        op = node.op_type
-        if (op in watched or op in PER_SAMPLE_NORMS) and node.domain in ("", "ai.onnx"):
-            (per_sample if op in PER_SAMPLE_NORMS else candidates).append(node)
+    for node in g.watched:
+        (per_sample if node.op_type in PER_SAMPLE_NORMS else candidates).append(node)
     batchnorms = [n for n in candidates if n.op_type == "BatchNormalization"]
     report.bn_before += len(batchnorms)
     prefetched = prefetch_batchnorm_affines(g, batchnorms)
@@ -133,7 +136,8 @@ def _fold_graph(g: GraphIndex, rules: list[Rule], report: FoldReport) -> None:
         read_before = set().union(*(free_names(b) for _, b in bodies))
         for attr_name, sub in bodies:
             path = f"{g.path}/" if g.path else ""
-            _fold_graph(GraphIndex(sub, g.ctx, parent=g, path=f"{path}{node_label(node)}.{attr_name}"), rules, report)
+            _fold_graph(GraphIndex(sub, g.ctx, parent=g, path=f"{path}{node_label(node)}.{attr_name}",
+                                   watch=_watched_ops(rules)), rules, report)
         # a fold inside may have stopped reading an outer value (BN parameters, a weight now copied locally)
         for name in read_before - set().union(*(free_names(b) for _, b in bodies)) - set(node.input):
             g.drop_use(name, node)

@@ -31,9 +31,14 @@ RAW_FLOAT_DTYPES = {onnx.TensorProto.FLOAT: np.dtype(np.float32), onnx.TensorPro
                      onnx.TensorProto.DOUBLE: np.dtype(np.float64)}
 
 
+# Element types whose raw_data numpy reads as is (little-endian, fixed size): a fast path past numpy_helper.
+_RAW_DTYPES = {**RAW_FLOAT_DTYPES, onnx.TensorProto.INT64: np.dtype(np.int64),
+               onnx.TensorProto.INT32: np.dtype(np.int32)}
+
+
 def tensor_to_array(tensor: onnx.TensorProto) -> np.ndarray:
-    """numpy_helper.to_array, with a fast path for float tensors held in raw_data (the common case)."""
-    dtype = RAW_FLOAT_DTYPES.get(tensor.data_type)
+    """numpy_helper.to_array, with a fast path for float and int tensors held in raw_data (the common case)."""
+    dtype = _RAW_DTYPES.get(tensor.data_type)
     if dtype is not None:
         raw = tensor.raw_data
         if raw:
@@ -230,7 +235,7 @@ class GraphIndex:
     """Producers, consumers and constants of one graph; edits go through its methods."""
 
     def __init__(self, graph: onnx.GraphProto, ctx: ModelContext, parent: "GraphIndex | None" = None,
-                 path: str = ""):
+                 path: str = "", watch: frozenset[str] = frozenset()):
         self.graph = graph
         self.ctx = ctx
         self.parent = parent
@@ -255,6 +260,8 @@ class GraphIndex:
         self._outputs_of: dict[int, list[str]] = {}
         self.bodies: list[onnx.GraphProto] = []  # subgraphs of this graph's nodes
         self.nodes_with_subgraphs: list[onnx.NodeProto] = []
+        self.watched: list[onnx.NodeProto] = []  # default-domain nodes whose op is in ``watch``, in graph order
+        self._watch = watch
         self.removed_names: set[str] = set()  # values that no longer exist (still not to be reused before commit)
         self._index(graph)
         if parent is None:
@@ -270,11 +277,14 @@ class GraphIndex:
         runtime.update(n for n in inputs_ if n not in initializers or self.ctx.ir_version >= 4)
         parent_runtime = self.parent._is_runtime if self.parent is not None else (lambda _name: False)
         inputs_of, outputs_of = self._inputs_of, self._outputs_of
+        watch, watched = self._watch, self.watched
         for node in self.nodes:
             op = node.op_type
             inputs = inputs_of[id(node)] = node.input[:]  # a list; slicing reads a repeated field fastest
             outputs = outputs_of[id(node)] = node.output[:]
             default_domain = node.domain in ("", "ai.onnx")
+            if op in watch and default_domain:
+                watched.append(node)
             if op in _NONDETERMINISTIC:
                 runtime.update(outputs)
             elif default_domain and op != "Shape":
@@ -389,6 +399,8 @@ class GraphIndex:
                 values.append(None)
                 continue
             value = constants.get(inp)
+            if value is None and op == "Shape" and inp in self.initializers:  # Shape(weight): its dims, not a copy
+                value = _ShapeOnly(tuple(self.initializers[inp].dims))
             if value is None:
                 if inp in runtime:
                     value = self._stand_in(node, slot) if op == "CastLike" or op == "Shape" else None
@@ -876,7 +888,7 @@ def constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
     """The value of a Constant node, or None for attributes that hold no numeric tensor (strings, sparse)."""
     for attr in node.attribute:
         if attr.name == "value" and attr.HasField("t"):
-            return numpy_helper.to_array(attr.t)
+            return tensor_to_array(attr.t)
         if attr.name == "value_float":
             return np.array(attr.f, dtype=np.float32)
         if attr.name == "value_floats":
