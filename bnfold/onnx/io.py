@@ -184,50 +184,82 @@ def save_model(model: onnx.ModelProto, path: "str | os.PathLike", *, external_da
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
+# Below this many bytes of weights a model is serialized in one piece: streaming saves memory, not time. Both
+# ways write the same bytes.
+_STREAM_FROM = 16 << 20
+
+
 def _save_inline(model: onnx.ModelProto, path: Path, replacements) -> None:
-    """One file: written to a temporary file in the same directory, then renamed over ``path``. Always streamed,
-    also when small: the external-data writer frames tensors the same way, so every path writes the same bytes."""
-    write_atomically(path, lambda f: write_streamed(model, f, replacements))
+    """One file: written to a temporary file in the same directory, then renamed over ``path``."""
+    if estimated_size(model) < _STREAM_FROM:
+        materialize(model, replacements)
+        data = model.SerializeToString()
+        write_atomically(path, lambda f: f.write(data))
+    else:
+        write_atomically(path, lambda f: write_streamed(model, f, replacements))
+
+
+_GRAPH_FIELD, _INITIALIZER_FIELD = 7, 5  # ModelProto.graph, GraphProto.initializer
 
 
 def write_streamed(model: onnx.ModelProto, f, replacements: "dict[str, np.ndarray] | None" = None) -> None:
-    """Serialize ``model`` in pieces: everything but the main graph's initializers, then each initializer framed
-    as its own ``ModelProto.graph.initializer`` entry.
+    """Serialize ``model`` in pieces, the main graph's initializers one at a time, into exactly the bytes
+    ``model.SerializeToString()`` gives (protobuf writes fields in number order; the graph's length is summed from
+    its pieces first), while memory never holds a serialized copy of the whole model.
 
-    Protobuf merges repeated occurrences of a message field, so the concatenation parses back to the same model
-    (same fields, same order), while memory never holds a second serialized copy of the whole model.
     ``replacements`` maps initializer names to new values (same dtype and shape) that are written in place of the
     tensor's raw_data without being copied into the protobuf first; the stale raw_data of those tensors is dropped
-    from ``model``. The bytes are the same either way, and the same model always gives the same bytes.
+    from ``model``. The bytes are the same as for the materialized model.
     """
-    head = onnx.ModelProto()
-    _copy_fields(model, head, lambda field: field.name != "graph")
-    _copy_fields(model.graph, head.graph, lambda field: field.name != "initializer")
-    f.write(head.SerializeToString())
+    model_low, model_high, graph_low, graph_high = (onnx.ModelProto(), onnx.ModelProto(), onnx.GraphProto(),
+                                                    onnx.GraphProto())
+    _copy_fields(model, model_low, lambda field: field.number < _GRAPH_FIELD)
+    _copy_fields(model, model_high, lambda field: field.number > _GRAPH_FIELD)
+    _copy_fields(model.graph, graph_low, lambda field: field.number < _INITIALIZER_FIELD)
+    _copy_fields(model.graph, graph_high, lambda field: field.number > _INITIALIZER_FIELD)
+    graph_low_bytes, graph_high_bytes = graph_low.SerializeToString(), graph_high.SerializeToString()
     replacements = replacements or {}
+    # Per initializer: None (serialized when written; only its size now) or, for a replaced one, (the tensor's bytes
+    # up to raw_data, the replacement's bytes, the rest).
+    pieces: list = []
+    sizes = []
     for tensor in model.graph.initializer:
         value = replacements.get(tensor.name)
         if value is None:
-            body = tensor.SerializeToString()
-            f.write(_initializer_frame(len(body)))
-            f.write(body)
+            pieces.append(None)
+            sizes.append(tensor.ByteSize())
             continue
         raw = np.ascontiguousarray(value).reshape(-1).view(np.uint8)  # bytes, also for zero-size arrays
         if _has_fields_after_raw_data(tensor):  # rare: split the other fields around raw_data
-            low, high = onnx.TensorProto(), onnx.TensorProto()  # protobuf writes fields in number order
+            low, high = onnx.TensorProto(), onnx.TensorProto()
             _copy_fields(tensor, low, lambda field: field.number < _RAW_DATA_FIELD)
             _copy_fields(tensor, high, lambda field: field.number > _RAW_DATA_FIELD)
         else:
             tensor.ClearField("raw_data")  # stale: the replacement is written in its place
             low, high = tensor, None
-        low_bytes = low.SerializeToString()
-        high_bytes = high.SerializeToString() if high is not None else b""
-        raw_header = _raw_data_header(raw.nbytes)
-        size = len(low_bytes) + len(raw_header) + raw.nbytes + len(high_bytes)
-        f.write(_initializer_frame(size) + low_bytes + raw_header)
+        head = low.SerializeToString() + _raw_data_header(raw.nbytes)
+        tail = high.SerializeToString() if high is not None else b""
+        pieces.append((head, raw, tail))
+        sizes.append(len(head) + raw.nbytes + len(tail))
+    graph_size = len(graph_low_bytes) + len(graph_high_bytes) + sum(
+        1 + len(_varint(size)) + size for size in sizes)
+    f.write(model_low.SerializeToString())
+    f.write(b"\x3a" + _varint(graph_size) + graph_low_bytes)
+    for tensor, piece, size in zip(model.graph.initializer, pieces, sizes):
+        if piece is None:
+            body = tensor.SerializeToString()
+            if len(body) != size:
+                raise AssertionError("an initializer changed size while it was written")
+            f.write(b"\x2a" + _varint(size))
+            f.write(body)
+            continue
+        head, raw, tail = piece
+        f.write(b"\x2a" + _varint(size) + head)
         f.write(raw)
-        if high_bytes:
-            f.write(high_bytes)
+        if tail:
+            f.write(tail)
+    f.write(graph_high_bytes)
+    f.write(model_high.SerializeToString())
 
 
 _RAW_DATA_FIELD = 9
@@ -255,13 +287,6 @@ def _varint(value: int) -> bytes:
         else:
             out.append(byte)
             return bytes(out)
-
-
-@functools.lru_cache(maxsize=1024)  # weights of a model share a handful of sizes
-def _initializer_frame(tensor_size: int) -> bytes:
-    """ModelProto.graph (field 7) holding GraphProto.initializer (field 5) of ``tensor_size`` bytes."""
-    inner = b"\x2a" + _varint(tensor_size)
-    return b"\x3a" + _varint(len(inner) + tensor_size) + inner
 
 
 def materialize(model: onnx.ModelProto, replacements: "dict[str, np.ndarray] | None",
