@@ -1402,3 +1402,16 @@ def test_conv_bias_in_typed_fields_not_raw_data(typed, channels):
         net.bn(net.node("Conv", [x, net.weight(f"W{i}", [channels, 3, 1, 1]), f"B{i}"]), channels, f"y{i}")
         net.output(f"y{i}")
     fold_and_check(net.model(), rules=["conv-bn"])
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64, np.int64, BF16])
+@pytest.mark.parametrize("shape", [(2, 3), (3, 2, 1), (0, 3), ()])
+def test_new_initializers_are_what_numpy_helper_makes(dtype, shape):
+    """fill_tensor's fast path writes the same message as onnx's from_array, also for transposed arrays."""
+    from bnfold.onnx.graph import fill_tensor
+
+    value = np.arange(int(np.prod(shape)), dtype=np.float64).reshape(shape).astype(dtype)
+    for array in (value, value.T):
+        tensor = TP()
+        fill_tensor(tensor, array, "t")
+        assert tensor.SerializeToString() == numpy_helper.from_array(array, "t").SerializeToString()

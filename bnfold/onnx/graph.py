@@ -51,17 +51,16 @@ def tensor_to_array(tensor: onnx.TensorProto) -> np.ndarray:
 _RAW_FLOAT_TYPES = {dtype: data_type for data_type, dtype in RAW_FLOAT_DTYPES.items()}
 
 
-def array_to_tensor(value: np.ndarray, name: str) -> onnx.TensorProto:
-    """numpy_helper.from_array, with a fast path giving the same message for float arrays (the common case)."""
+def fill_tensor(tensor: onnx.TensorProto, value: np.ndarray, name: str) -> None:
+    """Make the empty ``tensor`` what numpy_helper.from_array(value, name) gives."""
     data_type = _RAW_FLOAT_TYPES.get(value.dtype)
     if data_type is None:
-        return numpy_helper.from_array(value, name)
-    tensor = onnx.TensorProto()
+        tensor.CopyFrom(numpy_helper.from_array(value, name))
+        return
     tensor.dims.extend(value.shape)
     tensor.data_type = data_type
     tensor.name = name
     tensor.raw_data = value.tobytes()  # C order, whatever the array's layout, as from_array writes it
-    return tensor
 
 
 def node_label(node: onnx.NodeProto) -> str:
@@ -672,7 +671,7 @@ class GraphIndex:
         """A new initializer named ``base_name`` made unique (``exact``: a name known to be free)."""
         name = base_name if exact else self.ctx.unique_name(base_name)
         tensor = self.graph.initializer.add()  # filled in place: appending a finished tensor would copy it
-        tensor.CopyFrom(array_to_tensor(value, name))
+        fill_tensor(tensor, value, name)
         self.initializers[name] = tensor
         if self.ctx.ir_version < 4:  # below IR 4 every initializer must also be a graph input
             self.graph.input.append(onnx.helper.make_tensor_value_info(name, tensor.data_type, list(value.shape)))
