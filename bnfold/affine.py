@@ -54,19 +54,12 @@ def bn_to_affine_flat(scale: np.ndarray, bias: np.ndarray, mean: np.ndarray, var
     per-call overhead of numpy on arrays of a few dozen values.
     """
     with np.errstate(all="ignore"):
-        s, t = _bn_to_affine(scale, bias, mean, var, epsilon)
-        return s, t, _affine_valid(s, t, var)
-
-
-def _bn_to_affine(scale, bias, mean, var, epsilon) -> tuple[np.ndarray, np.ndarray]:
-    s = scale / np.sqrt(var + epsilon)
-    return s, bias - mean * s
-
-
-def _affine_valid(s: np.ndarray, t: np.ndarray, var: np.ndarray) -> np.ndarray:
-    # Enough to catch every bad parameter: a non-finite scale, bias or mean, or var + eps <= 0, makes s or t
-    # non-finite; only an infinite variance (s = 0) needs its own test.
-    return np.isfinite(s) & np.isfinite(t) & np.isfinite(var) & (var >= 0)
+        s = scale / np.sqrt(var + epsilon)
+        t = bias - mean * s
+        # Enough to catch every bad parameter: a non-finite scale, bias or mean, or var + eps <= 0, makes s or t
+        # non-finite; only an infinite variance (s = 0) needs its own test.
+        valid = np.isfinite(s) & np.isfinite(t) & np.isfinite(var) & (var >= 0)
+    return s, t, valid
 
 
 def channel_multiplier(values: np.ndarray, weight_shape: tuple[int, ...], axis: int, groups: int = 1) -> np.ndarray:

@@ -1415,3 +1415,14 @@ def test_new_initializers_are_what_numpy_helper_makes(dtype, shape):
         tensor = TP()
         fill_tensor(tensor, array, "t")
         assert tensor.SerializeToString() == numpy_helper.from_array(array, "t").SerializeToString()
+
+
+def test_annotated_channels_that_disagree_with_the_batchnorm_are_an_invalid_model():
+    """The batched Conv -> BN path checks the BN input's annotated channels, as the per-node path does."""
+    net, c = _conv_bn()
+    net.bn(c, 4, "y")
+    net.output("y")
+    model = net.model()
+    model.graph.value_info.append(helper.make_tensor_value_info(c, TP.FLOAT, [2, 5, 6, 6]))
+    with pytest.raises(bnfold.InputError, match="has 4 channels, but its input has 5"):
+        bnfold.fold_onnx(model)

@@ -378,48 +378,11 @@ class GraphIndex:
         known = self._known(name)
         if known is not None:
             return known
-        return self._compute(name, 0)
+        return self._compute(name)
 
-    # Producers deeper than this are evaluated with an explicit stack: a deep graph must not exhaust Python's
-    # recursion limit, and shallow ones (nearly all) are cheaper to walk recursively.
-    _MAX_RECURSION = 64
-
-    def _compute(self, name: str, depth: int) -> tuple[np.ndarray | None, str]:
-        """Evaluate the producer of ``name``, whose inputs are evaluated first (the graph is acyclic: _index
-        checked every input is defined before it is read)."""
-        if depth > self._MAX_RECURSION:
-            return self._compute_iteratively(name)
-        node = self.producer[name]
-        op = node.op_type
-        constants, runtime = self._constants, self._runtime
-        values: list = []  # per input: its value, a stand-in, or None (absent)
-        for slot, inp in enumerate(self._inputs_of[id(node)]):
-            if not inp:
-                values.append(None)
-                continue
-            value = constants.get(inp)
-            if value is None and op == "Shape" and inp in self.initializers:  # Shape(weight): its dims, not a copy
-                value = _ShapeOnly(tuple(self.initializers[inp].dims))
-            if value is None:
-                if inp in runtime:
-                    value = self._stand_in(node, slot) if op == "CastLike" or op == "Shape" else None
-                else:
-                    known = self._known(inp)
-                    if known is None:
-                        known = self._compute(inp, depth + 1)
-                    value = known[0]
-                    if value is None:
-                        value = self._stand_in(node, slot)
-                if value is None:  # no need to look at the other inputs
-                    reason = self._not_constant[name] = f"'{name}' is computed at run time by {op} {node_label(node)}"
-                    return None, reason
-            values.append(value)
-        value, reason = self._evaluate(node, name, values)
-        if value is None:
-            self._not_constant[name] = reason
-        return value, reason
-
-    def _compute_iteratively(self, name: str) -> tuple[np.ndarray | None, str]:
+    def _compute(self, name: str) -> tuple[np.ndarray | None, str]:
+        """Evaluate the producer of ``name`` after its inputs, bottom-up with an explicit stack: a deep graph must
+        not exhaust Python's recursion limit."""
         constants, runtime = self._constants, self._runtime
         stack, active = [name], {name}
         while stack:
@@ -433,6 +396,8 @@ class GraphIndex:
                     values.append(None)
                     continue
                 value = constants.get(inp)
+                if value is None and op == "Shape" and inp in self.initializers:  # Shape(weight): dims, not a copy
+                    value = _ShapeOnly(tuple(self.initializers[inp].dims))
                 if value is not None:
                     values.append(value)
                     continue

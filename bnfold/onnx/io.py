@@ -220,7 +220,8 @@ def write_streamed(model: onnx.ModelProto, f, replacements: "dict[str, np.ndarra
     graph_low_bytes, graph_high_bytes = graph_low.SerializeToString(), graph_high.SerializeToString()
     replacements = replacements or {}
     # Per initializer: None (serialized when written; only its size now) or, for a replaced one, (the tensor's bytes
-    # up to raw_data, the replacement's bytes, the rest).
+    # up to raw_data, the replacement's bytes, the rest). upb's ByteSize encodes the tensor to count it, so a
+    # tensor that is not replaced is encoded twice: the price of never holding them all serialized at once.
     pieces: list = []
     sizes = []
     for tensor in model.graph.initializer:

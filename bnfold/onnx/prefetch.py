@@ -1,10 +1,10 @@
 """Batched math for the commonest folds, computed before the pass walks the graph node by node.
 
 A model with thousands of BatchNormalization layers would otherwise spend most of its fold time in numpy's
-per-call overhead on arrays of a few dozen values. These functions do the float64 math of many folds at once, the
-channels of every layer laid end to end in one vector, and hand each result to the rule that would have computed it;
-the rule checks the result still applies (same node, same weight never rewritten, same affine) and otherwise computes it itself. Nodes
-that do not fit (computed parameters, other ops, refusals) simply take the per-node path, which also explains why.
+per-call overhead on arrays of a few dozen values. These functions do the float64 math of many folds at once (the
+channels of every layer laid end to end in one vector). The pass applies a prefetched Conv/ConvTranspose/Gemm fold
+only while the layer, its tensors and its one reader are as prefetch saw them; anything else (computed parameters,
+other ops, refusals, a graph changed by an earlier fold) takes the per-node path, which also explains why.
 """
 
 from __future__ import annotations
@@ -15,15 +15,15 @@ from collections import defaultdict
 import numpy as np
 import onnx
 
-from ..affine import _affine_valid, _bn_to_affine, channel_multiplier
+from ..affine import bn_to_affine_flat, channel_multiplier
 from .graph import RAW_FLOAT_DTYPES, GraphIndex, get_attr, get_attrs
-from .rules import inference_epsilon
+from .rules import check_batchnorm_channels, inference_epsilon
 
 
 def prefetch_batchnorm_affines(g: GraphIndex, nodes) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """``bn_to_affine`` for every BatchNormalization whose parameters are plain float initializers, all channels of
     one dtype in one run of numpy calls. Keyed by ``id(node)``; nodes left out take the per-node path, which also
-    explains refusals. Call under ``np.errstate(all="ignore")`` (the fold pass does)."""
+    explains refusals."""
     by_dtype: dict[int, list] = defaultdict(list)
     initializers, inputs = g.initializers, g.inputs
     replaced = g.ctx.replacements if g.parent is None else {}
@@ -60,8 +60,7 @@ def prefetch_batchnorm_affines(g: GraphIndex, nodes) -> dict[int, tuple[np.ndarr
         epsilons = {eps for _, _, eps, _ in members}
         epsilon = np.float64(epsilons.pop()) if len(epsilons) == 1 else \
             np.repeat(np.array([eps for _, _, eps, _ in members], dtype=np.float64), [m[3] for m in members])
-        s, t = _bn_to_affine(scale, bias, mean, var, epsilon)
-        valid = _affine_valid(s, t, var)
+        s, t, valid = bn_to_affine_flat(scale, bias, mean, var, epsilon)
         all_valid = bool(valid.all())
         start = 0
         for node, _, _, channels in members:
@@ -75,12 +74,12 @@ def prefetch_batchnorm_affines(g: GraphIndex, nodes) -> dict[int, tuple[np.ndarr
 class PrefetchedFold:
     """New weight and bias of a Conv/ConvTranspose/Gemm for the BatchNormalization after it, computed ahead."""
 
-    __slots__ = ("rule", "node", "weight_name", "bias_name", "weight", "bias")
+    __slots__ = ("rule", "node", "weight_name", "bias_name", "weight", "bias", "channels")
 
     def __init__(self, rule: str, node: onnx.NodeProto, weight_name: str, bias_name: str, weight: np.ndarray,
-                 bias: np.ndarray | None):
+                 bias: np.ndarray | None, channels: int):
         self.rule, self.node, self.weight_name, self.bias_name = rule, node, weight_name, bias_name
-        self.weight, self.bias = weight, bias
+        self.weight, self.bias, self.channels = weight, bias, channels
 
     def still_applies(self, g: GraphIndex, bn: onnx.NodeProto) -> bool:
         """Earlier folds left the layer, its tensors and its one reader (``bn``) as prefetch saw them."""
@@ -93,7 +92,9 @@ class PrefetchedFold:
                 and self.bias_name not in g.rewritten)
 
     def apply(self, g: GraphIndex, bn: onnx.NodeProto) -> None:
-        """The edits the conv-bn/convtranspose-bn/gemm-bn rules would make, then ``bn`` goes."""
+        """The edits the conv-bn/convtranspose-bn/gemm-bn rules would make, then ``bn`` goes. An annotated input
+        shape of ``bn`` that disagrees with its channels is an invalid model, as on the per-node path."""
+        check_batchnorm_channels(g, bn, self.channels)
         node = self.node
         # bias first, as in AfterTarget.plan_edits: a weight read by a computed bias is then rewritten in place
         if self.bias is not None:
@@ -121,10 +122,12 @@ def _bias_values(g: GraphIndex, name: str, data_type: int, channels: int) -> np.
     dtype = RAW_FLOAT_DTYPES[data_type]
     tensor = g.initializers.get(name)
     if tensor is not None:
-        if _plain_tensor(g, name) is None or tensor.data_type != data_type or tuple(tensor.dims) != (channels,) \
-                or len(tensor.raw_data) != channels * dtype.itemsize:
+        if _plain_tensor(g, name) is None or tensor.data_type != data_type or tuple(tensor.dims) != (channels,):
+            return None
+        raw = tensor.raw_data
+        if len(raw) != channels * dtype.itemsize:
             return None  # values in typed fields (float_data, ...), not raw_data: the per-node path reads them
-        return np.frombuffer(tensor.raw_data, dtype=dtype)
+        return np.frombuffer(raw, dtype=dtype)
     if name not in g.producer:
         return None  # a graph input, or a value of an enclosing graph
     value, _ = g.constant(name)
@@ -145,7 +148,7 @@ def prefetch_conv_folds(g: GraphIndex, nodes, affines: dict[int, tuple[np.ndarra
         st = affines.get(id(bn))
         if st is None:
             continue
-        x = bn.input[0]
+        x = g.inputs_of(bn)[0]
         layer = producers.get(x)
         if layer is None:
             continue
@@ -215,5 +218,6 @@ def prefetch_conv_folds(g: GraphIndex, nodes, affines: dict[int, tuple[np.ndarra
         if new_b is not None:
             new_b = new_b.astype(dtype)
         if np.isfinite(new_w).all() and (new_b is None or np.isfinite(new_b).all()):
-            done[id(bn)] = PrefetchedFold(rule_for[layer.op_type], layer, tensor.name, bias_name, new_w, new_b)
+            done[id(bn)] = PrefetchedFold(rule_for[layer.op_type], layer, tensor.name, bias_name, new_w, new_b,
+                                          s.shape[0])
     return done

@@ -101,7 +101,7 @@ def batchnorm_affine(g: GraphIndex, node: onnx.NodeProto,
     inputs = g.inputs_of(node)
     hit = prefetched.pop(id(node), None) if prefetched else None
     if hit is not None:  # prefetch made inference_epsilon's checks before it did the math
-        _check_channels(g, node, hit[0].shape[0])
+        check_batchnorm_channels(g, node, hit[0].shape[0])
         return Affine(node, inputs[0], g.outputs_of(node)[0], *hit)
     epsilon = inference_epsilon(g, node)
     if isinstance(epsilon, str):
@@ -117,7 +117,7 @@ def batchnorm_affine(g: GraphIndex, node: onnx.NodeProto,
     if len({p.shape[0] for p in params}) != 1:
         raise InputError(f"invalid model: BatchNormalization {node_label(node)} has scale, B, mean and var of "
                          f"lengths {[p.shape[0] for p in params]}")
-    _check_channels(g, node, params[0].shape[0])
+    check_batchnorm_channels(g, node, params[0].shape[0])
     if not all(_is_float(p) for p in params):
         return "parameters are not floating point"
     try:
@@ -127,7 +127,7 @@ def batchnorm_affine(g: GraphIndex, node: onnx.NodeProto,
     return Affine(node, inputs[0], g.outputs_of(node)[0], s, t)
 
 
-def _check_channels(g: GraphIndex, node: onnx.NodeProto, channels: int) -> None:
+def check_batchnorm_channels(g: GraphIndex, node: onnx.NodeProto, channels: int) -> None:
     """A BN whose parameters do not match its input's channel count (when the shape is at hand) is invalid."""
     shape = g.known_shape(g.inputs_of(node)[0])
     if shape is not None and len(shape) >= 2 and isinstance(shape[1], int) and shape[1] != channels:
