@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import math
 from collections import defaultdict
-from typing import Iterable
 
 import numpy as np
 import onnx
@@ -344,9 +343,6 @@ class GraphIndex:
     def outputs_of(self, node: onnx.NodeProto) -> list[str]:
         """``list(node.output)``, cached (do not modify it)."""
         return self._outputs_of[id(node)]
-
-    def live_nodes(self) -> Iterable[onnx.NodeProto]:
-        return (n for n in self.nodes if id(n) not in self._removed_nodes)
 
     def is_removed(self, node: onnx.NodeProto) -> bool:
         return id(node) in self._removed_nodes
