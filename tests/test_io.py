@@ -49,6 +49,56 @@ def test_replacements_give_the_same_bytes_as_materialized(which):
     assert actual.getvalue() == expected.getvalue() == expected_model.SerializeToString()
 
 
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((value & 0x7F) | (0x80 if value > 0x7F else 0))
+        value >>= 7
+        if not value:
+            return bytes(out)
+
+
+def _unknown_fields(number: int) -> bytes:
+    """Fields numbered ``number``.. of every wire type, as a newer ONNX could write them."""
+    tag = lambda n, wire: _varint(n << 3 | wire)  # noqa: E731
+    return (tag(number, 0) + _varint(300) + tag(number + 1, 1) + (2**63 + 5).to_bytes(8, "little")
+            + tag(number + 2, 2) + _varint(3) + b"new" + tag(number + 3, 5) + (2**31 + 7).to_bytes(4, "little")
+            + tag(number + 4, 3) + tag(1, 0) + _varint(9) + tag(number + 4, 4))
+
+
+def _with_unknown_fields() -> onnx.ModelProto:
+    """resnet_small with fields this onnx does not know on the model, the graph and two initializers."""
+    model = _with_odd_fields()
+    for tensor in (model.graph.initializer[0], model.graph.initializer[1]):
+        tensor.CopyFrom(onnx.TensorProto.FromString(tensor.SerializeToString() + _unknown_fields(1000)))
+    model.graph.CopyFrom(onnx.GraphProto.FromString(model.graph.SerializeToString() + _unknown_fields(2000)))
+    return onnx.ModelProto.FromString(model.SerializeToString() + _unknown_fields(3000))
+
+
+@pytest.mark.parametrize("which", [None, 0, 1, 2])
+def test_fields_unknown_to_onnx_are_written_as_read(which):
+    """A model from a newer ONNX keeps the fields this onnx does not know, in the bytes upb would write."""
+    from google.protobuf import unknown_fields
+
+    model = _with_unknown_fields()
+    expected_model = onnx.ModelProto()
+    expected_model.CopyFrom(model)
+    replacements = {}
+    if which is not None:
+        tensor = model.graph.initializer[which]
+        new = np.random.default_rng(1).standard_normal(tuple(tensor.dims)).astype(np.float32)
+        replacements[tensor.name] = new
+        expected_model.graph.initializer[which].raw_data = new.tobytes()
+    buffer = io.BytesIO()
+    write_streamed(model, buffer, replacements)
+    assert buffer.getvalue() == expected_model.SerializeToString()
+    back = onnx.ModelProto.FromString(buffer.getvalue())
+    for message, number in ((back, 3000), (back.graph, 2000), (back.graph.initializer[0], 1000),
+                            (back.graph.initializer[1], 1000)):
+        assert [(f.field_number, f.wire_type) for f in unknown_fields.UnknownFieldSet(message)] == \
+            [(number + i, wire) for i, wire in enumerate((0, 1, 2, 5, 3))]
+
+
 def test_large_models_are_streamed_to_the_same_bytes(tmp_path, monkeypatch):
     """Above the streaming threshold the file is written piece by piece: the bytes are those of a small save."""
     import bnfold.onnx.io as bio

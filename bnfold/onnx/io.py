@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from google.protobuf import unknown_fields
 from google.protobuf.message import DecodeError
 
 from ..errors import InputError, require_file
@@ -217,7 +218,9 @@ def write_streamed(model: onnx.ModelProto, f, replacements: "dict[str, np.ndarra
     _copy_fields(model, model_high, lambda field: field.number > _GRAPH_FIELD)
     _copy_fields(model.graph, graph_low, lambda field: field.number < _INITIALIZER_FIELD)
     _copy_fields(model.graph, graph_high, lambda field: field.number > _INITIALIZER_FIELD)
-    graph_low_bytes, graph_high_bytes = graph_low.SerializeToString(), graph_high.SerializeToString()
+    # Fields this onnx does not know (written by a newer ONNX) come last, after the known ones, as upb writes them.
+    graph_low_bytes = graph_low.SerializeToString()
+    graph_high_bytes = graph_high.SerializeToString() + _unknown_bytes(model.graph)
     replacements = replacements or {}
     # Per initializer: None (serialized when written; only its size now) or, for a replaced one, (the tensor's bytes
     # up to raw_data, the replacement's bytes, the rest). upb's ByteSize encodes the tensor to count it, so a
@@ -231,7 +234,8 @@ def write_streamed(model: onnx.ModelProto, f, replacements: "dict[str, np.ndarra
             sizes.append(tensor.ByteSize())
             continue
         raw = np.ascontiguousarray(value).reshape(-1).view(np.uint8)  # bytes, also for zero-size arrays
-        if _has_fields_after_raw_data(tensor):  # rare: split the other fields around raw_data
+        unknown = _unknown_bytes(tensor)
+        if unknown or _has_fields_after_raw_data(tensor):  # rare: split the other fields around raw_data
             low, high = onnx.TensorProto(), onnx.TensorProto()
             _copy_fields(tensor, low, lambda field: field.number < _RAW_DATA_FIELD)
             _copy_fields(tensor, high, lambda field: field.number > _RAW_DATA_FIELD)
@@ -239,7 +243,7 @@ def write_streamed(model: onnx.ModelProto, f, replacements: "dict[str, np.ndarra
             tensor.ClearField("raw_data")  # stale: the replacement is written in its place
             low, high = tensor, None
         head = low.SerializeToString() + _raw_data_header(raw.nbytes)
-        tail = high.SerializeToString() if high is not None else b""
+        tail = (high.SerializeToString() if high is not None else b"") + unknown
         pieces.append((head, raw, tail))
         sizes.append(len(head) + raw.nbytes + len(tail))
     graph_size = len(graph_low_bytes) + len(graph_high_bytes) + sum(
@@ -260,7 +264,33 @@ def write_streamed(model: onnx.ModelProto, f, replacements: "dict[str, np.ndarra
         if tail:
             f.write(tail)
     f.write(graph_high_bytes)
-    f.write(model_high.SerializeToString())
+    f.write(model_high.SerializeToString() + _unknown_bytes(model))
+
+
+def _unknown_bytes(message) -> bytes:
+    """The fields of ``message`` that this onnx does not know, encoded as SerializeToString writes them."""
+    fields = unknown_fields.UnknownFieldSet(message)
+    return _encode_unknown(fields) if len(fields) else b""
+
+
+def _encode_unknown(fields) -> bytes:
+    out = bytearray()
+    for field in fields:
+        number, wire, data = field.field_number, field.wire_type, field.data
+        out += _varint(number << 3 | wire)
+        if wire == 0:  # varint
+            out += _varint(data & 0xFFFF_FFFF_FFFF_FFFF)
+        elif wire == 1:  # fixed 64 bits
+            out += (data & 0xFFFF_FFFF_FFFF_FFFF).to_bytes(8, "little")
+        elif wire == 2:  # length-delimited
+            out += _varint(len(data)) + data
+        elif wire == 3:  # group: its fields, then the end-group tag
+            out += _encode_unknown(data) + _varint(number << 3 | 4)
+        elif wire == 5:  # fixed 32 bits
+            out += (data & 0xFFFF_FFFF).to_bytes(4, "little")
+        else:
+            raise InputError(f"invalid model: unknown field {number} has wire type {wire}")
+    return bytes(out)
 
 
 _RAW_DATA_FIELD = 9
