@@ -52,13 +52,15 @@ What is measured per model and tool, in this order:
 4. Fold time, in memory: the median of at least ``--repeat`` calls (default 5, 3 with ``--quick``) after one
    warm-up call, and of more for a tool whose calls are fast: as many as fill ``--min-fold-time`` seconds (default
    0.5, 0.1 with ``--quick``; judged by the warm-up call), at most 200. On the small samples a call takes a few
-   milliseconds and a median of 5 moved by 20-40 % between runs on a 2-core VM. Tools are interleaved round-robin, the order rotated each round, so that drift hits all alike; the input copy
-   is made and ``gc.collect()`` is run before each call, outside the timer, and the output is freed after the
-   timer stops. What the first runs left in memory (imported modules, models) is ``gc.freeze()``-d before any
-   timing, so that collection scans only what the timed calls allocated. A tool whose calls take long gets at most ``max(1, floor(T / t))`` calls per mode (warm-up
-   included when there are at least two), ``t`` the time of its last call and ``T`` the timeout; the cell then
-   says ``(n=k)``. Fold time, file to file: the same for load + fold + save of the model's file: bnfold
-   ``bnfold.onnx.fold.fold_file(src, dst)``, a peer ``onnx.save(tool(onnx.load(src)), dst)``.
+   milliseconds and a median of 5 moved by 20-40 % between runs on a 2-core VM. Tools are interleaved
+   round-robin, the order rotated each round, so that drift hits all alike; the input copy is made and
+   ``gc.collect()`` is run before each call, outside the timer, and the output is freed after the timer stops.
+   What the first runs left in memory (imported modules, models) is ``gc.freeze()``-d before any timing, so that
+   collection scans only what the timed calls allocated. A tool whose calls take long gets at most
+   ``max(1, floor(T / t))`` calls per mode (warm-up included when there are at least two), ``t`` the time of its
+   last call and ``T`` the timeout; the cell then says ``(n=k)``. Fold time, file to file: the same for load +
+   fold + save of the model's file: bnfold ``bnfold.onnx.fold.fold_file(src, dst)``, a peer
+   ``onnx.save(tool(onnx.load(src)), dst)``.
 5. Latency: the original, the ideal (the original with every BatchNormalization removed by
    ``bnfold.bench.strip_batchnorm``: a wrong function, but the floor any fold can reach) and every tool output that
    onnxruntime can run (WRONG ones included) timed side by side in one ``bnfold.bench.time_models`` call: CPU,
@@ -882,7 +884,8 @@ def _bench(args, quick: bool, blocks: int, repeat: int, min_time: float, min_rou
               else f"  {tool.name} {_version(tool.name)}: {tool.call}")
     limit = f"a peer's first run times out after {args.timeout:g} s" if args.timeout > 0 else "no timeout"
     print(f"models: {len(cases) - 1} sample models + chain{blocks}; fold times: median of >= {repeat} interleaved "
-          f"calls and >= {min_fold_time:g} s of calls (at most {MAX_FOLD_CALLS}) after one warm-up; {limit}; latency: >= {min_rounds} rounds and >= {min_time:g} s per model")
+          f"calls and >= {min_fold_time:g} s of calls (at most {MAX_FOLD_CALLS}) after one warm-up; {limit}; "
+          f"latency: >= {min_rounds} rounds and >= {min_time:g} s per model")
     print(flush=True)
 
     # 1. first runs of every tool on every model, before any onnxruntime session exists in this process
