@@ -15,8 +15,6 @@ from . import __version__
 from .errors import InputError
 from .report import ExitCode
 
-INTERNAL_ERROR = 3
-
 
 class _DefaultCommandGroup(click.Group):
     """``bnfold MODEL ...`` means ``bnfold fold MODEL ...``."""
@@ -393,7 +391,7 @@ def main(argv: list[str] | None = None) -> None:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         click.echo(f"bnfold: internal error: {type(exc).__name__}: {first} (set BNFOLD_DEBUG=1 for a traceback; "
                    "please report it)", err=True)
-        sys.exit(INTERNAL_ERROR)
+        sys.exit(ExitCode.INTERNAL_ERROR)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ class ExitCode(enum.IntEnum):
     OK = 0
     CHECK_FAILED = 1  # verification mismatch, audit found errors
     BAD_INPUT = 2  # unreadable/invalid input, bad usage, unwritable output
+    INTERNAL_ERROR = 3  # a bnfold bug
 
 
 @dataclass(frozen=True)
@@ -42,9 +43,10 @@ class Skip:
     reason: str
     op_type: str = "BatchNormalization"
     graph: str = ""
+    code: str = ""  # stable, machine-readable reason code (kebab-case); pipelines act on it, not on the wording
 
     def to_dict(self) -> dict:
-        d = {"bn": self.bn, "reason": self.reason, "op_type": self.op_type}
+        d = {"bn": self.bn, "reason": self.reason, "code": self.code, "op_type": self.op_type}
         if self.graph:
             d["graph"] = self.graph
         return d
