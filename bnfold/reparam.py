@@ -231,7 +231,9 @@ def merge_sequential(first: ConvBranch, second: ConvBranch) -> ConvBranch:
       where the second reads its zero padding the merged op would read the first's bias instead. (Diverse
       Branch Blocks pad with the bias for this reason; in a graph that is a padded first op, the case above.)
 
-    The first must have stride 1 and no dilation, the second no dilation (their taps then add up one to one).
+    A second op that is 1×…×1 without padding (a channel mix, a BN) composes with anything: the first's kernel,
+    pads and dilations, the strides multiplied. Otherwise the first must have stride 1 and no dilation, the
+    second no dilation (their taps then add up one to one).
     """
     if first.spatial_rank != second.spatial_rank:
         raise MergeRefused(f"{first.spatial_rank} vs {second.spatial_rank} spatial axes")
@@ -239,6 +241,12 @@ def merge_sequential(first: ConvBranch, second: ConvBranch) -> ConvBranch:
         raise MergeRefused(f"the first produces {first.out_channels} channels, the second reads "
                            f"{second.in_channels}")
     k1, k2 = first.kernel_shape, second.kernel_shape
+    pointwise = all(k == 1 for k in k2) and not any(second.pads_begin) and not any(second.pads_end)
+    if pointwise:
+        # The second mixes channels at each position it keeps: the first's kernel, strides multiplied (the
+        # positions kept of positions kept), the first's pads and dilations.
+        strides = tuple(a * b for a, b in zip(first.strides, second.strides))
+        return _compose(first, second, strides, first.dilations, first.pads_begin, first.pads_end)
     if any(s != 1 for s in first.strides):
         raise MergeRefused(f"the first has strides {list(first.strides)}: the second's taps would skip its outputs")
     if any(d != 1 and k > 1 for d, k in zip(first.dilations, k1)) or \
@@ -254,6 +262,12 @@ def merge_sequential(first: ConvBranch, second: ConvBranch) -> ConvBranch:
         pads_begin, pads_end = second.pads_begin, second.pads_end
     else:
         raise MergeRefused("the second pads the first's output: its zero border is not a convolution of the input")
+    return _compose(first, second, second.strides, (1,) * len(k1), pads_begin, pads_end)
+
+
+def _compose(first: ConvBranch, second: ConvBranch, strides, dilations, pads_begin, pads_end) -> ConvBranch:
+    """The kernel and bias of ``second(first(x))``, taps added one to one (the caller checked that is exact)."""
+    k1, k2 = first.kernel_shape, second.kernel_shape
     groups = math.gcd(first.groups, second.groups)
     a, b = regroup(first, groups), regroup(second, groups)
     mid_per_group = a.out_channels // groups
@@ -268,5 +282,4 @@ def merge_sequential(first: ConvBranch, second: ConvBranch) -> ConvBranch:
     through = np.einsum("gom,gm->go", w2.sum(axis=spatial), a.bias.reshape(groups, mid_per_group))
     bias = b.bias + through.reshape(-1)
     weight = merged.reshape((b.out_channels,) + merged.shape[2:])
-    return ConvBranch(weight, bias, groups, second.strides, (1,) * len(kernel_shape), tuple(pads_begin),
-                      tuple(pads_end))
+    return ConvBranch(weight, bias, groups, tuple(strides), tuple(dilations), tuple(pads_begin), tuple(pads_end))

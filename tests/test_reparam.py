@@ -250,6 +250,8 @@ def check_sequential(first: dict, second: dict, *, c_in=4, c_mid=6, c_out=5, see
     (dict(kernel=(3, 3), pads=[1, 1, 1, 1]), dict(kernel=(1, 1), strides=[2, 2])),
     (dict(kernel=(1, 1), bias=False), dict(kernel=(3, 3), pads=[1, 1, 1, 1])),  # no bias to reach the border
     (dict(kernel=(3, 3), pads=[1, 1, 1, 1]), dict(kernel=(3, 3), strides=[2, 2])),
+    (dict(kernel=(3, 3), pads=[1, 1, 1, 1], strides=[2, 2]), dict(kernel=(1, 1))),  # strided, then a channel mix
+    (dict(kernel=(3, 3), pads=[2, 2, 2, 2], dilations=[2, 2]), dict(kernel=(1, 1), strides=[2, 2])),
 ])
 def test_sequential_exact_cases(first, second):
     check_sequential(first, second)
@@ -279,7 +281,7 @@ def test_sequential_bias_under_zero_padding_is_refused():
 @pytest.mark.parametrize("first,second,reason", [
     (dict(kernel=(3, 3), pads=[1, 1, 1, 1]), dict(kernel=(3, 3), pads=[1, 1, 1, 1]), "pads the first"),
     (dict(kernel=(1, 1), strides=[2, 2]), dict(kernel=(3, 3)), "strides"),
-    (dict(kernel=(3, 3), dilations=[2, 2]), dict(kernel=(1, 1)), "dilated"),
+    (dict(kernel=(3, 3), dilations=[2, 2]), dict(kernel=(3, 3)), "dilated"),
 ])
 def test_sequential_refusals(first, second, reason):
     block = Branches(4, seed=15)

@@ -12,6 +12,7 @@ from ..errors import InputError
 from ..report import Fold, FoldReport, Skip
 from .external import ExternalData
 from .io import materialize
+from .merge import MERGE_RULE_NAMES, MERGES, MergeRule, merge_graph
 from .graph import GraphIndex, ModelContext, free_names, node_label, subgraphs
 from .prefetch import prefetch_batchnorm_affines, prefetch_conv_folds
 from .rules import RULE_NAMES, RULES, AffineAfterLinear, FoldAfter, Rule, batchnorm_affine
@@ -25,14 +26,21 @@ _MUL_ADD = AffineAfterLinear.sources
 _PREFETCHABLE = frozenset({"Conv", "ConvTranspose", "Gemm"})
 
 
-def select_rules(skip: Iterable[str] = ()) -> list[Rule]:
+#: Every name ``--skip`` takes: the fold rules, then the branch-merge rules.
+ALL_RULE_NAMES: tuple[str, ...] = RULE_NAMES + MERGE_RULE_NAMES
+# Merging stops after this many merge-then-fold rounds; each round removes nodes, so real graphs end far sooner.
+_MAX_MERGE_ROUNDS = 1000
+
+
+def select_rules(skip: Iterable[str] = ()) -> "list[Rule | MergeRule]":
+    """The fold rules and merge rules to run, all but those named in ``skip``."""
     if not skip:
-        return list(RULES)
+        return list(RULES) + list(MERGES)
     skip = set(skip)
-    unknown = skip - set(RULE_NAMES)
+    unknown = skip - set(ALL_RULE_NAMES)
     if unknown:
-        raise InputError(f"unknown rule {', '.join(sorted(unknown))} (choose from {', '.join(RULE_NAMES)})")
-    return [r for r in RULES if r.name not in skip]
+        raise InputError(f"unknown rule {', '.join(sorted(unknown))} (choose from {', '.join(ALL_RULE_NAMES)})")
+    return [r for r in (*RULES, *MERGES) if r.name not in skip]
 
 
 def fold_model(model: onnx.ModelProto, rules: list[Rule],
@@ -46,11 +54,15 @@ def fold_model(model: onnx.ModelProto, rules: list[Rule],
     """
     report = FoldReport()
     ctx = ModelContext(model, external)
+    merges = frozenset(r.name for r in rules if isinstance(r, MergeRule))
+    rules = [r for r in rules if not isinstance(r, MergeRule)]
     # Overflow and invalid values are checked for where they matter (a fold with them is refused); one errstate
     # for the whole pass, because entering one costs more than most of the small array operations it covers.
     with np.errstate(all="ignore"):
         main = GraphIndex(model.graph, ctx, watch=_watched_ops(rules))
         _fold_graph(main, rules, report)
+        if merges:
+            main = _merge_and_refold(model, ctx, main, rules, merges, report)
     ctx.main_index = None  # the index points back at the context: drop the cycle now, not at the next GC
     for function in model.functions:
         for node in function.node:
@@ -67,6 +79,27 @@ def fold_model(model: onnx.ModelProto, rules: list[Rule],
         report.notes.append(f"IR version {ctx.ir_version} < 4 lists initializers as graph inputs too; "
                             "they were treated as constants, as that format intends")
     return report
+
+
+def _merge_and_refold(model: onnx.ModelProto, ctx: ModelContext, index: GraphIndex, rules: list[Rule],
+                      merges: frozenset[str], report: FoldReport) -> GraphIndex:
+    """Merge branches in the main graph, fold what the merges made foldable (a BN after an AveragePool is after a
+    Conv once the pool is merged into it), and again, until neither changes anything. Returns the last index.
+
+    The fold rounds after the first report their folds; the BatchNormalization count left and the reasons are
+    those of the last round, which saw the final graph."""
+    for _ in range(_MAX_MERGE_ROUNDS):
+        refused: list[Skip] = []
+        if not merge_graph(index, merges, report.merged, refused):
+            report.not_merged = refused
+            break
+        again = FoldReport()
+        index = GraphIndex(model.graph, ctx, watch=_watched_ops(rules))
+        _fold_graph(index, rules, again)
+        report.folded += again.folded
+        report.bn_after = again.bn_after
+        report.skipped = again.skipped
+    return index
 
 
 def _watched_ops(rules: list[Rule]) -> frozenset[str]:

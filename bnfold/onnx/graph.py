@@ -595,6 +595,8 @@ class GraphIndex:
                 else:
                     tensor.raw_data = value.tobytes()
             else:
+                if self.parent is None:  # a value pending from an earlier fold is superseded, not written later
+                    self.ctx.replacements.pop(old, None)
                 new = numpy_helper.from_array(value, old)
                 if new.data_type != tensor.data_type:
                     raise AssertionError("folding must keep the tensor's dtype")

@@ -1,0 +1,353 @@
+"""The ONNX branch-merge pass (structural reparameterization), run after BN folding and to a fixpoint with it.
+
+Two rules, each a name ``--skip`` takes:
+
+* ``merge-branches``: an Add/Sum tree whose terms are linear chains (Conv, BatchNormalization, AveragePool,
+  Identity) all reading the same tensor, at least one of them a Conv, becomes one Conv (RepVGG, MobileOne, ACNet,
+  DBB blocks after their BNs are folded);
+* ``merge-sequential``: a Conv reading a linear chain (Conv, BN, AveragePool, Identity) with nothing non-linear
+  between them becomes one Conv, where that is exact and costs no more multiply-adds than the chain did.
+
+The math is :mod:`bnfold.reparam` (float64, exact or refused with the reason); this module finds the patterns,
+reads the constants and edits the graph through :class:`GraphIndex`. Matching never edits: a refusal leaves the
+graph as it was. The surviving node is one of the merged Convs, so every value is still defined before its
+readers without reordering nodes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from ..affine import FoldRefused, cast_checked
+from ..reparam import (ConvBranch, MergeRefused, affine_branch, avgpool_branch, conv_branch, identity_branch,
+                       merge_parallel, merge_sequential)
+from ..report import Merge, Skip
+from .graph import GraphIndex, get_attrs, node_label, set_attr
+from .rules import batchnorm_affine
+
+MERGE_BRANCHES = "merge-branches"
+MERGE_SEQUENTIAL = "merge-sequential"
+#: Summaries by rule name, for the CLI and README; ``--skip NAME`` leaves one out.
+MERGE_RULES: dict[str, str] = {
+    MERGE_BRANCHES: "Add/Sum of Conv/BN/AveragePool/Identity branches reading one tensor -> one Conv",
+    MERGE_SEQUENTIAL: "Conv after a Conv/BN/AveragePool chain, nothing non-linear between -> one Conv",
+}
+MERGE_RULE_NAMES: tuple[str, ...] = tuple(MERGE_RULES)
+
+
+@dataclass(frozen=True)
+class MergeRule:
+    """A merge rule as the fold pass lists it beside the fold rules (``--skip`` takes its name)."""
+
+    name: str
+    summary: str
+
+
+MERGES: tuple[MergeRule, ...] = tuple(MergeRule(name, summary) for name, summary in MERGE_RULES.items())
+
+_CHAIN_OPS = frozenset({"Conv", "BatchNormalization", "AveragePool", "Identity"})
+_DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+@dataclass
+class _Link:
+    """One op of a linear chain: its node, its map as a ConvBranch, the tensor it reads."""
+
+    node: onnx.NodeProto
+    branch: ConvBranch
+    x: str
+
+
+def merge_graph(g: GraphIndex, rules: frozenset[str], merged: list[Merge], refused: list[Skip]) -> bool:
+    """One sweep of the enabled merge ``rules`` over ``g``; True when anything was merged. Commits its edits."""
+    changed = False
+    for node in list(g.nodes):
+        if g.is_removed(node) or node.domain not in _DEFAULT_DOMAINS:
+            continue
+        op = node.op_type
+        if op in ("Add", "Sum") and MERGE_BRANCHES in rules:
+            outcome = _merge_branches(g, node)
+        elif op == "Conv" and MERGE_SEQUENTIAL in rules:
+            outcome = _merge_sequence(g, node)
+        else:
+            continue
+        if outcome is None:
+            continue
+        if isinstance(outcome, str):
+            refused.append(Skip(node_label(node), outcome, op_type=op, graph=g.path, code="merge-refused"))
+            continue
+        merged.append(Merge(outcome.rule, outcome.into, tuple(outcome.removed), graph=g.path))
+        changed = True
+    g.commit()
+    return changed
+
+
+@dataclass
+class _Outcome:
+    rule: str
+    into: str
+    removed: list[str]
+
+
+# ---- reading ops as linear maps ---------------------------------------------------------------------------
+
+def _ints(value, n: int, default: int) -> tuple[int, ...]:
+    return tuple(int(v) for v in value) if value else (default,) * n
+
+
+def _explicit_pads(auto_pad, kernel, strides, dilations, pads, label) -> tuple[int, ...]:
+    """Pads as numbers; SAME_* is fixed only at stride 1 (elsewhere it depends on the input size)."""
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else (auto_pad or "NOTSET")
+    rank = len(kernel)
+    if auto_pad in ("NOTSET", ""):
+        return _ints(pads, 2 * rank, 0)
+    if auto_pad == "VALID":
+        return (0,) * (2 * rank)
+    if any(s != 1 for s in strides):
+        raise MergeRefused(f"{label} has auto_pad={auto_pad} with strides: its pads depend on the input size")
+    total = [d * (k - 1) for d, k in zip(dilations, kernel)]
+    small = [t // 2 for t in total]
+    large = [t - s for t, s in zip(total, small)]
+    return tuple(small + large) if auto_pad == "SAME_UPPER" else tuple(large + small)
+
+
+def _as_branch(g: GraphIndex, node: onnx.NodeProto, channels: int | None, rank: int | None) -> ConvBranch | str:
+    """The op as a linear map of its first input, else why not. ``channels``/``rank``: of its input, if known."""
+    op, label = node.op_type, f"{node.op_type} {node_label(node)}"
+    if op == "Conv":
+        weight, reason = g.constant(node.input[1]) if len(node.input) > 1 else (None, "no weight")
+        if weight is None:
+            return f"weight of {label} is not constant: {reason}"
+        if weight.dtype.kind != "f" or weight.ndim < 3:
+            return f"weight of {label} is not a floating-point convolution kernel"
+        bias = None
+        if len(node.input) > 2 and node.input[2]:
+            bias, reason = g.constant(node.input[2])
+            if bias is None:
+                return f"bias of {label} is not constant: {reason}"
+        n = weight.ndim - 2
+        a = get_attrs(node, group=1, strides=None, dilations=None, pads=None, auto_pad="NOTSET")
+        strides, dilations = _ints(a["strides"], n, 1), _ints(a["dilations"], n, 1)
+        pads = _explicit_pads(a["auto_pad"], weight.shape[2:], strides, dilations, a["pads"], label)
+        return conv_branch(weight, bias, groups=int(a["group"]), strides=strides, dilations=dilations, pads=pads)
+    if op == "BatchNormalization":
+        if rank is None:
+            return f"the rank of the input of {label} is unknown"
+        norm = batchnorm_affine(g, node)
+        if isinstance(norm, str):
+            return norm
+        return affine_branch(norm.s, norm.t, rank)
+    if channels is None:
+        return f"the channel count of the input of {label} is unknown"
+    if op == "Identity":
+        if rank is None:
+            return f"the rank of the input of {label} is unknown"
+        return identity_branch(channels, rank)
+    if op == "AveragePool":
+        a = get_attrs(node, kernel_shape=None, strides=None, pads=None, auto_pad="NOTSET", count_include_pad=0,
+                      ceil_mode=0, dilations=None)
+        kernel = _ints(a["kernel_shape"], 0, 1)
+        n = len(kernel)
+        strides, dilations = _ints(a["strides"], n, 1), _ints(a["dilations"], n, 1)
+        pads = _explicit_pads(a["auto_pad"], kernel, strides, dilations, a["pads"], label)
+        return avgpool_branch(channels, kernel, strides=strides, pads=pads, dilations=dilations,
+                              count_include_pad=bool(a["count_include_pad"]), ceil_mode=bool(a["ceil_mode"]))
+    return f"{label} is not a linear op"
+
+
+def _chain(g: GraphIndex, name: str, reader: onnx.NodeProto) -> tuple[list[onnx.NodeProto], str]:
+    """The linear ops that compute ``name`` for ``reader`` alone, first op first, and the tensor they start from.
+
+    The walk stops at a value someone else also reads (the shared input of the branches), a graph output, or an
+    op that is not linear."""
+    nodes = []
+    while True:
+        node = g.producer.get(name)
+        if node is None or node.op_type not in _CHAIN_OPS or node.domain not in _DEFAULT_DOMAINS or \
+                not g.only_consumer(name, reader) or not node.input:
+            break
+        nodes.append(node)
+        reader, name = node, node.input[0]
+    nodes.reverse()
+    return nodes, name
+
+
+def _chain_branch(g: GraphIndex, nodes: list[onnx.NodeProto], channels: int | None, rank: int | None
+                  ) -> ConvBranch | str:
+    """A chain composed into one ConvBranch (exact, or the reason it is not)."""
+    composed = None
+    for node in nodes:
+        link = _as_branch(g, node, channels, rank)
+        if isinstance(link, str):
+            return link
+        channels, rank = link.out_channels, link.spatial_rank
+        try:
+            composed = link if composed is None else merge_sequential(composed, link)
+        except MergeRefused as exc:
+            return f"{node.op_type} {node_label(node)} after the ops before it: {exc}"
+    return composed
+
+
+def _input_channels_and_rank(g: GraphIndex, x: str, chains: list[list[onnx.NodeProto]]) -> tuple[int | None, int | None]:
+    """What the chains read: channels and spatial rank of ``x``, from its shape or a Conv/BN reading it."""
+    shape = g.static_shape(x, allow_symbolic=True)
+    channels = shape[1] if shape is not None and len(shape) > 1 and isinstance(shape[1], int) else None
+    rank = len(shape) - 2 if shape is not None else None
+    for nodes in chains:
+        if not nodes:
+            continue
+        first = nodes[0]
+        if first.op_type == "Conv" and len(first.input) > 1:
+            meta = g.constant_meta(first.input[1])
+            w_shape = meta[0] if meta is not None else getattr(g.constant(first.input[1])[0], "shape", None)
+            if w_shape is not None and len(w_shape) >= 3:
+                groups = get_attrs(first, group=1)["group"]
+                channels = channels or int(w_shape[1]) * int(groups)
+                rank = rank if rank is not None else len(w_shape) - 2
+        elif first.op_type == "AveragePool" and rank is None:
+            kernel = get_attrs(first, kernel_shape=None)["kernel_shape"]
+            rank = len(kernel) if kernel else None
+    return channels, rank
+
+
+def _macs(branch: ConvBranch) -> int:
+    """Multiply-adds per output position."""
+    return branch.out_channels * (branch.in_channels // branch.groups) * math.prod(branch.kernel_shape)
+
+
+def _chain_macs(g: GraphIndex, nodes, channels, rank) -> int:
+    """Multiply-adds of a chain run op by op, per output position of its last op (earlier ops run at every
+    position the later ones' strides skip)."""
+    total, per_position = 0, []
+    for node in nodes:
+        link = _as_branch(g, node, channels, rank)
+        if isinstance(link, str):
+            return 0
+        channels, rank = link.out_channels, link.spatial_rank
+        per_position.append((_macs(link) if node.op_type == "Conv" else link.out_channels, link.strides))
+    factor = 1
+    for macs, strides in reversed(per_position):
+        total += macs * factor
+        factor *= math.prod(strides)
+    return total
+
+
+# ---- the two rules ----------------------------------------------------------------------------------------
+
+def _add_tree(g: GraphIndex, root: onnx.NodeProto) -> tuple[list[str], list[onnx.NodeProto]]:
+    """The terms summed by ``root`` and the Add/Sum nodes below it that only feed this sum."""
+    terms, inner, stack = [], [], [(root, list(root.input))]
+    while stack:
+        node, inputs = stack.pop()
+        for name in reversed(inputs):
+            producer = g.producer.get(name)
+            if producer is not None and producer.op_type in ("Add", "Sum") and \
+                    producer.domain in _DEFAULT_DOMAINS and g.only_consumer(name, node):
+                inner.append(producer)
+                stack.append((producer, list(producer.input)))
+            else:
+                terms.append((name, node))
+    return terms, inner
+
+
+def _merge_branches(g: GraphIndex, root: onnx.NodeProto) -> _Outcome | str | None:
+    if not root.output or not root.output[0] or len(root.input) < 2 or "" in root.input:
+        return None
+    terms, inner = _add_tree(g, root)
+    chains = []
+    for name, reader in terms:
+        nodes, x = _chain(g, name, reader)
+        chains.append((nodes, x))
+    x = chains[0][1]
+    if any(start != x for _, start in chains):
+        return None  # the terms read different tensors: a residual sum, not branches of one op
+    if x in g.initializers or (x not in g.producer and x not in g.inputs) or not any(n.op_type == "Conv" for nodes, _ in chains for n in nodes):
+        return None  # a constant summand, or no Conv to hold the merged kernel
+    channels, rank = _input_channels_and_rank(g, x, [nodes for nodes, _ in chains])
+    branches, separate = [], 0
+    for nodes, _ in chains:
+        if nodes:
+            branch = _chain_branch(g, nodes, channels, rank)
+            if isinstance(branch, str):
+                return branch
+            separate += _chain_macs(g, nodes, channels, rank)
+        else:
+            if channels is None or rank is None:
+                return f"the shape of '{x}', summed as it is, is unknown"
+            branch = identity_branch(channels, rank)
+            separate += channels
+        branches.append(branch)
+    try:
+        merged = merge_parallel(branches)
+    except MergeRefused as exc:
+        return str(exc)
+    if _macs(merged) > separate:
+        return f"the merged Conv would cost {_macs(merged)} multiply-adds per output, the branches {separate}"
+    all_nodes = [n for nodes, _ in chains for n in nodes]
+    survivor = next(n for n in all_nodes if n.op_type == "Conv")
+    plan = _write_plan(g, survivor, merged, x, [n for n in all_nodes if n is not survivor] + inner + [root],
+                       root.output[0])
+    if isinstance(plan, str):
+        return plan
+    plan()
+    return _Outcome(MERGE_BRANCHES, node_label(survivor),
+                    [f"{n.op_type} {node_label(n)}" for n in all_nodes + inner + [root] if n is not survivor])
+
+
+def _merge_sequence(g: GraphIndex, conv: onnx.NodeProto) -> _Outcome | str | None:
+    if not conv.input or not conv.output or not conv.output[0]:
+        return None
+    nodes, x = _chain(g, conv.input[0], conv)
+    if not nodes:
+        return None
+    nodes = nodes + [conv]
+    channels, rank = _input_channels_and_rank(g, x, [nodes])
+    merged = _chain_branch(g, nodes, channels, rank)
+    if isinstance(merged, str):
+        return merged
+    separate = _chain_macs(g, nodes, channels, rank)
+    if _macs(merged) > separate:
+        return None  # exact but slower (e.g. a 1x1 bottleneck before a 3x3): not a merge worth making
+    plan = _write_plan(g, conv, merged, x, nodes[:-1], None)
+    if isinstance(plan, str):
+        return plan
+    plan()
+    return _Outcome(MERGE_SEQUENTIAL, node_label(conv), [f"{n.op_type} {node_label(n)}" for n in nodes[:-1]])
+
+
+def _write_plan(g: GraphIndex, survivor: onnx.NodeProto, merged: ConvBranch, x: str,
+                remove: list[onnx.NodeProto], output: str | None):
+    """The edits that make ``survivor`` the merged Conv reading ``x`` (and producing ``output``), as a callable;
+    the values are cast (checked) to the survivor's weight dtype first, so a refusal edits nothing."""
+    dtype = g.constant(survivor.input[1])[0].dtype
+    try:
+        weight = cast_checked(merged.weight, dtype)
+        bias = cast_checked(merged.bias, dtype, "merged bias")
+    except FoldRefused as exc:
+        return str(exc)
+
+    def apply() -> None:
+        if survivor.input[0] != x:
+            g.rename_input(survivor, survivor.input[0], x)
+        g.write_tensor(survivor, 1, weight)
+        g.write_tensor(survivor, 2, bias)
+        for name in ("auto_pad",):
+            for i, attr in enumerate(survivor.attribute):
+                if attr.name == name:
+                    del survivor.attribute[i]
+                    break
+        set_attr(survivor, "group", merged.groups)
+        set_attr(survivor, "kernel_shape", list(merged.kernel_shape))
+        set_attr(survivor, "pads", list(merged.pads))
+        set_attr(survivor, "strides", list(merged.strides))
+        set_attr(survivor, "dilations", list(merged.dilations))
+        for node in remove:
+            g.remove_node(node)
+        if output is not None:
+            g.move_output(survivor, output)
+    return apply
+
