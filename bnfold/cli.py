@@ -63,9 +63,9 @@ def _default_output(model_path: Path) -> Path:
 
 
 def _rule_choices() -> list[str]:
-    from .onnx.rules import RULE_NAMES
+    from .onnx.fold import ALL_RULE_NAMES
 
-    return list(RULE_NAMES)
+    return list(ALL_RULE_NAMES)
 
 
 @click.group(cls=_DefaultCommandGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -173,7 +173,8 @@ def _fold_onnx(model, output, no_verify, provider_names, shapes, skip, atol, rto
     # Without verification nothing needs the folded weights in memory: they go straight to the file.
     pending = {} if no_verify else None
     report = fold_model(folded, rules, pending, source)
-    _log(f"{model}: {len(report.folded)} folds, BatchNormalization {report.bn_before} -> {report.bn_after}")
+    _log(f"{model}: {len(report.folded)} folds, {len(report.merged)} branch merges, BatchNormalization "
+         f"{report.bn_before} -> {report.bn_after}")
     verification = None
     if not no_verify:
         from .verify import verify

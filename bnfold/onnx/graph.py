@@ -8,6 +8,7 @@ applied once in :meth:`GraphIndex.commit`, because deleting from a protobuf repe
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections import defaultdict
 
@@ -261,6 +262,7 @@ class GraphIndex:
         self.watched: list[onnx.NodeProto] = []  # default-domain nodes whose op is in ``watch``, in graph order
         self._watch = watch
         self.removed_names: set[str] = set()  # values that no longer exist (still not to be reused before commit)
+        self._new_shapes: dict[str, tuple[int, ...]] = {}  # constants given a new shape: annotations follow at commit
         self._index(graph)
         if parent is None:
             ctx.main_index = self
@@ -711,8 +713,23 @@ class GraphIndex:
                 return
         self.remove_node(producer)
 
+    def reshape_annotation(self, name: str, shape: tuple[int, ...]) -> None:
+        """``name`` (a constant) now has ``shape``: its value_info and graph-input declarations follow at commit."""
+        self._new_shapes[name] = tuple(shape)
+
     def commit(self) -> None:
         """Apply recorded removals to the protobuf, each repeated field rewritten at most once."""
+        if self._new_shapes:
+            new_shapes = self._new_shapes
+            for info in itertools.chain(self.graph.value_info, self.graph.input):
+                shape = new_shapes.get(info.name)
+                if shape is not None and info.type.HasField("tensor_type"):
+                    dims = info.type.tensor_type.shape.dim
+                    del dims[:]
+                    for d in shape:
+                        dims.add().dim_value = d
+            self._new_shapes = {}
+            self._local_shapes = None
         if self._removed_nodes:
             keep_positions = [i for i, n in enumerate(self.nodes) if id(n) not in self._removed_nodes]
             _delete_positions(self.graph.node, len(self.nodes), keep_positions)

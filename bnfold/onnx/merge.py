@@ -117,6 +117,13 @@ def _explicit_pads(auto_pad, kernel, strides, dilations, pads, label) -> tuple[i
 
 def _as_branch(g: GraphIndex, node: onnx.NodeProto, channels: int | None, rank: int | None) -> ConvBranch | str:
     """The op as a linear map of its first input, else why not. ``channels``/``rank``: of its input, if known."""
+    try:
+        return _read_branch(g, node, channels, rank)
+    except MergeRefused as exc:
+        return f"{node.op_type} {node_label(node)}: {exc}"
+
+
+def _read_branch(g: GraphIndex, node: onnx.NodeProto, channels: int | None, rank: int | None) -> ConvBranch | str:
     op, label = node.op_type, f"{node.op_type} {node_label(node)}"
     if op == "Conv":
         weight, reason = g.constant(node.input[1]) if len(node.input) > 1 else (None, "no weight")
@@ -333,8 +340,8 @@ def _write_plan(g: GraphIndex, survivor: onnx.NodeProto, merged: ConvBranch, x: 
     def apply() -> None:
         if survivor.input[0] != x:
             g.rename_input(survivor, survivor.input[0], x)
-        g.write_tensor(survivor, 1, weight)
-        g.write_tensor(survivor, 2, bias)
+        g.reshape_annotation(g.write_tensor(survivor, 1, weight), weight.shape)
+        g.reshape_annotation(g.write_tensor(survivor, 2, bias), bias.shape)
         for name in ("auto_pad",):
             for i, attr in enumerate(survivor.attribute):
                 if attr.name == name:

@@ -1,0 +1,184 @@
+"""The ONNX branch-merge pass (bnfold/onnx/merge.py), judged as issue 16 judges it.
+
+Models: RepVGG-, MobileOne-, ACNet- and DBB-style nets (tests/reparam_models.py) with realistic BN statistics,
+exported to ONNX with torch's exporter, next to the authors' own deploy form (their ``reparameterize()``) exported
+the same way. bnfold's output must have no more BatchNormalization and Conv nodes than the deploy form, and an
+error (onnxruntime CPU, optimizations disabled) within 3x of the deploy form's, both against the independent
+float64 reference: the ORIGINAL torch module run in float64.
+
+Hand-built graphs check the refusals and the sequential merge against the float64 ONNX reference interpreter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+
+import bnfold
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("onnxscript")  # torch's ONNX exporter
+
+try:
+    from onnx_builders import Net, count_ops, random_feeds, run_ort, run_ref
+    from reparam_models import MODELS, realistic, reparameterize_model
+except ImportError:  # pragma: no cover - tests/ is a package
+    from tests.onnx_builders import Net, count_ops, random_feeds, run_ort, run_ref
+    from tests.reparam_models import MODELS, realistic, reparameterize_model
+
+
+def export(module, x) -> onnx.ModelProto:
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        return torch.onnx.export(module, (x,), dynamo=True, optimize=False).model_proto
+
+
+def run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    return next(iter(run_ort(model, {model.graph.input[0].name: x}).values()))
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def family(request):
+    torch.manual_seed(16)
+    module = realistic(MODELS[request.param](), seed=16)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(16))
+    with torch.no_grad():
+        reference = copy.deepcopy(module).double()(x.double()).numpy()
+    return request.param, export(module, x), export(reparameterize_model(module), x), x.numpy(), reference
+
+
+def relative_error(out: np.ndarray, reference: np.ndarray) -> float:
+    return float(np.abs(out.astype(np.float64) - reference).max() / np.abs(reference).max())
+
+
+def test_merged_model_matches_the_authors_deploy_form(family):
+    name, original, deploy, x, reference = family
+    before = original.SerializeToString()
+    merged, report = bnfold.fold_onnx(original)
+    assert original.SerializeToString() == before, "fold_onnx modified its input"
+    onnx.checker.check_model(merged, full_check=True)
+    for op in ("BatchNormalization", "Conv"):
+        assert count_ops(merged.graph, op) <= count_ops(deploy.graph, op), (name, op, report.summary_lines())
+    assert count_ops(original.graph, "Conv") > count_ops(deploy.graph, "Conv")  # there was something to merge
+    ours, theirs = relative_error(run(merged, x), reference), relative_error(run(deploy, x), reference)
+    assert ours <= 3 * theirs, (name, ours, theirs)
+    assert report.merged and {m.rule for m in report.merged} <= {"merge-branches", "merge-sequential"}
+    assert report.bn_after == count_ops(merged.graph)
+    assert report.not_merged == [], report.summary_lines()
+
+
+def test_merging_is_deterministic_and_idempotent(family):
+    _, original, _, _, _ = family
+    first, _ = bnfold.fold_onnx(original)
+    second, _ = bnfold.fold_onnx(original)
+    assert first.SerializeToString() == second.SerializeToString()
+    again, report = bnfold.fold_onnx(first)
+    assert again.SerializeToString() == first.SerializeToString()
+    assert not report.modified
+
+
+def test_skipping_the_merge_rules_leaves_plain_bn_folding(family):
+    _, original, _, x, reference = family
+    plain, report = bnfold.fold_onnx(original, skip=("merge-branches", "merge-sequential"))
+    assert report.merged == []
+    assert count_ops(plain.graph, "Conv") == count_ops(original.graph, "Conv")
+    merged, _ = bnfold.fold_onnx(original)
+    assert count_ops(merged.graph, "Conv") < count_ops(plain.graph, "Conv")
+    assert relative_error(run(plain, x), reference) < 1e-5
+
+
+# ---- hand-built graphs: the sequential merge and the refusals ------------------------------------------
+
+def conv_attrs(k, pad, stride=1, group=1):
+    return dict(kernel_shape=[k, k], pads=[pad] * 4, strides=[stride] * 2, group=group)
+
+
+def merge_and_check(model: onnx.ModelProto, convs_left: int, expected_model: onnx.ModelProto | None = None):
+    """Fold and merge ``model``; the result must match the float64 reference run of the original (or of
+    ``expected_model``, the same graph in ops the reference has)."""
+    before = model.SerializeToString()
+    merged, report = bnfold.fold_onnx(model)
+    assert model.SerializeToString() == before
+    onnx.checker.check_model(merged, full_check=True)
+    assert count_ops(merged.graph, "Conv") == convs_left, report.summary_lines()
+    feeds = random_feeds(model, seed=3)
+    expected = run_ref(expected_model or model, feeds)
+    actual = run_ref(merged, feeds)
+    for got, value in zip(actual.values(), expected.values(), strict=True):  # outputs in order
+        np.testing.assert_allclose(got, value, rtol=0, atol=1e-5 * np.abs(value).max())
+    return merged, report
+
+
+def test_sequential_conv_then_pointwise_conv_merges():
+    net = Net(seed=1)
+    x = net.input("x", [1, 4, 9, 9])
+    y = net.conv(x, 4, 16, (3, 3), **conv_attrs(3, 1))
+    y = net.conv(y, 16, 6, (1, 1), **conv_attrs(1, 0))
+    net.output(net.node("Relu", [y]))
+    _, report = merge_and_check(net.model(), 1)
+    assert [m.rule for m in report.merged] == ["merge-sequential"]
+
+
+def test_sequential_merge_that_would_cost_more_is_not_made():
+    net = Net(seed=2)
+    x = net.input("x", [1, 16, 9, 9])
+    y = net.conv(x, 16, 4, (1, 1), **conv_attrs(1, 0))  # a bottleneck: 1x1 16->4 then 3x3 4->16
+    y = net.conv(y, 4, 16, (3, 3), **conv_attrs(3, 0))
+    net.output(y)
+    _, report = merge_and_check(net.model(), 2)
+    assert report.merged == []
+
+
+def test_sequential_bias_under_zero_padding_is_refused_with_the_reason():
+    net = Net(seed=3)
+    x = net.input("x", [1, 4, 9, 9])
+    y = net.conv(x, 4, 4, (1, 1), **conv_attrs(1, 0))
+    y = net.conv(y, 4, 4, (3, 3), **conv_attrs(3, 1))
+    net.output(y)
+    _, report = merge_and_check(net.model(), 2)
+    assert any("zero padding" in s.reason for s in report.not_merged), report.summary_lines()
+
+
+def branch_block(use_sum: bool) -> onnx.ModelProto:
+    """Grouped 3x3, depthwise 1x1, a BN identity and an AvgPool branch, each with its BN, summed."""
+    net = Net(seed=4)
+    x = net.input("x", [2, 4, 8, 8])
+    h = net.node("Relu", [x])
+    a = net.bn(net.conv(h, 4, 4, (3, 3), bias=False, **conv_attrs(3, 1, group=2)), 4)
+    b = net.bn(net.conv(h, 4, 4, (1, 1), bias=False, **conv_attrs(1, 0, group=4)), 4)
+    c = net.bn(h, 4)
+    d = net.bn(net.node("AveragePool", [h], kernel_shape=[3, 3], pads=[1] * 4, count_include_pad=1), 4)
+    total = net.node("Sum", [a, b, c, d]) if use_sum else \
+        net.node("Add", [net.node("Add", [a, b]), net.node("Add", [c, d])])
+    net.output(net.node("Relu", [total]))
+    return net.model()
+
+
+@pytest.mark.parametrize("use_sum", [True, False])
+def test_branches_with_batchnorm_identity_and_avgpool_merge(use_sum):
+    merged, report = merge_and_check(branch_block(use_sum), 1, expected_model=branch_block(False))
+    assert count_ops(merged.graph) == 0 and count_ops(merged.graph, "AveragePool") == 0
+    assert {m.rule for m in report.merged} == {"merge-branches"}  # an inner Add may merge before the outer one
+
+
+@pytest.mark.parametrize("second,reason", [("dilated", "dilations"), ("avgpool", "count_include_pad")])
+def test_branch_refusals_leave_the_graph_and_say_why(second, reason):
+    net = Net(seed=5)
+    x = net.input("x", [1, 4, 8, 8])
+    h = net.node("Relu", [x])
+    a = net.conv(h, 4, 4, (3, 3), **conv_attrs(3, 1))
+    if second == "avgpool":  # border windows divide by fewer elements: not a convolution
+        b = net.node("AveragePool", [h], kernel_shape=[3, 3], pads=[1] * 4, count_include_pad=0)
+    else:
+        b = net.conv(h, 4, 4, (3, 3), dilations=[2, 2], **conv_attrs(3, 2))
+    net.output(net.node("Add", [a, b]))
+    model = net.model()
+    merged, report = merge_and_check(model, 2 if second == "dilated" else 1)
+    assert any(reason in s.reason for s in report.not_merged), report.summary_lines()
+    assert merged.SerializeToString() == model.SerializeToString()
