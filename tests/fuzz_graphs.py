@@ -106,6 +106,7 @@ except ImportError:  # pragma: no cover - tests/ is a package
 
 import bnfold
 from bnfold.onnx.fold import PER_SAMPLE_NORMS, fold_file
+from bnfold.onnx.merge import MERGE_RULE_NAMES
 
 F16, F32, F64 = np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)
 _ELEM = {F16: TP.FLOAT16, F32: TP.FLOAT, F64: TP.DOUBLE}
@@ -1138,9 +1139,12 @@ def check_case(case: FuzzCase, *, through_files: bool = True, workdir: str | Pat
     except Exception as exc:  # a generator bug, not a bnfold one: say so
         raise AssertionError(f"the generated model does not run in onnxruntime: {exc}") from exc
 
-    first, first_report = bnfold.fold_onnx(model)
+    # The construction's promises (must_fold, must_keep, must_stay) are about the fold rules: the generator does
+    # not build branch structures on purpose, so they are checked with the branch merges off; the merged model
+    # (the default) is then held to everything that holds for any model.
+    first, first_report = bnfold.fold_onnx(model, skip=MERGE_RULE_NAMES)
     folded, report = fold_and_check(model, bn_left=first_report.bn_after, expected_model=case.reference,
-                                    tol=TOL[case.dtype], feeds=feeds)
+                                    tol=TOL[case.dtype], feeds=feeds, skip=MERGE_RULE_NAMES)
 
     # determinism
     data = folded.SerializeToString()
@@ -1175,10 +1179,26 @@ def check_case(case: FuzzCase, *, through_files: bool = True, workdir: str | Pat
         assert label in labels_left and label not in folds, f"{label} should have been left alone"
 
     # idempotence
-    again, again_report = bnfold.fold_onnx(folded)
+    again, again_report = bnfold.fold_onnx(folded, skip=MERGE_RULE_NAMES)
     assert again_report.folded == [], again_report.summary_lines()
     assert again_report.bn_before == again_report.bn_after == report.bn_after
     assert again.SerializeToString() == data, "folding the folded model changed it"
+
+    # the default: folds and branch merges
+    first, first_report = bnfold.fold_onnx(model)
+    merged, report = fold_and_check(model, bn_left=first_report.bn_after, expected_model=case.reference,
+                                    tol=TOL[case.dtype], feeds=feeds)
+    data = merged.SerializeToString()
+    assert first.SerializeToString() == data, "two merges of the same model differ"
+    assert first_report.to_dict() == report.to_dict(), "two merges of the same model report differently"
+    assert report.bn_before - report.bn_after == sum(f.bn in bn_labels for f in report.folded), \
+        report.summary_lines()
+    assert len(merged.graph.node) <= len(folded.graph.node)
+    left = Counter(_label(n) for n in _all_nodes(merged.graph) if n.op_type == "BatchNormalization")
+    assert left == Counter(s.bn for s in report.skipped if s.op_type == "BatchNormalization")
+    again, again_report = bnfold.fold_onnx(merged)
+    assert not again_report.modified, again_report.summary_lines()
+    assert again.SerializeToString() == data, "merging the merged model changed it"
 
     if through_files:
         check_files(model, data, workdir, external=case.external)

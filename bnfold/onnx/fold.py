@@ -90,7 +90,7 @@ def _merge_and_refold(model: onnx.ModelProto, ctx: ModelContext, index: GraphInd
     those of the last round, which saw the final graph."""
     for _ in range(_MAX_MERGE_ROUNDS):
         refused: list[Skip] = []
-        if not merge_graph(index, merges, report.merged, refused):
+        if not merge_graph(index, merges, report.merged, refused, report.folded):
             report.not_merged = refused
             break
         again = FoldReport()

@@ -25,7 +25,7 @@ import onnx
 from ..affine import FoldRefused, cast_checked
 from ..reparam import (ConvBranch, MergeRefused, affine_branch, avgpool_branch, conv_branch, identity_branch,
                        merge_parallel, merge_sequential)
-from ..report import Merge, Skip
+from ..report import Fold, Merge, Skip
 from .graph import GraphIndex, get_attrs, node_label, set_attr
 from .rules import batchnorm_affine
 
@@ -62,8 +62,12 @@ class _Link:
     x: str
 
 
-def merge_graph(g: GraphIndex, rules: frozenset[str], merged: list[Merge], refused: list[Skip]) -> bool:
-    """One sweep of the enabled merge ``rules`` over ``g``; True when anything was merged. Commits its edits."""
+def merge_graph(g: GraphIndex, rules: frozenset[str], merged: list[Merge], refused: list[Skip],
+                folded: list[Fold]) -> bool:
+    """One sweep of the enabled merge ``rules`` over ``g``; True when anything was merged. Commits its edits.
+
+    A BatchNormalization a merge absorbs (a lone BN branch, a BN after an AveragePool) is also a fold: it is
+    listed in ``folded`` with the merge's rule, so that every BN that disappears is accounted for there."""
     changed = False
     for node in list(g.nodes):
         if g.is_removed(node) or node.domain not in _DEFAULT_DOMAINS:
@@ -80,7 +84,10 @@ def merge_graph(g: GraphIndex, rules: frozenset[str], merged: list[Merge], refus
         if isinstance(outcome, str):
             refused.append(Skip(node_label(node), outcome, op_type=op, graph=g.path, code="merge-refused"))
             continue
-        merged.append(Merge(outcome.rule, outcome.into, tuple(outcome.removed), graph=g.path))
+        merged.append(Merge(outcome.rule, outcome.into, tuple(f"{n.op_type} {node_label(n)}" for n in outcome.removed),
+                            graph=g.path))
+        folded += [Fold(node_label(n), outcome.into, outcome.rule, graph=g.path) for n in outcome.removed
+                   if n.op_type == "BatchNormalization"]
         changed = True
     g.commit()
     return changed
@@ -90,7 +97,7 @@ def merge_graph(g: GraphIndex, rules: frozenset[str], merged: list[Merge], refus
 class _Outcome:
     rule: str
     into: str
-    removed: list[str]
+    removed: list[onnx.NodeProto]
 
 
 # ---- reading ops as linear maps ---------------------------------------------------------------------------
@@ -301,8 +308,7 @@ def _merge_branches(g: GraphIndex, root: onnx.NodeProto) -> _Outcome | str | Non
     if isinstance(plan, str):
         return plan
     plan()
-    return _Outcome(MERGE_BRANCHES, node_label(survivor),
-                    [f"{n.op_type} {node_label(n)}" for n in all_nodes + inner + [root] if n is not survivor])
+    return _Outcome(MERGE_BRANCHES, node_label(survivor), [n for n in all_nodes + inner + [root] if n is not survivor])
 
 
 def _merge_sequence(g: GraphIndex, conv: onnx.NodeProto) -> _Outcome | str | None:
@@ -323,7 +329,7 @@ def _merge_sequence(g: GraphIndex, conv: onnx.NodeProto) -> _Outcome | str | Non
     if isinstance(plan, str):
         return plan
     plan()
-    return _Outcome(MERGE_SEQUENTIAL, node_label(conv), [f"{n.op_type} {node_label(n)}" for n in nodes[:-1]])
+    return _Outcome(MERGE_SEQUENTIAL, node_label(conv), nodes[:-1])
 
 
 def _write_plan(g: GraphIndex, survivor: onnx.NodeProto, merged: ConvBranch, x: str,
