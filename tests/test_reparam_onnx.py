@@ -182,3 +182,29 @@ def test_branch_refusals_leave_the_graph_and_say_why(second, reason):
     merged, report = merge_and_check(model, 2 if second == "dilated" else 1)
     assert any(reason in s.reason for s in report.not_merged), report.summary_lines()
     assert merged.SerializeToString() == model.SerializeToString()
+
+
+def test_cli_merges_by_default_verifies_and_takes_the_merge_rules_to_skip(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    source = tmp_path / "block.onnx"
+    onnx.save(branch_block(False), source)
+    before = source.read_bytes()
+    runs = {}
+    for name, skip in (("merged", []), ("plain", ["--skip", "merge-branches", "--skip", "merge-sequential"])):
+        out = tmp_path / f"{name}.onnx"
+        proc = subprocess.run([sys.executable, "-m", "bnfold", str(source), "-o", str(out), "--json", *skip],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        runs[name] = (json.loads(proc.stdout), onnx.load(out))
+    assert source.read_bytes() == before
+    report, model = runs["merged"]
+    assert report["verify"]["cpu"]["passed"] and report["merged"] and report["bn_after"] == 0
+    assert count_ops(model.graph, "Conv") == 1
+    report, model = runs["plain"]
+    assert report["merged"] == [] and count_ops(model.graph, "Conv") == 2
+    proc = subprocess.run([sys.executable, "-m", "bnfold", str(source), "--skip", "merge-everything"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "merge-everything" in proc.stderr
