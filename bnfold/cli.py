@@ -173,8 +173,9 @@ def _fold_onnx(model, output, no_verify, provider_names, shapes, skip, atol, rto
     # Without verification nothing needs the folded weights in memory: they go straight to the file.
     pending = {} if no_verify else None
     report = fold_model(folded, rules, pending, source)
-    _log(f"{model}: {len(report.folded)} folds, {len(report.merged)} branch merges, BatchNormalization "
-         f"{report.bn_before} -> {report.bn_after}")
+    _log(f"{model}: {len(report.folded)} folds, BatchNormalization {report.bn_before} -> {report.bn_after}")
+    if report.merged:
+        _log(f"{model}: {len(report.merged)} branch merges")
     verification = None
     if not no_verify:
         from .verify import verify
