@@ -283,3 +283,54 @@ def _compose(first: ConvBranch, second: ConvBranch, strides, dilations, pads_beg
     bias = b.bias + through.reshape(-1)
     weight = merged.reshape((b.out_channels,) + merged.shape[2:])
     return ConvBranch(weight, bias, groups, tuple(strides), tuple(dilations), tuple(pads_begin), tuple(pads_end))
+
+
+# ---- fully connected branches (Gemm, MatMul) ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DenseBranch:
+    """A fully connected op as ``y = x @ weight + bias`` over the last axis: float64 ``[in, out]`` and ``[out]``."""
+
+    weight: np.ndarray
+    bias: np.ndarray
+
+    @property
+    def in_features(self) -> int:
+        return int(self.weight.shape[0])
+
+    @property
+    def out_features(self) -> int:
+        return int(self.weight.shape[1])
+
+
+def dense_branch(weight, bias=None, *, trans_b: bool = False, alpha: float = 1.0, beta: float = 1.0) -> DenseBranch:
+    """A Gemm (``alpha·x·op(B) + beta·C``) or MatMul (no bias) weight as a :class:`DenseBranch`. A bias that is not
+    one value per output feature (a ``[N, out]`` C adds per row) has no place in one op's bias: refused."""
+    weight = np.asarray(weight, dtype=np.float64)
+    if weight.ndim != 2:
+        raise MergeRefused(f"a fully connected weight has rank 2, not {weight.ndim}")
+    weight = (weight.T if trans_b else weight) * float(alpha)
+    out = weight.shape[1]
+    if bias is None:
+        return DenseBranch(weight, np.zeros(out))
+    bias = np.asarray(bias, dtype=np.float64) * float(beta)
+    if bias.ndim > 2 or (bias.ndim == 2 and bias.shape[0] != 1) or (bias.ndim >= 1 and bias.shape[-1] not in (1, out)):
+        raise MergeRefused(f"a bias of shape {list(bias.shape)} is not one value per output feature")
+    return DenseBranch(weight, np.broadcast_to(bias.reshape(-1), (out,)).copy())
+
+
+def dense_identity(features: int) -> DenseBranch:
+    """``y = x`` as ``x @ I``: exact, every product is by one or zero."""
+    return DenseBranch(np.eye(features), np.zeros(features))
+
+
+def merge_parallel_dense(branches: list[DenseBranch]) -> DenseBranch:
+    """One fully connected op equal to the sum of ``branches`` reading the same input: ``x@ΣWᵢ + Σbᵢ``, exact by
+    linearity. Refused when they map different feature counts."""
+    if not branches:
+        raise MergeRefused("no branches to merge")
+    shape = branches[0].weight.shape
+    for b in branches[1:]:
+        if b.weight.shape != shape:
+            raise MergeRefused(f"branches map {shape[0]}->{shape[1]} and {b.in_features}->{b.out_features} features")
+    return DenseBranch(sum(b.weight for b in branches), sum(b.bias for b in branches))

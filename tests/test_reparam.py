@@ -289,3 +289,30 @@ def test_sequential_refusals(first, second, reason):
     _, b = block.conv(second.pop("kernel"), **second)
     with pytest.raises(MergeRefused, match=reason):
         merge_sequential(a, b)
+
+
+# ---- fully connected branches -----------------------------------------------------------------------------
+
+def test_dense_branches_and_identity():
+    from bnfold.reparam import dense_branch, dense_identity, merge_parallel_dense
+
+    net = Net(F64, seed=20)
+    rng = np.random.default_rng(20)
+    x = net.input("x", [3, 5])
+    w1, c1 = rng.standard_normal((5, 5)), rng.standard_normal(5)  # Gemm transB=1, alpha, beta
+    w2 = rng.standard_normal((5, 5))  # MatMul
+    a = net.node("Gemm", [x, net.init("W1", w1), net.init("C1", c1)], transB=1, alpha=0.7, beta=1.3)
+    b = net.node("MatMul", [x, net.init("W2", w2)])
+    net.output(net.node("Add", [net.node("Add", [a, b]), x]))
+    feeds = {"x": rng.standard_normal((3, 5))}
+    expected = next(iter(run_ref(net.model(), feeds).values()))
+    merged = merge_parallel_dense([dense_branch(w1, c1, trans_b=True, alpha=np.float32(0.7), beta=np.float32(1.3)), dense_branch(w2),
+                                   dense_identity(5)])
+    one = Net(F64)
+    y = one.node("Gemm", [one.input("x", [3, 5]), one.init("W", merged.weight), one.init("C", merged.bias)])
+    one.output(y)
+    assert_same(next(iter(run_ref(one.model(), feeds).values())), expected)
+    with pytest.raises(MergeRefused, match="per output feature"):
+        dense_branch(w1, rng.standard_normal((3, 5)))
+    with pytest.raises(MergeRefused, match="features"):
+        merge_parallel_dense([dense_branch(w1), dense_branch(rng.standard_normal((5, 4)))])

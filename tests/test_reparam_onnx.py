@@ -208,3 +208,40 @@ def test_cli_merges_by_default_verifies_and_takes_the_merge_rules_to_skip(tmp_pa
     proc = subprocess.run([sys.executable, "-m", "bnfold", str(source), "--skip", "merge-everything"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "merge-everything" in proc.stderr
+
+
+@pytest.mark.parametrize("kinds", [("gemm", "matmul", "identity"), ("matmul", "matmul"), ("gemm", "gemm")])
+def test_fully_connected_branches_merge(kinds):
+    net = Net(seed=6)
+    x = net.input("x", [3, 6])
+    h = net.node("Relu", [x])
+    terms = []
+    for kind in kinds:
+        if kind == "gemm":
+            w = net.weight(net.fresh("W"), [6, 6])
+            terms.append(net.node("Gemm", [h, w, net.init(net.fresh("C"), net.rng.standard_normal(6).astype(
+                np.float32))], transB=1, alpha=0.5))
+        elif kind == "matmul":
+            terms.append(net.node("MatMul", [h, net.weight(net.fresh("W"), [6, 6])]))
+        else:
+            terms.append(h)
+    total = terms[0]
+    for term in terms[1:]:
+        total = net.node("Add", [total, term])
+    net.output(net.node("Relu", [total]))
+    before = net.model()
+    merged, report = merge_and_check(before, 0)
+    left = [n.op_type for n in merged.graph.node]
+    assert left.count("Gemm") + left.count("MatMul") == 1 and "Add" not in left, left
+    assert {m.rule for m in report.merged} == {"merge-branches"}
+
+
+def test_fully_connected_branches_on_different_inputs_stay():
+    net = Net(seed=7)
+    x, z = net.input("x", [3, 6]), net.input("z", [3, 6])
+    a = net.node("MatMul", [x, net.weight("W1", [6, 6])])
+    b = net.node("MatMul", [z, net.weight("W2", [6, 6])])
+    net.output(net.node("Add", [a, b]))
+    model = net.model()
+    merged, report = merge_and_check(model, 0)
+    assert report.merged == [] and merged.SerializeToString() == model.SerializeToString()

@@ -23,8 +23,8 @@ import numpy as np
 import onnx
 
 from ..affine import FoldRefused, cast_checked
-from ..reparam import (ConvBranch, MergeRefused, affine_branch, avgpool_branch, conv_branch, identity_branch,
-                       merge_parallel, merge_sequential)
+from ..reparam import (ConvBranch, MergeRefused, affine_branch, avgpool_branch, conv_branch, dense_branch,
+                       dense_identity, identity_branch, merge_parallel, merge_parallel_dense, merge_sequential)
 from ..report import Fold, Merge, Skip
 from .graph import GraphIndex, get_attrs, node_label, set_attr
 from .rules import batchnorm_affine
@@ -33,7 +33,7 @@ MERGE_BRANCHES = "merge-branches"
 MERGE_SEQUENTIAL = "merge-sequential"
 #: Summaries by rule name, for the CLI and README; ``--skip NAME`` leaves one out.
 MERGE_RULES: dict[str, str] = {
-    MERGE_BRANCHES: "Add/Sum of Conv/BN/AveragePool/Identity branches reading one tensor -> one Conv",
+    MERGE_BRANCHES: "Add/Sum of Conv/BN/AveragePool/Identity (or Gemm/MatMul) branches reading one tensor -> one op",
     MERGE_SEQUENTIAL: "Conv after a Conv/BN/AveragePool chain, nothing non-linear between -> one Conv",
 }
 MERGE_RULE_NAMES: tuple[str, ...] = tuple(MERGE_RULES)
@@ -272,6 +272,9 @@ def _merge_branches(g: GraphIndex, root: onnx.NodeProto) -> _Outcome | str | Non
     if not root.output or not root.output[0] or len(root.input) < 2 or "" in root.input:
         return None
     terms, inner = _add_tree(g, root)
+    dense = _merge_dense_branches(g, root, terms, inner)
+    if dense is not None:
+        return dense
     chains = []
     for name, reader in terms:
         nodes, x = _chain(g, name, reader)
@@ -309,6 +312,67 @@ def _merge_branches(g: GraphIndex, root: onnx.NodeProto) -> _Outcome | str | Non
         return plan
     plan()
     return _Outcome(MERGE_BRANCHES, node_label(survivor), [n for n in all_nodes + inner + [root] if n is not survivor])
+
+
+def _merge_dense_branches(g: GraphIndex, root: onnx.NodeProto, terms, inner) -> _Outcome | str | None:
+    """Gemm/MatMul terms (and the input itself) summed, all reading one tensor: one Gemm, or one MatMul when no
+    term has a bias. None when the terms are not that."""
+    nodes, x = [], None
+    for name, reader in terms:
+        node = g.producer.get(name)
+        if node is not None and node.op_type in ("Gemm", "MatMul") and node.domain in _DEFAULT_DOMAINS and \
+                g.only_consumer(name, reader) and len(node.input) >= 2:
+            if x is not None and node.input[0] != x:
+                return None
+            x = node.input[0]
+            nodes.append(node)
+    if not nodes or any(g.producer.get(name) not in nodes and name != x for name, _ in terms):
+        return None  # terms that are neither a fully connected op on the shared input nor that input
+    branches = []
+    for node in nodes:
+        label = f"{node.op_type} {node_label(node)}"
+        weight, _ = g.constant(node.input[1])
+        if weight is None or weight.dtype.kind != "f" or weight.ndim != 2:
+            return None  # a product of two run-time tensors (attention), not a weighted branch
+        bias = None
+        a = get_attrs(node, transA=0, transB=0, alpha=1.0, beta=1.0)
+        if node.op_type == "Gemm":
+            if a["transA"]:
+                return f"{label} has transA=1: it contracts over the batch axis"
+            if len(node.input) > 2 and node.input[2]:
+                bias, reason = g.constant(node.input[2])
+                if bias is None:
+                    return f"bias of {label} is not constant: {reason}"
+        try:
+            branches.append(dense_branch(weight, bias, trans_b=bool(a["transB"]) and node.op_type == "Gemm",
+                                         alpha=a["alpha"] if node.op_type == "Gemm" else 1.0, beta=a["beta"]))
+        except MergeRefused as exc:
+            return f"{label}: {exc}"
+    branches += [dense_identity(branches[0].in_features) for name, _ in terms if name == x]
+    try:
+        merged = merge_parallel_dense(branches)
+    except MergeRefused as exc:
+        return str(exc)
+    gemms = [n for n in nodes if n.op_type == "Gemm"]
+    survivor = gemms[0] if gemms else nodes[0]
+    if survivor.op_type == "MatMul" and np.any(merged.bias != 0):
+        return "the merged bias needs a Gemm, and no branch is one"
+    dtype = g.constant(survivor.input[1])[0].dtype
+    try:
+        weight = cast_checked(merged.weight, dtype)
+        bias = cast_checked(merged.bias, dtype, "merged bias")
+    except FoldRefused as exc:
+        return str(exc)
+    remove = [n for n in nodes if n is not survivor] + inner + [root]
+    g.reshape_annotation(g.write_tensor(survivor, 1, weight), weight.shape)
+    if survivor.op_type == "Gemm":
+        g.reshape_annotation(g.write_tensor(survivor, 2, bias), bias.shape)
+        for name, value in (("transB", 0), ("alpha", 1.0), ("beta", 1.0)):
+            set_attr(survivor, name, value)
+    for node in remove:
+        g.remove_node(node)
+    g.move_output(survivor, root.output[0])
+    return _Outcome(MERGE_BRANCHES, node_label(survivor), remove)
 
 
 def _merge_sequence(g: GraphIndex, conv: onnx.NodeProto) -> _Outcome | str | None:
