@@ -16,10 +16,10 @@ and makes with bnfold:
 * **bn-folded**: ``fold_onnx(original, skip=merge rules)``, plain BN folding;
 * **merged**: ``fold_onnx(original)``, BN folding and branch merging (the default).
 
-They are timed side by side by :func:`bnfold.bench.time_models` (onnxruntime CPU, graph optimizations
-disabled, the order rotating each round): merged and deploy together, then original, bn-folded and merged
-together; a ratio is the median of the per-round ratios (samples of one round ran back to back). Printed per family: node counts, the error of
-merged and deploy against the float64 reference (the original torch module in float64, relative to the output
+They are timed side by side by :func:`bnfold.bench.time_models` (onnxruntime CPU, graph optimizations disabled, the
+order rotating each round): merged and deploy together, then original, bn-folded and merged together; a ratio is the
+median of the per-round ratios (samples of one round ran back to back). Printed per family: node counts, the error
+of merged and deploy against the float64 reference (the original torch module in float64, relative to the output
 scale), medians, **merged / deploy** (the bar: <= 1.02) and **bn-folded / merged** (the gain over plain BN
 folding). Exit status 0 when every family meets the bar and the count and error checks, 1 otherwise.
 """

@@ -306,8 +306,8 @@ def test_dense_branches_and_identity():
     net.output(net.node("Add", [net.node("Add", [a, b]), x]))
     feeds = {"x": rng.standard_normal((3, 5))}
     expected = next(iter(run_ref(net.model(), feeds).values()))
-    merged = merge_parallel_dense([dense_branch(w1, c1, trans_b=True, alpha=np.float32(0.7), beta=np.float32(1.3)), dense_branch(w2),
-                                   dense_identity(5)])
+    gemm = dense_branch(w1, c1, trans_b=True, alpha=np.float32(0.7), beta=np.float32(1.3))  # float32 attributes
+    merged = merge_parallel_dense([gemm, dense_branch(w2), dense_identity(5)])
     one = Net(F64)
     y = one.node("Gemm", [one.input("x", [3, 5]), one.init("W", merged.weight), one.init("C", merged.bias)])
     one.output(y)

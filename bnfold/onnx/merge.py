@@ -206,7 +206,8 @@ def _chain_branch(g: GraphIndex, nodes: list[onnx.NodeProto], channels: int | No
     return composed
 
 
-def _input_channels_and_rank(g: GraphIndex, x: str, chains: list[list[onnx.NodeProto]]) -> tuple[int | None, int | None]:
+def _input_channels_and_rank(g: GraphIndex, x: str, chains: list[list[onnx.NodeProto]]
+                             ) -> tuple[int | None, int | None]:
     """What the chains read: channels and spatial rank of ``x``, from its shape or a Conv/BN reading it."""
     shape = g.static_shape(x, allow_symbolic=True)
     channels = shape[1] if shape is not None and len(shape) > 1 and isinstance(shape[1], int) else None
@@ -282,7 +283,8 @@ def _merge_branches(g: GraphIndex, root: onnx.NodeProto) -> _Outcome | str | Non
     x = chains[0][1]
     if any(start != x for _, start in chains):
         return None  # the terms read different tensors: a residual sum, not branches of one op
-    if x in g.initializers or (x not in g.producer and x not in g.inputs) or not any(n.op_type == "Conv" for nodes, _ in chains for n in nodes):
+    has_conv = any(n.op_type == "Conv" for nodes, _ in chains for n in nodes)
+    if x in g.initializers or (x not in g.producer and x not in g.inputs) or not has_conv:
         return None  # a constant summand, or no Conv to hold the merged kernel
     channels, rank = _input_channels_and_rank(g, x, [nodes for nodes, _ in chains])
     branches, separate = [], 0
