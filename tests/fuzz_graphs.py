@@ -903,6 +903,42 @@ class _Builder:
         self.shape = shape
 
     # ---- anywhere -----------------------------------------------------------------------------------------
+    def block_branches(self):
+        """Parallel linear branches of one tensor, summed (RepVGG/MobileOne/ACNet/DBB style): Convs with centred
+        kernels (1, 3 or asymmetric), each with or without its BN, a lone BN, the tensor itself, an AveragePool
+        (padding counted or not). What ``merge-branches`` merges, or refuses with its reason."""
+        c, rank = self.channels, self.rank - 2
+        group = self.pick([1, c])
+        x = self.node("Relu", [self.cur])  # the shared input: read by every branch
+        kinds, terms = [], []
+        for _ in range(self.integer(2, 4)):
+            kind = self.pick(["conv3", "conv3", "conv1", "asym", "bn", "identity", "avgpool"])
+            kinds.append(kind)
+            if kind in ("conv3", "conv1", "asym"):
+                kernel = [{"conv3": 3, "conv1": 1}.get(kind) or self.pick([1, 3]) for _ in range(rank)]
+                pads = [(k - 1) // 2 for k in kernel] * 2
+                inputs = [x, self.weight([c, c // group, *kernel])]
+                if self.chance(30):
+                    inputs.append(self.bias(c))
+                y = self.node("Conv", inputs, kernel_shape=kernel, pads=pads, group=group)
+                if self.chance(70):
+                    y, _ = self.bn(y, c)
+            elif kind == "bn":
+                y, _ = self.bn(x, c)
+            elif kind == "identity":
+                y = x
+            else:
+                y = self.node("AveragePool", [x], kernel_shape=[3] * rank, pads=[1] * (2 * rank),
+                              count_include_pad=self.pick([0, 1]))
+                if self.chance(50):
+                    y, _ = self.bn(y, c)
+            terms.append(y)
+        self.blocks.append(f"branches[{','.join(kinds)},group={'1' if group == 1 else 'c'}]")
+        total = terms[0]
+        for term in terms[1:]:
+            total = self.node("Add", [total, term])
+        self.cur = self.node("Relu", [total])
+
     def block_bn(self):
         overridable = self.chance(15)
         self.blocks.append("bn[overridable]" if overridable else "bn")
@@ -980,7 +1016,7 @@ class _Builder:
         spatial = ["flatten"]
         if self.convs_ok:
             spatial += ["conv_bn", "conv_bn", "conv_bn", "convtranspose_bn", "concat_bn", "bn_conv", "bn_conv",
-                        "conv_affine", "shared_conv", "if"]
+                        "conv_affine", "shared_conv", "if", "branches"]
             if self.dtype == F16:
                 spatial.append("fp16_overflow")
         return spatial * 2 + common

@@ -106,7 +106,7 @@ def _ints(value, n: int, default: int) -> tuple[int, ...]:
     return tuple(int(v) for v in value) if value else (default,) * n
 
 
-def _explicit_pads(auto_pad, kernel, strides, dilations, pads, label) -> tuple[int, ...]:
+def _explicit_pads(auto_pad, kernel, strides, dilations, pads) -> tuple[int, ...]:
     """Pads as numbers; SAME_* is fixed only at stride 1 (elsewhere it depends on the input size)."""
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else (auto_pad or "NOTSET")
     rank = len(kernel)
@@ -115,7 +115,7 @@ def _explicit_pads(auto_pad, kernel, strides, dilations, pads, label) -> tuple[i
     if auto_pad == "VALID":
         return (0,) * (2 * rank)
     if any(s != 1 for s in strides):
-        raise MergeRefused(f"{label} has auto_pad={auto_pad} with strides: its pads depend on the input size")
+        raise MergeRefused(f"auto_pad={auto_pad} with strides: its pads depend on the input size")
     total = [d * (k - 1) for d, k in zip(dilations, kernel)]
     small = [t // 2 for t in total]
     large = [t - s for t, s in zip(total, small)]
@@ -146,7 +146,7 @@ def _read_branch(g: GraphIndex, node: onnx.NodeProto, channels: int | None, rank
         n = weight.ndim - 2
         a = get_attrs(node, group=1, strides=None, dilations=None, pads=None, auto_pad="NOTSET")
         strides, dilations = _ints(a["strides"], n, 1), _ints(a["dilations"], n, 1)
-        pads = _explicit_pads(a["auto_pad"], weight.shape[2:], strides, dilations, a["pads"], label)
+        pads = _explicit_pads(a["auto_pad"], weight.shape[2:], strides, dilations, a["pads"])
         return conv_branch(weight, bias, groups=int(a["group"]), strides=strides, dilations=dilations, pads=pads)
     if op == "BatchNormalization":
         if rank is None:
@@ -167,7 +167,7 @@ def _read_branch(g: GraphIndex, node: onnx.NodeProto, channels: int | None, rank
         kernel = _ints(a["kernel_shape"], 0, 1)
         n = len(kernel)
         strides, dilations = _ints(a["strides"], n, 1), _ints(a["dilations"], n, 1)
-        pads = _explicit_pads(a["auto_pad"], kernel, strides, dilations, a["pads"], label)
+        pads = _explicit_pads(a["auto_pad"], kernel, strides, dilations, a["pads"])
         return avgpool_branch(channels, kernel, strides=strides, pads=pads, dilations=dilations,
                               count_include_pad=bool(a["count_include_pad"]), ceil_mode=bool(a["ceil_mode"]))
     return f"{label} is not a linear op"
