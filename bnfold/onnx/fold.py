@@ -9,12 +9,14 @@ import numpy as np
 import onnx
 
 from ..errors import InputError
-from ..report import Fold, FoldReport, Skip
+from ..report import FoldReport, Skip
 from .external import ExternalData
 from .io import materialize
 from .graph import GraphIndex, ModelContext, free_names, node_label, subgraphs
+from .ops import batchable
+from .plan import Plan, Refusal, apply_plan
 from .prefetch import prefetch_batchnorm_affines, prefetch_conv_folds
-from .rules import RULE_NAMES, RULES, AffineAfterLinear, FoldAfter, Rule, batchnorm_affine
+from .rules import AffineAfterLinear, FoldAfter, Rule, batchnorm_affine, build_rules, check_batchnorm_channels
 
 PER_SAMPLE_NORMS = {
     "LayerNormalization": "normalizes each sample over its own features",
@@ -22,23 +24,28 @@ PER_SAMPLE_NORMS = {
     "GroupNormalization": "normalizes each sample over groups of its own channels",
 }
 _MUL_ADD = AffineAfterLinear.sources
-_PREFETCHABLE = frozenset({"Conv", "ConvTranspose", "Gemm"})
 
 
 def select_rules(skip: Iterable[str] = ()) -> list[Rule]:
+    """The rules of the descriptor table as it is now, less those named in ``skip``."""
+    rules = build_rules()
     if not skip:
-        return list(RULES)
+        return list(rules)
     skip = set(skip)
-    unknown = skip - set(RULE_NAMES)
+    names = [r.name for r in rules]
+    unknown = skip - set(names)
     if unknown:
-        raise InputError(f"unknown rule {', '.join(sorted(unknown))} (choose from {', '.join(RULE_NAMES)})")
-    return [r for r in RULES if r.name not in skip]
+        raise InputError(f"unknown rule {', '.join(sorted(unknown))} (choose from {', '.join(names)})")
+    return [r for r in rules if r.name not in skip]
 
 
 def fold_model(model: onnx.ModelProto, rules: list[Rule],
-               replacements: "dict[str, np.ndarray] | None" = None, external: "ExternalData | None" = None
-               ) -> FoldReport:
+               replacements: "dict[str, np.ndarray] | None" = None, external: "ExternalData | None" = None,
+               *, batched: bool = True) -> FoldReport:
     """Fold ``model`` in place and say what happened.
+
+    ``batched=False`` leaves out the batched path (:mod:`bnfold.onnx.prefetch`): every fold is planned node by
+    node. The result is the same bytes (tests/test_plans.py), only slower on models with many layers.
 
     With a ``replacements`` dict, new values of main-graph initializers are left there (name -> array) for
     :func:`bnfold.onnx.io.save_model` to write, instead of being copied into the protobuf. ``external`` serves the
@@ -50,7 +57,7 @@ def fold_model(model: onnx.ModelProto, rules: list[Rule],
     # for the whole pass, because entering one costs more than most of the small array operations it covers.
     with np.errstate(all="ignore"):
         main = GraphIndex(model.graph, ctx, watch=_watched_ops(rules))
-        _fold_graph(main, rules, report)
+        _fold_graph(main, rules, report, batched)
     ctx.main_index = None  # the index points back at the context: drop the cycle now, not at the next GC
     for function in model.functions:
         for node in function.node:
@@ -58,7 +65,8 @@ def fold_model(model: onnx.ModelProto, rules: list[Rule],
                 report.bn_before += 1
                 report.bn_after += 1
                 report.skipped.append(Skip(node_label(node), "inside model-local function "
-                                           f"{function.domain}.{function.name}: functions are left as they are"))
+                                           f"{function.domain}.{function.name}: functions are left as they are",
+                                           code="inside-function"))
     if replacements is None:
         materialize(model, ctx.replacements, main.initializers)
     else:
@@ -75,7 +83,7 @@ def _watched_ops(rules: list[Rule]) -> frozenset[str]:
     return starts | PER_SAMPLE_NORMS.keys()
 
 
-def _fold_graph(g: GraphIndex, rules: list[Rule], report: FoldReport) -> None:
+def _fold_graph(g: GraphIndex, rules: list[Rule], report: FoldReport, batched: bool = True) -> None:
     bn_rules = [r for r in rules if "BatchNormalization" in r.sources]
     affine_rules = [r for r in rules if r.sources & _MUL_ADD]
     # Every node a rule starts from (folds never create new ones; a BN turned into an Add stays the same node),
@@ -85,12 +93,12 @@ def _fold_graph(g: GraphIndex, rules: list[Rule], report: FoldReport) -> None:
         (per_sample if node.op_type in PER_SAMPLE_NORMS else candidates).append(node)
     batchnorms = [n for n in candidates if n.op_type == "BatchNormalization"]
     report.bn_before += len(batchnorms)
-    prefetched = prefetch_batchnorm_affines(g, batchnorms)
-    # Conv/ConvTranspose/Gemm -> BN folds whose math is done ahead; applied directly when their rule is the one
-    # that would fold them (the first rule for that producer) and nothing changed since.
-    ready = prefetch_conv_folds(g, batchnorms, prefetched, {op: rule.name for rule in bn_rules
-                                                            if isinstance(rule, FoldAfter)
-                                                            for op in rule.op_types if op in _PREFETCHABLE})
+    prefetched, ready = {}, {}
+    if batched:
+        prefetched = prefetch_batchnorm_affines(g, batchnorms)
+        # Linear op -> BN plans computed ahead, for the ops whose rule is the first to try that producer
+        ready = prefetch_conv_folds(g, batchnorms, prefetched, {rule.op.op_type: rule.name for rule in bn_rules
+                                                                if isinstance(rule, FoldAfter) and batchable(rule.op)})
     while True:
         changed = False
         skipped: list[Skip] = []
@@ -99,26 +107,21 @@ def _fold_graph(g: GraphIndex, rules: list[Rule], report: FoldReport) -> None:
                 continue
             op = node.op_type
             if op == "BatchNormalization":
-                done = ready.pop(id(node), None)
-                if done is not None and done.still_applies(g, node):
-                    fold = Fold(node_label(node), node_label(done.node), done.rule, graph=g.path)
-                    done.apply(g, node)
-                    report.folded.append(fold)
-                    changed = True
-                    continue
-                outcome = _fold_batchnorm(g, node, bn_rules, prefetched)
-                if isinstance(outcome, str):
-                    skipped.append(Skip(node_label(node), outcome, graph=g.path))
+                plan, channels = ready.pop(id(node), (None, 0))
+                if plan is not None and plan.holds(g):
+                    check_batchnorm_channels(g, node, channels)  # an annotated shape that disagrees: invalid
+                else:
+                    plan = _fold_batchnorm(g, node, bn_rules, prefetched)
+                if isinstance(plan, Refusal):
+                    skipped.append(Skip(node_label(node), str(plan), graph=g.path, code=plan.code))
                     continue
             elif op in _MUL_ADD and affine_rules:
-                outcome = next((p for p in (r.match(g, node) for r in affine_rules) if p is not None), None)
-                if outcome is None:
+                plan = next((p for p in (r.match(g, node) for r in affine_rules) if p is not None), None)
+                if plan is None:
                     continue
             else:
                 continue
-            label = node_label(node)
-            outcome.apply(g)
-            report.folded.append(Fold(label, outcome.into, outcome.rule, graph=g.path))
+            report.folded.append(apply_plan(g, plan))
             changed = True
         if not changed:
             break
@@ -127,7 +130,7 @@ def _fold_graph(g: GraphIndex, rules: list[Rule], report: FoldReport) -> None:
     for node in per_sample:
         report.skipped.append(Skip(node_label(node), f"not foldable: per-sample statistics ({node.op_type} "
                                    f"{PER_SAMPLE_NORMS[node.op_type]}), no fixed affine exists",
-                                   op_type=node.op_type, graph=g.path))
+                                   op_type=node.op_type, graph=g.path, code="per-sample-statistics"))
     g.commit()
     for node in g.nodes_with_subgraphs:
         if g.is_removed(node):
@@ -137,28 +140,28 @@ def _fold_graph(g: GraphIndex, rules: list[Rule], report: FoldReport) -> None:
         for attr_name, sub in bodies:
             path = f"{g.path}/" if g.path else ""
             _fold_graph(GraphIndex(sub, g.ctx, parent=g, path=f"{path}{node_label(node)}.{attr_name}",
-                                   watch=_watched_ops(rules)), rules, report)
+                                   watch=_watched_ops(rules)), rules, report, batched)
         # a fold inside may have stopped reading an outer value (BN parameters, a weight now copied locally)
         for name in read_before - set().union(*(free_names(b) for _, b in bodies)) - set(node.input):
             g.drop_use(name, node)
     g.commit()
 
 
-def _fold_batchnorm(g: GraphIndex, node: onnx.NodeProto, rules: list[Rule], prefetched: dict):
-    """A Plan for the first rule that folds this BatchNormalization, else the reason none did."""
+def _fold_batchnorm(g: GraphIndex, node: onnx.NodeProto, rules: list[Rule], prefetched: dict) -> Plan | Refusal:
+    """A Plan for the first rule that folds this BatchNormalization, else the reason none did (the first code)."""
     norm = batchnorm_affine(g, node, prefetched)
-    if isinstance(norm, str):
+    if isinstance(norm, Refusal):
         return norm
-    reasons = []
+    reasons: list[Refusal] = []
     for rule in rules:
         outcome = rule.match(g, norm)
         if outcome is None:
             continue
-        if not isinstance(outcome, str):
+        if not isinstance(outcome, Refusal):
             return outcome
         reasons.append(outcome)
     if reasons:
-        return "; ".join(dict.fromkeys(reasons))
+        return Refusal(reasons[0].code, "; ".join(dict.fromkeys(reasons)))
     before = g.producer.get(norm.x)
     after = g.consumers.get(norm.y, [])
     src = f"{before.op_type} {node_label(before)}" if before is not None else f"graph input '{norm.x}'"
@@ -166,8 +169,8 @@ def _fold_batchnorm(g: GraphIndex, node: onnx.NodeProto, rules: list[Rule], pref
     if norm.y in g.outputs:
         dst += " and the graph output"
     if not rules:
-        return "every rule was skipped"
-    return f"no foldable linear op next to it (input from {src}, output to {dst})"
+        return Refusal("rules-skipped", "every rule was skipped")
+    return Refusal("no-linear-neighbour", f"no foldable linear op next to it (input from {src}, output to {dst})")
 
 
 def fold_file(source: "str | os.PathLike", destination: "str | os.PathLike", *,
