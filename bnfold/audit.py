@@ -412,7 +412,7 @@ def _read_onnx(path: Path) -> tuple[list[_BNParams], list[str]]:
     GraphIndex(model.graph, context)  # InputError for an invalid graph: dangling names, cycles, duplicates
     params: list[_BNParams] = []
     notes: list[str] = []
-    _walk_onnx_graph(model.graph, {}, "", params, notes, onnx, context.inferred_shapes())
+    _walk_onnx_graph(model.graph, {}, "", params, notes, onnx, context.opset, context.inferred_shapes())
     # Exporters name nodes like "node__native_batch_norm_legit_no_training__0" but keep the module path in the
     # parameter names ("layer1.0.bn1.running_mean"): use that path where it names exactly one BN.
     paths = [p.module_path for p in params]
@@ -422,7 +422,7 @@ def _read_onnx(path: Path) -> tuple[list[_BNParams], list[str]]:
     return params, notes
 
 
-def _walk_onnx_graph(graph, outer_constants: dict, prefix: str, params: list, notes: list, onnx,
+def _walk_onnx_graph(graph, outer_constants: dict, prefix: str, params: list, notes: list, onnx, opset: int,
                      shapes: dict | None = None) -> None:
     """``shapes``: inferred shapes of the main graph's values (None in subgraphs)."""
     from onnx import numpy_helper
@@ -460,7 +460,7 @@ def _walk_onnx_graph(graph, outer_constants: dict, prefix: str, params: list, no
     for index, node in enumerate(graph.node):
         label = prefix + (node.name or f"{node.op_type}({next((o for o in node.output if o), '?')})")
         if node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx"):
-            params_or_reason = _onnx_bn(node, label, get, producers, shapes or {})
+            params_or_reason = _onnx_bn(node, label, get, producers, opset, shapes)
             if isinstance(params_or_reason, str):
                 notes.append(f"BatchNormalization {label!r} not audited: {params_or_reason}")
             else:
@@ -468,18 +468,19 @@ def _walk_onnx_graph(graph, outer_constants: dict, prefix: str, params: list, no
                 params.append(params_or_reason)
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.GRAPH:
-                _walk_onnx_graph(attr.g, constants, f"{label}/{attr.name}/", params, notes, onnx)
+                _walk_onnx_graph(attr.g, constants, f"{label}/{attr.name}/", params, notes, onnx, opset)
             elif attr.type == onnx.AttributeProto.GRAPHS:
                 for i, g in enumerate(attr.graphs):
-                    _walk_onnx_graph(g, constants, f"{label}/{attr.name}[{i}]/", params, notes, onnx)
+                    _walk_onnx_graph(g, constants, f"{label}/{attr.name}[{i}]/", params, notes, onnx, opset)
 
 
-def _onnx_bn(node, label: str, get, producers, shapes: dict) -> _BNParams | str:
-    if len(node.input) < 5:
-        return "fewer than 5 inputs"
-    for attr in node.attribute:
-        if attr.name == "training_mode" and attr.i:
-            return "training_mode=1 (statistics are computed per batch)"
+def _onnx_bn(node, label: str, get, producers, opset: int, shapes: dict | None) -> _BNParams | str:
+    """``shapes``: inferred shapes of the main graph's values; None in subgraphs (nothing known there)."""
+    from .onnx.batchnorm import check_channels, check_parameter_lengths, inference_epsilon
+
+    eps = inference_epsilon(node, opset)  # the fold's reader: same epsilon default, same inference-mode checks
+    if isinstance(eps, str):
+        return str(eps)
     values = []
     for slot, what in zip(range(1, 5), ("scale", "B", "mean", "var")):
         value = get(node.input[slot])
@@ -490,69 +491,54 @@ def _onnx_bn(node, label: str, get, producers, shapes: dict) -> _BNParams | str:
         values.append(_f64(value))
     gamma, beta, mean, var = values
     c = mean.size
-    if any(v.size != c for v in values):
-        raise InputError(f"invalid model: BatchNormalization {label!r} has scale, B, mean and var of lengths "
-                         f"{[v.size for v in values]}")
-    shape = shapes.get(node.input[0])
-    if shape is not None and len(shape) >= 2 and isinstance(shape[1], int) and shape[1] != c:
-        raise InputError(f"invalid model: BatchNormalization {label!r} has {c} channels, but its input has "
-                         f"{shape[1]}")
+    check_parameter_lengths(repr(label), [v.size for v in values])
+    check_channels(repr(label), c, (shapes or {}).get(node.input[0]))
     if c == 0:
         return "it has no channels"
-    eps = float(np.float32(1e-5))
-    for attr in node.attribute:
-        if attr.name == "epsilon":
-            eps = float(np.float32(attr.f))
+    eps = float(np.float32(eps))
     p = _BNParams(label, gamma, beta, mean, var, eps)
     mean_name, var_name = node.input[3], node.input[4]
     if mean_name.endswith(".running_mean") and var_name == mean_name[: -len("mean")] + "var":
         p.module_path = label[: len(label) - len(label.split("/")[-1])] + mean_name[: -len(".running_mean")]
     producer = producers.get(node.input[0])
     if producer is not None:
-        found = _producer_weight_max(producer, get, c)
+        found = _producer_weight_max(producer, get, c, shapes)
         if found is not None:
             p.producer_weight_max, op = found
             p.producer_label = f"{op} {producer.name or producer.output[0]!r}"
     return p
 
 
-def _producer_weight_max(node, get, channels: int) -> tuple[np.ndarray, str] | None:
-    """max |W| per output channel of the linear op producing BN's input, when its weight is constant."""
-    if node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+def _producer_weight_max(node, get, channels: int, shapes: dict | None) -> tuple[np.ndarray, str] | None:
+    """max |W| per output channel of the linear op producing BN's input, when its weight is constant and its
+    output channels are BN's channel axis (the fold's descriptor of the op says where they are)."""
+    from .onnx.graph import get_attr
+    from .onnx.ops import linear_op
+
+    op = linear_op(node)
+    if op is None or len(node.input) < 2:
         return None
-    op = node.op_type
-    if op not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
-        return None
+    if op.activation_rank is not None:  # e.g. MatMul: its output axis is BN's axis 1 only on rank-2 activations
+        shape = (shapes or {}).get(node.input[0])
+        if shape is None or len(shape) != op.activation_rank:
+            return None
     weight = get(node.input[1])
-    if weight is None or not np.issubdtype(weight.dtype, np.floating):
+    if weight is None or not np.issubdtype(weight.dtype, np.floating) or op.weight_rank_reason(weight.ndim):
         return None
     w = np.abs(np.asarray(weight, dtype=np.float64))
-    attrs = {a.name: a for a in node.attribute}
-    try:
-        if op == "Conv":
-            if w.ndim < 2:
-                return None
-            per = w.reshape(w.shape[0], -1).max(axis=1)
-        elif op == "ConvTranspose":
-            group = attrs["group"].i if "group" in attrs else 1
-            if w.ndim < 2 or w.shape[0] % group:
-                return None
-            per = w.reshape(group, w.shape[0] // group, w.shape[1], -1).max(axis=(1, 3)).reshape(-1)
-        elif op == "Gemm":
-            if w.ndim != 2:
-                return None
-            trans_b = attrs["transB"].i if "transB" in attrs else 0
-            alpha = abs(attrs["alpha"].f) if "alpha" in attrs else 1.0
-            per = (w.max(axis=1) if trans_b else w.max(axis=0)) * alpha
-        else:  # MatMul with a 2-D constant right operand: output channel = last axis
-            if w.ndim != 2:
-                return None
-            per = w.max(axis=0)
-    except (ValueError, IndexError):
+    axis, _ = op.axes(node)
+    groups = op.axis_groups(node, axis)
+    if groups < 1 or w.shape[0] % groups:
         return None
+    if groups == 1:
+        per = w.max(axis=tuple(a for a in range(w.ndim) if a != axis))
+    else:  # channel c of group g sits at column c - g*(C/groups) of the rows of group g
+        per = w.reshape(groups, w.shape[0] // groups, w.shape[1], -1).max(axis=(1, 3)).reshape(-1)
+    if op.output_scale_attr:
+        per = per * abs(float(get_attr(node, op.output_scale_attr, 1.0)))
     if per.shape != (channels,):
         return None  # the op's output channels are not BN's channel axis
-    return per, op
+    return per, node.op_type
 
 
 # --------------------------------------------------------------------------------------------------- torch / safetensors
