@@ -25,8 +25,9 @@ negative-variance    error    a running_var < 0
 tiny-variance        warning  0 <= running_var < 1e-6 (the folded scale is dominated by epsilon)
 dead-channel         info     |gamma| < 1e-6: the channel's output is constant (prunable)
 fp16-overflow        error    folding would produce a weight float16 cannot hold (> 65504). ONNX, BN fed
-                              directly by a Conv/ConvTranspose/Gemm/MatMul with a constant weight: the
-                              actual max |W * s| per output channel (Gemm's alpha included) is checked.
+                              directly by a linear op of the fold's table (onnx/ops.py: Conv, ConvTranspose,
+                              Gemm, MatMul on a rank-2 activation) with a constant weight: the actual
+                              max |W * s| per output channel (Gemm's alpha included) is checked.
                               Everywhere else (checkpoints, other producers): max |s| > 65504 / 16, i.e. a
                               weight of magnitude 16 would overflow after folding.
 ==================== ======== ==========================================================================
@@ -427,7 +428,7 @@ def _walk_onnx_graph(graph, outer_constants: dict, prefix: str, params: list, no
     """``shapes``: inferred shapes of the main graph's values (None in subgraphs)."""
     from onnx import numpy_helper
 
-    from .onnx.graph import constant_node_value
+    from .onnx.tensors import constant_node_value
 
     constants = dict(outer_constants)  # name -> TensorProto or a numpy array
     for init in graph.initializer:
@@ -512,7 +513,7 @@ def _onnx_bn(node, label: str, get, producers, opset: int, shapes: dict | None) 
 def _producer_weight_max(node, get, channels: int, shapes: dict | None) -> tuple[np.ndarray, str] | None:
     """max |W| per output channel of the linear op producing BN's input, when its weight is constant and its
     output channels are BN's channel axis (the fold's descriptor of the op says where they are)."""
-    from .onnx.graph import get_attr
+    from .onnx.nodes import get_attr
     from .onnx.ops import linear_op
 
     op = linear_op(node)

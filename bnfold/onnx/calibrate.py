@@ -26,7 +26,8 @@ from onnx import TensorProto, helper, numpy_helper
 from .. import stats
 from ..errors import InputError
 from .batchnorm import inference_epsilon
-from .graph import GraphIndex, ModelContext, free_names, node_label, subgraphs
+from .graph import GraphIndex, ModelContext
+from .nodes import free_names, node_label, subgraphs
 from .plan import Refusal
 
 __all__ = ["calibrate_onnx", "load_calibration_data"]

@@ -12,7 +12,8 @@ from ..errors import InputError
 from ..report import FoldReport, Skip
 from .external import ExternalData
 from .io import materialize
-from .graph import GraphIndex, ModelContext, free_names, node_label, subgraphs
+from .graph import GraphIndex, ModelContext
+from .nodes import free_names, node_label, subgraphs
 from .ops import batchable
 from .plan import Plan, Refusal, apply_plan
 from .prefetch import prefetch_batchnorm_affines, prefetch_conv_folds
@@ -58,7 +59,6 @@ def fold_model(model: onnx.ModelProto, rules: list[Rule],
     with np.errstate(all="ignore"):
         main = GraphIndex(model.graph, ctx, watch=_watched_ops(rules))
         _fold_graph(main, rules, report, batched)
-    ctx.main_index = None  # the index points back at the context: drop the cycle now, not at the next GC
     for function in model.functions:
         for node in function.node:
             if node.op_type == "BatchNormalization":

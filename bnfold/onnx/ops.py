@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import onnx
 
-from .graph import get_attr
+from .nodes import get_attr
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ import numpy as np
 import onnx
 
 from ..report import Fold
-from .graph import GraphIndex, node_label, set_attr
+from .graph import GraphIndex
+from .nodes import node_label, set_attr
 
 
 class Refusal(str):

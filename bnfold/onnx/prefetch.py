@@ -17,9 +17,11 @@ import numpy as np
 
 from ..affine import bn_to_affine_flat, channel_multiplier
 from .batchnorm import inference_epsilon
-from .graph import RAW_FLOAT_DTYPES, GraphIndex, get_attr, node_label
+from .graph import GraphIndex
+from .nodes import get_attr, node_label
 from .ops import LINEAR_OPS, batchable
 from .plan import MoveOutput, Plan, ReadInput, SoleReader, WriteTensor
+from .tensors import RAW_FLOAT_DTYPES
 
 
 def prefetch_batchnorm_affines(g: GraphIndex, nodes) -> dict[int, tuple[np.ndarray, np.ndarray]]:

@@ -24,7 +24,8 @@ import onnx
 from ..affine import FoldRefused, absorb_after, absorb_before, bn_to_affine, cast_checked
 from ..errors import InputError
 from .batchnorm import check_channels, check_parameter_lengths, inference_epsilon
-from .graph import GraphIndex, get_attr, node_label
+from .graph import GraphIndex
+from .nodes import get_attr, node_label
 from .ops import LINEAR_OPS, LinearOp, linear_op
 from .plan import (MoveOutput, Plan, ReadInput, Refusal, RenameInput, SetAttribute, SetOpType, SoleReader,
                    TurnIntoAdd, WriteTensor)
