@@ -60,14 +60,14 @@ def test_one_descriptor_makes_deformconv_bn_fold(monkeypatch):
     monkeypatch.setitem(ops.LINEAR_OPS, "DeformConv", DEFORM_CONV)
     assert "deformconv-bn" in [r.name for r in select_rules()]
     planned = []
-    real = fold_module.prefetch_conv_folds
+    real = fold_module.prefetch_linear_plans
 
     def spy(*args):
         ready = real(*args)
         planned.extend(plan.rule for plan, _ in ready.values())
         return ready
 
-    monkeypatch.setattr(fold_module, "prefetch_conv_folds", spy)
+    monkeypatch.setattr(fold_module, "prefetch_linear_plans", spy)
     model, p = _deform_conv_bn()
     folded, report = fold_onnx(model)
     assert [(f.bn, f.into, f.rule) for f in report.folded] == [("bn", "dconv", "deformconv-bn")]

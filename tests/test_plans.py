@@ -20,7 +20,7 @@ from bnfold.onnx import fold as fold_module
 from bnfold.onnx.fold import fold_model, select_rules
 from bnfold.onnx.graph import GraphIndex, ModelContext
 from bnfold.onnx.plan import MoveOutput, Plan, WriteTensor, apply_plan
-from bnfold.onnx.prefetch import prefetch_batchnorm_affines, prefetch_conv_folds
+from bnfold.onnx.prefetch import prefetch_batchnorm_affines, prefetch_linear_plans
 from bnfold.onnx.rules import RULES, batchnorm_affine
 
 try:  # tests/ on sys.path (rootdir-less "prepend" import mode)
@@ -59,14 +59,14 @@ def _assert_same_and_coded(model: onnx.ModelProto):
 @pytest.mark.parametrize("path", SAMPLES, ids=[p.stem for p in SAMPLES])
 def test_batched_and_per_node_paths_give_identical_bytes_on_samples(path, monkeypatch):
     used = []
-    real = fold_module.prefetch_conv_folds
+    real = fold_module.prefetch_linear_plans
 
     def spy(*args):
         ready = real(*args)
         used.append(len(ready))
         return ready
 
-    monkeypatch.setattr(fold_module, "prefetch_conv_folds", spy)
+    monkeypatch.setattr(fold_module, "prefetch_linear_plans", spy)
     report = _assert_same_and_coded(onnx.load(path))
     assert report["folded"], "every sample has a BN to fold"
     if any(f["rule"] in ("conv-bn", "convtranspose-bn", "gemm-bn") for f in report["folded"]):
@@ -90,7 +90,7 @@ def test_a_prefetched_plan_is_the_plan_the_rule_makes():
     bn = next(n for n in model.graph.node if n.op_type == "BatchNormalization")
     with np.errstate(all="ignore"):
         affines = prefetch_batchnorm_affines(g, [bn])
-        prefetched, channels = prefetch_conv_folds(g, [bn], dict(affines), {"Conv": "conv-bn"})[id(bn)]
+        prefetched, channels = prefetch_linear_plans(g, [bn], dict(affines), {"Conv": "conv-bn"})[id(bn)]
     per_node = next(r for r in RULES if r.name == "conv-bn").match(g, batchnorm_affine(g, bn))
     assert isinstance(per_node, Plan) and isinstance(prefetched, Plan) and channels == 4
     assert (prefetched.rule, prefetched.into, prefetched.remove) == (per_node.rule, per_node.into, per_node.remove)

@@ -16,7 +16,7 @@ from .graph import GraphIndex, ModelContext
 from .nodes import free_names, node_label, subgraphs
 from .ops import batchable
 from .plan import Plan, Refusal, apply_plan
-from .prefetch import prefetch_batchnorm_affines, prefetch_conv_folds
+from .prefetch import prefetch_batchnorm_affines, prefetch_linear_plans
 from .rules import AffineAfterLinear, FoldAfter, Rule, batchnorm_affine, build_rules, check_batchnorm_channels
 
 PER_SAMPLE_NORMS = {
@@ -96,9 +96,11 @@ def _fold_graph(g: GraphIndex, rules: list[Rule], report: FoldReport, batched: b
     prefetched, ready = {}, {}
     if batched:
         prefetched = prefetch_batchnorm_affines(g, batchnorms)
-        # Linear op -> BN plans computed ahead, for the ops whose rule is the first to try that producer
-        ready = prefetch_conv_folds(g, batchnorms, prefetched, {rule.op.op_type: rule.name for rule in bn_rules
-                                                                if isinstance(rule, FoldAfter) and batchable(rule.op)})
+        # Linear op -> BN plans computed ahead. The after-rules come first in build_rules(), so for a BN after a
+        # batchable op the per-node path would return that op's after-rule plan: the same plan, made one by one.
+        rule_for = {rule.op.op_type: rule.name for rule in bn_rules
+                    if isinstance(rule, FoldAfter) and batchable(rule.op)}
+        ready = prefetch_linear_plans(g, batchnorms, prefetched, rule_for)
     while True:
         changed = False
         skipped: list[Skip] = []

@@ -108,7 +108,7 @@ def _bias_values(g: GraphIndex, name: str, data_type: int, channels: int) -> np.
     return value
 
 
-def prefetch_conv_folds(g: GraphIndex, nodes, affines: dict[int, tuple[np.ndarray, np.ndarray]],
+def prefetch_linear_plans(g: GraphIndex, nodes, affines: dict[int, tuple[np.ndarray, np.ndarray]],
                         rule_for: dict[str, str]) -> dict[int, tuple[Plan, int]]:
     """Plans for every linear op -> BatchNormalization whose op is :func:`~bnfold.onnx.ops.batchable`, whose
     weight is a plain initializer and whose bias is one too, or a computed constant, or absent; ``rule_for`` maps
