@@ -32,7 +32,9 @@ except ImportError:  # pragma: no cover - tests/ is a package
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = sorted((ROOT / "sample_models").glob("*.onnx"))
-README_CODES = set(re.findall(r"^\| `([a-z0-9-]+)` +\|", (ROOT / "README.md").read_text(), re.M))
+_README = (ROOT / "README.md").read_text()
+_CODE_TABLE = _README[_README.index("| code | the normalization stays because |"):].split("\n\n")[0]
+README_CODES = set(re.findall(r"^\| `([a-z0-9-]+)` +\|", _CODE_TABLE, re.M))
 KEBAB = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
 
 
@@ -107,3 +109,34 @@ def test_a_prefetched_plan_is_the_plan_the_rule_makes():
     assert (fold.bn, fold.into, fold.rule) == (bn.name or f"BatchNormalization({bn.output[0]})", per_node.into,
                                                "conv-bn")
     assert not prefetched.holds(g), "the weight was rewritten: the plan computed ahead no longer holds"
+
+
+def test_every_code_in_the_source_is_in_the_readme_table():
+    """Every refusal code written in the engine (Refusal, FoldRefused, Skip) is documented, and kebab-case."""
+    sources = [*(ROOT / "bnfold" / "onnx").glob("*.py"), ROOT / "bnfold" / "affine.py"]
+    text = "\n".join(p.read_text() for p in sources)
+    found = set(re.findall(r'Refusal\(\s*"([^"]+)"', text))
+    found |= set(re.findall(r'FoldRefused\([^()]*(?:\([^()]*\)[^()]*)*,\s*"([a-z0-9-]+)"\s*\)', text))
+    found |= set(re.findall(r'code="([^"]+)"', text))
+    found |= {"fold-refused"}  # FoldRefused's default code
+    assert len(found) > 20, found  # the patterns above still find the codes
+    assert all(KEBAB.match(code) for code in found), found
+    assert found <= README_CODES, f"undocumented codes: {sorted(found - README_CODES)}"
+    assert README_CODES <= found, f"documented codes no longer produced: {sorted(README_CODES - found)}"
+
+
+def test_a_bn_inside_a_model_local_function_is_reported_with_its_code():
+    from onnx import TensorProto as TP
+    from onnx import helper
+
+    body = helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y"], name="fbn")
+    function = helper.make_function("local", "Norm", ["x", "s", "b", "m", "v"], ["y"], [body],
+                                    [helper.make_opsetid("", 17)])
+    graph = helper.make_graph([helper.make_node("Norm", ["x", "s", "b", "m", "v"], ["y"], domain="local")], "g",
+                              [helper.make_tensor_value_info(n, TP.FLOAT, None) for n in "xsbmv"],
+                              [helper.make_tensor_value_info("y", TP.FLOAT, None)])
+    model = helper.make_model(graph, functions=[function],
+                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)])
+    report = fold_model(model, select_rules())
+    assert [(s.bn, s.code) for s in report.skipped] == [("fbn", "inside-function")]
+    assert report.bn_before == report.bn_after == 1
