@@ -9,6 +9,7 @@ import onnx
 
 from ..errors import InputError
 from .constant_ops import attribute_value
+from .nodes import node_label
 from .plan import Refusal
 
 # ONNX float attributes are float32: an absent epsilon means float32(1e-5), as runtimes read it.
@@ -44,15 +45,20 @@ def inference_epsilon(node: onnx.NodeProto, opset: int) -> float | Refusal:
     return DEFAULT_EPSILON if epsilon is None else epsilon
 
 
-def check_parameter_lengths(label: str, lengths: list[int]) -> None:
-    """scale, B, mean and var of different lengths make the model invalid."""
+def check_parameter_lengths(label: "str | onnx.NodeProto", lengths: list[int]) -> None:
+    """scale, B, mean and var of different lengths make the model invalid. ``label``: a name, or the node."""
     if len(set(lengths)) > 1:
-        raise InputError(f"invalid model: BatchNormalization {label} has scale, B, mean and var of lengths {lengths}")
+        raise InputError(f"invalid model: BatchNormalization {_name(label)} has scale, B, mean and var of lengths "
+                         f"{lengths}")
 
 
-def check_channels(label: str, channels: int, input_shape: list | None) -> None:
+def check_channels(label: "str | onnx.NodeProto", channels: int, input_shape: list | None) -> None:
     """A BN whose parameters do not match its input's channel count (when the shape is known) is invalid."""
     if input_shape is not None and len(input_shape) >= 2 and isinstance(input_shape[1], int) and \
             input_shape[1] != channels:
-        raise InputError(f"invalid model: BatchNormalization {label} has {channels} channels, "
+        raise InputError(f"invalid model: BatchNormalization {_name(label)} has {channels} channels, "
                          f"but its input has {input_shape[1]}")
+
+
+def _name(label: "str | onnx.NodeProto") -> str:
+    return label if isinstance(label, str) else node_label(label)  # a node is labelled only for an error

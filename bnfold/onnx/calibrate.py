@@ -25,7 +25,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .. import stats
 from ..errors import InputError
-from .batchnorm import inference_epsilon
+from .batchnorm import check_channels, check_parameter_lengths, inference_epsilon
 from .graph import GraphIndex, ModelContext
 from .nodes import free_names, node_label, subgraphs
 from .plan import Refusal
@@ -203,12 +203,10 @@ def _find_targets(model: onnx.ModelProto, notes: list[str]) -> list[_Target]:
             notes.append(f"{label}: skipped, its mean/var are not constant initializers")
             continue
         lengths = [math.prod(initializers[name].dims) for name in node.input[1:5] if name in initializers]
-        if len(set(lengths)) > 1:
-            raise InputError(f"invalid model: {label} has scale, B, mean and var of lengths {lengths}")
+        check_parameter_lengths(label, lengths)
         channels = lengths[0]
         shape = ctx.inferred_shapes().get(node.input[0])
-        if shape is not None and len(shape) >= 2 and isinstance(shape[1], int) and shape[1] != channels:
-            raise InputError(f"invalid model: {label} has {channels} channels, but its input has {shape[1]}")
+        check_channels(label, channels, shape)
         if channels == 0:
             notes.append(f"{label}: skipped, it has no channels")
             continue

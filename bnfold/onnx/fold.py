@@ -17,7 +17,7 @@ from .nodes import free_names, node_label, subgraphs
 from .ops import batchable
 from .plan import Plan, Refusal, apply_plan
 from .prefetch import prefetch_batchnorm_affines, prefetch_linear_plans
-from .rules import AffineAfterLinear, FoldAfter, Rule, batchnorm_affine, build_rules, check_batchnorm_channels
+from .rules import AffineAfterLinear, FoldAfter, Rule, batchnorm_affine, check_batchnorm_channels, current_rules
 
 PER_SAMPLE_NORMS = {
     "LayerNormalization": "normalizes each sample over its own features",
@@ -29,7 +29,7 @@ _MUL_ADD = AffineAfterLinear.sources
 
 def select_rules(skip: Iterable[str] = ()) -> list[Rule]:
     """The rules of the descriptor table as it is now, less those named in ``skip``."""
-    rules = build_rules()
+    rules = current_rules()
     if not skip:
         return list(rules)
     skip = set(skip)

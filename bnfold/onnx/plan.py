@@ -35,7 +35,7 @@ class Refusal(str):
 
 # ---- edits ------------------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True, eq=False)
+@dataclass(slots=True, eq=False)
 class WriteTensor:
     """Input ``slot`` of ``node`` becomes the constant ``value`` (rewritten in place when nothing else reads it)."""
 
@@ -44,14 +44,14 @@ class WriteTensor:
     value: np.ndarray
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(slots=True, eq=False)
 class SetAttribute:
     node: onnx.NodeProto
     name: str
     value: object
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(slots=True, eq=False)
 class SetOpType:
     """The node computes the same product as another op (MatMul -> Gemm, to carry a bias)."""
 
@@ -59,7 +59,7 @@ class SetOpType:
     op_type: str
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(slots=True, eq=False)
 class MoveOutput:
     """``node`` now produces ``name`` (the value the removed normalization produced)."""
 
@@ -67,14 +67,14 @@ class MoveOutput:
     name: str
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(slots=True, eq=False)
 class RenameInput:
     node: onnx.NodeProto
     old: str
     new: str
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(slots=True, eq=False)
 class TurnIntoAdd:
     """The normalization ``node`` becomes ``Add(x, bias)``: the op before it can not carry a bias."""
 
@@ -88,7 +88,7 @@ Edit = WriteTensor | SetAttribute | SetOpType | MoveOutput | RenameInput | TurnI
 
 # ---- what a plan read ------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True, eq=False)
+@dataclass(slots=True, eq=False)
 class ReadInput:
     """The plan read input ``slot`` of ``node`` as the tensor ``name`` (``""``: the slot was empty)."""
 
@@ -102,7 +102,7 @@ class ReadInput:
         return current == self.name and (not self.name or self.name not in g.rewritten)
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(slots=True, eq=False)
 class SoleReader:
     """``value`` was produced by ``producer`` and read by ``reader`` alone."""
 
@@ -114,7 +114,7 @@ class SoleReader:
         return g.producer.get(self.value) is self.producer and g.only_consumer(self.value, self.reader)
 
 
-@dataclass(eq=False)
+@dataclass(slots=True, eq=False)
 class Plan:
     """A fold ready to happen: ``source`` (the normalization, named in the report) goes into ``into``."""
 
@@ -127,7 +127,10 @@ class Plan:
 
     def holds(self, g: GraphIndex) -> bool:
         """Everything the plan read is still as it was (a plan computed ahead, before earlier folds)."""
-        return all(read.holds(g) for read in self.reads)
+        for read in self.reads:  # a loop, not all(): this runs once per prefetched fold
+            if not read.holds(g):
+                return False
+        return True
 
 
 def apply_plan(g: GraphIndex, plan: Plan) -> Fold:

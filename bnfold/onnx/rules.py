@@ -72,7 +72,7 @@ def batchnorm_affine(g: GraphIndex, node: onnx.NodeProto,
             return Refusal("param-not-per-channel",
                            f"{role} has shape {list(value.shape)}, expected one value per channel")
         params.append(value)
-    check_parameter_lengths(node_label(node), [p.shape[0] for p in params])
+    check_parameter_lengths(node, [p.shape[0] for p in params])
     check_batchnorm_channels(g, node, params[0].shape[0])
     if not all(_is_float(p) for p in params):
         return Refusal("not-float", "parameters are not floating point")
@@ -85,7 +85,7 @@ def batchnorm_affine(g: GraphIndex, node: onnx.NodeProto,
 
 def check_batchnorm_channels(g: GraphIndex, node: onnx.NodeProto, channels: int) -> None:
     """A BN whose parameters do not match its input's channel count (when the shape is at hand) is invalid."""
-    check_channels(node_label(node), channels, g.known_shape(g.inputs_of(node)[0]))
+    check_channels(node, channels, g.known_shape(g.inputs_of(node)[0]))
 
 
 def _channel_vector(const: np.ndarray, rank: int | None, channels: int) -> np.ndarray | None:
@@ -576,6 +576,18 @@ def build_rules(ops: dict[str, LinearOp] | None = None) -> tuple[Rule, ...]:
     ops = LINEAR_OPS if ops is None else ops
     return (*(FoldAfter(op) for op in ops.values()), ConcatBN(),
             *(FoldBefore(op) for op in ops.values() if op.before_rule), AffineAfterLinear())
+
+
+_built: list = [None, ()]  # [the descriptors the rules were built from, the rules]
+
+
+def current_rules() -> tuple[Rule, ...]:
+    """:func:`build_rules` of the table as it is now, rebuilt only when the table changed (a fold of a small
+    model would otherwise spend a noticeable part of its time building rule objects)."""
+    key = tuple(LINEAR_OPS.values())
+    if _built[0] != key:
+        _built[:] = [key, build_rules()]
+    return _built[1]
 
 
 #: The rules of the built-in table. ``--skip NAME`` removes one.
