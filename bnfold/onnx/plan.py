@@ -116,7 +116,10 @@ class SoleReader:
 
 @dataclass(slots=True, eq=False)
 class Plan:
-    """A fold ready to happen: ``source`` (the normalization, named in the report) goes into ``into``."""
+    """A fold ready to happen: ``source`` (the normalization, named in the report) goes into ``into``.
+
+    ``reads`` must cover whatever an earlier fold could change under a plan computed ahead (the batched path and
+    the after-rules fill it); a plan that is applied as soon as it is made may leave it empty."""
 
     rule: str
     source: onnx.NodeProto
