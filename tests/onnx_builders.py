@@ -330,3 +330,77 @@ def refuse_and_check(model: onnx.ModelProto, reason: str, *, op_type: str = "Bat
     matching = [s for s in report.skipped if s.op_type == op_type and reason.lower() in s.reason.lower()]
     assert matching, (reason, report.summary_lines())
     return report
+
+
+# ------------------------------------------------------------------------------------- verification test models
+
+
+def conv_bn_chain(blocks: int, channels: int = 8, hw: int = 8, seed: int = 0) -> onnx.ModelProto:
+    """x[1,C,hw,hw] -> blocks × (Conv 3x3 pad 1 -> BatchNormalization -> Relu) -> y: the deep chain whose outputs
+    grow with depth (hundreds of thousands after 100 blocks), where fixed tolerances fail correct folds."""
+    net = Net(seed=seed, opset=17)
+    x = net.input("x", [1, channels, hw, hw])
+    for _ in range(blocks):
+        x = net.node("Relu", [net.bn(net.conv(x, channels, channels, [3, 3], pads=[1, 1, 1, 1]), channels)])
+    net.node("Identity", [x], "y")
+    net.output("y", [1, channels, hw, hw])
+    return net.model()
+
+
+def _initializer(model: onnx.ModelProto, name: str) -> onnx.TensorProto:
+    return next(t for t in model.graph.initializer if t.name == name)
+
+
+def _replace(model: onnx.ModelProto, name: str, value: np.ndarray) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    _initializer(copy, name).CopyFrom(numpy_helper.from_array(value.astype(np.float32), name))
+    return copy
+
+
+def _last_conv(model: onnx.ModelProto) -> onnx.NodeProto:
+    """The last Conv with a constant weight and bias (where a planted error reaches the output unattenuated)."""
+    names = {t.name for t in model.graph.initializer}
+    convs = [n for n in model.graph.node if n.op_type == "Conv" and len(n.input) == 3
+             and n.input[1] in names and n.input[2] in names]
+    return convs[-1]
+
+
+def plant_channel_scale(folded: onnx.ModelProto, factor: float = 1 + 1e-3, channel: int = 0) -> onnx.ModelProto:
+    """A copy of ``folded`` with one output channel of its last Conv (weight and bias) scaled by ``factor``."""
+    conv = _last_conv(folded)
+    w = numpy_helper.to_array(_initializer(folded, conv.input[1])).astype(np.float64)
+    b = numpy_helper.to_array(_initializer(folded, conv.input[2])).astype(np.float64)
+    w[channel] *= factor
+    b[channel] *= factor
+    return _replace(_replace(folded, conv.input[1], w), conv.input[2], b)
+
+
+def plant_bias_shift(folded: onnx.ModelProto, fraction: float = 0.01, channel: int = 0) -> onnx.ModelProto:
+    """A copy of ``folded`` with one bias of its last Conv shifted by ``fraction`` of that bias's range."""
+    conv = _last_conv(folded)
+    b = numpy_helper.to_array(_initializer(folded, conv.input[2])).astype(np.float64)
+    b[channel] += fraction * (b.max() - b.min())
+    return _replace(folded, conv.input[2], b)
+
+
+def plant_channel_swap(folded: onnx.ModelProto, first: int = 0, second: int = 1) -> onnx.ModelProto:
+    """A copy of ``folded`` whose last Conv computes two output channels in each other's place."""
+    conv = _last_conv(folded)
+    w = numpy_helper.to_array(_initializer(folded, conv.input[1])).astype(np.float64)
+    b = numpy_helper.to_array(_initializer(folded, conv.input[2])).astype(np.float64)
+    w[[first, second]] = w[[second, first]]
+    b[[first, second]] = b[[second, first]]
+    return _replace(_replace(folded, conv.input[1], w), conv.input[2], b)
+
+
+def ort_basic_optimized(model: onnx.ModelProto, directory) -> onnx.ModelProto:
+    """onnxruntime's own basic-level optimization of ``model`` (its Conv+BN fusion), as a model."""
+    import os
+
+    path = os.path.join(str(directory), "ort_basic.onnx")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = path
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return onnx.load(path)
