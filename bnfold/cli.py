@@ -260,7 +260,6 @@ def verify_command(original, candidate, data_path, providers, input_shapes, atol
         require_file(path, "an ONNX model")
     shapes = _parse_shapes(input_shapes)
     provider_names = _parse_providers(providers)
-    _log("verifying in onnxruntime (graph optimizations disabled)...")
     report = verify(original, candidate, providers=provider_names, input_shapes=shapes or None, data=data_path,
                     atol=atol, rtol=rtol, seed=seed)
     _require_available(report, provider_names)
