@@ -664,7 +664,7 @@ class InvertedResidual(nn.Module):
 
 class DeepMobileNet(nn.Module):
     """MobileNetV2's layout: stem, 17 inverted residual blocks in 7 stages, 1x1 head conv, pool, classifier;
-    ``width`` divides the channel counts (52 BatchNorms at any width)."""
+    ``width`` divides the channel counts (53 BatchNorms at any width)."""
 
     SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
                 (6, 320, 1, 1))
