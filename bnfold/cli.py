@@ -231,7 +231,7 @@ def _fold_program(model, output, no_verify, provider_names, atol, rtol, seed):
         fresh = tuple(torch.randn(a.shape, generator=generator, dtype=a.dtype) if a.is_floating_point() else a
                       for a in args)
         verification = verify(program.module(), folded.module(), [args, fresh], devices=provider_names,
-                              atol=atol, rtol=rtol)
+                              atol=atol, rtol=rtol, seed=seed)
     return report, verification, lambda: save_program(folded, output)
 
 

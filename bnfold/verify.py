@@ -310,7 +310,7 @@ def perturb_array(values: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     bits = np.ascontiguousarray(values).view(uint)
     up = rng.integers(0, 2, size=values.shape, dtype=np.uint8).astype(bool)
     with np.errstate(over="ignore"):
-        stepped = np.where(up, bits + uint(1), bits - uint(1)).astype(uint).view(values.dtype)
+        stepped = np.where(up, bits + uint(1), bits - uint(1)).astype(uint).view(values.dtype).reshape(values.shape)
         wide = values.astype(np.float64)
         keep = (wide == 0) | ~np.isfinite(wide) | ~np.isfinite(stepped.astype(np.float64))
     return np.where(keep, values, stepped).astype(values.dtype)

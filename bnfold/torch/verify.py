@@ -207,7 +207,10 @@ def _noise(original: nn.Module, device: torch.device, batches: list[tuple], outs
         copy_ = copy.deepcopy(original)
         perturb_(copy_, generator)
         with _placed(copy_, device) as mod_p:
-            outs_p = [_flatten(_forward(mod_p, args, device)) for args in batches]
+            try:
+                outs_p = [_flatten(_forward(mod_p, args, device)) for args in batches]
+            except Exception as e:  # noqa: BLE001 - any exception from user code
+                raise InputError(f"the original module raised with perturbed weights: {_first_line(e)}") from None
         del copy_
         for name in _ordered_names(outs_o):
             per_o, per_p = [], []
