@@ -333,6 +333,7 @@ def invalid_statistics(model, read_external=None) -> list[tuple[str, Finding]]:
 
     params: list[_BNParams] = []
     _walk_onnx_graph(model.graph, {}, "", params, [], onnx, None, read_external)
+    _name_by_module_path(params)
     found = []
     for p in params:
         for finding in _check_layer(p).findings:
@@ -432,13 +433,17 @@ def _read_onnx(path: Path) -> tuple[list[_BNParams], list[str]]:
     params: list[_BNParams] = []
     notes: list[str] = []
     _walk_onnx_graph(model.graph, {}, "", params, notes, onnx, context.inferred_shapes())
-    # Exporters name nodes like "node__native_batch_norm_legit_no_training__0" but keep the module path in the
-    # parameter names ("layer1.0.bn1.running_mean"): use that path where it names exactly one BN.
+    _name_by_module_path(params)
+    return params, notes
+
+
+def _name_by_module_path(params: list[_BNParams]) -> None:
+    """Exporters name nodes like "node__native_batch_norm_legit_no_training__0" but keep the module path in the
+    parameter names ("layer1.0.bn1.running_mean"): use that path where it names exactly one BN."""
     paths = [p.module_path for p in params]
     for p in params:
         if p.module_path and paths.count(p.module_path) == 1:
             p.name = p.module_path
-    return params, notes
 
 
 def _walk_onnx_graph(graph, outer_constants: dict, prefix: str, params: list, notes: list, onnx,
