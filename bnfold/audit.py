@@ -49,10 +49,12 @@ import numpy as np
 
 from .errors import InputError, require_file
 
-__all__ = ["DEAD_GAMMA", "DEFAULT_EPS", "FP16_MAX", "GENERIC_WEIGHT_MAGNITUDE", "TINY_VARIANCE", "AuditReport",
-           "Finding", "LayerAudit", "audit", "plot"]
+__all__ = ["DEAD_GAMMA", "DEFAULT_EPS", "FP16_MAX", "GENERIC_WEIGHT_MAGNITUDE", "INVALID_STATISTICS",
+           "TINY_VARIANCE", "AuditReport", "Finding", "LayerAudit", "audit", "invalid_statistics", "plot"]
 
 FP16_MAX = 65504.0
+# Finding codes that make a model wrong before any fold: folding refuses, and `bnfold MODEL` fails the check.
+INVALID_STATISTICS = ("non-finite", "negative-variance")
 TINY_VARIANCE = 1e-6
 DEAD_GAMMA = 1e-6
 GENERIC_WEIGHT_MAGNITUDE = 16.0  # checkpoint rule: a weight of this magnitude must survive folding in float16
@@ -323,6 +325,26 @@ def audit(path, *, data=None) -> AuditReport:
     return AuditReport(str(path), kind, layers, notes)
 
 
+def invalid_statistics(model, read_external=None) -> list[tuple[str, Finding]]:
+    """``(layer, finding)`` for every BatchNormalization of an in-memory ONNX ``model`` whose statistics are invalid
+    (codes in :data:`INVALID_STATISTICS`: NaN/inf parameters, negative variance), as :func:`audit` reports them.
+    ``read_external(tensor) -> array`` reads tensors whose data is still in external files (a lazily loaded
+    model); without it such tensors must already be loaded."""
+    import onnx
+
+    from .onnx.graph import ModelContext
+
+    params: list[_BNParams] = []
+    _walk_onnx_graph(model.graph, {}, "", params, [], onnx, ModelContext(model).opset, None, read_external)
+    _name_by_module_path(params)
+    found = []
+    for p in params:
+        for finding in _check_layer(p).findings:
+            if finding.code in INVALID_STATISTICS:
+                found.append((p.name, finding))
+    return found
+
+
 # Drift worth a warning: a stored mean more than half a (fresh) standard deviation away, or a variance off by 2x.
 _DRIFT_MEAN_SHIFT = 0.5
 _DRIFT_VAR_RATIO = 2.0
@@ -414,17 +436,21 @@ def _read_onnx(path: Path) -> tuple[list[_BNParams], list[str]]:
     params: list[_BNParams] = []
     notes: list[str] = []
     _walk_onnx_graph(model.graph, {}, "", params, notes, onnx, context.opset, context.inferred_shapes())
-    # Exporters name nodes like "node__native_batch_norm_legit_no_training__0" but keep the module path in the
-    # parameter names ("layer1.0.bn1.running_mean"): use that path where it names exactly one BN.
+    _name_by_module_path(params)
+    return params, notes
+
+
+def _name_by_module_path(params: list[_BNParams]) -> None:
+    """Exporters name nodes like "node__native_batch_norm_legit_no_training__0" but keep the module path in the
+    parameter names ("layer1.0.bn1.running_mean"): use that path where it names exactly one BN."""
     paths = [p.module_path for p in params]
     for p in params:
         if p.module_path and paths.count(p.module_path) == 1:
             p.name = p.module_path
-    return params, notes
 
 
 def _walk_onnx_graph(graph, outer_constants: dict, prefix: str, params: list, notes: list, onnx, opset: int,
-                     shapes: dict | None = None) -> None:
+                     shapes: dict | None = None, read_external=None) -> None:
     """``shapes``: inferred shapes of the main graph's values (None in subgraphs)."""
     from onnx import numpy_helper
 
@@ -453,6 +479,8 @@ def _walk_onnx_graph(graph, outer_constants: dict, prefix: str, params: list, no
             return None
         if isinstance(value, np.ndarray):
             return value
+        if read_external is not None and value.data_location == onnx.TensorProto.EXTERNAL:
+            return read_external(value)
         try:
             return numpy_helper.to_array(value)
         except (ValueError, TypeError) as exc:  # e.g. raw_data that does not fit the tensor's shape
@@ -469,10 +497,12 @@ def _walk_onnx_graph(graph, outer_constants: dict, prefix: str, params: list, no
                 params.append(params_or_reason)
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.GRAPH:
-                _walk_onnx_graph(attr.g, constants, f"{label}/{attr.name}/", params, notes, onnx, opset)
+                _walk_onnx_graph(attr.g, constants, f"{label}/{attr.name}/", params, notes, onnx, opset, None,
+                                 read_external)
             elif attr.type == onnx.AttributeProto.GRAPHS:
                 for i, g in enumerate(attr.graphs):
-                    _walk_onnx_graph(g, constants, f"{label}/{attr.name}[{i}]/", params, notes, onnx, opset)
+                    _walk_onnx_graph(g, constants, f"{label}/{attr.name}[{i}]/", params, notes, onnx, opset, None,
+                                     read_external)
 
 
 def _onnx_bn(node, label: str, get, producers, opset: int, shapes: dict | None) -> _BNParams | str:

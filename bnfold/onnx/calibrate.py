@@ -306,13 +306,11 @@ def _build_calibration_model(model: onnx.ModelProto, targets: list[_Target]) -> 
 
 
 def _session(calib: onnx.ModelProto):
-    import onnxruntime as ort
+    from .. import ort as ortlib
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
     try:
-        return ort.InferenceSession(calib.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return ortlib.runtime().InferenceSession(calib.SerializeToString(), ortlib.session_options("disabled"),
+                                                 providers=ortlib.session_providers("cpu"))
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises several unrelated types
         text = str(exc).strip().splitlines()
         raise InputError(f"onnxruntime cannot run the calibration model ({text[0] if text else exc})") from None
