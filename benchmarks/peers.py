@@ -303,7 +303,7 @@ class Run:
     verified: bool | None = None
     runnable: bool | None = None
     max_abs: float | None = None
-    max_rel: float | None = None
+    max_ratio: float | None = None  # the verifier's noise ratio (max |a - b| / noise scale)
     verify_reason: str = ""
     fold_s: list[float] = field(default_factory=list)
     file_s: list[float] = field(default_factory=list)
@@ -448,15 +448,15 @@ def check(case: Case, run: Run) -> None:
         run.runnable, run.verified, run.verify_reason = False, False, f"invalid: {_one_line(e)}"
         return
     res = rep.providers["cpu"]
-    cannot_run = "cannot run the folded model" in res.reason
+    cannot_run = "cannot run the candidate model" in res.reason
     run.runnable = not cannot_run
     run.verified = bool(res.passed)
     run.verify_reason = res.reason
     if cannot_run:
-        reason = res.reason.split("cannot run the folded model: ", 1)[-1]
+        reason = res.reason.split("cannot run the candidate model: ", 1)[-1]
         run.verify_reason = f"invalid: {reason}"
     else:
-        run.max_abs, run.max_rel = res.max_abs_error, res.max_rel_error
+        run.max_abs, run.max_ratio = res.max_abs_error, res.max_ratio
 
 
 # ---- 4. fold times -------------------------------------------------------------------------------------------
@@ -611,7 +611,7 @@ def _names(names: list[str], limit: int = 4) -> str:
 
 
 def table(case: Case, tools: list[Tool], repeat: int) -> list[str]:
-    header = ("tool", "BN left", "worst abs err", "worst rel err", "fold ms (in memory)", "fold ms (file->file)",
+    header = ("tool", "BN left", "worst abs err", "noise ratio", "fold ms (in memory)", "fold ms (file->file)",
               "latency ms (median [p10, p90])", "/ideal", "note")
     rows = [("original", str(case.bn), "-", "-", "-", "-", _lat(case.latency.get("original")),
              _ratio(case.latency.get("original")), ""),
@@ -633,7 +633,7 @@ def table(case: Case, tools: list[Tool], repeat: int) -> list[str]:
             notes.append(r.timing_error)
         note = "; ".join(notes)
         note = note if len(note) <= 100 else note[:97] + "..."  # the whole reason is in the JSON
-        rows.append((tool.name, str(r.bn_left), _err(r.max_abs), _err(r.max_rel), _ms(r.fold_s, repeat),
+        rows.append((tool.name, str(r.bn_left), _err(r.max_abs), _err(r.max_ratio), _ms(r.fold_s, repeat),
                      _ms(r.file_s, repeat), _lat(r.latency), _ratio(r.latency), note))
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     size = case.path.stat().st_size
@@ -691,7 +691,7 @@ def bars_for(case: Case, tools: list[Tool], timeout: float, quick: bool) -> list
     else:
         problems = []
         if mine.verified:
-            what = f"verify passed (max abs {_err(mine.max_abs)}, max rel {_err(mine.max_rel)})"
+            what = f"verify passed (max abs {_err(mine.max_abs)}, noise ratio {_err(mine.max_ratio)})"
         else:
             what = f"verify FAILED ({mine.verify_reason or 'outputs differ'})"
             problems.append("verify")
@@ -948,7 +948,7 @@ def _to_json(cases, tools, bars, blocks, repeat, min_time, min_rounds, timeout, 
         return {
             "status": r.status, "note": r.note, "first_run_s": r.first_s, "bn_left": r.bn_left,
             "bn_left_names": r.bn_names, "verified": r.verified, "runnable": r.runnable,
-            "max_abs_error": r.max_abs, "max_rel_error": r.max_rel, "verify_reason": r.verify_reason,
+            "max_abs_error": r.max_abs, "noise_ratio": r.max_ratio, "verify_reason": r.verify_reason,
             "fold_ms": [s * 1e3 for s in r.fold_s], "file_ms": [s * 1e3 for s in r.file_s],
             "fold_ms_median": statistics.median(r.fold_s) * 1e3 if r.fold_s else None,
             "file_ms_median": statistics.median(r.file_s) * 1e3 if r.file_s else None,

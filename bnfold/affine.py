@@ -20,7 +20,13 @@ import numpy as np
 
 
 class FoldRefused(ValueError):
-    """The math can not be done exactly (shapes do not agree, values would overflow): the fold is skipped."""
+    """The math can not be done exactly (shapes do not agree, values would overflow): the fold is skipped.
+
+    ``code`` is the stable kebab-case reason code a report's skip carries."""
+
+    def __init__(self, message: str, code: str = "fold-refused"):
+        super().__init__(message)
+        self.code = code
 
 
 def bn_to_affine(scale, bias, mean, var, epsilon: float) -> tuple[np.ndarray, np.ndarray]:
@@ -35,12 +41,13 @@ def bn_to_affine(scale, bias, mean, var, epsilon: float) -> tuple[np.ndarray, np
         return s, t
     var = params[3]
     if not np.isfinite(params).all():
-        raise FoldRefused("parameters contain NaN or infinity")
+        raise FoldRefused("parameters contain NaN or infinity", "invalid-statistics")
     if (var < 0).any():
-        raise FoldRefused(f"negative running variance (min {var.min():.3g})")
+        raise FoldRefused(f"negative running variance (min {var.min():.3g})", "invalid-statistics")
     if not (var + np.float64(epsilon) > 0).all():
-        raise FoldRefused(f"variance + epsilon is not positive (min {(var + np.float64(epsilon)).min():.3g})")
-    raise FoldRefused("the folded scale or shift overflows float64")
+        raise FoldRefused(f"variance + epsilon is not positive (min {(var + np.float64(epsilon)).min():.3g})",
+                          "invalid-statistics")
+    raise FoldRefused("the folded scale or shift overflows float64", "invalid-statistics")
 
 
 def bn_to_affine_flat(scale: np.ndarray, bias: np.ndarray, mean: np.ndarray, var: np.ndarray, epsilon
@@ -73,14 +80,16 @@ def channel_multiplier(values: np.ndarray, weight_shape: tuple[int, ...], axis: 
     ndim = len(weight_shape)
     if axis == 0:
         if groups != 1 or channels != weight_shape[0]:
-            raise FoldRefused(f"{channels} channels do not match weight axis 0 of size {weight_shape[0]}")
+            raise FoldRefused(f"{channels} channels do not match weight axis 0 of size {weight_shape[0]}",
+                              "channel-mismatch")
         return values.reshape((channels,) + (1,) * (ndim - 1))
     if axis != 1:
         raise ValueError("axis must be 0 or 1")
     rows, per_group = weight_shape[0], weight_shape[1]
     if groups < 1 or rows % groups or channels != per_group * groups:
         raise FoldRefused(
-            f"{channels} channels do not match a weight of shape {list(weight_shape)} with group={groups}")
+            f"{channels} channels do not match a weight of shape {list(weight_shape)} with group={groups}",
+            "channel-mismatch")
     if groups == 1:  # one group: a broadcast along axis 1, no table
         return values.reshape((1, channels) + (1,) * (ndim - 2))
     table = np.repeat(values.reshape(groups, per_group), rows // groups, axis=0)
@@ -118,6 +127,6 @@ def cast_checked(values: np.ndarray, dtype, what: str = "folded weights") -> np.
     if np.isfinite(out).all():  # one pass in the common case; diagnose only on failure
         return out
     if not np.isfinite(values).all():
-        raise FoldRefused(f"{what} would not be finite")
+        raise FoldRefused(f"{what} would not be finite", "would-overflow")
     peak = float(np.max(np.abs(values)))
-    raise FoldRefused(f"{what} would overflow {np.dtype(dtype).name} (max |value| {peak:.4g})")
+    raise FoldRefused(f"{what} would overflow {np.dtype(dtype).name} (max |value| {peak:.4g})", "would-overflow")

@@ -25,8 +25,9 @@ negative-variance    error    a running_var < 0
 tiny-variance        warning  0 <= running_var < 1e-6 (the folded scale is dominated by epsilon)
 dead-channel         info     |gamma| < 1e-6: the channel's output is constant (prunable)
 fp16-overflow        error    folding would produce a weight float16 cannot hold (> 65504). ONNX, BN fed
-                              directly by a Conv/ConvTranspose/Gemm/MatMul with a constant weight: the
-                              actual max |W * s| per output channel (Gemm's alpha included) is checked.
+                              directly by a linear op of the fold's table (onnx/ops.py: Conv, ConvTranspose,
+                              Gemm, MatMul on a rank-2 activation) with a constant weight: the actual
+                              max |W * s| per output channel (Gemm's alpha included) is checked.
                               Everywhere else (checkpoints, other producers): max |s| > 65504 / 16, i.e. a
                               weight of magnitude 16 would overflow after folding.
 ==================== ======== ==========================================================================
@@ -48,10 +49,12 @@ import numpy as np
 
 from .errors import InputError, require_file
 
-__all__ = ["DEAD_GAMMA", "DEFAULT_EPS", "FP16_MAX", "GENERIC_WEIGHT_MAGNITUDE", "TINY_VARIANCE", "AuditReport",
-           "Finding", "LayerAudit", "audit", "plot"]
+__all__ = ["DEAD_GAMMA", "DEFAULT_EPS", "FP16_MAX", "GENERIC_WEIGHT_MAGNITUDE", "INVALID_STATISTICS",
+           "TINY_VARIANCE", "AuditReport", "Finding", "LayerAudit", "audit", "invalid_statistics", "plot"]
 
 FP16_MAX = 65504.0
+# Finding codes that make a model wrong before any fold: folding refuses, and `bnfold MODEL` fails the check.
+INVALID_STATISTICS = ("non-finite", "negative-variance")
 TINY_VARIANCE = 1e-6
 DEAD_GAMMA = 1e-6
 GENERIC_WEIGHT_MAGNITUDE = 16.0  # checkpoint rule: a weight of this magnitude must survive folding in float16
@@ -322,6 +325,26 @@ def audit(path, *, data=None) -> AuditReport:
     return AuditReport(str(path), kind, layers, notes)
 
 
+def invalid_statistics(model, read_external=None) -> list[tuple[str, Finding]]:
+    """``(layer, finding)`` for every BatchNormalization of an in-memory ONNX ``model`` whose statistics are invalid
+    (codes in :data:`INVALID_STATISTICS`: NaN/inf parameters, negative variance), as :func:`audit` reports them.
+    ``read_external(tensor) -> array`` reads tensors whose data is still in external files (a lazily loaded
+    model); without it such tensors must already be loaded."""
+    import onnx
+
+    from .onnx.graph import ModelContext
+
+    params: list[_BNParams] = []
+    _walk_onnx_graph(model.graph, {}, "", params, [], onnx, ModelContext(model).opset, None, read_external)
+    _name_by_module_path(params)
+    found = []
+    for p in params:
+        for finding in _check_layer(p).findings:
+            if finding.code in INVALID_STATISTICS:
+                found.append((p.name, finding))
+    return found
+
+
 # Drift worth a warning: a stored mean more than half a (fresh) standard deviation away, or a variance off by 2x.
 _DRIFT_MEAN_SHIFT = 0.5
 _DRIFT_VAR_RATIO = 2.0
@@ -412,22 +435,26 @@ def _read_onnx(path: Path) -> tuple[list[_BNParams], list[str]]:
     GraphIndex(model.graph, context)  # InputError for an invalid graph: dangling names, cycles, duplicates
     params: list[_BNParams] = []
     notes: list[str] = []
-    _walk_onnx_graph(model.graph, {}, "", params, notes, onnx, context.inferred_shapes())
-    # Exporters name nodes like "node__native_batch_norm_legit_no_training__0" but keep the module path in the
-    # parameter names ("layer1.0.bn1.running_mean"): use that path where it names exactly one BN.
+    _walk_onnx_graph(model.graph, {}, "", params, notes, onnx, context.opset, context.inferred_shapes())
+    _name_by_module_path(params)
+    return params, notes
+
+
+def _name_by_module_path(params: list[_BNParams]) -> None:
+    """Exporters name nodes like "node__native_batch_norm_legit_no_training__0" but keep the module path in the
+    parameter names ("layer1.0.bn1.running_mean"): use that path where it names exactly one BN."""
     paths = [p.module_path for p in params]
     for p in params:
         if p.module_path and paths.count(p.module_path) == 1:
             p.name = p.module_path
-    return params, notes
 
 
-def _walk_onnx_graph(graph, outer_constants: dict, prefix: str, params: list, notes: list, onnx,
-                     shapes: dict | None = None) -> None:
+def _walk_onnx_graph(graph, outer_constants: dict, prefix: str, params: list, notes: list, onnx, opset: int,
+                     shapes: dict | None = None, read_external=None) -> None:
     """``shapes``: inferred shapes of the main graph's values (None in subgraphs)."""
     from onnx import numpy_helper
 
-    from .onnx.graph import constant_node_value
+    from .onnx.tensors import constant_node_value
 
     constants = dict(outer_constants)  # name -> TensorProto or a numpy array
     for init in graph.initializer:
@@ -452,6 +479,8 @@ def _walk_onnx_graph(graph, outer_constants: dict, prefix: str, params: list, no
             return None
         if isinstance(value, np.ndarray):
             return value
+        if read_external is not None and value.data_location == onnx.TensorProto.EXTERNAL:
+            return read_external(value)
         try:
             return numpy_helper.to_array(value)
         except (ValueError, TypeError) as exc:  # e.g. raw_data that does not fit the tensor's shape
@@ -460,7 +489,7 @@ def _walk_onnx_graph(graph, outer_constants: dict, prefix: str, params: list, no
     for index, node in enumerate(graph.node):
         label = prefix + (node.name or f"{node.op_type}({next((o for o in node.output if o), '?')})")
         if node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx"):
-            params_or_reason = _onnx_bn(node, label, get, producers, shapes or {})
+            params_or_reason = _onnx_bn(node, label, get, producers, opset, shapes)
             if isinstance(params_or_reason, str):
                 notes.append(f"BatchNormalization {label!r} not audited: {params_or_reason}")
             else:
@@ -468,18 +497,21 @@ def _walk_onnx_graph(graph, outer_constants: dict, prefix: str, params: list, no
                 params.append(params_or_reason)
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.GRAPH:
-                _walk_onnx_graph(attr.g, constants, f"{label}/{attr.name}/", params, notes, onnx)
+                _walk_onnx_graph(attr.g, constants, f"{label}/{attr.name}/", params, notes, onnx, opset, None,
+                                 read_external)
             elif attr.type == onnx.AttributeProto.GRAPHS:
                 for i, g in enumerate(attr.graphs):
-                    _walk_onnx_graph(g, constants, f"{label}/{attr.name}[{i}]/", params, notes, onnx)
+                    _walk_onnx_graph(g, constants, f"{label}/{attr.name}[{i}]/", params, notes, onnx, opset, None,
+                                     read_external)
 
 
-def _onnx_bn(node, label: str, get, producers, shapes: dict) -> _BNParams | str:
-    if len(node.input) < 5:
-        return "fewer than 5 inputs"
-    for attr in node.attribute:
-        if attr.name == "training_mode" and attr.i:
-            return "training_mode=1 (statistics are computed per batch)"
+def _onnx_bn(node, label: str, get, producers, opset: int, shapes: dict | None) -> _BNParams | str:
+    """``shapes``: inferred shapes of the main graph's values; None in subgraphs (nothing known there)."""
+    from .onnx.batchnorm import check_channels, check_parameter_lengths, inference_epsilon
+
+    eps = inference_epsilon(node, opset)  # the fold's reader: same epsilon default, same inference-mode checks
+    if isinstance(eps, str):
+        return str(eps)
     values = []
     for slot, what in zip(range(1, 5), ("scale", "B", "mean", "var")):
         value = get(node.input[slot])
@@ -490,69 +522,54 @@ def _onnx_bn(node, label: str, get, producers, shapes: dict) -> _BNParams | str:
         values.append(_f64(value))
     gamma, beta, mean, var = values
     c = mean.size
-    if any(v.size != c for v in values):
-        raise InputError(f"invalid model: BatchNormalization {label!r} has scale, B, mean and var of lengths "
-                         f"{[v.size for v in values]}")
-    shape = shapes.get(node.input[0])
-    if shape is not None and len(shape) >= 2 and isinstance(shape[1], int) and shape[1] != c:
-        raise InputError(f"invalid model: BatchNormalization {label!r} has {c} channels, but its input has "
-                         f"{shape[1]}")
+    check_parameter_lengths(repr(label), [v.size for v in values])
+    check_channels(repr(label), c, (shapes or {}).get(node.input[0]))
     if c == 0:
         return "it has no channels"
-    eps = float(np.float32(1e-5))
-    for attr in node.attribute:
-        if attr.name == "epsilon":
-            eps = float(np.float32(attr.f))
+    eps = float(np.float32(eps))
     p = _BNParams(label, gamma, beta, mean, var, eps)
     mean_name, var_name = node.input[3], node.input[4]
     if mean_name.endswith(".running_mean") and var_name == mean_name[: -len("mean")] + "var":
         p.module_path = label[: len(label) - len(label.split("/")[-1])] + mean_name[: -len(".running_mean")]
     producer = producers.get(node.input[0])
     if producer is not None:
-        found = _producer_weight_max(producer, get, c)
+        found = _producer_weight_max(producer, get, c, shapes)
         if found is not None:
             p.producer_weight_max, op = found
             p.producer_label = f"{op} {producer.name or producer.output[0]!r}"
     return p
 
 
-def _producer_weight_max(node, get, channels: int) -> tuple[np.ndarray, str] | None:
-    """max |W| per output channel of the linear op producing BN's input, when its weight is constant."""
-    if node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+def _producer_weight_max(node, get, channels: int, shapes: dict | None) -> tuple[np.ndarray, str] | None:
+    """max |W| per output channel of the linear op producing BN's input, when its weight is constant and its
+    output channels are BN's channel axis (the fold's descriptor of the op says where they are)."""
+    from .onnx.nodes import get_attr
+    from .onnx.ops import linear_op
+
+    op = linear_op(node)
+    if op is None or len(node.input) < 2:
         return None
-    op = node.op_type
-    if op not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
-        return None
+    if op.activation_rank is not None:  # e.g. MatMul: its output axis is BN's axis 1 only on rank-2 activations
+        shape = (shapes or {}).get(node.input[0])
+        if shape is None or len(shape) != op.activation_rank:
+            return None
     weight = get(node.input[1])
-    if weight is None or not np.issubdtype(weight.dtype, np.floating):
+    if weight is None or not np.issubdtype(weight.dtype, np.floating) or op.weight_rank_reason(weight.ndim):
         return None
     w = np.abs(np.asarray(weight, dtype=np.float64))
-    attrs = {a.name: a for a in node.attribute}
-    try:
-        if op == "Conv":
-            if w.ndim < 2:
-                return None
-            per = w.reshape(w.shape[0], -1).max(axis=1)
-        elif op == "ConvTranspose":
-            group = attrs["group"].i if "group" in attrs else 1
-            if w.ndim < 2 or w.shape[0] % group:
-                return None
-            per = w.reshape(group, w.shape[0] // group, w.shape[1], -1).max(axis=(1, 3)).reshape(-1)
-        elif op == "Gemm":
-            if w.ndim != 2:
-                return None
-            trans_b = attrs["transB"].i if "transB" in attrs else 0
-            alpha = abs(attrs["alpha"].f) if "alpha" in attrs else 1.0
-            per = (w.max(axis=1) if trans_b else w.max(axis=0)) * alpha
-        else:  # MatMul with a 2-D constant right operand: output channel = last axis
-            if w.ndim != 2:
-                return None
-            per = w.max(axis=0)
-    except (ValueError, IndexError):
+    axis, _ = op.axes(node)
+    groups = op.axis_groups(node, axis)
+    if groups < 1 or w.shape[0] % groups:
         return None
+    if groups == 1:
+        per = w.max(axis=tuple(a for a in range(w.ndim) if a != axis))
+    else:  # channel c of group g sits at column c - g*(C/groups) of the rows of group g
+        per = w.reshape(groups, w.shape[0] // groups, w.shape[1], -1).max(axis=(1, 3)).reshape(-1)
+    if op.output_scale_attr:
+        per = per * abs(float(get_attr(node, op.output_scale_attr, 1.0)))
     if per.shape != (channels,):
         return None  # the op's output channels are not BN's channel axis
-    return per, op
+    return per, node.op_type
 
 
 # --------------------------------------------------------------------------------------------------- torch / safetensors

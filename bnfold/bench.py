@@ -47,18 +47,14 @@ import onnx
 from onnx import TensorProto, helper
 
 from .errors import InputError
+from .ort import first_line
 from .onnx.graph import subgraphs
 from .report import FoldReport, Timing
 
 __all__ = ["benchmark", "time_models", "strip_batchnorm", "plot", "BenchReport", "BenchResult", "ModelTiming",
            "OPT_LEVELS"]
 
-OPT_LEVELS = {
-    "disabled": "ORT_DISABLE_ALL",
-    "basic": "ORT_ENABLE_BASIC",
-    "extended": "ORT_ENABLE_EXTENDED",
-    "all": "ORT_ENABLE_ALL",
-}
+from .ort import OPT_LEVELS  # noqa: E402 - re-exported: the levels bench times
 _MODELS = ("original", "folded", "ideal")
 # Below this fraction of the original's latency, "how much of the possible gain" is noise, not a measurement.
 _MIN_MEASURABLE_GAIN = 0.02
@@ -253,9 +249,8 @@ def benchmark(
     Raises :class:`~bnfold.errors.InputError` for unreadable models, bad arguments, inputs the models do not take,
     or a model that onnxruntime cannot run.
     """
-    import onnxruntime as ort
-
-    from .verify import _check_inputs, _resolve_providers, make_inputs
+    from . import ort as ortlib
+    from .verify import check_inputs, make_inputs, real_inputs
 
     say = progress or (lambda _line: None)
     levels = _resolve_opt_levels(opt_levels)
@@ -264,7 +259,7 @@ def benchmark(
         _check_counts(repeat=repeat)
     _check_seconds(min_time_s)
     threads = _resolve_threads(threads)
-    wanted = _resolve_providers(ort, providers)
+    wanted = ortlib.resolve_providers(providers)
 
     source = str(model) if isinstance(model, (str, os.PathLike)) else (model.graph.name or "<model>")
     original = _load_model(model, "model")
@@ -282,9 +277,9 @@ def benchmark(
         folded_model = _load_model(folded, "folded model")
     ideal = strip_batchnorm(original)
 
-    feeds = _check_inputs(original, inputs) if inputs is not None else make_inputs(original, input_shapes, seed)
+    feeds = check_inputs(original, inputs) if inputs is not None else make_inputs(original, input_shapes, seed)
     for name, m in (("folded", folded_model), ("ideal", ideal)):
-        needed = [vi.name for vi in _real_inputs(m.graph) if vi.name not in feeds]
+        needed = [vi.name for vi in real_inputs(m.graph) if vi.name not in feeds]
         if needed:
             raise InputError(f"the {name} model needs input '{needed[0]}', which the original model does not have")
 
@@ -307,7 +302,7 @@ def benchmark(
                 timings, rounds = time_models(
                     models, feeds, provider=provider, opt_level=level, warmup=warmup, repeat=repeat,
                     min_time_s=min_time_s, min_rounds=min_rounds, max_rounds=max_rounds,
-                    session_repeat=session_repeat, threads=threads, _ort=ort)
+                    session_repeat=session_repeat, threads=threads)
             except ProviderUnavailable as e:
                 report.results.append(BenchResult(provider, level, available=False, reason=str(e)))
                 continue
@@ -332,7 +327,6 @@ def time_models(
     max_rounds: int = 10_000,
     session_repeat: int = 3,
     threads: int | None = None,
-    _ort: Any = None,
 ) -> tuple[dict[str, ModelTiming], int]:
     """Time several models side by side on one provider and optimization level: ``({name: ModelTiming}, rounds)``.
 
@@ -340,13 +334,9 @@ def time_models(
     declares. Raises :class:`ProviderUnavailable` when ``provider`` cannot run here, :class:`InputError` when a
     model cannot be run.
     """
-    ort = _ort
-    if ort is None:
-        import onnxruntime as ort
-    from .verify import _PROVIDERS, _is_cuda_setup_error, _resolve_providers, ort_session
+    from . import ort as ortlib
 
-    [short] = _resolve_providers(ort, provider)
-    full = _PROVIDERS[short]
+    [short] = ortlib.resolve_providers(provider)
     [level] = _resolve_opt_levels(opt_level)
     _check_counts(warmup=warmup, min_rounds=min_rounds, max_rounds=max_rounds, session_repeat=session_repeat)
     if repeat is not None:
@@ -354,23 +344,13 @@ def time_models(
     threads = _resolve_threads(threads)
     if not models:
         raise InputError("time_models needs at least one model")
-    if full not in ort.get_available_providers():
-        raise ProviderUnavailable(
-            "CUDAExecutionProvider not available in this onnxruntime build (install onnxruntime-gpu and a CUDA "
-            "runtime)" if short == "cuda" else f"{full} not available")
+    unavailable = ortlib.unavailable_reason(short)
+    if unavailable:
+        raise ProviderUnavailable(unavailable)
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPT_LEVELS[level])
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.log_severity_level = 3
-    # Each session owns a thread pool; idle workers that spin would steal the cores from the next model's run.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    session_providers = ([("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
-                         if short == "cuda" else [full])
+    options = ortlib.session_options(level, threads=threads, timing=True)
     device = ("cuda", 0) if short == "cuda" else ("cpu", 0)
+    ort = ortlib.runtime()
 
     names = list(models)
     creation: dict[str, list[float]] = {n: [] for n in names}
@@ -384,20 +364,18 @@ def time_models(
                     old[1].__exit__(None, None, None)
                     contexts.remove(old[1])
                     del old
-                ctx = ort_session(ort, models[name], options, session_providers)
+                ctx = ortlib.open_session(models[name], options, short)
                 try:
                     sess, seconds = ctx.__enter__()
                 except Exception as e:  # noqa: BLE001 - onnxruntime raises many exception types
-                    message = _first_line(e)
-                    if short == "cuda" and _is_cuda_setup_error(message):
+                    message = first_line(e)
+                    if short == "cuda" and ortlib.is_cuda_setup_error(message):
                         raise ProviderUnavailable(f"CUDAExecutionProvider failed to start: {message}") from None
                     raise InputError(f"onnxruntime cannot create a session for the {name} model: {message}") from None
                 contexts.append(ctx)
                 sessions[name] = (sess, ctx)
-                if sess.get_providers()[0] != full:
-                    raise ProviderUnavailable(
-                        "CUDAExecutionProvider could not be initialized, onnxruntime fell back to "
-                        "CPUExecutionProvider (check the CUDA and cuDNN runtime libraries)")
+                if not ortlib.placed_on(sess, short):
+                    raise ProviderUnavailable(ortlib.CUDA_FELL_BACK)
                 creation[name].append(seconds * 1e3)
 
         bindings = {name: _bind(ort, sess, models[name], feeds, device) for name, (sess, _) in sessions.items()}
@@ -523,7 +501,7 @@ def _runner(sess: Any, binding: Any, name: str) -> Callable[[], float]:
             sess.run_with_iobinding(binding)
             return (time.perf_counter() - start) * 1e3
         except Exception as e:  # noqa: BLE001 - onnxruntime raises many exception types
-            raise InputError(f"onnxruntime cannot run the {name} model: {_first_line(e)}") from None
+            raise InputError(f"onnxruntime cannot run the {name} model: {first_line(e)}") from None
 
     return run
 
@@ -646,11 +624,6 @@ def _load_model(model: Any, what: str) -> onnx.ModelProto:
     return model
 
 
-def _real_inputs(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
-    initialized = {t.name for t in graph.initializer}
-    return [vi for vi in graph.input if vi.name not in initialized]
-
-
 def _resolve_opt_levels(levels: Iterable[str] | str) -> list[str]:
     if isinstance(levels, str):
         levels = [levels]
@@ -688,8 +661,3 @@ def _check_counts(**counts: Any) -> None:
 def _check_seconds(min_time_s: Any) -> None:
     if isinstance(min_time_s, bool) or not isinstance(min_time_s, (int, float)) or not min_time_s >= 0:
         raise InputError(f"min_time_s must be a number of seconds >= 0, got {min_time_s!r}")
-
-
-def _first_line(error: Exception) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__

@@ -76,10 +76,12 @@ def cli() -> None:
 
     \b
     bnfold MODEL.onnx            same as: bnfold fold MODEL.onnx
+    bnfold verify ORIGINAL CANDIDATE   do two ONNX models compute the same function?
     bnfold audit CHECKPOINT      inspect stored BatchNorm statistics
     bnfold calibrate MODEL.onnx --data DATA.npz   recompute them from data
     bnfold bench MODEL.onnx      time original, folded and ideal in onnxruntime
-    Exit codes: 0 done, 1 a check failed (verification, audit errors), 2 bad input or usage, 3 internal error.
+    Exit codes: 0 done, 1 a check failed (verification, invalid statistics, audit errors), 2 bad input or usage,
+    3 internal error.
     """
 
 
@@ -95,49 +97,68 @@ def cli() -> None:
               help="Concrete shape for an input with dynamic dimensions (repeatable; default dims are 1).")
 @click.option("--skip", "skip", multiple=True, type=click.Choice(_rule_choices()),
               help="Leave out a fold rule (repeatable).")
-@click.option("--atol", type=float, help="Absolute tolerance for verification [default: by output dtype].")
-@click.option("--rtol", type=float, help="Relative tolerance for verification [default: by output dtype].")
+@click.option("--atol", type=float, help="Explicit absolute tolerance instead of the noise rule (see README).")
+@click.option("--rtol", type=float, help="Explicit relative tolerance instead of the noise rule (see README).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random verification inputs.")
 @click.option("--simplify", is_flag=True, help="Run onnxsim first (with its own BN fusion off).")
-def fold_command(model, output, as_json, no_verify, providers, input_shapes, skip, atol, rtol, seed, simplify):
+@click.option("--data", "data_path", type=click.Path(path_type=Path),
+              help="Verify on real inputs: DATA.npz or a directory of .npy/.npz (the calibrate format).")
+def fold_command(model, output, as_json, no_verify, providers, input_shapes, skip, atol, rtol, seed, simplify,
+                 data_path):
     """Fold BatchNormalization in MODEL (an .onnx file, or a torch.export .pt2 program) and write the result."""
     shapes = _parse_shapes(input_shapes)
     provider_names = _parse_providers(providers)
+    invalid = []
     if model.suffix.lower() == ".pt2":
-        if input_shapes or skip or simplify:
-            raise click.UsageError("--input-shape, --skip and --simplify apply to ONNX models, not .pt2 programs")
+        if input_shapes or skip or simplify or data_path:
+            raise click.UsageError("--input-shape, --skip, --simplify and --data apply to ONNX models, not .pt2 "
+                                   "programs")
         output = output or model.with_name(model.name[:-4] + ".folded.pt2")
         _check_output(output)
         report, verification, write = _fold_program(model, output, no_verify, provider_names, atol, rtol, seed)
     else:
         output = output or _default_output(model)
         _check_output(output)
-        report, verification, write = _fold_onnx(model, output, no_verify, provider_names, shapes, skip, atol,
-                                                 rtol, seed, simplify)
-    if verification is not None and provider_names is not None:
-        missing = [name for name, r in verification.providers.items() if not r.available]
-        if missing:
-            raise InputError(f"requested provider {', '.join(missing)} is not available: "
-                             f"{verification.providers[missing[0]].reason}")
-    passed = verification is None or verification.passed
+        report, verification, write, invalid = _fold_onnx(model, output, no_verify, provider_names, shapes, skip,
+                                                          atol, rtol, seed, simplify, data_path)
+    _require_available(verification, provider_names)
+    passed = not invalid and (verification is None or verification.passed)
     written = None
     if passed:
         write()
         written = str(output)
         _log(f"wrote {output}")
+    elif invalid:
+        _log("invalid BatchNorm statistics: no output written")
     else:
         _log("verification FAILED: no output written")
 
     if as_json:
         payload = {"input": str(model), "output": written, **report.to_dict(),
+                   "invalid_statistics": [{"layer": layer, **f.to_dict()} for layer, f in invalid],
                    "verify": verification.to_dict() if verification is not None else None}
         click.echo(json.dumps(payload, indent=2, sort_keys=False))
     else:
         lines = report.summary_lines()
-        lines += verification.summary_lines() if verification is not None else ["verify: skipped (--no-verify)"]
-        lines.append(f"output: {written}" if written else "output: not written (verification failed)")
+        lines += [f"invalid statistics: {layer}: {f.code}: {f.detail}" for layer, f in invalid]
+        if invalid:
+            lines.append("verify: skipped (the original model is already wrong)")
+        else:
+            lines += (verification.summary_lines() if verification is not None
+                      else ["verify: skipped (--no-verify)"])
+        reason = "invalid BatchNorm statistics" if invalid else "verification failed"
+        lines.append(f"output: {written}" if written else f"output: not written ({reason})")
         click.echo("\n".join(lines))
     sys.exit(ExitCode.OK if passed else ExitCode.CHECK_FAILED)
+
+
+def _require_available(verification, provider_names) -> None:
+    """A provider the user asked for by name must have run: exit 2 otherwise."""
+    if verification is not None and provider_names is not None:
+        missing = [name for name, r in verification.providers.items() if not r.available]
+        if missing:
+            raise InputError(f"requested provider {', '.join(missing)} is not available: "
+                             f"{verification.providers[missing[0]].reason}")
 
 
 def _check_output(output: Path) -> None:
@@ -147,8 +168,10 @@ def _check_output(output: Path) -> None:
         raise InputError(f"{output}: output directory {output.parent} does not exist")
 
 
-def _fold_onnx(model, output, no_verify, provider_names, shapes, skip, atol, rtol, seed, simplify):
+def _fold_onnx(model, output, no_verify, provider_names, shapes, skip, atol, rtol, seed, simplify, data_path):
     import onnx
+
+    from .audit import invalid_statistics
 
     from .onnx.fold import fold_model, select_rules
     from .onnx.io import load_model_lazily, load_model_with_info, save_model
@@ -161,6 +184,9 @@ def _fold_onnx(model, output, no_verify, provider_names, shapes, skip, atol, rto
     else:
         original, external_data = load_model_with_info(model)
         source = None
+    invalid = invalid_statistics(original, source.read if source is not None else None)
+    if invalid:
+        no_verify = True  # nothing to compare: the original itself computes garbage
     folded = original
     if simplify:
         from .onnx.simplify import simplify as run_simplify
@@ -182,9 +208,9 @@ def _fold_onnx(model, output, no_verify, provider_names, shapes, skip, atol, rto
 
         _log("verifying in onnxruntime (graph optimizations disabled)...")
         verification = verify(original, folded, providers=provider_names, input_shapes=shapes or None,
-                              atol=atol, rtol=rtol, seed=seed)
+                              data=data_path, atol=atol, rtol=rtol, seed=seed)
     return report, verification, lambda: save_model(folded, output, external_data=external_data or None,
-                                                    replacements=pending, source=source)
+                                                    replacements=pending, source=source), invalid
 
 
 def _fold_program(model, output, no_verify, provider_names, atol, rtol, seed):
@@ -207,8 +233,46 @@ def _fold_program(model, output, no_verify, provider_names, atol, rtol, seed):
         fresh = tuple(torch.randn(a.shape, generator=generator, dtype=a.dtype) if a.is_floating_point() else a
                       for a in args)
         verification = verify(program.module(), folded.module(), [args, fresh], devices=provider_names,
-                              atol=atol, rtol=rtol)
+                              atol=atol, rtol=rtol, seed=seed)
     return report, verification, lambda: save_program(folded, output)
+
+
+@cli.command("verify")
+@click.argument("original", type=click.Path(path_type=Path))
+@click.argument("candidate", type=click.Path(path_type=Path))
+@click.option("--data", "data_path", type=click.Path(path_type=Path),
+              help="Real inputs: DATA.npz or a directory of .npy/.npz (the calibrate format) [default: seeded "
+              "random inputs].")
+@click.option("--providers", help="Comma-separated execution providers: cpu, cuda "
+              "[default: cpu, plus cuda when onnxruntime-gpu can use a GPU].")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=DxD...",
+              help="Concrete shape for an input with dynamic dimensions (repeatable; default dims are 1).")
+@click.option("--atol", type=float, help="Explicit absolute tolerance instead of the noise rule.")
+@click.option("--rtol", type=float, help="Explicit relative tolerance instead of the noise rule.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs and perturbations.")
+@click.option("--json", "as_json", is_flag=True, help="Print only a JSON report on stdout.")
+def verify_command(original, candidate, data_path, providers, input_shapes, atol, rtol, seed, as_json):
+    """Check that CANDIDATE (any ONNX model with ORIGINAL's inputs and outputs) computes the same function as
+    ORIGINAL: each output's difference is judged against ORIGINAL's own rounding noise (see the README).
+    Exit 0 equivalent, 1 not, 2 bad input."""
+    from .errors import require_file
+    from .verify import verify
+
+    for path in (original, candidate):
+        require_file(path, "an ONNX model")
+    shapes = _parse_shapes(input_shapes)
+    provider_names = _parse_providers(providers)
+    report = verify(original, candidate, providers=provider_names, input_shapes=shapes or None, data=data_path,
+                    atol=atol, rtol=rtol, seed=seed)
+    _require_available(report, provider_names)
+    if as_json:
+        click.echo(json.dumps({"original": str(original), "candidate": str(candidate), "passed": report.passed,
+                               "verify": report.to_dict()}, indent=2))
+    else:
+        lines = report.summary_lines()
+        lines.append("result: " + ("EQUIVALENT" if report.passed else "NOT EQUIVALENT"))
+        click.echo("\n".join(lines))
+    sys.exit(ExitCode.OK if report.passed else ExitCode.CHECK_FAILED)
 
 
 def _parse_opt_levels(values: tuple[str, ...]) -> list[str]:

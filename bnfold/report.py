@@ -14,7 +14,7 @@ class ExitCode(enum.IntEnum):
     """The process exit status of every bnfold command (documented in the README)."""
 
     OK = 0
-    CHECK_FAILED = 1  # verification mismatch, audit found errors
+    CHECK_FAILED = 1  # verification mismatch, invalid BatchNorm statistics, audit found errors
     BAD_INPUT = 2  # unreadable/invalid input, bad usage, unwritable output
     INTERNAL_ERROR = 3  # a bnfold bug
 
@@ -60,6 +60,11 @@ class Merge:
     into: str
     removed: tuple[str, ...]
     graph: str = ""
+    absorbed: tuple[str, ...] = ()  # the BatchNormalizations among ``removed``: each is also a fold
+
+    def folds(self) -> list["Fold"]:
+        """The BNs this merge absorbed as folds by the merge's rule, so that every BN that goes is in ``folded``."""
+        return [Fold(bn, self.into, self.rule, graph=self.graph) for bn in self.absorbed]
 
     def to_dict(self) -> dict:
         d = {"rule": self.rule, "into": self.into, "removed": list(self.removed)}
@@ -128,26 +133,69 @@ def _json_float(x: float) -> float | str | None:
 
 @dataclass
 class OutputComparison:
-    """Original vs folded on one output: worst absolute and relative error, and the tolerance applied."""
+    """Original vs candidate on one output (the rule is in :mod:`bnfold.verify`'s docstring).
+
+    ``max_abs_error`` = max |a − b|; ``scale`` = max |b|; ``scaled_error`` = max_abs_error / scale. Under the noise
+    rule: ``noise`` (measured), ``noise_scale`` (with the one-ulp floor), ``ratio`` = max_abs_error / noise_scale,
+    passing when ``ratio <= limit``. With explicit tolerances, ``atol``/``rtol`` are set and the noise fields None.
+    Integer, bool and string outputs: exact match, noise fields None."""
 
     name: str
     max_abs_error: float
-    max_rel_error: float
-    atol: float
-    rtol: float
+    scale: float
+    scaled_error: float
+    noise: float | None
+    noise_scale: float | None
+    ratio: float | None
     passed: bool
     dtype: str = ""
+    limit: float | None = None
+    atol: float | None = None
+    rtol: float | None = None
+    top1_agreement: float | None = None
+
+    @property
+    def rule(self) -> str:
+        if self.atol is not None or self.rtol is not None:
+            return "tolerance"
+        return "noise" if self.limit is not None else "exact"
 
     def to_dict(self) -> dict:
-        return {
+        d = {
             "name": self.name,
-            "max_abs_error": _json_float(self.max_abs_error),
-            "max_rel_error": _json_float(self.max_rel_error),
-            "atol": self.atol,
-            "rtol": self.rtol,
             "passed": self.passed,
             "dtype": self.dtype,
+            "rule": self.rule,
+            "max_abs_error": _json_float(self.max_abs_error),
+            "scale": _json_float(self.scale),
+            "scaled_error": _json_float(self.scaled_error),
         }
+        if self.rule == "noise":
+            d.update(noise=_json_float(self.noise), noise_scale=_json_float(self.noise_scale),
+                     ratio=_json_float(self.ratio), limit=self.limit)
+        elif self.rule == "tolerance":
+            d.update(atol=self.atol, rtol=self.rtol)
+        if self.top1_agreement is not None:
+            d["top1_agreement"] = self.top1_agreement
+        return d
+
+    def summary(self) -> str:
+        """One line: ``name: max abs E (S of scale M), noise N, ratio R (limit K) ok|MISMATCH``."""
+        mark = "ok" if self.passed else "MISMATCH"
+        if math.isinf(self.max_abs_error) and self.scale == 0:
+            return f"{self.name}: not comparable {mark}"
+        text = f"{self.name}: max abs {self.max_abs_error:.3g}"
+        if self.rule != "exact":
+            text += f" ({self.scaled_error:.2g} of scale {self.scale:.3g})"
+        if self.rule == "noise":
+            text += f", noise {self.noise_scale:.3g}, ratio {self.ratio:.3g} (limit {self.limit:g})"
+        elif self.rule == "tolerance":
+            text += f" (atol {self.atol:g}, rtol {self.rtol:g})"
+        else:
+            text += " (exact match required)"
+        if self.top1_agreement is not None:
+            text += f", top-1 agreement {self.top1_agreement:.2%}"
+        return f"{text} {mark}"
 
 
 @dataclass
@@ -168,15 +216,17 @@ class ProviderResult:
         return max((o.max_abs_error for o in self.outputs), default=0.0)
 
     @property
-    def max_rel_error(self) -> float:
-        return max((o.max_rel_error for o in self.outputs), default=0.0)
+    def max_ratio(self) -> float | None:
+        """The largest noise ratio over the outputs judged by the noise rule, or None."""
+        ratios = [o.ratio for o in self.outputs if o.ratio is not None]
+        return max(ratios) if ratios else None
 
     def to_dict(self) -> dict:
         d = {
             "available": self.available,
             "passed": self.passed,
             "max_abs_error": _json_float(self.max_abs_error) if self.available else None,
-            "max_rel_error": _json_float(self.max_rel_error) if self.available else None,
+            "max_ratio": _json_float(self.max_ratio) if self.max_ratio is not None else None,
             "outputs": [o.to_dict() for o in self.outputs],
         }
         if self.reason:
@@ -211,12 +261,7 @@ class VerifyReport:
             status = "PASSED" if r.passed else "FAILED"
             extra = f" ({r.reason})" if r.reason else ""
             lines.append(f"verify {name}: {status}{extra}")
-            for o in r.outputs:
-                mark = "ok" if o.passed else "MISMATCH"
-                lines.append(
-                    f"  {o.name}: max abs {o.max_abs_error:.3g}, max rel {o.max_rel_error:.3g}"
-                    f" (atol {o.atol:g}, rtol {o.rtol:g}) {mark}"
-                )
+            lines += [f"  {o.summary()}" for o in r.outputs]
         return lines
 
 

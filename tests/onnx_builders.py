@@ -330,3 +330,142 @@ def refuse_and_check(model: onnx.ModelProto, reason: str, *, op_type: str = "Bat
     matching = [s for s in report.skipped if s.op_type == op_type and reason.lower() in s.reason.lower()]
     assert matching, (reason, report.summary_lines())
     return report
+
+
+# ------------------------------------------------------------------------------------- verification test models
+
+
+def conv_bn_chain(blocks: int, channels: int = 8, hw: int = 8, seed: int = 0, gain: float = 1.0) -> onnx.ModelProto:
+    """x[1,C,hw,hw] -> blocks × (Conv 3x3 pad 1 -> BatchNormalization -> Relu) -> y. ``gain`` scales every Conv
+    weight: above 1 the outputs grow with depth (to ~1e5 and beyond), where fixed tolerances fail correct folds."""
+    net = Net(seed=seed, opset=17)
+    x = net.input("x", [1, channels, hw, hw])
+    for _ in range(blocks):
+        conv = net.conv(x, channels, channels, [3, 3], pads=[1, 1, 1, 1])
+        if gain != 1.0:
+            w = net.inits[-2]
+            w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * np.float32(gain), w.name))
+        x = net.node("Relu", [net.bn(conv, channels)])
+    net.node("Identity", [x], "y")
+    net.output("y", [1, channels, hw, hw])
+    return net.model()
+
+
+def _initializer(model: onnx.ModelProto, name: str) -> onnx.TensorProto:
+    return next(t for t in model.graph.initializer if t.name == name)
+
+
+def _replace(model: onnx.ModelProto, name: str, value: np.ndarray) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    _initializer(copy, name).CopyFrom(numpy_helper.from_array(value.astype(np.float32), name))
+    return copy
+
+
+def _last_conv(model: onnx.ModelProto, index: int = -1) -> onnx.NodeProto:
+    """The Conv with a constant weight and bias at ``index`` in graph order (default: the last one)."""
+    names = {t.name for t in model.graph.initializer}
+    convs = [n for n in model.graph.node if n.op_type == "Conv" and len(n.input) == 3
+             and n.input[1] in names and n.input[2] in names]
+    return convs[index]
+
+
+def most_sensitive_channel(model: onnx.ModelProto, feeds, factor: float = 1 + 1e-3, conv: int = -1,
+                           return_effects: bool = False):
+    """The output channel of the last Conv whose scaling by ``factor`` moves the model's outputs most on
+    ``feeds``. Scaling a channel's weight and bias scales that channel of the Conv's output, so one probe model
+    (the Conv's output times a per-channel multiplier fed as an input) measures every channel in one session.
+    A channel that a later Relu zeroes, or a ReLU6 saturates, hides any change; this picks one that does not."""
+    conv = _last_conv(model, conv)
+    channels = len(numpy_helper.to_array(_initializer(model, conv.input[2])))
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    graph = probe.graph
+    raw = conv.output[0] + "__probe_raw"
+    for node in graph.node:
+        if node.op_type == "Conv" and list(node.output) == list(conv.output):
+            node.output[0] = raw
+            break
+    spatial = len(_initializer(model, conv.input[1]).dims) - 2  # broadcast [C, 1, ...] over [N, C, spatial...]
+    shape = [channels] + [1] * spatial
+    graph.input.append(helper.make_tensor_value_info("__probe_scale", TP.FLOAT, shape))
+    graph.node.append(helper.make_node("Mul", [raw, "__probe_scale"], [conv.output[0]]))
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
+    probe = _topological(probe)
+    sess = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    ones = np.ones(shape, np.float32)
+    base = sess.run(None, {**feeds, "__probe_scale": ones})
+    effects = []
+    for c in range(channels):
+        scale = ones.copy()
+        scale[c] = factor
+        out = sess.run(None, {**feeds, "__probe_scale": scale})
+        effects.append(max(float(np.abs(o.astype(np.float64) - b).max()) for o, b in zip(out, base)))
+    return int(np.argmax(effects)) if not return_effects else effects
+
+
+def _topological(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Nodes reordered so that every node comes after the producers of its inputs."""
+    graph = model.graph
+    known = {vi.name for vi in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        ready = [n for n in pending if all(i in known for i in n.input)]
+        if not ready:
+            raise ValueError("graph has a cycle")
+        for n in ready:
+            ordered.append(n)
+            known.update(n.output)
+        done = {id(n) for n in ready}
+        pending = [n for n in pending if id(n) not in done]
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    del copy.graph.node[:]
+    copy.graph.node.extend(ordered)
+    return copy
+
+
+def plant_channel_scale(folded: onnx.ModelProto, factor: float = 1 + 1e-3, channel: int = 0,
+                        conv: int = -1) -> onnx.ModelProto:
+    """A copy of ``folded`` with one output channel of a Conv (weight and bias; default the last) scaled by
+    ``factor``."""
+    conv = _last_conv(folded, conv)
+    w = numpy_helper.to_array(_initializer(folded, conv.input[1])).astype(np.float64)
+    b = numpy_helper.to_array(_initializer(folded, conv.input[2])).astype(np.float64)
+    w[channel] *= factor
+    b[channel] *= factor
+    return _replace(_replace(folded, conv.input[1], w), conv.input[2], b)
+
+
+def plant_bias_shift(folded: onnx.ModelProto, fraction: float = 0.01, channel: int = 0,
+                     conv: int = -1) -> onnx.ModelProto:
+    """A copy of ``folded`` with one bias of a Conv (default the last) shifted by ``fraction`` of its range."""
+    conv = _last_conv(folded, conv)
+    b = numpy_helper.to_array(_initializer(folded, conv.input[2])).astype(np.float64)
+    b[channel] += fraction * (b.max() - b.min())
+    return _replace(folded, conv.input[2], b)
+
+
+def plant_channel_swap(folded: onnx.ModelProto, first: int = 0, second: int = 1,
+                       conv: int = -1) -> onnx.ModelProto:
+    """A copy of ``folded`` whose Conv (default the last) computes two output channels in each other's place."""
+    conv = _last_conv(folded, conv)
+    w = numpy_helper.to_array(_initializer(folded, conv.input[1])).astype(np.float64)
+    b = numpy_helper.to_array(_initializer(folded, conv.input[2])).astype(np.float64)
+    w[[first, second]] = w[[second, first]]
+    b[[first, second]] = b[[second, first]]
+    return _replace(_replace(folded, conv.input[1], w), conv.input[2], b)
+
+
+def ort_basic_optimized(model: onnx.ModelProto, directory) -> onnx.ModelProto:
+    """onnxruntime's own basic-level optimization of ``model`` (its Conv+BN fusion), as a model."""
+    import os
+
+    path = os.path.join(str(directory), "ort_basic.onnx")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = path
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return onnx.load(path)

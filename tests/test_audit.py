@@ -37,7 +37,7 @@ def codes(layer: LayerAudit) -> set[str]:
 
 
 def bn_onnx(path, bn: dict, *, producer: str | None = None, weight=None, eps=None, as_constant=False,
-            graph_input_mean=False):
+            graph_input_mean=False, matmul_rank: int = 2):
     """X -> [producer] -> BatchNormalization -> Y, parameters as initializers (or Constant nodes)."""
     c = bn["running_mean"].shape[0]
     nodes, inits = [], []
@@ -52,6 +52,11 @@ def bn_onnx(path, bn: dict, *, producer: str | None = None, weight=None, eps=Non
         inits.append(numpy_helper.from_array(weight, "W"))
         nodes.append(helper.make_node("Gemm", ["X", "W"], ["h"], name="gemm", transB=1))
         x_shape = [1, weight.shape[1]]
+        bn_in = "h"
+    elif producer == "MatMul":  # rank 2: [1, K] @ [K, C]; rank 3: [1, C, K] @ [K, C] (BN's axis 1 is not W's)
+        inits.append(numpy_helper.from_array(weight, "W"))
+        nodes.append(helper.make_node("MatMul", ["X", "W"], ["h"], name="matmul"))
+        x_shape = [1, weight.shape[0]] if matmul_rank == 2 else [1, c, weight.shape[0]]
         bn_in = "h"
     names = {"weight": "s", "bias": "b", "running_mean": "m", "running_var": "v"}
     for key, name in names.items():
@@ -193,6 +198,22 @@ def test_fp16_overflow_uses_the_gemm_weight(tmp_path):
     assert "fp16-overflow" not in codes(audit_one(tmp_path, bn, producer="Gemm", weight=w))
     w[2, 4] = 1000.0  # 1000 * 158 > 65504
     assert "fp16-overflow" in codes(audit_one(tmp_path, bn, producer="Gemm", weight=w))
+
+
+@pytest.mark.parametrize("rank", [2, 3])
+def test_fp16_overflow_uses_the_matmul_weight_only_on_a_rank_2_activation(tmp_path, rank):
+    """MatMul's output channels are BN's axis 1 only for a rank-2 product (the op descriptor says so): on a rank-3
+    activation the audit must not use the weight of the wrong axis, and falls back to the generic bound."""
+    bn = healthy()
+    bn["weight"][1] = 50.0
+    bn["running_var"][1] = 1e-8  # scale ~ 15800: above the generic bound, harmless with this weight
+    w = np.full((C, C), 0.1, np.float32)  # [K, C]; square, so a wrong axis would fit the channel count
+    found = [f for f in audit_one(tmp_path, bn, producer="MatMul", weight=w, matmul_rank=rank).findings
+             if f.code == "fp16-overflow"]
+    if rank == 2:
+        assert found == []  # 0.1 * 15800 fits float16: the actual folded weight was checked
+    else:
+        assert len(found) == 1 and "magnitude" in found[0].detail and "MatMul" not in found[0].detail
 
 
 def test_onnx_epsilon_and_constant_nodes(tmp_path):

@@ -174,3 +174,70 @@ def test_packed_sub_byte_tensors_are_sized_by_packing(tmp_path, type_name, per_b
     assert load_model(model_with(right)).graph.initializer[0].raw_data == bytes(right)
     with pytest.raises(InputError, match=f"tensor 'packed' has 7 bytes, but its shape \\[7\\] needs {right}"):
         load_model(model_with(7))
+
+
+# ---- every field, from the protobuf descriptors: a field the streamed writer did not expect would show here ------
+
+def _set_some_value(message, field) -> None:
+    """Give ``field`` of ``message`` a non-default value of its type (one element when repeated)."""
+    fd = field
+    if fd.type == fd.TYPE_MESSAGE:
+        sub = getattr(message, fd.name).add() if fd.is_repeated else getattr(message, fd.name)
+        for inner in sub.DESCRIPTOR.fields:  # one scalar field set is enough to make the message non-empty
+            if inner.type in (inner.TYPE_STRING, inner.TYPE_BYTES) and not inner.is_repeated:
+                setattr(sub, inner.name, "s" if inner.type == inner.TYPE_STRING else b"b")
+                return
+            if inner.type in (inner.TYPE_INT64, inner.TYPE_INT32) and not inner.is_repeated:
+                setattr(sub, inner.name, 3)
+                return
+        return
+    value = {fd.TYPE_STRING: "text", fd.TYPE_BYTES: b"\x01\x02", fd.TYPE_FLOAT: 1.5, fd.TYPE_DOUBLE: 2.5,
+             fd.TYPE_BOOL: True, fd.TYPE_ENUM: 1}.get(fd.type, 7)
+    if fd.is_repeated:
+        getattr(message, fd.name).append(value)
+    else:
+        setattr(message, fd.name, value)
+
+
+def _tensor_fields():
+    return [f for f in onnx.TensorProto.DESCRIPTOR.fields if f.name not in ("raw_data", "name", "dims", "data_type")]
+
+
+@pytest.mark.parametrize("field", _tensor_fields(), ids=lambda f: f.name)
+@pytest.mark.parametrize("replaced", [True, False])
+def test_every_tensor_field_streams_as_serialized(field, replaced):
+    """Each TensorProto field on a written initializer, replaced or not: the same bytes as SerializeToString."""
+    model = onnx.load(str(RESNET))
+    tensor = model.graph.initializer[1]
+    _set_some_value(tensor, field)
+    if field.name == "data_location":  # 1 is EXTERNAL: keep the tensor in the file, as a loaded model would
+        tensor.data_location = onnx.TensorProto.DEFAULT
+        tensor.ClearField("data_location")
+        tensor.data_location = onnx.TensorProto.DEFAULT  # explicitly set: serialized as a present field
+    replacements = {}
+    expected = onnx.ModelProto()
+    expected.CopyFrom(model)
+    if replaced:
+        new = np.random.default_rng(2).standard_normal(tuple(tensor.dims)).astype(np.float32)
+        replacements[tensor.name] = new
+        expected.graph.initializer[1].raw_data = new.tobytes()
+    buffer = io.BytesIO()
+    write_streamed(model, buffer, replacements)
+    assert buffer.getvalue() == expected.SerializeToString()
+
+
+@pytest.mark.parametrize("kind, field", [("model", f) for f in onnx.ModelProto.DESCRIPTOR.fields
+                                         if f.name != "graph"] +
+                         [("graph", f) for f in onnx.GraphProto.DESCRIPTOR.fields if f.name != "initializer"],
+                         ids=lambda x: x if isinstance(x, str) else x.name)
+def test_every_model_and_graph_field_streams_as_serialized(kind, field):
+    model = onnx.load(str(RESNET))
+    _set_some_value(model if kind == "model" else model.graph, field)
+    tensor = model.graph.initializer[0]
+    new = np.random.default_rng(3).standard_normal(tuple(tensor.dims)).astype(np.float32)
+    expected = onnx.ModelProto()
+    expected.CopyFrom(model)
+    expected.graph.initializer[0].raw_data = new.tobytes()
+    buffer = io.BytesIO()
+    write_streamed(model, buffer, {tensor.name: new})
+    assert buffer.getvalue() == expected.SerializeToString()

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from bnfold.errors import InputError
-from bnfold.torch.verify import TorchBenchmark, benchmark, verify
+from bnfold.torch.verify import TorchBenchmark, benchmark, perturb_, verify
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA device: torch.cuda.is_available() is False")
@@ -94,8 +94,8 @@ def test_identical_modules_pass():
     assert list(report.providers) == ["cpu"]
     [out] = report.providers["cpu"].outputs
     assert out.name == "output" and out.passed
-    assert out.max_abs_error == 0.0 and out.max_rel_error == 0.0
-    assert (out.atol, out.rtol, out.dtype) == (1e-4, 1e-3, "float32")
+    assert out.max_abs_error == 0.0 and out.scaled_error == 0.0 and out.ratio == 0.0
+    assert (out.rule, out.limit, out.dtype) == ("noise", 8.0, "float32") and out.noise > 0
     assert report.summary_lines()[0] == "verify cpu: PASSED"
     json.dumps(report.to_dict())
 
@@ -165,21 +165,36 @@ def test_positional_tuple_inputs_and_a_list_of_them():
     assert out.max_abs_error == pytest.approx(expected, rel=1e-5)
 
 
-@pytest.mark.parametrize("dtype, name, tol", [(torch.float16, "float16", 2e-2), (torch.bfloat16, "bfloat16", 1e-1)])
-def test_low_precision_modules_use_their_dtype_tolerances(dtype, name, tol):
+@pytest.mark.parametrize("dtype, name", [(torch.float16, "float16"), (torch.bfloat16, "bfloat16")])
+def test_low_precision_modules_judged_against_their_own_noise(dtype, name):
     m = _linear(dtype=dtype)
     x = torch.randn(4, 4).to(dtype)
+    near = copy.deepcopy(m)
+    perturb_(near, torch.Generator().manual_seed(5))  # every weight one ulp off: the size of a fold's rounding
+    report = verify(m, near, x)
+    [out] = report.providers["cpu"].outputs
+    assert (out.dtype, out.rule) == (name, "noise")
+    assert out.passed and 0 < out.max_abs_error
     bad = copy.deepcopy(m)
     with torch.no_grad():
-        bad.bias += tol / 4  # within the dtype's atol, far beyond float32's
-    report = verify(m, bad, x)
-    [out] = report.providers["cpu"].outputs
-    assert (out.dtype, out.atol, out.rtol) == (name, tol, tol)
-    assert out.passed and 0 < out.max_abs_error < tol
-    # an explicit tolerance replaces the dtype default
-    strict = verify(m, bad, x, atol=1e-4, rtol=0.0)
-    [out] = strict.providers["cpu"].outputs
-    assert (out.atol, out.rtol) == (1e-4, 0.0) and not out.passed
+        bad.bias[0] += 0.5 * float(m.bias.abs().max())  # one output shifted by half the bias range
+    assert not verify(m, bad, x)
+    # an explicit tolerance replaces the noise rule
+    loose = verify(m, bad, x, atol=1.0, rtol=0.0)
+    [out] = loose.providers["cpu"].outputs
+    assert (out.rule, out.atol, out.rtol) == ("tolerance", 1.0, 0.0) and out.passed
+
+
+def test_perturb_moves_each_parameter_one_ulp():
+    m = _linear(dtype=torch.float32)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    perturb_(m, torch.Generator().manual_seed(0))
+    for k, v in m.state_dict().items():
+        old = before[k].double().numpy()
+        new = v.double().numpy()
+        ref = np.spacing(np.abs(before[k].numpy())).astype(np.float64)  # numpy's ulp, independent of the code
+        step = np.abs(new - old)
+        assert np.all((step == ref) | (step == ref / 2) | (old == 0)), k
 
 
 def test_modules_training_flags_parameters_and_inputs_are_unchanged():

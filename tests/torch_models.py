@@ -550,3 +550,157 @@ class UntraceablePairs(nn.Module):
         if x.sum() > 1e9:
             x = x * 0
         return x
+
+
+# ============================================================ real architectures for verification (issue 12)
+# Written here (torchvision is not a dependency): the same building blocks as torchvision's Inception v3,
+# ResNet-50 and MobileNetV2, with fewer channels and blocks so the tests stay fast.
+
+
+class BasicConv2d(nn.Module):
+    """Inception's conv (no bias) -> BN(eps=0.001) -> ReLU."""
+
+    def __init__(self, cin: int, cout: int, kernel, stride=1, padding=0):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding, bias=False)
+        self.bn = nn.BatchNorm2d(cout, eps=0.001)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+class InceptionBlock(nn.Module):
+    """Inception v3's block A: 1x1 | 1x1->5x5 | 1x1->3x3->3x3 | avgpool->1x1, concatenated."""
+
+    def __init__(self, cin: int, width: int):
+        super().__init__()
+        self.b1 = BasicConv2d(cin, width, 1)
+        self.b5 = nn.Sequential(BasicConv2d(cin, width, 1), BasicConv2d(width, width, 5, padding=2))
+        self.b3 = nn.Sequential(BasicConv2d(cin, width, 1), BasicConv2d(width, width, 3, padding=1),
+                                BasicConv2d(width, width, 3, padding=1))
+        self.pool = BasicConv2d(cin, width, 1)
+
+    def forward(self, x):
+        pooled = F.avg_pool2d(x, 3, stride=1, padding=1)
+        return torch.cat([self.b1(x), self.b5(x), self.b3(x), self.pool(pooled)], 1)
+
+
+class InceptionLike(nn.Module):
+    """Stem of BasicConv2d (stride 2, max pool), ``blocks`` Inception blocks, global pool, dropout-free fc."""
+
+    def __init__(self, blocks: int = 3, width: int = 8, num_classes: int = 10):
+        super().__init__()
+        self.stem = nn.Sequential(BasicConv2d(3, 16, 3, stride=2), BasicConv2d(16, 16, 3, padding=1),
+                                  nn.MaxPool2d(3, stride=2))
+        layers, cin = [], 16
+        for _ in range(blocks):
+            layers.append(InceptionBlock(cin, width))
+            cin = 4 * width
+        self.blocks = nn.Sequential(*layers)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        x = self.blocks(self.stem(x))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class Bottleneck(nn.Module):
+    """ResNet-50's bottleneck: 1x1 -> 3x3 (stride) -> 1x1 (x4), each with BN, projection shortcut when needed."""
+
+    def __init__(self, cin: int, width: int, stride: int = 1):
+        super().__init__()
+        cout = 4 * width
+        self.conv1, self.bn1 = nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3, self.bn3 = nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        return F.relu(self.bn3(self.conv3(out)) + identity)
+
+
+class ResNet50Like(nn.Module):
+    """ResNet-50's layout (7x7 stem, max pool, four stages of bottlenecks, [3, 4, 6, 3] at full depth) with
+    ``depths`` blocks per stage and base width ``width``."""
+
+    def __init__(self, depths=(3, 4, 6, 3), width: int = 4, num_classes: int = 10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4 * width, 7, stride=2, padding=3, bias=False),
+                                  nn.BatchNorm2d(4 * width), nn.ReLU(), nn.MaxPool2d(3, stride=2, padding=1))
+        stages, cin = [], 4 * width
+        for i, depth in enumerate(depths):
+            w = width * 2 ** i
+            blocks = [Bottleneck(cin, w, stride=1 if i == 0 else 2)]
+            blocks += [Bottleneck(4 * w, w) for _ in range(depth - 1)]
+            stages.append(nn.Sequential(*blocks))
+            cin = 4 * w
+        self.stages = nn.Sequential(*stages)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.stages(self.stem(x)), 1), 1))
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: 1x1 expand -> 3x3 depthwise -> 1x1 project (no activation), residual when shapes match."""
+
+    def __init__(self, cin: int, cout: int, stride: int, expand: int = 6):
+        super().__init__()
+        hidden = cin * expand
+        self.use_res = stride == 1 and cin == cout
+        self.block = nn.Sequential(conv_bn_relu(cin, hidden, 1), conv_bn_relu(hidden, hidden, 3, stride, hidden),
+                                   nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = self.block(x)
+        return x + out if self.use_res else out
+
+
+class DeepMobileNet(nn.Module):
+    """MobileNetV2's layout: stem, 17 inverted residual blocks in 7 stages, 1x1 head conv, pool, classifier;
+    ``width`` divides the channel counts (53 BatchNorms at any width)."""
+
+    SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+                (6, 320, 1, 1))
+
+    def __init__(self, width: int = 8, num_classes: int = 10):
+        super().__init__()
+        cin = 32 // width
+        layers = [conv_bn_relu(3, cin, 3, stride=2)]
+        for t, c, n, s in self.SETTINGS:
+            cout = max(c // width, 2)
+            for i in range(n):
+                layers.append(InvertedResidual(cin, cout, s if i == 0 else 1, t))
+                cin = cout
+        layers.append(conv_bn_relu(cin, 1280 // width, 1))
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(1280 // width, num_classes)
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1))
+
+
+def realistic_bn(module: nn.Module, seed: int = 0) -> nn.Module:
+    """Random weights as initialized, and BN statistics like a trained network's: each BN's running mean and
+    variance are those of its input on a random batch (so activations stay in range through any depth), with
+    gamma U(0.5, 1.5) and beta N(0, 0.2). Eval mode on return."""
+    g = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(m.weight, generator=g)
+    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    with torch.no_grad():
+        for m in bns:
+            m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average: one batch gives that batch's statistics
+        module.train()
+        module(torch.randn(8, 3, 64, 64, generator=g))
+    return module.eval()

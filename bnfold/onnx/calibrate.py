@@ -25,7 +25,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .. import stats
 from ..errors import InputError
-from .graph import GraphIndex, ModelContext, free_names, node_label, subgraphs
+from .batchnorm import check_channels, check_parameter_lengths, inference_epsilon
+from .graph import GraphIndex, ModelContext
+from .nodes import free_names, node_label, subgraphs
+from .plan import Refusal
 
 __all__ = ["calibrate_onnx", "load_calibration_data"]
 
@@ -170,10 +173,11 @@ def _check_fixed_batch(model: onnx.ModelProto, data: dict[str, np.ndarray], batc
 class _Target:
     """One BN node to calibrate and the names of its exposed batch moments."""
 
-    def __init__(self, position: int, node: onnx.NodeProto, rank: int):
+    def __init__(self, position: int, node: onnx.NodeProto, rank: int, epsilon: float):
         self.position = position
         self.node = node
         self.rank = rank
+        self.epsilon = epsilon
         self.mean_out = self.var_out = self.shape_out = ""
         self.statistics = stats.BatchStatistics()
         self.ema_pairs: list[tuple[np.ndarray, np.ndarray]] = []
@@ -191,27 +195,25 @@ def _find_targets(model: onnx.ModelProto, notes: list[str]) -> list[_Target]:
         if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx"):
             continue
         label = node_label(node)
-        training = next((a.i for a in node.attribute if a.name == "training_mode"), 0)
-        if training or len([o for o in node.output if o]) != 1 or len(node.input) < 5:
-            notes.append(f"{label}: skipped, not an inference-mode BatchNormalization")
+        epsilon = inference_epsilon(node, ctx.opset)  # the fold's reader: the same inference-mode checks
+        if isinstance(epsilon, Refusal):
+            notes.append(f"{label}: skipped, not an inference-mode BatchNormalization ({epsilon})")
             continue
         if any(name not in initializers or name in overridable for name in node.input[3:5]):
             notes.append(f"{label}: skipped, its mean/var are not constant initializers")
             continue
         lengths = [math.prod(initializers[name].dims) for name in node.input[1:5] if name in initializers]
-        if len(set(lengths)) > 1:
-            raise InputError(f"invalid model: {label} has scale, B, mean and var of lengths {lengths}")
+        check_parameter_lengths(label, lengths)
         channels = lengths[0]
         shape = ctx.inferred_shapes().get(node.input[0])
-        if shape is not None and len(shape) >= 2 and isinstance(shape[1], int) and shape[1] != channels:
-            raise InputError(f"invalid model: {label} has {channels} channels, but its input has {shape[1]}")
+        check_channels(label, channels, shape)
         if channels == 0:
             notes.append(f"{label}: skipped, it has no channels")
             continue
         if shape is None or len(shape) < 2:
             notes.append(f"{label}: skipped, the rank of its input is unknown")
             continue
-        targets.append(_Target(position, node, len(shape)))
+        targets.append(_Target(position, node, len(shape), epsilon))
     for node in graph.node:
         for _, g in subgraphs(node):
             if any(n.op_type == "BatchNormalization" for n in g.node):
@@ -243,7 +245,7 @@ def _build_calibration_model(model: onnx.ModelProto, targets: list[_Target]) -> 
             continue
         x, scale, bias = node.input[0], node.input[1], node.input[2]
         y = node.output[0]
-        eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+        eps = target.epsilon
         x_type = types.get(x)
         ctype = _compute_type(x_type)
         np_ctype = helper.tensor_dtype_to_np_dtype(ctype)
@@ -304,13 +306,11 @@ def _build_calibration_model(model: onnx.ModelProto, targets: list[_Target]) -> 
 
 
 def _session(calib: onnx.ModelProto):
-    import onnxruntime as ort
+    from .. import ort as ortlib
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
     try:
-        return ort.InferenceSession(calib.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return ortlib.runtime().InferenceSession(calib.SerializeToString(), ortlib.session_options("disabled"),
+                                                 providers=ortlib.session_providers("cpu"))
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises several unrelated types
         text = str(exc).strip().splitlines()
         raise InputError(f"onnxruntime cannot run the calibration model ({text[0] if text else exc})") from None

@@ -9,13 +9,17 @@ import numpy as np
 import onnx
 
 from ..errors import InputError
-from ..report import Fold, FoldReport, Skip
+from ..report import FoldReport, Merge, Skip
 from .external import ExternalData
 from .io import materialize
-from .merge import MERGE_RULE_NAMES, MERGES, MergeRule, merge_graph
-from .graph import GraphIndex, ModelContext, free_names, node_label, subgraphs
-from .prefetch import prefetch_batchnorm_affines, prefetch_conv_folds
-from .rules import RULE_NAMES, RULES, AffineAfterLinear, FoldAfter, Rule, batchnorm_affine
+from .graph import GraphIndex, ModelContext
+from .nodes import free_names, node_label, subgraphs
+from .merge import MERGE_RULE_NAMES, MERGES, MergeRule
+from .ops import batchable
+from .plan import Plan, Refusal, apply_plan
+from .prefetch import prefetch_batchnorm_affines, prefetch_linear_plans
+from .rules import (RULE_NAMES, AffineAfterLinear, FoldAfter, Rule, batchnorm_affine, check_batchnorm_channels,
+                    current_rules)
 
 PER_SAMPLE_NORMS = {
     "LayerNormalization": "normalizes each sample over its own features",
@@ -23,9 +27,6 @@ PER_SAMPLE_NORMS = {
     "GroupNormalization": "normalizes each sample over groups of its own channels",
 }
 _MUL_ADD = AffineAfterLinear.sources
-_PREFETCHABLE = frozenset({"Conv", "ConvTranspose", "Gemm"})
-
-
 #: Every name ``--skip`` takes: the fold rules, then the branch-merge rules.
 ALL_RULE_NAMES: tuple[str, ...] = RULE_NAMES + MERGE_RULE_NAMES
 # Merging stops after this many merge-then-fold rounds; each round removes nodes, so real graphs end far sooner.
@@ -33,20 +34,25 @@ _MAX_MERGE_ROUNDS = 1000
 
 
 def select_rules(skip: Iterable[str] = ()) -> "list[Rule | MergeRule]":
-    """The fold rules and merge rules to run, all but those named in ``skip``."""
+    """The fold rules of the descriptor table as it is now and the merge rules, less those named in ``skip``."""
+    rules = (*current_rules(), *MERGES)
     if not skip:
-        return list(RULES) + list(MERGES)
+        return list(rules)
     skip = set(skip)
-    unknown = skip - set(ALL_RULE_NAMES)
+    names = [r.name for r in rules]
+    unknown = skip - set(names)
     if unknown:
-        raise InputError(f"unknown rule {', '.join(sorted(unknown))} (choose from {', '.join(ALL_RULE_NAMES)})")
-    return [r for r in (*RULES, *MERGES) if r.name not in skip]
+        raise InputError(f"unknown rule {', '.join(sorted(unknown))} (choose from {', '.join(names)})")
+    return [r for r in rules if r.name not in skip]
 
 
 def fold_model(model: onnx.ModelProto, rules: list[Rule],
-               replacements: "dict[str, np.ndarray] | None" = None, external: "ExternalData | None" = None
-               ) -> FoldReport:
+               replacements: "dict[str, np.ndarray] | None" = None, external: "ExternalData | None" = None,
+               *, batched: bool = True) -> FoldReport:
     """Fold ``model`` in place and say what happened.
+
+    ``batched=False`` leaves out the batched path (:mod:`bnfold.onnx.prefetch`): every fold is planned node by
+    node. The result is the same bytes (tests/test_plans.py), only slower on models with many layers.
 
     With a ``replacements`` dict, new values of main-graph initializers are left there (name -> array) for
     :func:`bnfold.onnx.io.save_model` to write, instead of being copied into the protobuf. ``external`` serves the
@@ -54,23 +60,23 @@ def fold_model(model: onnx.ModelProto, rules: list[Rule],
     """
     report = FoldReport()
     ctx = ModelContext(model, external)
-    merges = frozenset(r.name for r in rules if isinstance(r, MergeRule))
+    merges = [r for r in rules if isinstance(r, MergeRule)]
     rules = [r for r in rules if not isinstance(r, MergeRule)]
     # Overflow and invalid values are checked for where they matter (a fold with them is refused); one errstate
     # for the whole pass, because entering one costs more than most of the small array operations it covers.
     with np.errstate(all="ignore"):
         main = GraphIndex(model.graph, ctx, watch=_watched_ops(rules))
-        _fold_graph(main, rules, report)
+        _fold_graph(main, rules, report, batched)
         if merges:
-            main = _merge_and_refold(model, ctx, main, rules, merges, report)
-    ctx.main_index = None  # the index points back at the context: drop the cycle now, not at the next GC
+            main = _merge_and_refold(model, ctx, main, rules, merges, report, batched)
     for function in model.functions:
         for node in function.node:
             if node.op_type == "BatchNormalization":
                 report.bn_before += 1
                 report.bn_after += 1
                 report.skipped.append(Skip(node_label(node), "inside model-local function "
-                                           f"{function.domain}.{function.name}: functions are left as they are"))
+                                           f"{function.domain}.{function.name}: functions are left as they are",
+                                           code="inside-function"))
     if replacements is None:
         materialize(model, ctx.replacements, main.initializers)
     else:
@@ -82,7 +88,7 @@ def fold_model(model: onnx.ModelProto, rules: list[Rule],
 
 
 def _merge_and_refold(model: onnx.ModelProto, ctx: ModelContext, index: GraphIndex, rules: list[Rule],
-                      merges: frozenset[str], report: FoldReport) -> GraphIndex:
+                      merges: "list[MergeRule]", report: FoldReport, batched: bool) -> GraphIndex:
     """Merge branches in the main graph, fold what the merges made foldable (a BN after an AveragePool is after a
     Conv once the pool is merged into it), and again, until neither changes anything. Returns the last index.
 
@@ -90,16 +96,42 @@ def _merge_and_refold(model: onnx.ModelProto, ctx: ModelContext, index: GraphInd
     those of the last round, which saw the final graph."""
     for _ in range(_MAX_MERGE_ROUNDS):
         refused: list[Skip] = []
-        if not merge_graph(index, merges, report.merged, refused, report.folded):
+        if not _merge_graph(index, merges, report, refused):
             report.not_merged = refused
             break
         again = FoldReport()
         index = GraphIndex(model.graph, ctx, watch=_watched_ops(rules))
-        _fold_graph(index, rules, again)
+        _fold_graph(index, rules, again, batched)
         report.folded += again.folded
         report.bn_after = again.bn_after
         report.skipped = again.skipped
     return index
+
+
+def _merge_graph(g: GraphIndex, merges: "list[MergeRule]", report: FoldReport, refused: list[Skip]) -> bool:
+    """One sweep of the merge rules over ``g``, each plan applied as soon as it is made (a merge changes what the
+    next one reads); True when anything was merged. A BatchNormalization a merge absorbs (a lone BN branch, a BN
+    after an AveragePool) is also listed in ``folded``, with the merge's rule. Commits its edits."""
+    changed = False
+    for node in list(g.nodes):
+        if g.is_removed(node) or node.domain not in ("", "ai.onnx"):
+            continue
+        for rule in merges:
+            if node.op_type not in rule.sources:
+                continue
+            plan = rule.match(g, node)
+            if plan is None:
+                continue
+            if isinstance(plan, Refusal):
+                refused.append(Skip(node_label(node), str(plan), op_type=node.op_type, graph=g.path, code=plan.code))
+                break
+            merge: Merge = apply_plan(g, plan)
+            report.merged.append(merge)
+            report.folded += merge.folds()
+            changed = True
+            break
+    g.commit()
+    return changed
 
 
 def _watched_ops(rules: list[Rule]) -> frozenset[str]:
@@ -108,7 +140,7 @@ def _watched_ops(rules: list[Rule]) -> frozenset[str]:
     return starts | PER_SAMPLE_NORMS.keys()
 
 
-def _fold_graph(g: GraphIndex, rules: list[Rule], report: FoldReport) -> None:
+def _fold_graph(g: GraphIndex, rules: list[Rule], report: FoldReport, batched: bool = True) -> None:
     bn_rules = [r for r in rules if "BatchNormalization" in r.sources]
     affine_rules = [r for r in rules if r.sources & _MUL_ADD]
     # Every node a rule starts from (folds never create new ones; a BN turned into an Add stays the same node),
@@ -118,12 +150,14 @@ def _fold_graph(g: GraphIndex, rules: list[Rule], report: FoldReport) -> None:
         (per_sample if node.op_type in PER_SAMPLE_NORMS else candidates).append(node)
     batchnorms = [n for n in candidates if n.op_type == "BatchNormalization"]
     report.bn_before += len(batchnorms)
-    prefetched = prefetch_batchnorm_affines(g, batchnorms)
-    # Conv/ConvTranspose/Gemm -> BN folds whose math is done ahead; applied directly when their rule is the one
-    # that would fold them (the first rule for that producer) and nothing changed since.
-    ready = prefetch_conv_folds(g, batchnorms, prefetched, {op: rule.name for rule in bn_rules
-                                                            if isinstance(rule, FoldAfter)
-                                                            for op in rule.op_types if op in _PREFETCHABLE})
+    prefetched, ready = {}, {}
+    if batched:
+        prefetched = prefetch_batchnorm_affines(g, batchnorms)
+        # Linear op -> BN plans computed ahead. The after-rules come first in build_rules(), so for a BN after a
+        # batchable op the per-node path would return that op's after-rule plan: the same plan, made one by one.
+        rule_for = {rule.op.op_type: rule.name for rule in bn_rules
+                    if isinstance(rule, FoldAfter) and batchable(rule.op)}
+        ready = prefetch_linear_plans(g, batchnorms, prefetched, rule_for)
     while True:
         changed = False
         skipped: list[Skip] = []
@@ -132,26 +166,21 @@ def _fold_graph(g: GraphIndex, rules: list[Rule], report: FoldReport) -> None:
                 continue
             op = node.op_type
             if op == "BatchNormalization":
-                done = ready.pop(id(node), None)
-                if done is not None and done.still_applies(g, node):
-                    fold = Fold(node_label(node), node_label(done.node), done.rule, graph=g.path)
-                    done.apply(g, node)
-                    report.folded.append(fold)
-                    changed = True
-                    continue
-                outcome = _fold_batchnorm(g, node, bn_rules, prefetched)
-                if isinstance(outcome, str):
-                    skipped.append(Skip(node_label(node), outcome, graph=g.path))
+                plan, channels = ready.pop(id(node), (None, 0))
+                if plan is not None and plan.holds(g):
+                    check_batchnorm_channels(g, node, channels)  # an annotated shape that disagrees: invalid
+                else:
+                    plan = _fold_batchnorm(g, node, bn_rules, prefetched)
+                if isinstance(plan, Refusal):
+                    skipped.append(Skip(node_label(node), str(plan), graph=g.path, code=plan.code))
                     continue
             elif op in _MUL_ADD and affine_rules:
-                outcome = next((p for p in (r.match(g, node) for r in affine_rules) if p is not None), None)
-                if outcome is None:
+                plan = next((p for p in (r.match(g, node) for r in affine_rules) if p is not None), None)
+                if plan is None:
                     continue
             else:
                 continue
-            label = node_label(node)
-            outcome.apply(g)
-            report.folded.append(Fold(label, outcome.into, outcome.rule, graph=g.path))
+            report.folded.append(apply_plan(g, plan))
             changed = True
         if not changed:
             break
@@ -160,7 +189,7 @@ def _fold_graph(g: GraphIndex, rules: list[Rule], report: FoldReport) -> None:
     for node in per_sample:
         report.skipped.append(Skip(node_label(node), f"not foldable: per-sample statistics ({node.op_type} "
                                    f"{PER_SAMPLE_NORMS[node.op_type]}), no fixed affine exists",
-                                   op_type=node.op_type, graph=g.path))
+                                   op_type=node.op_type, graph=g.path, code="per-sample-statistics"))
     g.commit()
     for node in g.nodes_with_subgraphs:
         if g.is_removed(node):
@@ -170,28 +199,28 @@ def _fold_graph(g: GraphIndex, rules: list[Rule], report: FoldReport) -> None:
         for attr_name, sub in bodies:
             path = f"{g.path}/" if g.path else ""
             _fold_graph(GraphIndex(sub, g.ctx, parent=g, path=f"{path}{node_label(node)}.{attr_name}",
-                                   watch=_watched_ops(rules)), rules, report)
+                                   watch=_watched_ops(rules)), rules, report, batched)
         # a fold inside may have stopped reading an outer value (BN parameters, a weight now copied locally)
         for name in read_before - set().union(*(free_names(b) for _, b in bodies)) - set(node.input):
             g.drop_use(name, node)
     g.commit()
 
 
-def _fold_batchnorm(g: GraphIndex, node: onnx.NodeProto, rules: list[Rule], prefetched: dict):
-    """A Plan for the first rule that folds this BatchNormalization, else the reason none did."""
+def _fold_batchnorm(g: GraphIndex, node: onnx.NodeProto, rules: list[Rule], prefetched: dict) -> Plan | Refusal:
+    """A Plan for the first rule that folds this BatchNormalization, else the reason none did (the first code)."""
     norm = batchnorm_affine(g, node, prefetched)
-    if isinstance(norm, str):
+    if isinstance(norm, Refusal):
         return norm
-    reasons = []
+    reasons: list[Refusal] = []
     for rule in rules:
         outcome = rule.match(g, norm)
         if outcome is None:
             continue
-        if not isinstance(outcome, str):
+        if not isinstance(outcome, Refusal):
             return outcome
         reasons.append(outcome)
     if reasons:
-        return "; ".join(dict.fromkeys(reasons))
+        return Refusal(reasons[0].code, "; ".join(dict.fromkeys(reasons)))
     before = g.producer.get(norm.x)
     after = g.consumers.get(norm.y, [])
     src = f"{before.op_type} {node_label(before)}" if before is not None else f"graph input '{norm.x}'"
@@ -199,8 +228,8 @@ def _fold_batchnorm(g: GraphIndex, node: onnx.NodeProto, rules: list[Rule], pref
     if norm.y in g.outputs:
         dst += " and the graph output"
     if not rules:
-        return "every rule was skipped"
-    return f"no foldable linear op next to it (input from {src}, output to {dst})"
+        return Refusal("rules-skipped", "every rule was skipped")
+    return Refusal("no-linear-neighbour", f"no foldable linear op next to it (input from {src}, output to {dst})")
 
 
 def fold_file(source: "str | os.PathLike", destination: "str | os.PathLike", *,

@@ -200,7 +200,38 @@ def _save_inline(model: onnx.ModelProto, path: Path, replacements) -> None:
         write_atomically(path, lambda f: write_streamed(model, f, replacements))
 
 
-_GRAPH_FIELD, _INITIALIZER_FIELD = 7, 5  # ModelProto.graph, GraphProto.initializer
+def _varint(value: int) -> bytes:
+    if value < 0x80:
+        return bytes((value,))
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+# The field layout comes from the protobuf descriptors of this onnx, never from numbers written here: a field
+# added by a newer onnx falls on the right side of the split by its number.
+_GRAPH_FIELD = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
+_INITIALIZER_FIELD = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
+_RAW_DATA_FIELD = onnx.TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number
+_LENGTH_DELIMITED = 2  # protobuf wire type of messages and bytes
+
+
+def _tag(number: int) -> bytes:
+    """The key of a length-delimited field ``number``."""
+    return _varint(number << 3 | _LENGTH_DELIMITED)
+
+
+_GRAPH_TAG, _INITIALIZER_TAG, _RAW_DATA_TAG = _tag(_GRAPH_FIELD), _tag(_INITIALIZER_FIELD), _tag(_RAW_DATA_FIELD)
+# TensorProto fields serialized after raw_data: (name, repeated). Checked by presence, never read (reading a bytes
+# field would copy it).
+_TENSOR_FIELDS_AFTER_RAW_DATA = tuple((f.name, f.is_repeated) for f in
+                                      onnx.TensorProto.DESCRIPTOR.fields if f.number > _RAW_DATA_FIELD)
 
 
 def write_streamed(model: onnx.ModelProto, f, replacements: "dict[str, np.ndarray] | None" = None) -> None:
@@ -247,19 +278,19 @@ def write_streamed(model: onnx.ModelProto, f, replacements: "dict[str, np.ndarra
         pieces.append((head, raw, tail))
         sizes.append(len(head) + raw.nbytes + len(tail))
     graph_size = len(graph_low_bytes) + len(graph_high_bytes) + sum(
-        1 + len(_varint(size)) + size for size in sizes)
+        len(_INITIALIZER_TAG) + len(_varint(size)) + size for size in sizes)
     f.write(model_low.SerializeToString())
-    f.write(b"\x3a" + _varint(graph_size) + graph_low_bytes)
+    f.write(_GRAPH_TAG + _varint(graph_size) + graph_low_bytes)
     for tensor, piece, size in zip(model.graph.initializer, pieces, sizes):
         if piece is None:
             body = tensor.SerializeToString()
             if len(body) != size:
                 raise AssertionError("an initializer changed size while it was written")
-            f.write(b"\x2a" + _varint(size))
+            f.write(_INITIALIZER_TAG + _varint(size))
             f.write(body)
             continue
         head, raw, tail = piece
-        f.write(b"\x2a" + _varint(size) + head)
+        f.write(_INITIALIZER_TAG + _varint(size) + head)
         f.write(raw)
         if tail:
             f.write(tail)
@@ -293,31 +324,14 @@ def _encode_unknown(fields) -> bytes:
     return bytes(out)
 
 
-_RAW_DATA_FIELD = 9
-
-
 @functools.lru_cache(maxsize=1024)
 def _raw_data_header(nbytes: int) -> bytes:
-    return b"\x4a" + _varint(nbytes)  # field 9 (raw_data), length-delimited
+    return _RAW_DATA_TAG + _varint(nbytes)
 
 
 def _has_fields_after_raw_data(tensor: onnx.TensorProto) -> bool:
-    return bool(tensor.HasField("doc_string") or len(tensor.external_data) or tensor.HasField("data_location")
-                or len(tensor.metadata_props) or len(tensor.double_data) or len(tensor.uint64_data))
-
-
-def _varint(value: int) -> bytes:
-    if value < 0x80:
-        return bytes((value,))
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
+    return any(len(getattr(tensor, name)) if repeated else tensor.HasField(name)
+               for name, repeated in _TENSOR_FIELDS_AFTER_RAW_DATA)
 
 
 def materialize(model: onnx.ModelProto, replacements: "dict[str, np.ndarray] | None",

@@ -8,10 +8,11 @@ Two rules, each a name ``--skip`` takes:
 * ``merge-sequential``: a Conv reading a linear chain (Conv, BN, AveragePool, Identity) with nothing non-linear
   between them becomes one Conv, where that is exact and costs no more multiply-adds than the chain did.
 
-The math is :mod:`bnfold.reparam` (float64, exact or refused with the reason); this module finds the patterns,
-reads the constants and edits the graph through :class:`GraphIndex`. Matching never edits: a refusal leaves the
-graph as it was. The surviving node is one of the merged Convs, so every value is still defined before its
-readers without reordering nodes.
+The math is :mod:`bnfold.reparam` (float64, exact or refused with the reason); this module finds the patterns and
+reads the constants. Like the fold rules (:mod:`bnfold.onnx.rules`), a rule's ``match`` never edits: it answers a
+:class:`~bnfold.onnx.plan.MergePlan` (data, applied by :func:`~bnfold.onnx.plan.apply_plan`), a
+:class:`~bnfold.onnx.plan.Refusal` with a stable code, or None. The surviving node is one of the merged ops, so every
+value is still defined before its readers without reordering nodes.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ import onnx
 from ..affine import FoldRefused, cast_checked
 from ..reparam import (ConvBranch, MergeRefused, affine_branch, avgpool_branch, conv_branch, dense_branch,
                        dense_identity, identity_branch, merge_parallel, merge_parallel_dense, merge_sequential)
-from ..report import Fold, Merge, Skip
-from .graph import GraphIndex, get_attrs, node_label, set_attr
+from .graph import GraphIndex
+from .nodes import get_attrs, node_label
+from .plan import MergePlan, MoveOutput, Refusal, RemoveAttribute, RenameInput, SetAttribute, WriteTensor
 from .rules import batchnorm_affine
 
 MERGE_BRANCHES = "merge-branches"
@@ -39,18 +41,43 @@ MERGE_RULES: dict[str, str] = {
 MERGE_RULE_NAMES: tuple[str, ...] = tuple(MERGE_RULES)
 
 
-@dataclass(frozen=True)
+_CHAIN_OPS = frozenset({"Conv", "BatchNormalization", "AveragePool", "Identity"})
+_DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
 class MergeRule:
-    """A merge rule as the fold pass lists it beside the fold rules (``--skip`` takes its name)."""
+    """A merge rule: listed beside the fold rules (``--skip`` takes its name), run by the pass after folding."""
 
     name: str
     summary: str
+    sources: frozenset[str]  # the node types a match starts from
+
+    def match(self, g: GraphIndex, node: onnx.NodeProto) -> "MergePlan | Refusal | None":
+        raise NotImplementedError
 
 
-MERGES: tuple[MergeRule, ...] = tuple(MergeRule(name, summary) for name, summary in MERGE_RULES.items())
+class MergeBranches(MergeRule):
+    name, summary, sources = MERGE_BRANCHES, MERGE_RULES[MERGE_BRANCHES], frozenset({"Add", "Sum"})
 
-_CHAIN_OPS = frozenset({"Conv", "BatchNormalization", "AveragePool", "Identity"})
-_DEFAULT_DOMAINS = ("", "ai.onnx")
+    def match(self, g: GraphIndex, node: onnx.NodeProto) -> "MergePlan | Refusal | None":
+        return _merge_branches(g, node)
+
+
+class MergeSequential(MergeRule):
+    name, summary, sources = MERGE_SEQUENTIAL, MERGE_RULES[MERGE_SEQUENTIAL], frozenset({"Conv"})
+
+    def match(self, g: GraphIndex, node: onnx.NodeProto) -> "MergePlan | Refusal | None":
+        return _merge_sequence(g, node)
+
+
+MERGES: tuple[MergeRule, ...] = (MergeBranches(), MergeSequential())
+
+
+def _inexact(exc: FoldRefused, context: str = "") -> Refusal:
+    """A refusal of the merge math: would-overflow keeps its code; anything else is not exact to merge."""
+    if exc.code == "would-overflow":
+        return Refusal(exc.code, f"{context}{exc}")
+    return Refusal("merge-inexact", f"{context}{exc}")
 
 
 @dataclass
@@ -60,44 +87,6 @@ class _Link:
     node: onnx.NodeProto
     branch: ConvBranch
     x: str
-
-
-def merge_graph(g: GraphIndex, rules: frozenset[str], merged: list[Merge], refused: list[Skip],
-                folded: list[Fold]) -> bool:
-    """One sweep of the enabled merge ``rules`` over ``g``; True when anything was merged. Commits its edits.
-
-    A BatchNormalization a merge absorbs (a lone BN branch, a BN after an AveragePool) is also a fold: it is
-    listed in ``folded`` with the merge's rule, so that every BN that disappears is accounted for there."""
-    changed = False
-    for node in list(g.nodes):
-        if g.is_removed(node) or node.domain not in _DEFAULT_DOMAINS:
-            continue
-        op = node.op_type
-        if op in ("Add", "Sum") and MERGE_BRANCHES in rules:
-            outcome = _merge_branches(g, node)
-        elif op == "Conv" and MERGE_SEQUENTIAL in rules:
-            outcome = _merge_sequence(g, node)
-        else:
-            continue
-        if outcome is None:
-            continue
-        if isinstance(outcome, str):
-            refused.append(Skip(node_label(node), outcome, op_type=op, graph=g.path, code="merge-refused"))
-            continue
-        merged.append(Merge(outcome.rule, outcome.into, tuple(f"{n.op_type} {node_label(n)}" for n in outcome.removed),
-                            graph=g.path))
-        folded += [Fold(node_label(n), outcome.into, outcome.rule, graph=g.path) for n in outcome.removed
-                   if n.op_type == "BatchNormalization"]
-        changed = True
-    g.commit()
-    return changed
-
-
-@dataclass
-class _Outcome:
-    rule: str
-    into: str
-    removed: list[onnx.NodeProto]
 
 
 # ---- reading ops as linear maps ---------------------------------------------------------------------------
@@ -122,27 +111,31 @@ def _explicit_pads(auto_pad, kernel, strides, dilations, pads) -> tuple[int, ...
     return tuple(small + large) if auto_pad == "SAME_UPPER" else tuple(large + small)
 
 
-def _as_branch(g: GraphIndex, node: onnx.NodeProto, channels: int | None, rank: int | None) -> ConvBranch | str:
+def _as_branch(g: GraphIndex, node: onnx.NodeProto, channels: int | None, rank: int | None
+               ) -> ConvBranch | Refusal:
     """The op as a linear map of its first input, else why not. ``channels``/``rank``: of its input, if known."""
     try:
         return _read_branch(g, node, channels, rank)
     except MergeRefused as exc:
-        return f"{node.op_type} {node_label(node)}: {exc}"
+        return _inexact(exc, f"{node.op_type} {node_label(node)}: ")
 
 
-def _read_branch(g: GraphIndex, node: onnx.NodeProto, channels: int | None, rank: int | None) -> ConvBranch | str:
+def _read_branch(g: GraphIndex, node: onnx.NodeProto, channels: int | None, rank: int | None
+                 ) -> ConvBranch | Refusal:
     op, label = node.op_type, f"{node.op_type} {node_label(node)}"
     if op == "Conv":
         weight, reason = g.constant(node.input[1]) if len(node.input) > 1 else (None, "no weight")
         if weight is None:
-            return f"weight of {label} is not constant: {reason}"
-        if weight.dtype.kind != "f" or weight.ndim < 3:
-            return f"weight of {label} is not a floating-point convolution kernel"
+            return Refusal("weight-not-constant", f"weight of {label} is not constant: {reason}")
+        if weight.dtype.kind != "f":
+            return Refusal("not-float", f"weight of {label} is not floating point")
+        if weight.ndim < 3:
+            return Refusal("weight-rank", f"weight of {label} is not a convolution kernel")
         bias = None
         if len(node.input) > 2 and node.input[2]:
             bias, reason = g.constant(node.input[2])
             if bias is None:
-                return f"bias of {label} is not constant: {reason}"
+                return Refusal("bias-not-constant", f"bias of {label} is not constant: {reason}")
         n = weight.ndim - 2
         a = get_attrs(node, group=1, strides=None, dilations=None, pads=None, auto_pad="NOTSET")
         strides, dilations = _ints(a["strides"], n, 1), _ints(a["dilations"], n, 1)
@@ -150,16 +143,16 @@ def _read_branch(g: GraphIndex, node: onnx.NodeProto, channels: int | None, rank
         return conv_branch(weight, bias, groups=int(a["group"]), strides=strides, dilations=dilations, pads=pads)
     if op == "BatchNormalization":
         if rank is None:
-            return f"the rank of the input of {label} is unknown"
+            return Refusal("merge-shape-unknown", f"the rank of the input of {label} is unknown")
         norm = batchnorm_affine(g, node)
-        if isinstance(norm, str):
+        if isinstance(norm, Refusal):
             return norm
         return affine_branch(norm.s, norm.t, rank)
     if channels is None:
-        return f"the channel count of the input of {label} is unknown"
+        return Refusal("merge-shape-unknown", f"the channel count of the input of {label} is unknown")
     if op == "Identity":
         if rank is None:
-            return f"the rank of the input of {label} is unknown"
+            return Refusal("merge-shape-unknown", f"the rank of the input of {label} is unknown")
         return identity_branch(channels, rank)
     if op == "AveragePool":
         a = get_attrs(node, kernel_shape=None, strides=None, pads=None, auto_pad="NOTSET", count_include_pad=0,
@@ -170,7 +163,7 @@ def _read_branch(g: GraphIndex, node: onnx.NodeProto, channels: int | None, rank
         pads = _explicit_pads(a["auto_pad"], kernel, strides, dilations, a["pads"])
         return avgpool_branch(channels, kernel, strides=strides, pads=pads, dilations=dilations,
                               count_include_pad=bool(a["count_include_pad"]), ceil_mode=bool(a["ceil_mode"]))
-    return f"{label} is not a linear op"
+    raise AssertionError(f"{label} is not an op of a linear chain")  # _chain walks _CHAIN_OPS only
 
 
 def _chain(g: GraphIndex, name: str, reader: onnx.NodeProto) -> tuple[list[onnx.NodeProto], str]:
@@ -191,18 +184,18 @@ def _chain(g: GraphIndex, name: str, reader: onnx.NodeProto) -> tuple[list[onnx.
 
 
 def _chain_branch(g: GraphIndex, nodes: list[onnx.NodeProto], channels: int | None, rank: int | None
-                  ) -> ConvBranch | str:
+                  ) -> ConvBranch | Refusal:
     """A chain composed into one ConvBranch (exact, or the reason it is not)."""
     composed = None
     for node in nodes:
         link = _as_branch(g, node, channels, rank)
-        if isinstance(link, str):
+        if isinstance(link, Refusal):
             return link
         channels, rank = link.out_channels, link.spatial_rank
         try:
             composed = link if composed is None else merge_sequential(composed, link)
         except MergeRefused as exc:
-            return f"{node.op_type} {node_label(node)} after the ops before it: {exc}"
+            return _inexact(exc, f"{node.op_type} {node_label(node)} after the ops before it: ")
     return composed
 
 
@@ -240,7 +233,7 @@ def _chain_macs(g: GraphIndex, nodes, channels, rank) -> int:
     total, per_position = 0, []
     for node in nodes:
         link = _as_branch(g, node, channels, rank)
-        if isinstance(link, str):
+        if isinstance(link, Refusal):
             return 0
         channels, rank = link.out_channels, link.spatial_rank
         per_position.append((_macs(link) if node.op_type == "Conv" else link.out_channels, link.strides))
@@ -269,7 +262,7 @@ def _add_tree(g: GraphIndex, root: onnx.NodeProto) -> tuple[list[str], list[onnx
     return terms, inner
 
 
-def _merge_branches(g: GraphIndex, root: onnx.NodeProto) -> _Outcome | str | None:
+def _merge_branches(g: GraphIndex, root: onnx.NodeProto) -> MergePlan | Refusal | None:
     if not root.output or not root.output[0] or len(root.input) < 2 or "" in root.input:
         return None
     terms, inner = _add_tree(g, root)
@@ -291,32 +284,29 @@ def _merge_branches(g: GraphIndex, root: onnx.NodeProto) -> _Outcome | str | Non
     for nodes, _ in chains:
         if nodes:
             branch = _chain_branch(g, nodes, channels, rank)
-            if isinstance(branch, str):
+            if isinstance(branch, Refusal):
                 return branch
             separate += _chain_macs(g, nodes, channels, rank)
         else:
             if channels is None or rank is None:
-                return f"the shape of '{x}', summed as it is, is unknown"
+                return Refusal("merge-shape-unknown", f"the shape of '{x}', summed as it is, is unknown")
             branch = identity_branch(channels, rank)
             separate += channels
         branches.append(branch)
     try:
         merged = merge_parallel(branches)
     except MergeRefused as exc:
-        return str(exc)
+        return _inexact(exc)
     if _macs(merged) > separate:
-        return f"the merged Conv would cost {_macs(merged)} multiply-adds per output, the branches {separate}"
+        return Refusal("merge-costlier",
+                       f"the merged Conv would cost {_macs(merged)} multiply-adds per output, the branches {separate}")
     all_nodes = [n for nodes, _ in chains for n in nodes]
     survivor = next(n for n in all_nodes if n.op_type == "Conv")
-    plan = _write_plan(g, survivor, merged, x, [n for n in all_nodes if n is not survivor] + inner + [root],
-                       root.output[0])
-    if isinstance(plan, str):
-        return plan
-    plan()
-    return _Outcome(MERGE_BRANCHES, node_label(survivor), [n for n in all_nodes + inner + [root] if n is not survivor])
+    return _conv_plan(g, MERGE_BRANCHES, root, survivor, merged, x,
+                      [n for n in all_nodes if n is not survivor] + inner + [root], root.output[0])
 
 
-def _merge_dense_branches(g: GraphIndex, root: onnx.NodeProto, terms, inner) -> _Outcome | str | None:
+def _merge_dense_branches(g: GraphIndex, root: onnx.NodeProto, terms, inner) -> MergePlan | Refusal | None:
     """Gemm/MatMul terms (and the input itself) summed, all reading one tensor: one Gemm, or one MatMul when no
     term has a bias. None when the terms are not that."""
     nodes, x = [], None
@@ -340,44 +330,41 @@ def _merge_dense_branches(g: GraphIndex, root: onnx.NodeProto, terms, inner) -> 
         a = get_attrs(node, transA=0, transB=0, alpha=1.0, beta=1.0)
         if node.op_type == "Gemm":
             if a["transA"]:
-                return f"{label} has transA=1: it contracts over the batch axis"
+                return Refusal("batch-axis-contracted", f"{label} has transA=1: it contracts over the batch axis")
             if len(node.input) > 2 and node.input[2]:
                 bias, reason = g.constant(node.input[2])
                 if bias is None:
-                    return f"bias of {label} is not constant: {reason}"
+                    return Refusal("bias-not-constant", f"bias of {label} is not constant: {reason}")
         try:
             branches.append(dense_branch(weight, bias, trans_b=bool(a["transB"]) and node.op_type == "Gemm",
                                          alpha=a["alpha"] if node.op_type == "Gemm" else 1.0, beta=a["beta"]))
         except MergeRefused as exc:
-            return f"{label}: {exc}"
+            return _inexact(exc, f"{label}: ")
     branches += [dense_identity(branches[0].in_features) for name, _ in terms if name == x]
     try:
         merged = merge_parallel_dense(branches)
     except MergeRefused as exc:
-        return str(exc)
+        return _inexact(exc)
     gemms = [n for n in nodes if n.op_type == "Gemm"]
     survivor = gemms[0] if gemms else nodes[0]
     if survivor.op_type == "MatMul" and np.any(merged.bias != 0):
-        return "the merged bias needs a Gemm, and no branch is one"
+        return Refusal("no-bias-carrier", "the merged bias needs a Gemm, and no branch is one")
     dtype = g.constant(survivor.input[1])[0].dtype
     try:
         weight = cast_checked(merged.weight, dtype)
         bias = cast_checked(merged.bias, dtype, "merged bias")
     except FoldRefused as exc:
-        return str(exc)
-    remove = [n for n in nodes if n is not survivor] + inner + [root]
-    g.reshape_annotation(g.write_tensor(survivor, 1, weight), weight.shape)
+        return _inexact(exc)
+    edits = [WriteTensor(survivor, 1, weight)]
     if survivor.op_type == "Gemm":
-        g.reshape_annotation(g.write_tensor(survivor, 2, bias), bias.shape)
-        for name, value in (("transB", 0), ("alpha", 1.0), ("beta", 1.0)):
-            set_attr(survivor, name, value)
-    for node in remove:
-        g.remove_node(node)
-    g.move_output(survivor, root.output[0])
-    return _Outcome(MERGE_BRANCHES, node_label(survivor), remove)
+        edits.append(WriteTensor(survivor, 2, bias))
+        edits += [SetAttribute(survivor, name, value) for name, value in (("transB", 0), ("alpha", 1.0), ("beta", 1.0))]
+    edits.append(MoveOutput(survivor, root.output[0]))
+    return MergePlan(MERGE_BRANCHES, root, node_label(survivor), edits,
+                     remove=[n for n in nodes if n is not survivor] + inner + [root])
 
 
-def _merge_sequence(g: GraphIndex, conv: onnx.NodeProto) -> _Outcome | str | None:
+def _merge_sequence(g: GraphIndex, conv: onnx.NodeProto) -> MergePlan | Refusal | None:
     if not conv.input or not conv.output or not conv.output[0]:
         return None
     nodes, x = _chain(g, conv.input[0], conv)
@@ -386,47 +373,31 @@ def _merge_sequence(g: GraphIndex, conv: onnx.NodeProto) -> _Outcome | str | Non
     nodes = nodes + [conv]
     channels, rank = _input_channels_and_rank(g, x, [nodes])
     merged = _chain_branch(g, nodes, channels, rank)
-    if isinstance(merged, str):
+    if isinstance(merged, Refusal):
         return merged
     separate = _chain_macs(g, nodes, channels, rank)
     if _macs(merged) > separate:
         return None  # exact but slower (e.g. a 1x1 bottleneck before a 3x3): not a merge worth making
-    plan = _write_plan(g, conv, merged, x, nodes[:-1], None)
-    if isinstance(plan, str):
-        return plan
-    plan()
-    return _Outcome(MERGE_SEQUENTIAL, node_label(conv), nodes[:-1])
+    return _conv_plan(g, MERGE_SEQUENTIAL, conv, conv, merged, x, nodes[:-1], None)
 
 
-def _write_plan(g: GraphIndex, survivor: onnx.NodeProto, merged: ConvBranch, x: str,
-                remove: list[onnx.NodeProto], output: str | None):
-    """The edits that make ``survivor`` the merged Conv reading ``x`` (and producing ``output``), as a callable;
-    the values are cast (checked) to the survivor's weight dtype first, so a refusal edits nothing."""
+def _conv_plan(g: GraphIndex, rule: str, source: onnx.NodeProto, survivor: onnx.NodeProto, merged: ConvBranch,
+               x: str, remove: list[onnx.NodeProto], output: str | None) -> MergePlan | Refusal:
+    """The plan that makes ``survivor`` the merged Conv reading ``x`` (and producing ``output``); the values are
+    cast (checked) to the survivor's weight dtype here, so a refusal edits nothing."""
     dtype = g.constant(survivor.input[1])[0].dtype
     try:
         weight = cast_checked(merged.weight, dtype)
         bias = cast_checked(merged.bias, dtype, "merged bias")
     except FoldRefused as exc:
-        return str(exc)
-
-    def apply() -> None:
-        if survivor.input[0] != x:
-            g.rename_input(survivor, survivor.input[0], x)
-        g.reshape_annotation(g.write_tensor(survivor, 1, weight), weight.shape)
-        g.reshape_annotation(g.write_tensor(survivor, 2, bias), bias.shape)
-        for name in ("auto_pad",):
-            for i, attr in enumerate(survivor.attribute):
-                if attr.name == name:
-                    del survivor.attribute[i]
-                    break
-        set_attr(survivor, "group", merged.groups)
-        set_attr(survivor, "kernel_shape", list(merged.kernel_shape))
-        set_attr(survivor, "pads", list(merged.pads))
-        set_attr(survivor, "strides", list(merged.strides))
-        set_attr(survivor, "dilations", list(merged.dilations))
-        for node in remove:
-            g.remove_node(node)
-        if output is not None:
-            g.move_output(survivor, output)
-    return apply
-
+        return _inexact(exc)
+    edits = [RenameInput(survivor, survivor.input[0], x)] if survivor.input[0] != x else []
+    edits += [WriteTensor(survivor, 2, bias), WriteTensor(survivor, 1, weight), RemoveAttribute(survivor, "auto_pad"),
+              SetAttribute(survivor, "group", merged.groups),
+              SetAttribute(survivor, "kernel_shape", list(merged.kernel_shape)),
+              SetAttribute(survivor, "pads", list(merged.pads)),
+              SetAttribute(survivor, "strides", list(merged.strides)),
+              SetAttribute(survivor, "dilations", list(merged.dilations))]
+    if output is not None:
+        edits.append(MoveOutput(survivor, output))
+    return MergePlan(rule, source, node_label(survivor), edits, remove=remove)

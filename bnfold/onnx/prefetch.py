@@ -2,9 +2,10 @@
 
 A model with thousands of BatchNormalization layers would otherwise spend most of its fold time in numpy's
 per-call overhead on arrays of a few dozen values. These functions do the float64 math of many folds at once (the
-channels of every layer laid end to end in one vector). The pass applies a prefetched Conv/ConvTranspose/Gemm fold
-only while the layer, its tensors and its one reader are as prefetch saw them; anything else (computed parameters,
-other ops, refusals, a graph changed by an earlier fold) takes the per-node path, which also explains why.
+channels of every layer laid end to end in one vector) and answer with the same :class:`~bnfold.onnx.plan.Plan`
+objects the rules make (tests/test_plans.py proves both paths give identical bytes). The pass applies a prefetched
+plan only while what it read holds (:meth:`Plan.holds`); anything else (computed parameters, other ops, refusals,
+a graph changed by an earlier fold) takes the per-node path, which also explains why.
 """
 
 from __future__ import annotations
@@ -13,11 +14,14 @@ import math
 from collections import defaultdict
 
 import numpy as np
-import onnx
 
 from ..affine import bn_to_affine_flat, channel_multiplier
-from .graph import RAW_FLOAT_DTYPES, GraphIndex, get_attr, get_attrs
-from .rules import check_batchnorm_channels, inference_epsilon
+from .batchnorm import inference_epsilon
+from .graph import GraphIndex
+from .nodes import get_attr, node_label
+from .ops import LINEAR_OPS, batchable
+from .plan import MoveOutput, Plan, ReadInput, SoleReader, WriteTensor
+from .tensors import RAW_FLOAT_DTYPES
 
 
 def prefetch_batchnorm_affines(g: GraphIndex, nodes) -> dict[int, tuple[np.ndarray, np.ndarray]]:
@@ -27,8 +31,9 @@ def prefetch_batchnorm_affines(g: GraphIndex, nodes) -> dict[int, tuple[np.ndarr
     by_dtype: dict[int, list] = defaultdict(list)
     initializers, inputs = g.initializers, g.inputs
     replaced = g.ctx.replacements if g.parent is None else {}
+    opset = g.ctx.opset
     for node in nodes:
-        epsilon = inference_epsilon(g, node)
+        epsilon = inference_epsilon(node, opset)
         if isinstance(epsilon, str):
             continue  # the per-node path says why
         tensors = []
@@ -71,39 +76,6 @@ def prefetch_batchnorm_affines(g: GraphIndex, nodes) -> dict[int, tuple[np.ndarr
     return cache
 
 
-class PrefetchedFold:
-    """New weight and bias of a Conv/ConvTranspose/Gemm for the BatchNormalization after it, computed ahead."""
-
-    __slots__ = ("rule", "node", "weight_name", "bias_name", "weight", "bias", "channels")
-
-    def __init__(self, rule: str, node: onnx.NodeProto, weight_name: str, bias_name: str, weight: np.ndarray,
-                 bias: np.ndarray | None, channels: int):
-        self.rule, self.node, self.weight_name, self.bias_name = rule, node, weight_name, bias_name
-        self.weight, self.bias, self.channels = weight, bias, channels
-
-    def still_applies(self, g: GraphIndex, bn: onnx.NodeProto) -> bool:
-        """Earlier folds left the layer, its tensors and its one reader (``bn``) as prefetch saw them."""
-        x = g.inputs_of(bn)[0]
-        if g.producer.get(x) is not self.node or not g.only_consumer(x, bn):
-            return False
-        inputs = g.inputs_of(self.node)
-        bias_name = inputs[2] if len(inputs) > 2 else ""
-        return (inputs[1] == self.weight_name and bias_name == self.bias_name and self.weight_name not in g.rewritten
-                and self.bias_name not in g.rewritten)
-
-    def apply(self, g: GraphIndex, bn: onnx.NodeProto) -> None:
-        """The edits the conv-bn/convtranspose-bn/gemm-bn rules would make, then ``bn`` goes. An annotated input
-        shape of ``bn`` that disagrees with its channels is an invalid model, as on the per-node path."""
-        check_batchnorm_channels(g, bn, self.channels)
-        node = self.node
-        # bias first, as in AfterTarget.plan_edits: a weight read by a computed bias is then rewritten in place
-        if self.bias is not None:
-            g.write_tensor(node, 2, self.bias)
-        g.write_tensor(node, 1, self.weight)
-        g.move_output(node, g.outputs_of(bn)[0])
-        g.remove_node(bn)
-
-
 def _plain_tensor(g: GraphIndex, name: str):
     """The initializer behind ``name`` when its bytes can be read directly, else None."""
     tensor = g.initializers.get(name)
@@ -136,12 +108,13 @@ def _bias_values(g: GraphIndex, name: str, data_type: int, channels: int) -> np.
     return value
 
 
-def prefetch_conv_folds(g: GraphIndex, nodes, affines: dict[int, tuple[np.ndarray, np.ndarray]],
-                        rule_for: dict[str, str]) -> dict[int, PrefetchedFold]:
-    """Folded weights for every Conv/ConvTranspose/Gemm -> BatchNormalization whose weight is a plain initializer
-    and whose bias is one too, or a computed constant, or absent; ``rule_for`` maps each op whose rule is enabled
-    to the rule's name. New biases are computed in one run of numpy calls; each weight is multiplied straight into
-    its folded dtype. Keyed by ``id(bn)``. Call under ``np.errstate(all="ignore")`` (the fold pass does)."""
+def prefetch_linear_plans(g: GraphIndex, nodes, affines: dict[int, tuple[np.ndarray, np.ndarray]],
+                        rule_for: dict[str, str]) -> dict[int, tuple[Plan, int]]:
+    """Plans for every linear op -> BatchNormalization whose op is :func:`~bnfold.onnx.ops.batchable`, whose
+    weight is a plain initializer and whose bias is one too, or a computed constant, or absent; ``rule_for`` maps
+    each op whose rule is enabled to the rule's name. New biases are computed in one run of numpy calls; each weight
+    is multiplied straight into its folded dtype. Keyed by ``id(bn)``: ``(plan, channels)``. Call under
+    ``np.errstate(all="ignore")`` (the fold pass does)."""
     jobs = []
     producers = g.producer
     for bn in nodes:
@@ -152,8 +125,9 @@ def prefetch_conv_folds(g: GraphIndex, nodes, affines: dict[int, tuple[np.ndarra
         layer = producers.get(x)
         if layer is None:
             continue
-        op = layer.op_type
-        if op not in rule_for or layer.domain not in ("", "ai.onnx") or not g.only_consumer(x, bn):
+        op = LINEAR_OPS.get(layer.op_type)
+        if op is None or layer.op_type not in rule_for or not batchable(op) or layer.domain not in ("", "ai.onnx") \
+                or not g.only_consumer(x, bn):
             continue
         inputs = g.inputs_of(layer)
         if len(inputs) < 2:
@@ -162,42 +136,35 @@ def prefetch_conv_folds(g: GraphIndex, nodes, affines: dict[int, tuple[np.ndarra
         if weight is None:
             continue
         dims = tuple(weight.dims)
-        group = 1
-        if op == "Gemm":
-            attrs = get_attrs(layer, beta=1.0, transB=0)
-            if len(dims) != 2 or attrs["beta"] != 1.0:
-                continue  # beta != 1 is rewritten by the per-node path
-            axis = 0 if attrs["transB"] else 1
-            channels = dims[axis]
-        elif len(dims) < 3:
+        if op.weight_rank_reason(len(dims)):
             continue
-        elif op == "Conv":
-            axis, channels = 0, dims[0]
-        else:
-            group = int(get_attr(layer, "group", 1))
-            axis, channels = 1, dims[1] * group
-            if group < 1 or dims[0] % group:
-                continue
+        if op.bias_scale_attr and get_attr(layer, op.bias_scale_attr, 1.0) != 1.0:
+            continue  # a bias scale != 1 is rewritten by the per-node path
+        axis, _ = op.axes(layer)
+        group = op.axis_groups(layer, axis)
+        if group < 1 or dims[0] % group:
+            continue
+        channels = dims[axis] * group
         if st[0].shape[0] != channels:
             continue
-        bias_name = inputs[2] if len(inputs) > 2 else ""
+        bias_name = inputs[op.bias_slot] if len(inputs) > op.bias_slot else ""
         bias = None
         if bias_name:
             bias = _bias_values(g, bias_name, weight.data_type, channels)
             if bias is None:
                 continue
-        jobs.append((bn, layer, weight, dims, axis, group, bias_name, bias, st))
-    done: dict[int, PrefetchedFold] = {}
+        jobs.append((bn, x, layer, op, weight, dims, axis, group, bias_name, bias, st))
+    done: dict[int, tuple[Plan, int]] = {}
     if not jobs:
         return done
     # New biases: s*b + t where the layer has a bias, t itself where it has none (as absorb_after has it).
-    with_bias = [job for job in jobs if job[7] is not None]
+    with_bias = [job for job in jobs if job[9] is not None]
     if with_bias:
-        flat = np.concatenate([job[8][0] for job in with_bias]) * \
-            np.concatenate([job[7] for job in with_bias]).astype(np.float64) + \
-            np.concatenate([job[8][1] for job in with_bias])
+        flat = np.concatenate([job[10][0] for job in with_bias]) * \
+            np.concatenate([job[9] for job in with_bias]).astype(np.float64) + \
+            np.concatenate([job[10][1] for job in with_bias])
     start = 0
-    for bn, layer, tensor, dims, axis, group, bias_name, bias, (s, t) in jobs:
+    for bn, x, layer, op, tensor, dims, axis, group, bias_name, bias, (s, t) in jobs:
         if bias is not None:
             end = start + s.shape[0]
             new_b = flat[start:end]
@@ -218,6 +185,11 @@ def prefetch_conv_folds(g: GraphIndex, nodes, affines: dict[int, tuple[np.ndarra
         if new_b is not None:
             new_b = new_b.astype(dtype)
         if np.isfinite(new_w).all() and (new_b is None or np.isfinite(new_b).all()):
-            done[id(bn)] = PrefetchedFold(rule_for[layer.op_type], layer, tensor.name, bias_name, new_w, new_b,
-                                          s.shape[0])
+            # the edits AfterTarget.plan_edits makes, in its order: bias first, weight, then the output moves
+            edits = [] if new_b is None else [WriteTensor(layer, op.bias_slot, new_b)]
+            edits += [WriteTensor(layer, 1, new_w), MoveOutput(layer, g.outputs_of(bn)[0])]
+            reads = [SoleReader(x, layer, bn), ReadInput(layer, 1, tensor.name),
+                     ReadInput(layer, op.bias_slot, bias_name)]
+            plan = Plan(rule_for[layer.op_type], bn, node_label(layer), edits, [bn], reads)
+            done[id(bn)] = (plan, s.shape[0])
     return done

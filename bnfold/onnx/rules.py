@@ -3,28 +3,32 @@
 A rule's :meth:`Rule.match` looks at one normalization (a BatchNormalization, or a Mul/Add/Sub/Div by a
 per-channel constant) and answers with
 
-* a :class:`Plan` — all math done and cast-checked, only the graph edit left to :meth:`Plan.apply`;
-* a string — the reason this pattern is present but can not be folded exactly;
+* a :class:`~bnfold.onnx.plan.Plan` — all math done and cast-checked, the graph edits as data for
+  :func:`~bnfold.onnx.plan.apply_plan`;
+* a :class:`~bnfold.onnx.plan.Refusal` — why this pattern is present but can not be folded exactly (with a code);
 * ``None`` — the pattern is not there at all.
 
-Matching never edits the graph, so a refusal leaves the model exactly as it was.
+Matching never edits the graph, so a refusal leaves the model exactly as it was. What each linear op is (weight
+axes, bias, attributes) comes from :data:`bnfold.onnx.ops.LINEAR_OPS`; the after/before rules are generated from it.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Callable, ClassVar
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import onnx
 
 from ..affine import FoldRefused, absorb_after, absorb_before, bn_to_affine, cast_checked
 from ..errors import InputError
-from .constant_ops import attribute_value
-from .graph import GraphIndex, get_attr, node_label, set_attr
-
-Reason = str
+from .batchnorm import check_channels, check_parameter_lengths, inference_epsilon
+from .graph import GraphIndex
+from .nodes import get_attr, node_label
+from .ops import LINEAR_OPS, LinearOp, linear_op
+from .plan import (MoveOutput, Plan, ReadInput, Refusal, RenameInput, SetAttribute, SetOpType, SoleReader,
+                   TurnIntoAdd, WriteTensor)
 
 
 @dataclass
@@ -42,97 +46,46 @@ class Affine:
         return int(self.s.shape[0])
 
 
-@dataclass
-class Plan:
-    """A fold ready to happen: graph edits, then the normalization nodes that disappear."""
-
-    rule: str
-    into: str
-    edits: list[Callable[[], None]] = field(default_factory=list)
-    remove: list[onnx.NodeProto] = field(default_factory=list)
-
-    def apply(self, g: GraphIndex) -> None:
-        for edit in self.edits:
-            edit()
-        for node in self.remove:
-            if not g.is_removed(node):
-                g.remove_node(node)
-
-
-# ONNX float attributes are float32: an absent epsilon means float32(1e-5), as runtimes read it.
-DEFAULT_EPSILON = float(np.float32(1e-5))
+def _refused(exc: FoldRefused) -> Refusal:
+    return Refusal(exc.code, str(exc))
 
 
 # ---- the normalization side ---------------------------------------------------------------------------------
 
-def inference_epsilon(g: GraphIndex, node: onnx.NodeProto) -> float | Reason:
-    """The epsilon of a BatchNormalization that normalizes by its stored statistics, else why it does not."""
-    opset = g.ctx.opset
-    if opset < 6:
-        return f"BatchNormalization-{opset} (consumed_inputs era) is not supported"
-    outputs = g.outputs_of(node)
-    if len(outputs) > 1 and any(outputs[1:]):
-        return "training mode: the node also outputs running statistics"
-    epsilon = training_mode = is_test = spatial = None
-    for attr in node.attribute:  # one pass: the first of each name counts, as get_attr reads them
-        name = attr.name
-        if name == "epsilon" and epsilon is None:
-            epsilon = attribute_value(attr)
-        elif name == "training_mode" and training_mode is None:
-            training_mode = attr.i
-        elif name == "is_test" and is_test is None:
-            is_test = attr.i
-        elif name == "spatial" and spatial is None:
-            spatial = attr.i
-    if training_mode:
-        return "training mode (training_mode=1): it normalizes by batch statistics"
-    if opset < 7 and not is_test:
-        return "training mode (is_test=0 in BatchNormalization-6)"
-    if opset < 9 and spatial == 0:
-        return "spatial=0: statistics per activation, not per channel"
-    if len(g.inputs_of(node)) < 5 or not outputs or not outputs[0]:
-        return "malformed BatchNormalization (needs 5 inputs and an output)"
-    return DEFAULT_EPSILON if epsilon is None else epsilon
-
-
 def batchnorm_affine(g: GraphIndex, node: onnx.NodeProto,
-                     prefetched: dict[int, tuple[np.ndarray, np.ndarray]] | None = None) -> Affine | Reason:
+                     prefetched: dict[int, tuple[np.ndarray, np.ndarray]] | None = None) -> Affine | Refusal:
     """A BatchNormalization in inference mode with constant parameters, as a per-channel affine."""
     inputs = g.inputs_of(node)
     hit = prefetched.pop(id(node), None) if prefetched else None
     if hit is not None:  # prefetch made inference_epsilon's checks before it did the math
         check_batchnorm_channels(g, node, hit[0].shape[0])
         return Affine(node, inputs[0], g.outputs_of(node)[0], *hit)
-    epsilon = inference_epsilon(g, node)
-    if isinstance(epsilon, str):
+    epsilon = inference_epsilon(node, g.ctx.opset)
+    if isinstance(epsilon, Refusal):
         return epsilon
     params = []
     for role, name in zip(("scale", "bias", "mean", "var"), inputs[1:5]):
         value, reason = g.constant(name)
         if value is None:
-            return f"{role} is not constant: {reason}"
+            return Refusal("param-not-constant", f"{role} is not constant: {reason}")
         if value.ndim != 1:
-            return f"{role} has shape {list(value.shape)}, expected one value per channel"
+            return Refusal("param-not-per-channel",
+                           f"{role} has shape {list(value.shape)}, expected one value per channel")
         params.append(value)
-    if len({p.shape[0] for p in params}) != 1:
-        raise InputError(f"invalid model: BatchNormalization {node_label(node)} has scale, B, mean and var of "
-                         f"lengths {[p.shape[0] for p in params]}")
+    check_parameter_lengths(node, [p.shape[0] for p in params])
     check_batchnorm_channels(g, node, params[0].shape[0])
     if not all(_is_float(p) for p in params):
-        return "parameters are not floating point"
+        return Refusal("not-float", "parameters are not floating point")
     try:
         s, t = bn_to_affine(*params, epsilon)
     except FoldRefused as exc:
-        return str(exc)
+        return _refused(exc)
     return Affine(node, inputs[0], g.outputs_of(node)[0], s, t)
 
 
 def check_batchnorm_channels(g: GraphIndex, node: onnx.NodeProto, channels: int) -> None:
     """A BN whose parameters do not match its input's channel count (when the shape is at hand) is invalid."""
-    shape = g.known_shape(g.inputs_of(node)[0])
-    if shape is not None and len(shape) >= 2 and isinstance(shape[1], int) and shape[1] != channels:
-        raise InputError(f"invalid model: BatchNormalization {node_label(node)} has {channels} channels, "
-                         f"but its input has {shape[1]}")
+    check_channels(node, channels, g.known_shape(g.inputs_of(node)[0]))
 
 
 def _channel_vector(const: np.ndarray, rank: int | None, channels: int) -> np.ndarray | None:
@@ -153,7 +106,7 @@ def _gemm_allowed(g: GraphIndex, dtype) -> bool:
 
 
 class _Weight:
-    """A constant weight whose values are read only when the math needs them (prefetched folds never do)."""
+    """A constant weight whose values are read only when the math needs them."""
 
     __slots__ = ("g", "name", "shape", "dtype", "_values")
 
@@ -185,65 +138,67 @@ def _weight(g: GraphIndex, name: str) -> tuple[_Weight | None, str]:
 class AfterTarget:
     """A linear op whose output channels can absorb a per-channel affine applied to its output."""
 
+    op: LinearOp
     node: onnx.NodeProto
     output: str  # the value the normalization reads
     weight: _Weight
     axis: int
     groups: int
     bias: np.ndarray | None  # effective bias in float64 (Gemm: beta*C, MatMul+Add: the Add constant)
+    bias_name: str  # the input the bias was read from ("" when none)
     channels: int
     rank: int | None
     bias_node: onnx.NodeProto | None = None  # the Add of MatMul -> Add
     bias_slot: int = 2
 
     def plan_edits(self, g: GraphIndex, s: np.ndarray, t: np.ndarray, out_name: str | None,
-                   norm: onnx.NodeProto | None) -> tuple[list[Callable[[], None]], bool]:
-        """Math now (refusals raise FoldRefused), edits later: ``(edits, norm_kept)``.
+                   norm: onnx.NodeProto | None) -> tuple[list, bool]:
+        """Math now (refusals raise FoldRefused), edits as data: ``(edits, norm_kept)``.
 
         ``out_name``: the value the op produces afterwards (None keeps its own). A MatMul that may not become
         Gemm (old opsets) turns ``norm`` into the Add that carries the new bias; ``norm_kept`` says so.
         """
         if s.shape[0] != self.channels:
-            raise FoldRefused(f"{s.shape[0]} channels vs {self.channels} output channels of {node_label(self.node)}")
+            raise FoldRefused(f"{s.shape[0]} channels vs {self.channels} output channels of {node_label(self.node)}",
+                              "channel-mismatch")
         dtype = self.weight.dtype
         new_w, new_b = absorb_after(self.weight.values, self.bias, s, t, axis=self.axis, groups=self.groups)
         new_w = cast_checked(new_w, dtype)
         needs_bias = self.bias is not None or bool(np.any(t != 0))
         new_b = cast_checked(new_b, dtype, "folded bias") if needs_bias else None
-        node, op, renamed = self.node, self.node.op_type, self.node
-        edits: list[Callable[[], None]] = []
+        op, node, renamed = self.op, self.node, self.node
+        edits: list = []
         norm_kept = False
         if new_b is None:
             pass
-        elif op in ("Conv", "ConvTranspose"):
-            edits.append(lambda: g.write_tensor(node, 2, new_b.reshape(-1)))
-        elif op == "Gemm":
-            edits.append(lambda: g.write_tensor(node, 2, new_b))
-            if get_attr(node, "beta", 1.0) != 1.0:
-                edits.append(lambda: set_attr(node, "beta", 1.0))
+        elif op.bias_slot is not None:
+            edits.append(WriteTensor(node, op.bias_slot, new_b if op.bias_broadcasts else new_b.reshape(-1)))
+            if op.bias_scale_attr and get_attr(node, op.bias_scale_attr, 1.0) != 1.0:
+                edits.append(SetAttribute(node, op.bias_scale_attr, 1.0))
         elif self.bias_node is not None:  # MatMul -> Add(const): the Add keeps carrying the bias
-            add, slot, renamed = self.bias_node, self.bias_slot, self.bias_node
-            edits.append(lambda: g.write_tensor(add, slot, new_b))
-        elif _gemm_allowed(g, dtype):
-            edits.append(lambda: _matmul_to_gemm(g, node, new_b))
+            renamed = self.bias_node
+            edits.append(WriteTensor(self.bias_node, self.bias_slot, new_b))
+        elif _gemm_allowed(g, dtype):  # a rank-2 MatMul becomes Gemm(x, W, bias): the bias in the same kernel
+            edits += [SetOpType(node, "Gemm"), WriteTensor(node, 2, new_b)]
         elif norm is not None:
-            matmul_out = self.output
-            edits.append(lambda: g.turn_into_add(norm, matmul_out, new_b))
+            edits.append(TurnIntoAdd(norm, self.output, new_b))
             norm_kept, out_name = True, None
         else:
-            raise FoldRefused("would need a new Add node (opset < 11 has no Gemm with optional bias)")
+            raise FoldRefused("would need a new Add node (opset < 11 has no Gemm with optional bias)",
+                              "no-bias-carrier")
         # The weight goes last: a computed bias (an exporter's Shape(W) -> Expand chain) may read the weight, and
         # once the new bias has replaced it the weight has one reader left and is rewritten in place, not copied.
-        edits.append(lambda: g.write_tensor(node, 1, new_w))
+        edits.append(WriteTensor(node, 1, new_w))
         if out_name is not None:
-            edits.append(lambda: g.move_output(renamed, out_name))
+            edits.append(MoveOutput(renamed, out_name))
         return edits, norm_kept
 
-
-def _matmul_to_gemm(g: GraphIndex, matmul: onnx.NodeProto, bias: np.ndarray) -> None:
-    """A rank-2 MatMul becomes Gemm(x, W, bias): same product, the bias added in the same kernel."""
-    matmul.op_type = "Gemm"
-    g.write_tensor(matmul, 2, bias)
+    def reads(self) -> list:
+        """What the plan read of the op: its weight and bias inputs (a bias Add is checked by its sole reader)."""
+        reads = [ReadInput(self.node, 1, self.weight.name)]
+        if self.op.bias_slot is not None:
+            reads.append(ReadInput(self.node, self.op.bias_slot, self.bias_name))
+        return reads
 
 
 class _Label:
@@ -258,76 +213,82 @@ class _Label:
         return f"{self.op} {node_label(self.node)}"
 
 
-def after_target(g: GraphIndex, name: str, reader: onnx.NodeProto) -> AfterTarget | Reason | None:
+def after_target(g: GraphIndex, name: str, reader: onnx.NodeProto) -> AfterTarget | Refusal | None:
     """The linear op producing ``name``, if ``reader`` is its only consumer and its weights are constant."""
     node = g.producer.get(name)
     if node is None or node.domain not in ("", "ai.onnx"):
         return None
-    op = node.op_type
     bias_node = add_bias = None
-    if op == "Add":  # MatMul -> Add(const) -> normalization
-        found = _matmul_bias_add(g, node)
+    bias_slot = 2
+    if node.op_type == "Add":  # MatMul -> Add(const) -> normalization
+        found = _bias_add(g, node)
         if found is None:
             return None
         bias_node, node, bias_slot, add_bias = found
-        op = "MatMul"
-    if op not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+    op = LINEAR_OPS.get(node.op_type)
+    if op is None:
         return None
-    label = _Label(op, node)  # formatted only when a refusal needs it
+    label = _Label(node.op_type, node)  # formatted only when a refusal needs it
     if not g.only_consumer(name, reader):
-        return f"the output of {label} is also used elsewhere: {g.usage(name)}"
+        return Refusal("output-shared", f"the output of {label} is also used elsewhere: {g.usage(name)}")
     if bias_node is not None and not g.only_consumer(node.output[0], bias_node):
-        return f"the output of {label} is also used elsewhere: {g.usage(node.output[0])}"
+        return Refusal("output-shared", f"the output of {label} is also used elsewhere: {g.usage(node.output[0])}")
     inputs = node.input
     if len(inputs) < 2:
-        return f"{label} has no weight input"
+        return Refusal("no-weight", f"{label} has no weight input")
     weight, reason = _weight(g, inputs[1])
     if weight is None:
-        return f"weight of {label} is not constant: {reason}"
+        return Refusal("weight-not-constant", f"weight of {label} is not constant: {reason}")
     if not _is_float(weight):
-        return f"weight of {label} is not floating point"
-    bias = None
-    if op != "MatMul" and len(inputs) > 2 and inputs[2]:
-        bias, reason = g.constant(inputs[2])
+        return Refusal("not-float", f"weight of {label} is not floating point")
+    bias, bias_name = None, ""
+    if op.bias_slot is not None and len(inputs) > op.bias_slot and inputs[op.bias_slot]:
+        bias_name = inputs[op.bias_slot]
+        bias, reason = g.constant(bias_name)
         if bias is None:
-            return f"bias of {label} is not constant: {reason}"
+            return Refusal("bias-not-constant", f"bias of {label} is not constant: {reason}")
         bias = np.asarray(bias, dtype=np.float64)
-    if op == "Conv" or op == "ConvTranspose":
-        if weight.ndim < 3:
-            return f"weight of {label} has rank {weight.ndim}"
-        if op == "Conv":
-            return AfterTarget(node, name, weight, 0, 1, bias, weight.shape[0], weight.ndim)
-        groups = int(get_attr(node, "group", 1))
-        return AfterTarget(node, name, weight, 1, groups, bias, weight.shape[1] * groups, weight.ndim)
-    if weight.ndim != 2:
-        return f"weight of {label} has rank {weight.ndim}, expected 2"
-    if op == "Gemm":
-        axis = 0 if get_attr(node, "transB", 0) else 1
-        if bias is not None:
-            bias = bias * float(get_attr(node, "beta", 1.0))
-            if bias.ndim > 2 or (bias.ndim >= 1 and bias.shape[-1] not in (1, weight.shape[axis])):
-                return f"bias of {label} has shape {list(bias.shape)}"
-        return AfterTarget(node, name, weight, axis, 1, bias, weight.shape[axis], 2)
-    # MatMul: its last axis is BN's channel axis 1 only for a rank-2 product
+    rank_reason = op.weight_rank_reason(weight.ndim)
+    if rank_reason:
+        return Refusal("weight-rank", f"weight of {label} {rank_reason}")
+    axis, _ = op.axes(node)
+    groups = op.axis_groups(node, axis)
+    channels = weight.shape[axis] * groups
+    if bias is not None:
+        if op.bias_scale_attr:
+            bias = bias * float(get_attr(node, op.bias_scale_attr, 1.0))
+        if op.bias_broadcasts and (bias.ndim > 2 or (bias.ndim >= 1 and bias.shape[-1] not in (1, channels))):
+            return Refusal("bias-shape", f"bias of {label} has shape {list(bias.shape)}")
+    if op.activation_rank is not None:  # the weight's output axis is BN's channel axis 1 only at this rank
+        reason = _activation_rank_reason(g, node, op, label, "channel axis 1 is not the weight's output axis")
+        if reason is not None:
+            return reason
+    if bias_node is not None:
+        if add_bias.ndim > 2 or (add_bias.ndim >= 1 and add_bias.shape[-1] not in (1, channels)) or \
+                (add_bias.ndim == 2 and add_bias.shape[0] != 1):
+            return Refusal("bias-shape", f"the Add after {label} does not add a per-channel constant")
+        return AfterTarget(op, node, name, weight, axis, groups, add_bias, "", channels, weight.ndim, bias_node,
+                           bias_slot)
+    return AfterTarget(op, node, name, weight, axis, groups, bias, bias_name, channels, weight.ndim)
+
+
+def _activation_rank_reason(g: GraphIndex, node: onnx.NodeProto, op: LinearOp, label, why: str) -> Refusal | None:
     rank = g.rank(node.input[0])
     if rank is None:
-        return f"can not prove the input of {label} is rank 2 (no shape information)"
-    if rank != 2:
-        return f"{label} multiplies a rank-{rank} tensor: channel axis 1 is not the weight's output axis"
-    if bias_node is not None:
-        if add_bias.ndim > 2 or (add_bias.ndim >= 1 and add_bias.shape[-1] not in (1, weight.shape[1])) or \
-                (add_bias.ndim == 2 and add_bias.shape[0] != 1):
-            return f"the Add after {label} does not add a per-channel constant"
-        return AfterTarget(node, name, weight, 1, 1, add_bias, weight.shape[1], 2, bias_node, bias_slot)
-    return AfterTarget(node, name, weight, 1, 1, None, weight.shape[1], 2)
+        return Refusal("rank-unknown",
+                       f"can not prove the input of {label} is rank {op.activation_rank} (no shape information)")
+    if rank != op.activation_rank:
+        return Refusal("rank-mismatch", f"{label} multiplies a rank-{rank} tensor: {why}")
+    return None
 
 
-def _matmul_bias_add(g: GraphIndex, add: onnx.NodeProto):
-    """(add, matmul, constant slot, constant) when ``add`` is MatMul(x, W) + constant."""
+def _bias_add(g: GraphIndex, add: onnx.NodeProto):
+    """(add, op node, constant slot, constant) when ``add`` adds a constant to a linear op without a bias input."""
     for slot in (0, 1):
         other = add.input[1 - slot]
         producer = g.producer.get(other)
-        if producer is not None and producer.op_type == "MatMul" and producer.domain in ("", "ai.onnx"):
+        op = linear_op(producer) if producer is not None else None
+        if op is not None and op.bias_slot is None:
             const, _ = g.constant(add.input[slot])
             if const is not None and _is_float(const):
                 return add, producer, slot, np.asarray(const, dtype=np.float64)
@@ -343,18 +304,21 @@ def _is_float(a) -> bool:
 class Rule:
     """One folding pattern. ``name`` is what ``--skip`` takes."""
 
-    name: ClassVar[str]
-    summary: ClassVar[str]
+    name: str
+    summary: str
     sources: ClassVar[frozenset[str]] = frozenset({"BatchNormalization"})
 
-    def match(self, g: GraphIndex, norm: Affine) -> Plan | Reason | None:
+    def match(self, g: GraphIndex, norm: Affine) -> Plan | Refusal | None:
         raise NotImplementedError
 
 
 class FoldAfter(Rule):
-    """Normalization after a linear op of ``op_type``: scale its output channels, shift its bias."""
+    """Normalization after a linear op: scale its output channels, shift its bias."""
 
-    op_types: ClassVar[tuple[str, ...]]
+    def __init__(self, op: LinearOp):
+        self.op, self.name, self.summary = op, op.after_rule, op.after_summary
+        # an op without a bias input may have its bias in an Add after it
+        self.op_types = (op.op_type,) + (("Add",) if op.bias_slot is None else ())
 
     def match(self, g, norm):
         producer = g.producer.get(norm.x)
@@ -363,51 +327,40 @@ class FoldAfter(Rule):
         target = after_target(g, norm.x, norm.node)
         if not isinstance(target, AfterTarget):
             return target
-        if target.node.op_type in ("Conv", "ConvTranspose") and norm.node.op_type == "BatchNormalization" and \
-                norm.s.shape[0] != target.channels:  # both read axis 1: only an invalid model disagrees
+        if target.op is not self.op:
+            return None
+        if self.op.nc_output and norm.node.op_type == "BatchNormalization" and norm.s.shape[0] != target.channels:
+            # both read axis 1 of [N, C, ...]: only an invalid model disagrees
             raise InputError(f"invalid model: BatchNormalization {node_label(norm.node)} has {norm.s.shape[0]} "
                              f"channels, but its input has {target.channels} ({node_label(target.node)})")
         try:
             edits, norm_kept = target.plan_edits(g, norm.s, norm.t, norm.y, norm.node)
         except FoldRefused as exc:
-            return str(exc)
-        return Plan(self.name, node_label(target.node), edits, [] if norm_kept else [norm.node])
-
-
-class ConvBN(FoldAfter):
-    name, summary, op_types = "conv-bn", "Conv -> BatchNormalization (1-D/2-D/3-D, grouped)", ("Conv",)
-
-
-class ConvTransposeBN(FoldAfter):
-    name, summary, op_types = "convtranspose-bn", "ConvTranspose -> BatchNormalization", ("ConvTranspose",)
-
-
-class GemmBN(FoldAfter):
-    name, summary, op_types = "gemm-bn", "Gemm -> BatchNormalization", ("Gemm",)
-
-
-class MatMulBN(FoldAfter):
-    name, summary, op_types = "matmul-bn", "MatMul [-> Add] -> BatchNormalization (rank 2)", ("MatMul", "Add")
+            return _refused(exc)
+        return Plan(self.name, norm.node, node_label(target.node), edits, [] if norm_kept else [norm.node],
+                    [SoleReader(norm.x, producer, norm.node)] + target.reads())
 
 
 class FoldBefore(Rule):
     """Normalization feeding a linear op: scale its input channels, push the shift through into its bias."""
 
-    op_types: ClassVar[tuple[str, ...]]
+    def __init__(self, op: LinearOp):
+        self.op, self.name, self.summary = op, op.before_rule, op.before_summary
 
     def match(self, g, norm):
         users = g.consumers.get(norm.y, [])
         if len(users) != 1 or norm.y in g.outputs:
             return None
         consumer, via = users[0], None
-        if consumer.op_type in ("Flatten", "Reshape") and consumer.input[0] == norm.y and self.op_types != ("Conv",):
+        dense = self.op.max_weight_rank == 2  # a 2-D weight reads features: channels may be flattened first
+        if consumer.op_type in ("Flatten", "Reshape") and consumer.input[0] == norm.y and dense:
             flattened = consumer.output[0]
             readers = g.consumers.get(flattened, [])
             if len(readers) != 1 or flattened in g.outputs:
                 return None
             via, consumer = consumer, readers[0]
         reads = via.output[0] if via is not None else norm.y
-        if consumer.op_type not in self.op_types or consumer.domain not in ("", "ai.onnx") or \
+        if consumer.op_type != self.op.op_type or consumer.domain not in ("", "ai.onnx") or \
                 not consumer.input or consumer.input[0] != reads:
             return None
         label = f"{consumer.op_type} {node_label(consumer)}"
@@ -416,55 +369,116 @@ class FoldBefore(Rule):
             if reason:
                 return reason
         if len(consumer.input) < 2 or consumer.input[1] == reads:
-            return f"{label} reads the normalized tensor as its weight"
+            return Refusal("weight-is-input", f"{label} reads the normalized tensor as its weight")
         weight, reason = g.constant(consumer.input[1])
         if weight is None:
-            return f"weight of {label} is not constant: {reason}"
+            return Refusal("weight-not-constant", f"weight of {label} is not constant: {reason}")
         if not _is_float(weight):
-            return f"weight of {label} is not floating point"
+            return Refusal("not-float", f"weight of {label} is not floating point")
         s, t = norm.s, norm.t
         if via is not None:  # channel c covers a run of K/C consecutive features after flattening
-            features = weight.shape[-1] if consumer.op_type == "Gemm" and get_attr(consumer, "transB", 0) \
-                else weight.shape[0]
+            _, in_axis = self.op.axes(consumer)
+            features = weight.shape[min(in_axis, weight.ndim - 1)]
             if weight.ndim != 2 or features % norm.channels:
-                return f"{label} reads {features} features, not a multiple of {norm.channels} channels"
+                return Refusal("channel-mismatch",
+                               f"{label} reads {features} features, not a multiple of {norm.channels} channels")
             s, t = np.repeat(s, features // norm.channels), np.repeat(t, features // norm.channels)
         try:
             edits = self.plan(g, consumer, weight, s, t, label, rank_known=via is not None)
         except FoldRefused as exc:
-            return str(exc)
-        if isinstance(edits, str):
+            return _refused(exc)
+        if isinstance(edits, Refusal):
             return edits
-        first, x, y = (via if via is not None else consumer), norm.x, norm.y
-        edits.append(lambda: g.rename_input(first, y, x))
-        return Plan(self.name, node_label(consumer), edits, [norm.node])
+        first = via if via is not None else consumer
+        edits.append(RenameInput(first, norm.y, norm.x))
+        return Plan(self.name, norm.node, node_label(consumer), edits, [norm.node])
 
-    def plan(self, g, consumer, weight, s, t, label, rank_known):
-        raise NotImplementedError
+    def plan(self, g, consumer, weight, s, t, label, rank_known) -> list | Refusal:
+        op = self.op
+        if op.refuse_before_attr and get_attr(consumer, op.refuse_before_attr, 0):
+            return Refusal("batch-axis-contracted", f"{label} {op.refuse_before_reason}")
+        if op.activation_rank is not None and not rank_known:
+            reason = _activation_rank_reason(g, consumer, op, label,
+                                             "BatchNormalization's channel axis is not contracted")
+            if reason is not None:
+                return reason
+        if op.pads_input and not _no_padding(g, consumer, weight):
+            return Refusal("pads-input", f"{label} pads its input: the shift would not reach the padded border")
+        out_axis, in_axis = op.axes(consumer)
+        groups = op.axis_groups(consumer, in_axis)
+        if op.weight_rank_reason(weight.ndim) or weight.shape[in_axis] * groups != s.shape[0]:
+            if op.max_weight_rank == 2:
+                contracted = weight.shape[in_axis] if weight.ndim > in_axis else "?"
+                return Refusal("channel-mismatch", f"{label} contracts over {contracted} features, not {s.shape[0]}")
+            return Refusal("channel-mismatch", f"{label} reads {weight.shape[in_axis] * groups} channels, "
+                                               f"BatchNormalization has {s.shape[0]}")
+        new_w, shift = absorb_before(weight, None, s, t, in_axis=in_axis, out_axis=out_axis, groups=groups)
+        new_w = cast_checked(new_w, weight.dtype)
+        if op.bias_slot is None:
+            return _bias_after(g, consumer, weight, new_w, shift)
+        bias = None
+        if len(consumer.input) > op.bias_slot and consumer.input[op.bias_slot]:
+            bias, reason = g.constant(consumer.input[op.bias_slot])
+            if bias is None:
+                return Refusal("bias-not-constant", f"bias of {label} is not constant: {reason}")
+            if op.bias_broadcasts and (bias.ndim > 2 or (bias.ndim >= 1 and bias.shape[-1] not in (1, shift.shape[0]))):
+                return Refusal("bias-shape", f"bias of {label} has shape {list(bias.shape)}")
+        alpha = float(get_attr(consumer, op.output_scale_attr, 1.0)) if op.output_scale_attr else 1.0
+        beta = float(get_attr(consumer, op.bias_scale_attr, 1.0)) if op.bias_scale_attr else 1.0
+        # alpha and beta of 1 multiply exactly: an op without them gets bias + shift
+        new_b = alpha * shift if bias is None else beta * np.asarray(bias, np.float64) + alpha * shift
+        new_b = cast_checked(new_b, weight.dtype, "folded bias")
+        edits = [WriteTensor(consumer, 1, new_w), WriteTensor(consumer, op.bias_slot, new_b)]
+        if beta != 1.0:
+            edits.append(SetAttribute(consumer, op.bias_scale_attr, 1.0))
+        return edits
 
 
-def _flatten_keeps_channels(g: GraphIndex, node: onnx.NodeProto, norm: Affine) -> Reason:
-    """'' when the Flatten/Reshape turns [N, C, ...] into [N, C*...] with channels outermost."""
+def _bias_after(g: GraphIndex, consumer: onnx.NodeProto, weight: np.ndarray, new_w: np.ndarray,
+                shift: np.ndarray) -> list | Refusal:
+    """Edits for an op without a bias input: the shift goes into an Add after it, or it becomes Gemm."""
+    out = consumer.output[0]
+    readers = g.consumers.get(out, [])
+    if len(readers) == 1 and out not in g.outputs and readers[0].op_type == "Add":
+        found = _bias_add(g, readers[0])
+        if found is not None and found[1] is consumer:
+            add, _, slot, bias = found
+            if bias.ndim <= 2 and (bias.ndim == 0 or bias.shape[-1] in (1, shift.shape[0])) and \
+                    (bias.ndim < 2 or bias.shape[0] == 1):
+                new_b = cast_checked(bias + shift, weight.dtype, "folded bias")
+                return [WriteTensor(consumer, 1, new_w), WriteTensor(add, slot, new_b)]
+    if not np.any(shift != 0):
+        return [WriteTensor(consumer, 1, new_w)]
+    if not _gemm_allowed(g, weight.dtype):
+        return Refusal("no-bias-carrier", "the shift needs a bias and this opset's Gemm can not carry one")
+    new_b = cast_checked(shift, weight.dtype, "folded bias")
+    return [SetOpType(consumer, "Gemm"), WriteTensor(consumer, 1, new_w), WriteTensor(consumer, 2, new_b)]
+
+
+def _flatten_keeps_channels(g: GraphIndex, node: onnx.NodeProto, norm: Affine) -> Refusal | None:
+    """None when the Flatten/Reshape turns [N, C, ...] into [N, C*...] with channels outermost, else why not."""
     if node.op_type == "Flatten":
         axis = get_attr(node, "axis", 1)
         rank = g.rank(norm.x)
         if axis == 1 or (rank is not None and axis == 1 - rank):
-            return ""
-        return f"Flatten axis={axis} after the BatchNormalization mixes the channel axis with others"
+            return None
+        return Refusal("flatten-mixes-channels",
+                       f"Flatten axis={axis} after the BatchNormalization mixes the channel axis with others")
     if len(node.input) < 2:
-        return "Reshape without a shape"
+        return Refusal("reshape-unproven", "Reshape without a shape")
     shape, reason = g.constant(node.input[1])
     if shape is None:
-        return f"Reshape shape is not constant: {reason}"
+        return Refusal("reshape-unproven", f"Reshape shape is not constant: {reason}")
     shape = [int(v) for v in np.asarray(shape).reshape(-1)]
     if len(shape) == 2 and shape[0] == 0 and not get_attr(node, "allowzero", 0):
-        return ""  # [0, -1] or [0, K]: keeps the batch axis, flattens the rest
+        return None  # [0, -1] or [0, K]: keeps the batch axis, flattens the rest
     x_shape = g.static_shape(norm.x)
     if x_shape is not None and len(shape) == 2:
         total = math.prod(x_shape[1:])
         if shape in ([x_shape[0], -1], [-1, total], [x_shape[0], total]):
-            return ""
-    return f"can not prove Reshape {list(shape)} keeps the batch axis and flattens channels outermost"
+            return None
+    return Refusal("reshape-unproven",
+                   f"can not prove Reshape {list(shape)} keeps the batch axis and flattens channels outermost")
 
 
 def _no_padding(g: GraphIndex, conv: onnx.NodeProto, weight: np.ndarray) -> bool:
@@ -476,87 +490,7 @@ def _no_padding(g: GraphIndex, conv: onnx.NodeProto, weight: np.ndarray) -> bool
     return auto_pad in ("NOTSET", "VALID") and not any(pads or [])
 
 
-class BNConv(FoldBefore):
-    name, summary, op_types = "bn-conv", "BatchNormalization -> Conv without padding (e.g. 1x1)", ("Conv",)
-
-    def plan(self, g, conv, weight, s, t, label, rank_known):
-        if not _no_padding(g, conv, weight):
-            return f"{label} pads its input: the shift would not reach the padded border"
-        groups = int(get_attr(conv, "group", 1))
-        bias = None
-        if len(conv.input) > 2 and conv.input[2]:
-            bias, reason = g.constant(conv.input[2])
-            if bias is None:
-                return f"bias of {label} is not constant: {reason}"
-        if weight.shape[1] * groups != s.shape[0]:
-            return f"{label} reads {weight.shape[1] * groups} channels, BatchNormalization has {s.shape[0]}"
-        new_w, new_b = absorb_before(weight, bias, s, t, in_axis=1, out_axis=0, groups=groups)
-        new_w, new_b = cast_checked(new_w, weight.dtype), cast_checked(new_b, weight.dtype, "folded bias")
-        return [lambda: g.write_tensor(conv, 1, new_w), lambda: g.write_tensor(conv, 2, new_b)]
-
-
-class BNGemm(FoldBefore):
-    name, summary, op_types = "bn-gemm", "BatchNormalization [-> Flatten/Reshape] -> Gemm", ("Gemm",)
-
-    def plan(self, g, gemm, weight, s, t, label, rank_known):
-        if get_attr(gemm, "transA", 0):
-            return f"{label} has transA=1: it contracts over the batch axis"
-        trans_b = get_attr(gemm, "transB", 0)
-        in_axis, out_axis = (1, 0) if trans_b else (0, 1)
-        if weight.ndim != 2 or weight.shape[in_axis] != s.shape[0]:
-            return f"{label} contracts over {weight.shape[in_axis]} features, not {s.shape[0]}"
-        alpha, beta = float(get_attr(gemm, "alpha", 1.0)), float(get_attr(gemm, "beta", 1.0))
-        new_w, shift = absorb_before(weight, None, s, t, in_axis=in_axis, out_axis=out_axis)
-        bias = None
-        if len(gemm.input) > 2 and gemm.input[2]:
-            bias, reason = g.constant(gemm.input[2])
-            if bias is None:
-                return f"bias of {label} is not constant: {reason}"
-            if bias.ndim > 2 or (bias.ndim >= 1 and bias.shape[-1] not in (1, shift.shape[0])):
-                return f"bias of {label} has shape {list(bias.shape)}"
-        new_c = alpha * shift if bias is None else beta * np.asarray(bias, np.float64) + alpha * shift
-        new_w, new_c = cast_checked(new_w, weight.dtype), cast_checked(new_c, weight.dtype, "folded bias")
-        edits = [lambda: g.write_tensor(gemm, 1, new_w), lambda: g.write_tensor(gemm, 2, new_c)]
-        if beta != 1.0:
-            edits.append(lambda: set_attr(gemm, "beta", 1.0))
-        return edits
-
-
-class BNMatMul(FoldBefore):
-    name, summary, op_types = "bn-matmul", "BatchNormalization [-> Flatten/Reshape] -> MatMul (rank 2)", ("MatMul",)
-
-    def plan(self, g, matmul, weight, s, t, label, rank_known):
-        if not rank_known:
-            rank = g.rank(matmul.input[0])
-            if rank is None:
-                return f"can not prove the input of {label} is rank 2 (no shape information)"
-            if rank != 2:
-                return f"{label} multiplies a rank-{rank} tensor: BatchNormalization's channel axis is not contracted"
-        if weight.ndim != 2 or weight.shape[0] != s.shape[0]:
-            return f"{label} contracts over {weight.shape[0]} features, not {s.shape[0]}"
-        new_w, shift = absorb_before(weight, None, s, t, in_axis=0, out_axis=1)
-        new_w = cast_checked(new_w, weight.dtype)
-        out = matmul.output[0]
-        readers = g.consumers.get(out, [])
-        if len(readers) == 1 and out not in g.outputs and readers[0].op_type == "Add":
-            found = _matmul_bias_add(g, readers[0])
-            if found is not None and found[1] is matmul:
-                add, _, slot, bias = found
-                if bias.ndim <= 2 and (bias.ndim == 0 or bias.shape[-1] in (1, shift.shape[0])) and \
-                        (bias.ndim < 2 or bias.shape[0] == 1):
-                    new_b = cast_checked(bias + shift, weight.dtype, "folded bias")
-                    return [lambda: g.write_tensor(matmul, 1, new_w), lambda: g.write_tensor(add, slot, new_b)]
-        if not np.any(shift != 0):
-            return [lambda: g.write_tensor(matmul, 1, new_w)]
-        if not _gemm_allowed(g, weight.dtype):
-            return "the shift needs a bias and this opset's Gemm can not carry one"
-        new_b = cast_checked(shift, weight.dtype, "folded bias")
-
-        def to_gemm():
-            matmul.op_type = "Gemm"
-            g.write_tensor(matmul, 1, new_w)
-            g.write_tensor(matmul, 2, new_b)
-        return [to_gemm]
+_LINEAR_NAMES = "/".join(LINEAR_OPS)
 
 
 class ConcatBN(Rule):
@@ -567,21 +501,23 @@ class ConcatBN(Rule):
         if concat is None or concat.op_type != "Concat" or concat.domain not in ("", "ai.onnx"):
             return None
         if not g.only_consumer(norm.x, norm.node):
-            return f"the Concat output is also used elsewhere: {g.usage(norm.x)}"
+            return Refusal("output-shared", f"the Concat output is also used elsewhere: {g.usage(norm.x)}")
         if len(set(concat.input)) != len(concat.input):
-            return "the Concat reads the same tensor twice"
+            return Refusal("concat-repeats-input", "the Concat reads the same tensor twice")
         targets = []
         for name in concat.input:
             target = after_target(g, name, concat)
             if not isinstance(target, AfterTarget):
-                return target or f"Concat input '{name}' does not come from a Conv/ConvTranspose/Gemm/MatMul"
+                return target or Refusal("concat-input-not-linear",
+                                         f"Concat input '{name}' does not come from a {_LINEAR_NAMES}")
             targets.append(target)
         axis = get_attr(concat, "axis", 0)
         rank = targets[0].rank
         if not (axis == 1 or (rank is not None and axis == 1 - rank)):
-            return f"the Concat joins along axis {axis}, not the channel axis"
+            return Refusal("concat-not-channel-axis", f"the Concat joins along axis {axis}, not the channel axis")
         if sum(t.channels for t in targets) != norm.channels:
-            return f"the Concat joins {sum(t.channels for t in targets)} channels, BatchNormalization has {norm.channels}"
+            return Refusal("channel-mismatch", f"the Concat joins {sum(t.channels for t in targets)} channels, "
+                                               f"BatchNormalization has {norm.channels}")
         edits, start = [], 0
         try:
             for target in targets:
@@ -590,16 +526,15 @@ class ConcatBN(Rule):
                 edits += part
                 start = stop
         except FoldRefused as exc:
-            return str(exc)
-        y = norm.y
-        edits.append(lambda: g.move_output(concat, y))
-        return Plan(self.name, ", ".join(node_label(t.node) for t in targets), edits, [norm.node])
+            return _refused(exc)
+        edits.append(MoveOutput(concat, norm.y))
+        return Plan(self.name, norm.node, ", ".join(node_label(t.node) for t in targets), edits, [norm.node])
 
 
 class AffineAfterLinear(Rule):
     """Mul/Add/Sub/Div by a per-channel constant right after a linear op (BN decomposed by an exporter)."""
 
-    name, summary = "affine-mul-add", "Conv/ConvTranspose/Gemm/MatMul -> Mul/Add/Sub/Div by a per-channel constant"
+    name, summary = "affine-mul-add", f"{_LINEAR_NAMES} -> Mul/Add/Sub/Div by a per-channel constant"
     sources = frozenset({"Mul", "Add", "Sub", "Div"})
 
     def match(self, g, node):
@@ -609,9 +544,10 @@ class AffineAfterLinear(Rule):
         for slot in ((0, 1) if op in ("Mul", "Add") else (0,)):
             x, c = node.input[slot], node.input[1 - slot]
             producer = g.producer.get(x)
-            if producer is None or producer.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+            linear = LINEAR_OPS.get(producer.op_type) if producer is not None else None
+            if linear is None:
                 continue
-            if producer.op_type == "MatMul" and op in ("Add", "Sub"):
+            if linear.bias_slot is None and op in ("Add", "Sub"):
                 continue  # an Add after MatMul already is its bias
             const, _ = g.constant(c)
             if const is None or not _is_float(const):
@@ -630,11 +566,30 @@ class AffineAfterLinear(Rule):
                 edits, _ = target.plan_edits(g, s, t, node.output[0], None)
             except FoldRefused:
                 return None
-            return Plan(self.name, node_label(target.node), edits, [node])
+            return Plan(self.name, node, node_label(target.node), edits, [node])
         return None
 
 
-#: Every rule, in the order they are tried. ``--skip NAME`` removes one.
-RULES: tuple[Rule, ...] = (ConvBN(), ConvTransposeBN(), GemmBN(), MatMulBN(), ConcatBN(), BNConv(), BNGemm(),
-                           BNMatMul(), AffineAfterLinear())
+def build_rules(ops: dict[str, LinearOp] | None = None) -> tuple[Rule, ...]:
+    """Every rule, in the order they are tried: folds after each linear op, Concat, folds before each linear op,
+    and decomposed affines. Generated from the descriptor table, so a new descriptor brings its rules along."""
+    ops = LINEAR_OPS if ops is None else ops
+    return (*(FoldAfter(op) for op in ops.values()), ConcatBN(),
+            *(FoldBefore(op) for op in ops.values() if op.before_rule), AffineAfterLinear())
+
+
+_built: list = [None, ()]  # [the descriptors the rules were built from, the rules]
+
+
+def current_rules() -> tuple[Rule, ...]:
+    """:func:`build_rules` of the table as it is now, rebuilt only when the table changed (a fold of a small
+    model would otherwise spend a noticeable part of its time building rule objects)."""
+    key = tuple(LINEAR_OPS.values())
+    if _built[0] != key:
+        _built[:] = [key, build_rules()]
+    return _built[1]
+
+
+#: The rules of the built-in table. ``--skip NAME`` removes one.
+RULES: tuple[Rule, ...] = build_rules()
 RULE_NAMES: tuple[str, ...] = tuple(r.name for r in RULES)

@@ -1,9 +1,12 @@
 """Check that a folded PyTorch module computes the same function as the original, and time both.
 
-:func:`verify` runs the original and the folded module on the same inputs, on each requested device, and compares
-every output with :func:`bnfold.verify.compare_arrays`, so the rules and the default tolerances are those of the
-ONNX verifier (float64 1e-7/1e-7, float32 1e-4/1e-3, float16 2e-2/2e-2, bfloat16 1e-1/1e-1; integers and bools
-exactly). The result is a :class:`~bnfold.report.VerifyReport`, truthy when every device that could run passed.
+:func:`verify` runs the original and the folded module on the same inputs, on each requested device, and judges
+every output with :func:`bnfold.verify.compare_arrays`: the rule is the ONNX verifier's (see :mod:`bnfold.verify`).
+The rounding noise is measured the same way: the original is run :data:`bnfold.verify.NOISE_DRAWS` more times as a
+copy whose floating-point parameters and buffers are moved one ulp up or down at random (seeded), and an output
+passes when ``max |folded − original| <= NOISE_FACTOR · max(noise, ε·max |original|)``; integers and bools must
+match exactly; explicit ``atol``/``rtol`` replace the rule. The result is a :class:`~bnfold.report.VerifyReport`,
+truthy when every device that could run passed.
 
 :func:`benchmark` times eager forward passes of the original, the folded and optionally an "ideal" module
 (e.g. the original with every BatchNorm removed) on the same inputs, interleaved, and returns a
@@ -39,9 +42,9 @@ from torch import nn
 
 from bnfold.errors import InputError
 from bnfold.report import ProviderResult, Timing, VerifyReport
-from bnfold.verify import compare_arrays, failed_comparison
+from bnfold.verify import NOISE_DRAWS, compare_arrays, failed_comparison, max_abs_difference
 
-__all__ = ["verify", "benchmark", "TorchBenchmark", "Timing"]
+__all__ = ["verify", "benchmark", "perturb_", "TorchBenchmark", "Timing"]
 
 _CUDA_MISSING = "torch.cuda.is_available() is False"
 
@@ -57,13 +60,14 @@ def verify(
     devices: Iterable[str | torch.device] | str | torch.device | None = None,
     atol: float | None = None,
     rtol: float | None = None,
+    seed: int = 0,
 ) -> VerifyReport:
-    """Run ``original`` and ``folded`` on ``inputs`` on each device and compare every output.
+    """Run ``original`` and ``folded`` on ``inputs`` on each device and judge every output (module docstring).
 
     ``devices``: ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (a name, a ``torch.device`` or a list of them); default
     ``cpu`` plus ``cuda`` when ``torch.cuda.is_available()``. A CUDA device that is not there is reported with
-    ``available=False`` and the reason. ``atol``/``rtol`` override the per-dtype defaults
-    (:func:`bnfold.verify.default_tolerances`) for floating-point outputs.
+    ``available=False`` and the reason. ``atol``/``rtol``: explicit tolerances instead of the noise rule.
+    ``seed`` seeds the weight perturbations of the noise estimate.
 
     With several batches, each output's errors are the worst over all batches. An output of the original that
     the folded module does not return, returns with another shape or dtype, or an extra output of the folded
@@ -84,7 +88,7 @@ def verify(
             if missing:
                 report.providers[name] = ProviderResult(name, available=False, reason=missing)
                 continue
-        report.providers[name] = _verify_on(name, device, original, folded, batches, atol, rtol)
+        report.providers[name] = _verify_on(name, device, original, folded, batches, atol, rtol, seed)
     return report
 
 
@@ -96,6 +100,7 @@ def _verify_on(
     batches: list[tuple],
     atol: float | None,
     rtol: float | None,
+    seed: int = 0,
 ) -> ProviderResult:
     outs_o: list[list[tuple[str, Any]]] = []
     outs_f: list[list[tuple[str, Any]]] = []
@@ -120,10 +125,12 @@ def _verify_on(
     names = _ordered_names(outs_o)
     if failure:
         result.reason = failure
-        result.outputs = [failed_comparison(n, _dtype_of(_first_value(outs_o, n)), atol, rtol) for n in names]
+        result.outputs = [failed_comparison(n, _dtype_of(_first_value(outs_o, n))) for n in names]
         if not result.outputs:
-            result.outputs = [failed_comparison("<module>", "", atol, rtol)]
+            result.outputs = [failed_comparison("<module>", "")]
         return result
+
+    noise = {} if atol is not None or rtol is not None else _noise(original, device, batches, outs_o, seed)
 
     notes: list[str] = []
     for out_name in names:
@@ -152,9 +159,10 @@ def _verify_on(
             per_f.append(a_np)
         if problem:
             notes.append(problem)
-            result.outputs.append(failed_comparison(out_name, dtype, atol, rtol))
+            result.outputs.append(failed_comparison(out_name, dtype))
             continue
-        result.outputs.append(compare_arrays(out_name, per_o, per_f, atol=atol, rtol=rtol, dtype=dtype))
+        result.outputs.append(compare_arrays(out_name, per_o, per_f, noise=noise.get(out_name), atol=atol,
+                                             rtol=rtol, dtype=dtype))
 
     for i, (o, f) in enumerate(zip(outs_o, outs_f)):
         known = {n for n, _ in o}
@@ -163,9 +171,58 @@ def _verify_on(
                 notes.append(f"the folded module returns {out_name}, which the original does not"
                              f"{_on_batch(i, batches)}")
                 if out_name not in {c.name for c in result.outputs}:
-                    result.outputs.append(failed_comparison(out_name, _dtype_of(value), atol, rtol))
+                    result.outputs.append(failed_comparison(out_name, _dtype_of(value)))
     result.reason = "; ".join(notes)
     return result
+
+
+# Integer views that step a float's bit pattern by one ulp (two's-complement addition on the sign-magnitude bits).
+_BIT_VIEWS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
+              torch.float64: torch.int64}
+
+
+def perturb_(module: nn.Module, generator: torch.Generator) -> None:
+    """Move every finite non-zero element of the module's floating-point parameters and buffers one ulp up or down
+    in magnitude, in place (random signs from ``generator``; zeros, NaN and inf kept; shared tensors once)."""
+    seen: set[int] = set()
+    with torch.no_grad():
+        for t in itertools.chain(module.parameters(), module.buffers()):
+            if t.dtype not in _BIT_VIEWS or id(t) in seen or t.numel() == 0:
+                continue
+            seen.add(id(t))
+            host = t.detach().cpu().contiguous()
+            up = torch.randint(0, 2, host.shape, generator=generator, dtype=torch.bool)
+            step = torch.where(up, 1, -1).to(_BIT_VIEWS[t.dtype])
+            moved = (host.view(_BIT_VIEWS[t.dtype]) + step).view(t.dtype)
+            keep = (host == 0) | ~torch.isfinite(host) | ~torch.isfinite(moved)
+            t.copy_(torch.where(keep, host, moved).to(t.device))
+
+
+def _noise(original: nn.Module, device: torch.device, batches: list[tuple], outs_o: list[list[tuple[str, Any]]],
+           seed: int) -> dict[str, float]:
+    """Per output name, the largest difference the perturbed copies of the original show."""
+    noise: dict[str, float] = {}
+    for draw in range(NOISE_DRAWS):
+        generator = torch.Generator().manual_seed(seed * 1000 + draw + 1)
+        copy_ = copy.deepcopy(original)
+        perturb_(copy_, generator)
+        with _placed(copy_, device) as mod_p:
+            try:
+                outs_p = [_flatten(_forward(mod_p, args, device)) for args in batches]
+            except Exception as e:  # noqa: BLE001 - any exception from user code
+                raise InputError(f"the original module raised with perturbed weights: {_first_line(e)}") from None
+        del copy_
+        for name in _ordered_names(outs_o):
+            per_o, per_p = [], []
+            for o, p in zip(outs_o, outs_p):
+                got_o, got_p = dict(o), dict(p)
+                if name in got_o:
+                    per_o.append(_to_numpy(got_o[name]))
+                    per_p.append(_to_numpy(got_p[name]) if name in got_p else None)
+            d = max_abs_difference(per_o, per_p)
+            if np.isfinite(d):
+                noise[name] = max(noise.get(name, 0.0), d)
+    return noise
 
 
 
