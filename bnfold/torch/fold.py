@@ -110,15 +110,17 @@ def trace(module: nn.Module) -> fx.GraphModule | str:
     return graph_module
 
 
-def fold_graph(graph_module: fx.GraphModule, example_inputs, report: FoldReport, *, keep=frozenset()) -> None:
-    """Fold the batch norms of a traced module in place (``keep``: names of batch norms to leave, with code
-    ``needs-graph-module``)."""
+def fold_graph(graph_module: fx.GraphModule, example_inputs, report: FoldReport, *, keep=frozenset(),
+               own_class: bool = False) -> None:
+    """Fold the batch norms of a traced module in place. ``keep``: names of batch norms to leave, and with
+    ``own_class`` folds into a layer that runs elsewhere too (which would need a copy of it) are not made either;
+    both are Skips with code ``needs-graph-module``."""
     if example_inputs is not None:
         from torch.fx.passes.shape_prop import ShapeProp
 
         with torch.no_grad():
             run_example(lambda: ShapeProp(graph_module).propagate(*example_inputs))
-    _fold_graph(graph_module, report, keep)
+    _fold_graph(graph_module, report, keep, own_class)
     _drop_unread_attributes(graph_module)
     graph_module.graph.lint()
     graph_module.recompile()
@@ -275,9 +277,18 @@ def _attribute(gm: fx.GraphModule, arg) -> torch.Tensor | None:
 
 # ---- the fx pass -------------------------------------------------------------------------------------------------
 
-def _fold_graph(gm: fx.GraphModule, report: FoldReport, keep) -> None:
+def count_normalizations(gm: fx.GraphModule) -> int:
+    """The batch-norm computations of a traced module's forward."""
     modules = dict(gm.named_modules())
-    report.bn_before += sum(_norm_of(gm, modules, n) is not None for n in gm.graph.nodes)
+    return sum(_norm_of(gm, modules, n) is not None for n in gm.graph.nodes)
+
+
+_NEEDS_GRAPH = "folding it is proven on the trace, but it can not be written into the module's own class"
+
+
+def _fold_graph(gm: fx.GraphModule, report: FoldReport, keep, own_class: bool) -> None:
+    modules = dict(gm.named_modules())
+    report.bn_before += count_normalizations(gm)
     while True:
         changed, skipped = False, []
         for node in list(gm.graph.nodes):
@@ -287,13 +298,15 @@ def _fold_graph(gm: fx.GraphModule, report: FoldReport, keep) -> None:
             if isinstance(norm.affine, Refusal):
                 skipped.append(Skip(norm.name, norm.affine.reason, op_type=norm.op_type, code=norm.affine.code))
                 continue
-            if norm.name in keep:
-                skipped.append(Skip(norm.name, "folding it is proven on the trace, but it can not be written into "
-                                    "the module's own class", op_type=norm.op_type, code="needs-graph-module"))
-                continue
             after = _plan_after(gm, modules, norm)
             plan = after if isinstance(after, Plan) else _plan_before(gm, modules, norm)
-            if isinstance(plan, Plan):
+            if isinstance(plan, Plan) and norm.name in keep:
+                skipped.append(Skip(norm.name, _NEEDS_GRAPH, op_type=norm.op_type, code="needs-graph-module"))
+            elif isinstance(plan, Plan) and own_class and _shared_elsewhere(gm, modules, plan.layer,
+                                                                            modules[plan.layer.target]):
+                skipped.append(Skip(norm.name, f"{_NEEDS_GRAPH}: '{plan.layer.target}' runs elsewhere too",
+                                    op_type=norm.op_type, code="needs-graph-module"))
+            elif isinstance(plan, Plan):
                 report.folded.append(apply_plan(gm, modules, plan))
                 changed = True
                 modules = dict(gm.named_modules())
@@ -358,6 +371,21 @@ def _own_copy(gm: fx.GraphModule, modules: dict, node: fx.Node) -> nn.Module:
     return copied
 
 
+_SHAPE_ATTRIBUTES = {"ndim", "shape", "dtype", "device", "is_cuda"}
+_SHAPE_METHODS = {"dim", "size", "ndimension"}
+
+
+def _value_users(node: fx.Node) -> list[fx.Node]:
+    """The users of a node that read its values; reads of its shape (timm asserts the rank) see the same shape
+    after a fold."""
+    import builtins
+
+    return [u for u in node.users if not (
+        (u.op == "call_function" and u.target is builtins.getattr and len(u.args) > 1 and u.args[0] is node and
+         u.args[1] in _SHAPE_ATTRIBUTES) or
+        (u.op == "call_method" and u.target in _SHAPE_METHODS and u.args[0] is node))]
+
+
 def _single_tensor_arg(node: fx.Node) -> fx.Node | None:
     if len(node.args) == 1 and not node.kwargs and isinstance(node.args[0], fx.Node):
         return node.args[0]
@@ -382,9 +410,10 @@ def _plan_after(gm, modules, norm: _Norm) -> Plan | Refusal | None:
     hooked = _hooked(module) or _hooked(norm.module)
     if hooked:
         return Refusal("hooked", f"not folded into {label}: {hooked}")
-    if len(source.users) != 1:
+    readers = _value_users(source)
+    if len(readers) != 1:
         return Refusal("output-read-elsewhere", f"the output of {label} is also used elsewhere "
-                                                f"({len(source.users)} users)")
+                                                f"({len(readers)} users)")
     if len(source.args) != 1 or source.kwargs:
         return Refusal("extra-arguments", f"{label} is called with extra arguments")
     refusal = check_after(layer, norm.affine, _rank(source), label)
@@ -417,9 +446,10 @@ def _is_channel_flatten(node: fx.Node, modules: dict) -> bool:
 
 def _plan_before(gm, modules, norm: _Norm) -> Plan | Refusal | None:
     node = norm.node
-    if not isinstance(norm.x, fx.Node) or len(node.users) != 1:
+    readers = _value_users(node)
+    if not isinstance(norm.x, fx.Node) or len(readers) != 1:
         return None
-    consumer = next(iter(node.users))
+    consumer = readers[0]
     via = None
     if _layer_call(modules, consumer) is None:
         if not _is_channel_flatten(consumer, modules) or len(consumer.users) != 1:

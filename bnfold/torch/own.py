@@ -1,0 +1,175 @@
+"""The folded result as the user's own module: same class, same attribute names and methods, each folded batch norm
+replaced by ``nn.Identity`` (or by what its module computes besides it: the activation of a ``BatchNormAct2d``),
+the absorbing layers' weights updated. State dict keys then match a BN-less definition of the same network.
+
+Every fold is first proven on the torch.fx trace (:func:`bnfold.torch.fold.fold_graph`); a fold is written into the
+module only where the module's structure expresses it exactly:
+
+* the absorbing layer is a module called once (a layer called at several sites would need a copy);
+* the batch norm's module has no other computation left: a BatchNorm module (all its calls folded), or a module
+  whose forward is the batch norm followed by parameter-free child modules (activation, dropout), which replace it.
+
+A fold the module can not express is not made (Skip code ``needs-graph-module``), and the pass runs again without
+it, so that what is written is exactly what the trace proved. The result is traced once more and checked: it runs
+as many batch norms as the report says are left, and computes what the folded graph computes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ..report import FoldReport
+from .fold import copy_module, fold_graph, fold_sequential, run_example, trace
+
+_ROUNDS = 4  # keeping a batch norm can only remove folds; in practice the second round is the last
+
+
+def fold_own_class(module: nn.Module, example_inputs, *, inplace: bool) -> tuple[nn.Module, FoldReport]:
+    keep: set[str] = set()
+    for _ in range(_ROUNDS):
+        trial = copy_module(module).eval()
+        graph_module = trace(trial)
+        if isinstance(graph_module, str):
+            return _untraceable(module, example_inputs, inplace, graph_module)
+        report = FoldReport()
+        fold_graph(graph_module, example_inputs, report, keep=frozenset(keep), own_class=True)
+        replacements = {}
+        problems = set()
+        for fold in report.folded:
+            if fold.bn in replacements:
+                continue
+            found = _replacement(trial, graph_module, fold.bn)
+            if isinstance(found, nn.Module):
+                replacements[fold.bn] = found
+            else:
+                problems.add(fold.bn)
+        if not problems:
+            break
+        keep |= problems
+    else:  # pragma: no cover - every round keeps at least one more batch norm, and there are finitely many
+        raise RuntimeError("bnfold: the folds writable into the module's own class did not settle")
+    target = module if inplace else trial
+    if inplace:
+        _copy_weights(trial, target, {f.into for f in report.folded})
+    for name, replacement in replacements.items():
+        _set_submodule(target, name, replacement)
+    target.eval()
+    _prove(target, graph_module, example_inputs, report)
+    return target, report
+
+
+def _untraceable(module, example_inputs, inplace: bool, why: str):
+    work = module if inplace else copy_module(module)
+    work.eval()
+    report = FoldReport()
+    report.notes.append(f"torch.fx could not trace the module ({why}): folds made on torch.export's ATen graph can "
+                        "not be written into the module's own class; folded consecutive children of nn.Sequential "
+                        "containers only (fold_module without keep_class folds the ATen graph)")
+    fold_sequential(work, example_inputs, report)
+    return work, report
+
+
+def _owner_nodes(gm: fx.GraphModule, owner: str) -> list[fx.Node]:
+    """The nodes left in the graph that ``owner``'s forward made (get_attr excluded)."""
+    nodes = []
+    for node in gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack") or {}
+        owners = {value[0] for value in stack.values() if isinstance(value, tuple) and value}
+        if node.op not in ("get_attr", "placeholder", "output") and owner in owners:
+            nodes.append(node)
+    return nodes
+
+
+def _without_checks(nodes: list[fx.Node]) -> list[fx.Node]:
+    """Drop ``torch._assert`` input checks and what only feeds them (timm asserts the input rank)."""
+    dropped = {n for n in nodes if n.op == "call_function" and n.target is torch._assert}
+    changed = True
+    while changed:
+        changed = False
+        for n in nodes:
+            if n not in dropped and n.users and all(u in dropped for u in n.users):
+                dropped.add(n)
+                changed = True
+    return [n for n in nodes if n not in dropped]
+
+
+def _replacement(root: nn.Module, gm: fx.GraphModule, name: str) -> nn.Module | str:
+    """What replaces batch norm ``name`` in the user's module, or why nothing can."""
+    try:
+        original = root.get_submodule(name)
+    except AttributeError:
+        return f"no module named '{name}' computes it"
+    if sum(m is original for _, m in root.named_modules(remove_duplicate=False)) != 1:
+        return f"'{name}' is registered under several names"
+    remaining = _without_checks(_owner_nodes(gm, name))
+    if any(n.op == "call_module" and n.target == name for n in remaining):
+        return f"'{name}' is also called where it is not folded"
+    chain = []
+    for node in remaining:
+        if node.op != "call_module" or not str(node.target).startswith(name + "."):
+            return f"'{name}' computes more than the batch norm and child modules"
+        child = root.get_submodule(node.target)
+        if any(True for _ in child.parameters()) or any(True for _ in child.buffers()):
+            return f"'{name}' calls '{node.target}', which has weights of its own"
+        if chain and (len(node.args) != 1 or node.args[0] is not chain[-1][0] or node.kwargs):
+            return f"'{name}' does not call its child modules one after the other"
+        chain.append((node, child))
+    if len(chain) > 1 and any(len(n.users) != 1 for n, _ in chain[:-1]):
+        return f"the output of a child module of '{name}' is read elsewhere"
+    modules = [child for _, child in chain if not isinstance(child, nn.Identity)]
+    if not modules:
+        return nn.Identity()
+    return modules[0] if len(modules) == 1 else nn.Sequential(*modules)
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    owner_path, _, leaf = name.rpartition(".")
+    owner = root.get_submodule(owner_path) if owner_path else root
+    setattr(owner, leaf, module)
+
+
+def _copy_weights(source: nn.Module, target: nn.Module, names: set[str]) -> None:
+    """Folded weights and biases of ``names`` from the worked-on copy into the user's module."""
+    with torch.no_grad():
+        for name in sorted(names):
+            src, dst = source.get_submodule(name), target.get_submodule(name)
+            dst.weight.copy_(src.weight)
+            if dst.bias is None:
+                dst.bias = nn.Parameter(src.bias.detach().clone(), requires_grad=dst.weight.requires_grad)
+            else:
+                dst.bias.copy_(src.bias)
+
+
+def _prove(module: nn.Module, graph_module: fx.GraphModule, example_inputs, report: FoldReport) -> None:
+    """The module as written runs as many batch norms as the report leaves and computes what the folded graph
+    computes; anything else is a bnfold bug."""
+    from .fold import count_normalizations
+
+    retraced = trace(module)
+    left = count_normalizations(retraced) if not isinstance(retraced, str) else None
+    if left != report.bn_after:
+        raise RuntimeError(f"bnfold: the module written in its own class runs {left} batch norms, the folded "
+                           f"graph {report.bn_after}")
+    if example_inputs is None:
+        return
+    outputs = []
+    for candidate in (module, graph_module):
+        with torch.no_grad():
+            run_example(lambda: outputs.append(candidate(*example_inputs)))
+    mine, graph = (torch.cat([t.detach().double().flatten() for t in _tensors(o)]) for o in outputs)
+    scale = max(graph.abs().max().item() if graph.numel() else 0.0, 1e-30)
+    if mine.shape != graph.shape or (mine - graph).abs().max().item() > 1e-5 * scale:
+        raise RuntimeError("bnfold: the module written in its own class does not compute what the folded graph "
+                           "computes")
+
+
+def _tensors(value) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return []
