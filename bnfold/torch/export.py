@@ -49,6 +49,15 @@ def _rank(node) -> int | None:
     return value.dim() if isinstance(value, torch.Tensor) else None
 
 
+_SHAPE_READS = {aten.sym_size.int, aten.sym_size.default, aten.sym_numel.default, aten.sym_stride.int,
+                aten.sym_stride.default, aten.sym_storage_offset.default}
+
+
+def _value_users(node: fx.Node) -> list[fx.Node]:
+    """The users of a node that read its values: a fold keeps every shape, so shape reads do not count."""
+    return [u for u in node.users if not (u.op == "call_function" and u.target in _SHAPE_READS)]
+
+
 def is_batchnorm_call(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in ATEN_BATCHNORM
 
@@ -215,9 +224,10 @@ def _plan_after(gm, bn: fx.Node, affine: Affine, x, output: fx.Node) -> Plan | R
     if layer is None or isinstance(layer, Refusal):
         return layer
     label = f"{x.target} '{module_path(x)}'"
-    if len(x.users) != 1:
+    readers = _value_users(x)
+    if len(readers) != 1:
         return Refusal("output-read-elsewhere", f"the output of {label} is also used elsewhere "
-                                                f"({len(x.users)} users)")
+                                                f"({len(readers)} users)")
     refusal = check_after(layer, affine, _rank(x), label)
     if refusal:
         return refusal
@@ -230,12 +240,13 @@ def _plan_after(gm, bn: fx.Node, affine: Affine, x, output: fx.Node) -> Plan | R
 
 
 def _plan_before(gm, bn: fx.Node, affine: Affine, x, output: fx.Node) -> Plan | Refusal | None:
-    if len(output.users) != 1:
+    readers = _value_users(output)
+    if len(readers) != 1:
         return None
-    consumer, via = next(iter(output.users)), None
+    consumer, via = readers[0], None
     if consumer.op == "call_function" and consumer.target == aten.flatten.using_ints and \
-            list(consumer.args[1:]) in ([1], [1, -1]) and len(consumer.users) == 1:
-        via, consumer = consumer, next(iter(consumer.users))
+            list(consumer.args[1:]) in ([1], [1, -1]) and len(_value_users(consumer)) == 1:
+        via, consumer = consumer, _value_users(consumer)[0]
     layer = _layer(gm, consumer)
     if layer is None or isinstance(layer, Refusal) or consumer.args[0] is not (via or output):
         return layer if isinstance(layer, Refusal) else None

@@ -83,8 +83,10 @@ def _owner_nodes(gm: fx.GraphModule, owner: str) -> list[fx.Node]:
 
 
 def _without_checks(nodes: list[fx.Node]) -> list[fx.Node]:
-    """Drop ``torch._assert`` input checks and what only feeds them (timm asserts the input rank)."""
-    dropped = {n for n in nodes if n.op == "call_function" and n.target is torch._assert}
+    """Drop ``torch._assert`` input checks, unread values and what only feeds them (timm asserts the input
+    rank)."""
+    dropped = {n for n in nodes if (n.op == "call_function" and n.target is torch._assert) or
+               (n.op in ("call_function", "call_method") and not n.users)}  # unread (a message's formatting)
     changed = True
     while changed:
         changed = False
