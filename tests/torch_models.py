@@ -599,11 +599,12 @@ class Conv2dSame(nn.Conv2d):
 class ConvNormAct(nn.Module):
     """timm's ConvNormAct: a conv and a BatchNormAct2d that holds the activation."""
 
-    def __init__(self, cin, cout, k, stride=1, groups=1, act=nn.ReLU, same=False):
+    def __init__(self, cin, cout, k, stride=1, groups=1, act=nn.ReLU, same=False, bn=True):
         super().__init__()
-        self.conv = (Conv2dSame(cin, cout, k, stride, groups) if same else
-                     nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False))
-        self.bn = BatchNormAct2d(cout, act=act)
+        self.conv = (Conv2dSame(cin, cout, k, stride, groups, bias=not bn) if same else
+                     nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=not bn))
+        # bn=False: the BN-less definition of the same network (the activation where the norm layer was)
+        self.bn = BatchNormAct2d(cout, act=act) if bn else act() if act is not None else nn.Identity()
 
     def forward(self, x):
         return self.bn(self.conv(x))
@@ -623,20 +624,21 @@ class SqueezeExcite(nn.Module):
 class EfficientLike(nn.Module):
     """An EfficientNet-Lite-like net built from BatchNormAct2d (stem, depthwise-separable block with SE, inverted
     residual with a skip, head), a BatchNorm-free classifier. ``same=True`` uses Conv2dSame everywhere (the tf_
-    variants), which torch.fx can not trace. 8 batch norms, all foldable into the conv before them."""
+    variants), which torch.fx can not trace. 8 batch norms, all foldable into the conv before them. ``bn=False``:
+    the BN-less definition of the same network (convs with biases, activations where the norm layers were)."""
 
-    def __init__(self, same: bool = False, num_classes: int = 5):
+    def __init__(self, same: bool = False, num_classes: int = 5, bn: bool = True):
         super().__init__()
-        self.stem = ConvNormAct(3, 8, 3, stride=2, same=same)
-        self.dw = ConvNormAct(8, 8, 3, groups=8, act=nn.ReLU6, same=same)
+        self.stem = ConvNormAct(3, 8, 3, stride=2, same=same, bn=bn)
+        self.dw = ConvNormAct(8, 8, 3, groups=8, act=nn.ReLU6, same=same, bn=bn)
         self.se = SqueezeExcite(8, 4)
-        self.pw = ConvNormAct(8, 8, 1, act=None)
-        self.expand = ConvNormAct(8, 16, 1)
-        self.dw2 = ConvNormAct(16, 16, 3, groups=16, same=same)
-        self.project = ConvNormAct(16, 8, 1, act=None)
-        self.head = ConvNormAct(8, 12, 1, act=nn.SiLU)
+        self.pw = ConvNormAct(8, 8, 1, act=None, bn=bn)
+        self.expand = ConvNormAct(8, 16, 1, bn=bn)
+        self.dw2 = ConvNormAct(16, 16, 3, groups=16, same=same, bn=bn)
+        self.project = ConvNormAct(16, 8, 1, act=None, bn=bn)
+        self.head = ConvNormAct(8, 12, 1, act=nn.SiLU, bn=bn)
         self.classifier = nn.Linear(12, num_classes)
-        self.head_bn = nn.BatchNorm1d(num_classes)
+        self.head_bn = nn.BatchNorm1d(num_classes) if bn else nn.Identity()
 
     def forward(self, x):
         x = self.stem(x)
@@ -656,7 +658,7 @@ class FunctionalBNNet(nn.Module):
         self.conv2 = nn.Conv2d(6, 6, 3, padding=1, bias=False)
         self.fc = nn.Linear(6, 4)
         g = torch.Generator().manual_seed(7)
-        for name, c in (("a", 6), ("b", 4), ("c", 6)):  # non-trivial statistics, a negative scale included
+        for name, c in (("a", 6), ("b", 4), ("c", 6)):  # non-trivial statistics and a negative scale
             self.register_buffer(f"{name}_mean", torch.randn(c, generator=g) * 0.5)
             self.register_buffer(f"{name}_var", torch.rand(c, generator=g) * 1.5 + 0.5)
             setattr(self, f"{name}_weight", nn.Parameter(torch.rand(c, generator=g) + 0.5))
@@ -676,11 +678,11 @@ class FunctionalBNNet(nn.Module):
 
 class FrozenResNetLike(nn.Module):
     """Residual blocks whose norms are torchvision-style FrozenBatchNorm2d (buffers and arithmetic), as detection
-    backbones are shipped."""
+    backbones are shipped. ``same=True``: the first conv pads by input size (torch.fx can not trace it)."""
 
-    def __init__(self):
+    def __init__(self, same: bool = False):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.conv1 = Conv2dSame(3, 8, 3) if same else nn.Conv2d(3, 8, 3, padding=1, bias=False)
         self.bn1 = FrozenBatchNorm2d(8)
         self.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
         self.bn2 = FrozenBatchNorm2d(8)
