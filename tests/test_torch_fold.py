@@ -23,8 +23,8 @@ from bnfold.errors import InputError
 from bnfold.report import FoldReport
 
 try:
-    from torch_models import (BatchNormAct2d, Conv1dNet, Conv3dNet, DenseLike, EfficientLike, FrozenResNetLike,
-                              FunctionalBNNet, count_bn_dispatched)
+    from torch_models import (BatchNormAct2d, Conv1dNet, Conv3dNet, ConvDropoutBN, DenseLike, EfficientLike,
+                              FrozenResNetLike, FunctionalBNNet, count_bn_dispatched)
     from torch_models import (ConvBNBN, ConvTransposeOutputSize, ConvTwoBNs, ConvWeightReadElsewhere,
                               FlattenKeepChannels, LinearTransposeBN, NotQuiteFrozenBN, ScaledBN, SharedBN,
                               TiedLinear, UntraceableLinearBlocks, UntraceableMixedRanks, UntraceablePairs)
@@ -34,9 +34,8 @@ try:
                               SharedConvControlFlow, assert_close_to_ref, assert_unchanged, bn_names, count_bn_used,
                               randomize_bn, reference, snapshot)
 except ImportError:  # pragma: no cover - tests/ imported as a package
-    from tests.torch_models import (BatchNormAct2d, Conv1dNet, Conv3dNet, DenseLike, EfficientLike,
-                                    FrozenResNetLike,
-                                    FunctionalBNNet, count_bn_dispatched)
+    from tests.torch_models import (BatchNormAct2d, Conv1dNet, Conv3dNet, ConvDropoutBN, DenseLike, EfficientLike,
+                                    FrozenResNetLike, FunctionalBNNet, count_bn_dispatched)
     from tests.torch_models import (ConvBNBN, ConvTransposeOutputSize, ConvTwoBNs, ConvWeightReadElsewhere,
                                     FlattenKeepChannels, LinearTransposeBN, NotQuiteFrozenBN, ScaledBN, SharedBN,
                                     TiedLinear, UntraceableLinearBlocks, UntraceableMixedRanks, UntraceablePairs)
@@ -1085,6 +1084,7 @@ COMPUTED = {
     "conv1d + SyncBatchNorm": (Conv1dNet, (2, 4, 9), 0, 0),
     "conv3d": (Conv3dNet, (2, 3, 4, 4, 4), 0, 0),
     "pre-activation": (DenseLike, (2, 3, 8, 8), 1, 1),
+    "eval-mode dropout between": (ConvDropoutBN, (2, 3, 8, 8), 0, 0),
 }
 
 
@@ -1215,3 +1215,12 @@ def test_no_more_left_than_the_onnx_route(name, tmp_path):
     left_onnx = sum(n.op_type == "BatchNormalization" for n in folded_onnx.graph.node)
     _, report = fold_module(model, (x,))
     assert report.bn_after <= left_onnx, (report.to_dict(), onnx_report.to_dict())
+
+
+def test_readme_lists_every_skip_code():
+    """The README's table of skip codes is the one in bnfold/torch/ops.py."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    listed = set(re.findall(r"^\| `([a-z-]+)` \|", readme, flags=re.M))
+    assert set(SKIP_CODES) <= listed, set(SKIP_CODES) - listed

@@ -735,6 +735,20 @@ class Conv3dNet(nn.Module):
         return self.bn3(self.up(x))
 
 
+class ConvDropoutBN(nn.Module):
+    """Conv, then eval-mode Dropout and Identity (the ONNX export drops both), then BN: the BN folds."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.drop = nn.Dropout2d(0.3)
+        self.aa = nn.Identity()
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.aa(self.drop(self.conv(x))))
+
+
 class DenseLike(nn.Module):
     """DenseNet's pre-activation pattern: BN-ReLU-Conv on a concatenation. The BN can not fold (a ReLU between it
     and the conv, a concatenation before it); the ONNX route keeps it too."""

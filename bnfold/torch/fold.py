@@ -400,12 +400,23 @@ def _layer_call(modules: dict, node) -> tuple[nn.Module, Layer] | None:
     return None if layer is None else (module, layer)
 
 
+def _passes_input_on(modules: dict, node) -> bool:
+    """An eval-mode call of torch's nn.Identity or Dropout: its output is its input."""
+    if not isinstance(node, fx.Node) or node.op != "call_module" or _single_tensor_arg(node) is None:
+        return False
+    module = modules.get(node.target)
+    return isinstance(module, (nn.Identity, nn.modules.dropout._DropoutNd)) and not module.training and \
+        getattr(type(module).forward, "__module__", "").startswith("torch.nn.") and not _hooked(module)
+
+
 def _plan_after(gm, modules, norm: _Norm) -> Plan | Refusal | None:
-    found = _layer_call(modules, norm.x)
+    source = norm.x
+    while _passes_input_on(modules, source) and len(_value_users(source)) == 1:
+        source = source.args[0]
+    found = _layer_call(modules, source)
     if found is None:
         return None
     module, layer = found
-    source = norm.x
     label = f"{type(module).__name__} '{source.target}'"
     hooked = _hooked(module) or _hooked(norm.module)
     if hooked:
@@ -424,7 +435,7 @@ def _plan_after(gm, modules, norm: _Norm) -> Plan | Refusal | None:
     except FoldRefused as exc:
         return refusal_of(exc, statistics=False)
     return Plan(norm.name, source.target, f"{layer.kind.name}-bn", source, weight, bias, bypass=norm.node,
-                replacement=source, remove=[norm.node])
+                replacement=norm.x, remove=[norm.node])
 
 
 _FLATTEN_FUNCTIONS = (torch.flatten,)
