@@ -1158,13 +1158,31 @@ def test_untraceable_module_folds_on_the_aten_graph(factory):
     assert report.bn_after == count_bn_dispatched(folded, x) == 0, report.to_dict()
 
 
-def test_untraceable_module_in_its_own_class_says_what_it_could_not_do():
+@pytest.mark.parametrize("inplace", [False, True])
+def test_untraceable_module_in_its_own_class(inplace):
+    """Folds proven on the ATen graph are written into the user's class too; Conv2dSame (its own forward, no bias)
+    is probed to read the bias it is given. The state dict is the BN-less definition's."""
     torch.manual_seed(76)
     model = randomize_bn(EfficientLike(same=True), seed=76).eval()
-    folded, report = fold_and_check(model, [rand(2, 3, 17, 19, seed=76)], keep_class=True)
-    assert type(folded) is EfficientLike
-    assert any("own class" in note for note in report.notes), report.notes
-    assert {s.code for s in report.skipped} == {"not-traced"}
+    x = rand(2, 3, 17, 19, seed=76)
+    folded, report = fold_and_check(model, [x], keep_class=True, inplace=inplace, count_check=False)
+    assert type(folded) is EfficientLike and (folded is model) == inplace
+    assert any("torch.export" in note for note in report.notes), report.notes
+    assert report.bn_before == 8 and report.bn_after == count_bn_dispatched(folded, x) == 0, report.to_dict()
+    assert type(folded.stem.bn) is nn.ReLU
+    assert list(folded.state_dict()) == list(EfficientLike(same=True, bn=False).state_dict())
+
+
+def test_own_class_keeps_a_batch_norm_whose_module_computes_more():
+    """ScaledBN computes 2*BN(x)+1: torch.export folds the BN, but its module can not become an Identity."""
+    torch.manual_seed(81)
+    model = randomize_bn(ConvBN(nn.Conv2d(3, 4, 3), ScaledBN(4, eps=EPS)), seed=81).eval()
+    x = input_for(2, 3)
+    folded, report = fold_and_check(model, [x], keep_class=True)
+    assert type(folded) is ConvBN and isinstance(folded.bn, ScaledBN)
+    assert [(s.bn, s.code) for s in report.skipped] == [("bn", "needs-graph-module")]
+    graph, graph_report = fold_module(model, (x,))
+    assert graph_report.bn_after == 0
 
 
 def test_bn_subclass_that_runs_torch_forward_is_one_call():

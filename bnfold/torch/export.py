@@ -81,14 +81,20 @@ def fold_exported(program) -> tuple["torch.export.ExportedProgram", FoldReport]:
     return folded, report
 
 
-def fold_aten_graph(gm: fx.GraphModule, report: FoldReport) -> None:
-    """Fold every batch-norm call of an ATen-level GraphModule in place, as far as it folds exactly."""
+def fold_aten_graph(gm: fx.GraphModule, report: FoldReport, *, keep=frozenset(), applied=None) -> None:
+    """Fold every batch-norm call of an ATen-level GraphModule in place, as far as it folds exactly. ``keep``: names
+    of batch norms to leave (Skip code ``needs-graph-module``); ``applied``: a list that receives the plans made."""
     batchnorms = [n for n in gm.graph.nodes if is_batchnorm_call(n)]
     report.bn_before += len(batchnorms)
     for node in batchnorms:
         outcome = _plan(gm, node)
+        if isinstance(outcome, Plan) and outcome.bn in keep:
+            outcome = Refusal("needs-graph-module", "folding it is proven on the trace, but it can not be written "
+                                                    "into the module's own class")
         if isinstance(outcome, Plan):
             report.folded.append(apply_plan(gm, outcome))
+            if applied is not None:
+                applied.append(outcome)
         else:
             report.skipped.append(Skip(module_path(node), outcome.reason, op_type=str(node.target),
                                        code=outcome.code))
@@ -112,9 +118,11 @@ class _FunctionalBatchNorm(nn.Module):
         return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
 
 
-def fold_module_exported(module: nn.Module, example_inputs, report: FoldReport) -> nn.Module | None:
+def fold_module_exported(module: nn.Module, example_inputs, report: FoldReport, *, keep=frozenset(),
+                         applied=None) -> nn.Module | None:
     """Export ``module`` on ``example_inputs`` (every dimension dynamic where the forward allows it) and fold the
-    ATen graph; the folded module, or None (with a note in the report) when torch.export can not trace it."""
+    ATen graph (``keep``, ``applied``: as for :func:`fold_aten_graph`); the folded module, or None (with a note in
+    the report) when torch.export can not trace it."""
     from .fold import copy_module, is_frozen_batchnorm, module_affine
 
     frozen = [name for name, m in module.named_modules() if name and is_frozen_batchnorm(m)
@@ -142,7 +150,7 @@ def fold_module_exported(module: nn.Module, example_inputs, report: FoldReport) 
         report.notes.append(f"torch.export could not trace the module either ({errors[-1]})")
         return None
     gm = program.module()
-    fold_aten_graph(gm, report)
+    fold_aten_graph(gm, report, keep=keep, applied=applied)
     for m in gm.modules():  # the graph was exported in eval mode; its eval() refuses to run, so say it directly
         m.training = False
     report.notes.append("the result is torch.export's module: it accepts the input shapes the export allowed "

@@ -16,6 +16,8 @@ as many batch norms as the report says are left, and computes what the folded gr
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.fx as fx
 from torch import nn
@@ -61,14 +63,180 @@ def fold_own_class(module: nn.Module, example_inputs, *, inplace: bool) -> tuple
 
 
 def _untraceable(module, example_inputs, inplace: bool, why: str):
+    failure = "no example_inputs were given for torch.export"
+    if example_inputs is not None:
+        result = _from_aten_graph(module, example_inputs, inplace)
+        if not isinstance(result, str):
+            result[1].notes.insert(0, f"torch.fx could not trace the module ({why}); the folds were proven on "
+                                      "torch.export's ATen graph")
+            return result
+        failure = result
     work = module if inplace else copy_module(module)
     work.eval()
     report = FoldReport()
-    report.notes.append(f"torch.fx could not trace the module ({why}): folds made on torch.export's ATen graph can "
-                        "not be written into the module's own class; folded consecutive children of nn.Sequential "
-                        "containers only (fold_module without keep_class folds the ATen graph)")
+    report.notes.append(f"torch.fx could not trace the module ({why}) and {failure}: folded consecutive children "
+                        "of nn.Sequential containers only")
     fold_sequential(work, example_inputs, report)
     return work, report
+
+
+def _from_aten_graph(module: nn.Module, example_inputs, inplace: bool):
+    """The own-class result from folds proven on torch.export's ATen graph, or why there is none."""
+    from .export import fold_module_exported
+
+    keep: set[str] = set()
+    for _ in range(_ROUNDS):
+        trial = copy_module(module).eval()
+        report, applied = FoldReport(), []
+        graph_module = fold_module_exported(trial, example_inputs, report, keep=frozenset(keep), applied=applied)
+        if graph_module is None:
+            return "torch.export could not trace it either"
+        report.notes = [n for n in report.notes if not n.startswith("the result is torch.export's module")]
+        layers, replacements, problems = {}, {}, set()
+        reads_bias = _layers_reading_bias(trial, [plan.into for plan in applied], example_inputs)
+        for plan in applied:
+            layer = _aten_layer_target(trial, graph_module, plan, reads_bias)
+            found = _aten_replacement(trial, graph_module, plan.bn, report)
+            if isinstance(layer, str) or isinstance(found, str):
+                problems.add(plan.bn)
+            else:
+                layers[plan.into] = layer
+                replacements[plan.bn] = found
+        if not problems:
+            break
+        keep |= problems
+    else:  # pragma: no cover
+        raise RuntimeError("bnfold: the folds writable into the module's own class did not settle")
+    target = module if inplace else trial
+    with torch.no_grad():
+        for name, (weight, bias) in layers.items():
+            layer = target.get_submodule(name)
+            layer.weight.copy_(weight)
+            if layer.bias is None:
+                layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=layer.weight.requires_grad)
+            else:
+                layer.bias.copy_(bias)
+    for name, replacement in replacements.items():
+        _set_submodule(target, name, replacement)
+    target.eval()
+    if not _same_outputs(target, graph_module, example_inputs):
+        raise RuntimeError("bnfold: the module written in its own class does not compute what the folded ATen "
+                           "graph computes")
+    return target, report
+
+
+def _layers_reading_bias(root: nn.Module, names: list[str], example_inputs) -> set[str]:
+    """Which bias-less layers among ``names`` run a forward of their own (timm's Conv2dSame) that adds ``self.bias``
+    once it is set: each is run on the input it got from the example, with a zero and a unit bias."""
+    from .fold import runs_torch_forward
+
+    candidates = {}
+    for name in set(names):
+        try:
+            layer = root.get_submodule(name)
+        except AttributeError:
+            continue
+        if getattr(layer, "bias", 0) is None and not runs_torch_forward(layer):
+            candidates[name] = layer
+    seen: dict[str, tuple] = {}
+    hooks = [layer.register_forward_pre_hook(lambda m, args, name=name: seen.setdefault(name, args))
+             for name, layer in candidates.items()]
+    try:
+        with torch.no_grad():
+            run_example(lambda: root(*example_inputs))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    reading = set()
+    for name, args in seen.items():
+        probe = copy.deepcopy(candidates[name])
+        out_channels = probe.weight.shape[1] * probe.groups if probe.transposed else probe.weight.shape[0] \
+            if hasattr(probe, "transposed") else probe.weight.shape[0]
+        probe.bias = nn.Parameter(torch.zeros(out_channels, dtype=probe.weight.dtype, device=probe.weight.device))
+        try:
+            with torch.no_grad():
+                without = probe(*args)
+                probe.bias.fill_(1)
+                delta = probe(*args) - without
+        except Exception:
+            continue
+        if isinstance(delta, torch.Tensor) and torch.allclose(delta, torch.ones_like(delta), atol=1e-3):
+            reading.add(name)
+    return reading
+
+
+def _aten_layer_target(root: nn.Module, gm: fx.GraphModule, plan, reads_bias: set[str]
+                       ) -> tuple[torch.Tensor, torch.Tensor] | str:
+    """The folded (weight, bias) for the user's layer module ``plan.into``, or why the fold is not its own."""
+    from .fold import module_kind, runs_torch_forward
+
+    try:
+        layer = root.get_submodule(plan.into)
+    except AttributeError:
+        return f"no module named '{plan.into}'"
+    call = plan.layer
+    targets = [getattr(a, "target", None) for a in call.args[1:3]]
+    if module_kind(layer) is None or targets != [f"{plan.into}.weight", f"{plan.into}.bias"]:
+        return f"'{plan.into}' does not run this call with its own weight and bias"
+    if layer.bias is None and not runs_torch_forward(layer) and plan.into not in reads_bias:
+        return f"'{plan.into}' has no bias, and its own forward may not read one"
+    owner = gm.get_submodule(plan.into)
+    return owner.weight, owner.bias
+
+
+_SHAPE_ONLY = ("sym_size", "sym_numel", "sym_stride", "_assert_scalar", "sym_constrain_range",
+               "sym_constrain_range_for_size", "_assert_tensor_metadata")
+
+
+def _aten_replacement(root: nn.Module, gm: fx.GraphModule, name: str, report: FoldReport) -> nn.Module | str:
+    """What replaces batch norm module ``name`` after its folds on the ATen graph, or why nothing can."""
+    from .fold import is_frozen_batchnorm, module_affine, runs_torch_forward
+
+    try:
+        original = root.get_submodule(name)
+    except AttributeError:
+        return f"no module named '{name}' computes it"
+    if sum(m is original for _, m in root.named_modules(remove_duplicate=False)) != 1:
+        return f"'{name}' is registered under several names"
+    if any(s.bn == name for s in report.skipped):
+        return f"'{name}' is also called where it is not folded"
+    if module_affine(original) is not None and (runs_torch_forward(original) or is_frozen_batchnorm(original)):
+        return nn.Identity()  # a BatchNorm or frozen batch norm: the batch norm was all it computed
+    children: list[str] = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or getattr(node.target, "__name__", "").split(".")[0] in _SHAPE_ONLY:
+            continue
+        paths = [v[0] for v in (node.meta.get("nn_module_stack") or {}).values() if isinstance(v, tuple) and v]
+        if name not in paths:
+            continue
+        inner = paths[-1]
+        if inner == name or not inner.startswith(name + "."):
+            if isinstance(node.target, torch._ops.OpOverload):
+                return f"'{name}' computes more than the batch norm and child modules"
+            continue  # Python arithmetic on sizes
+        child = name + "." + inner[len(name) + 1:].split(".")[0]
+        if child not in children:
+            children.append(child)
+    modules = []
+    for child in children:
+        module = root.get_submodule(child)
+        if any(True for _ in module.parameters()) or any(True for _ in module.buffers()):
+            return f"'{name}' calls '{child}', which has weights of its own"
+        if not isinstance(module, nn.Identity):
+            modules.append(module)
+    if not modules:
+        return nn.Identity()
+    return modules[0] if len(modules) == 1 else nn.Sequential(*modules)
+
+
+def _same_outputs(module: nn.Module, graph_module: nn.Module, example_inputs) -> bool:
+    outputs = []
+    for candidate in (module, graph_module):
+        with torch.no_grad():
+            run_example(lambda: outputs.append(candidate(*example_inputs)))
+    mine, graph = (torch.cat([t.detach().double().flatten() for t in _tensors(o)]) for o in outputs)
+    scale = max(graph.abs().max().item() if graph.numel() else 0.0, 1e-30)
+    return mine.shape == graph.shape and (mine - graph).abs().max().item() <= 1e-5 * scale
 
 
 def _owner_nodes(gm: fx.GraphModule, owner: str) -> list[fx.Node]:
@@ -154,15 +322,7 @@ def _prove(module: nn.Module, graph_module: fx.GraphModule, example_inputs, repo
     if left != report.bn_after:
         raise RuntimeError(f"bnfold: the module written in its own class runs {left} batch norms, the folded "
                            f"graph {report.bn_after}")
-    if example_inputs is None:
-        return
-    outputs = []
-    for candidate in (module, graph_module):
-        with torch.no_grad():
-            run_example(lambda: outputs.append(candidate(*example_inputs)))
-    mine, graph = (torch.cat([t.detach().double().flatten() for t in _tensors(o)]) for o in outputs)
-    scale = max(graph.abs().max().item() if graph.numel() else 0.0, 1e-30)
-    if mine.shape != graph.shape or (mine - graph).abs().max().item() > 1e-5 * scale:
+    if example_inputs is not None and not _same_outputs(module, graph_module, example_inputs):
         raise RuntimeError("bnfold: the module written in its own class does not compute what the folded graph "
                            "computes")
 
