@@ -1242,3 +1242,12 @@ def test_readme_lists_every_skip_code():
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     listed = set(re.findall(r"^\| `([a-z-]+)` \|", readme, flags=re.M))
     assert set(SKIP_CODES) <= listed, set(SKIP_CODES) - listed
+
+
+def test_own_class_in_place():
+    model = randomize_bn(ResNetLike(), seed=82).eval()
+    x = rand(2, 3, 16, 16, seed=82)
+    folded, report = fold_and_check(model, [x], keep_class=True, inplace=True)
+    assert folded is model and report.bn_after == 0
+    assert not [k for k in model.state_dict() if "running_" in k or "num_batches_tracked" in k]
+    assert type(model.layer2[0].downsample[1]) is nn.Identity

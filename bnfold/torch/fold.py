@@ -173,7 +173,8 @@ def module_affine(module: nn.Module) -> Affine | Refusal | None:
                                                "each batch, even at inference")
         if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
             return Refusal("uninitialized", "lazy BatchNorm that was never initialized")
-        ranks = next((r for cls, r in _ACCEPTED_RANKS.items() if type(module) is cls), None)
+        ranks = next((r for cls, r in _ACCEPTED_RANKS.items()  # a subclass may check ranks its own way
+                      if isinstance(module, cls) and type(module)._check_input_dim is cls._check_input_dim), None)
         return affine_from_stats(module.weight if module.affine else None, module.bias if module.affine else None,
                                  module.running_mean, module.running_var, module.eps, ranks)
     if is_frozen_batchnorm(module):
@@ -519,8 +520,9 @@ def _drop_unread_attributes(gm: fx.GraphModule) -> None:
     called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
     for name in [n for n, _ in gm.named_buffers()] + [n for n, _ in gm.named_parameters()]:
         owner_path, _, leaf = name.rpartition(".")
-        if name in read or any(owner_path == c or owner_path.startswith(c + ".") for c in called):
-            continue
+        parts = owner_path.split(".")
+        if name in read or any(".".join(parts[:i]) in called for i in range(1, len(parts) + 1)):
+            continue  # read by a get_attr, or a tensor of a module that is called
         owner = gm.get_submodule(owner_path) if owner_path else gm
         if type(owner) is nn.Module or owner is gm:  # a container fx made, not a user module
             delattr(owner, leaf)
