@@ -24,7 +24,8 @@ from bnfold.report import FoldReport
 
 try:
     from torch_models import (BatchNormAct2d, Conv1dNet, Conv3dNet, ConvDropoutBN, DenseLike, EfficientLike,
-                              FrozenResNetLike, FunctionalBNNet, count_bn_dispatched)
+                              Conv2dSame, FrozenActNet, FrozenBatchNormAct2d, FrozenResNetLike,
+                              FunctionalBNNet, count_bn_dispatched)
     from torch_models import (ConvBNBN, ConvTransposeOutputSize, ConvTwoBNs, ConvWeightReadElsewhere,
                               FlattenKeepChannels, LinearTransposeBN, NotQuiteFrozenBN, ScaledBN, SharedBN,
                               TiedLinear, UntraceableLinearBlocks, UntraceableMixedRanks, UntraceablePairs)
@@ -35,7 +36,8 @@ try:
                               randomize_bn, reference, snapshot)
 except ImportError:  # pragma: no cover - tests/ imported as a package
     from tests.torch_models import (BatchNormAct2d, Conv1dNet, Conv3dNet, ConvDropoutBN, DenseLike, EfficientLike,
-                                    FrozenResNetLike, FunctionalBNNet, count_bn_dispatched)
+                                    Conv2dSame, FrozenActNet, FrozenBatchNormAct2d, FrozenResNetLike,
+                                    FunctionalBNNet, count_bn_dispatched)
     from tests.torch_models import (ConvBNBN, ConvTransposeOutputSize, ConvTwoBNs, ConvWeightReadElsewhere,
                                     FlattenKeepChannels, LinearTransposeBN, NotQuiteFrozenBN, ScaledBN, SharedBN,
                                     TiedLinear, UntraceableLinearBlocks, UntraceableMixedRanks, UntraceablePairs)
@@ -1078,6 +1080,7 @@ COMPUTED = {
     "timm-like BatchNormAct2d": (EfficientLike, (2, 3, 17, 19), 0, 0),
     "functional batch_norm": (FunctionalBNNet, (2, 3, 8, 8), 1, 3),
     "frozen batch norm": (FrozenResNetLike, (2, 3, 8, 8), 0, 0),
+    "frozen batch norm + activation": (FrozenActNet, (2, 3, 8, 8), 0, 0),
     "residual": (ResNetLike, (2, 3, 16, 16), 0, 0),
     "depthwise": (MobileNetLike, (2, 3, 16, 16), 0, 0),
     "mlp": (MLP, (4, 10), 0, 0),
@@ -1251,3 +1254,25 @@ def test_own_class_in_place():
     assert folded is model and report.bn_after == 0
     assert not [k for k in model.state_dict() if "running_" in k or "num_batches_tracked" in k]
     assert type(model.layer2[0].downsample[1]) is nn.Identity
+
+
+def test_untraceable_frozen_batch_norm_with_activation():
+    """FrozenBatchNormAct2d behind a Conv2dSame: its arithmetic is found on the ATen graph and folded."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = Conv2dSame(3, 6, 3)
+            self.bn = FrozenBatchNormAct2d(6)
+
+        def forward(self, x):
+            return self.bn(self.conv(x))
+
+    torch.manual_seed(83)
+    model = randomize_bn(Net(), seed=83).eval()
+    x = rand(2, 3, 9, 10, seed=83)
+    for keep_class in (False, True):
+        folded, report = fold_and_check(model, [x], keep_class=keep_class, count_check=False)
+        assert report.bn_before == count_bn_dispatched(model, x) == 1
+        assert report.bn_after == count_bn_dispatched(folded, x) == 0, report.to_dict()
+    assert type(folded.bn) is nn.ReLU

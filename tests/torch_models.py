@@ -676,6 +676,32 @@ class FunctionalBNNet(nn.Module):
         return torch.batch_norm(v, self.b_weight, self.b_bias, self.b_mean, self.b_var, False, 0.1, 0.02, False)
 
 
+class FrozenBatchNormAct2d(FrozenBatchNorm2d):
+    """Like timm's FrozenBatchNormAct2d: the frozen arithmetic, then an activation, in one module."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, act: type = nn.ReLU):
+        super().__init__(num_features, eps)
+        self.act = act()
+
+    def forward(self, x):
+        return self.act(super().forward(x))
+
+
+class FrozenActNet(nn.Module):
+    """Conv + FrozenBatchNormAct2d twice, a residual: the frozen batch norms are traced through as arithmetic."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1, bias=False)
+        self.bn1 = FrozenBatchNormAct2d(6)
+        self.conv2 = nn.Conv2d(6, 6, 3, padding=1)
+        self.bn2 = FrozenBatchNormAct2d(6, act=nn.SiLU)
+
+    def forward(self, x):
+        y = self.bn1(self.conv1(x))
+        return self.bn2(self.conv2(y)) + y
+
+
 class FrozenResNetLike(nn.Module):
     """Residual blocks whose norms are torchvision-style FrozenBatchNorm2d (buffers and arithmetic), as detection
     backbones are shipped. ``same=True``: the first conv pads by input size (torch.fx can not trace it)."""

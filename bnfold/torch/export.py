@@ -30,7 +30,7 @@ from ..affine import FoldRefused
 from ..errors import InputError, require_file
 from ..report import Fold, FoldReport, Skip
 from .ops import (ATEN_BATCHNORM, Affine, Plan, Refusal, affine_from_stats, aten_layer, before_scales, check_after,
-                  first_refusal, refusal_of, weights_after, weights_before)
+                  first_refusal, frozen_affine, refusal_of, weights_after, weights_before)
 
 aten = torch.ops.aten
 
@@ -84,7 +84,7 @@ def fold_exported(program) -> tuple["torch.export.ExportedProgram", FoldReport]:
 def fold_aten_graph(gm: fx.GraphModule, report: FoldReport, *, keep=frozenset(), applied=None) -> None:
     """Fold every batch-norm call of an ATen-level GraphModule in place, as far as it folds exactly. ``keep``: names
     of batch norms to leave (Skip code ``needs-graph-module``); ``applied``: a list that receives the plans made."""
-    batchnorms = [n for n in gm.graph.nodes if is_batchnorm_call(n)]
+    batchnorms = [n for n in gm.graph.nodes if is_batchnorm_call(n) or _frozen(gm, n) is not None]
     report.bn_before += len(batchnorms)
     for node in batchnorms:
         outcome = _plan(gm, node)
@@ -190,7 +190,26 @@ def _dynamic_shapes(program, args):
     return tuple(specs) if dynamic else None
 
 
-def _normalization(gm: fx.GraphModule, node: fx.Node) -> tuple[Affine | Refusal, fx.Node, fx.Node]:
+def _frozen(gm: fx.GraphModule, node: fx.Node):
+    """A frozen batch norm written as arithmetic (see :func:`bnfold.torch.ops.frozen_affine`) whose constants
+    broadcast along dimension 1 of its input, or None."""
+    found = frozen_affine(node, lambda a: _tensor(gm, a))
+    if found is None or (isinstance(found[2], Affine) and _rank(found[0]) not in found[2].ranks):
+        return None
+    return found
+
+
+def _normalization(gm: fx.GraphModule, node: fx.Node) -> tuple[Affine | Refusal, fx.Node, fx.Node, list]:
+    """(affine or refusal, the batch norm's input, the node whose users read its output, the nodes a fold
+    removes)."""
+    if node.target not in ATEN_BATCHNORM:
+        x, nodes, affine, _ = _frozen(gm, node)
+        return affine, x, node, nodes
+    affine, x, output = _batchnorm_call(gm, node)
+    return affine, x, output, [output, node] if output is not node else [node]
+
+
+def _batchnorm_call(gm: fx.GraphModule, node: fx.Node) -> tuple[Affine | Refusal, fx.Node, fx.Node]:
     """(affine or refusal, the batch norm's input, the node whose users read its output)."""
     training_i, eps_i, returns_tuple = ATEN_BATCHNORM[node.target]
     args = list(node.args)
@@ -213,13 +232,13 @@ def _normalization(gm: fx.GraphModule, node: fx.Node) -> tuple[Affine | Refusal,
 
 
 def _plan(gm: fx.GraphModule, node: fx.Node) -> Plan | Refusal:
-    affine, x, output = _normalization(gm, node)
+    affine, x, output, nodes = _normalization(gm, node)
     if isinstance(affine, Refusal):
         return affine
-    after = _plan_after(gm, node, affine, x, output)
+    after = _plan_after(gm, node, affine, x, output, nodes)
     if isinstance(after, Plan):
         return after
-    before = _plan_before(gm, node, affine, x, output)
+    before = _plan_before(gm, node, affine, x, output, nodes)
     return before if isinstance(before, Plan) else first_refusal(after, before)
 
 
@@ -227,7 +246,7 @@ def _layer(gm, node):
     return aten_layer(node, lambda arg: _tensor(gm, arg)) if isinstance(node, fx.Node) else None
 
 
-def _plan_after(gm, bn: fx.Node, affine: Affine, x, output: fx.Node) -> Plan | Refusal | None:
+def _plan_after(gm, bn: fx.Node, affine: Affine, x, output: fx.Node, nodes: list) -> Plan | Refusal | None:
     layer = _layer(gm, x)
     if layer is None or isinstance(layer, Refusal):
         return layer
@@ -244,10 +263,10 @@ def _plan_after(gm, bn: fx.Node, affine: Affine, x, output: fx.Node) -> Plan | R
     except FoldRefused as exc:
         return refusal_of(exc, statistics=False)
     return Plan(module_path(bn), module_path(x), f"{layer.kind.name}-bn", x, weight, bias, bypass=output,
-                replacement=x, remove=[output, bn] if output is not bn else [bn])
+                replacement=x, remove=nodes)
 
 
-def _plan_before(gm, bn: fx.Node, affine: Affine, x, output: fx.Node) -> Plan | Refusal | None:
+def _plan_before(gm, bn: fx.Node, affine: Affine, x, output: fx.Node, nodes: list) -> Plan | Refusal | None:
     readers = _value_users(output)
     if len(readers) != 1:
         return None
@@ -269,7 +288,7 @@ def _plan_before(gm, bn: fx.Node, affine: Affine, x, output: fx.Node) -> Plan | 
     except FoldRefused as exc:
         return refusal_of(exc, statistics=False)
     return Plan(module_path(bn), module_path(consumer), f"bn-{layer.kind.name}", consumer, weight, bias,
-                bypass=output, replacement=x, remove=[output, bn] if output is not bn else [bn])
+                bypass=output, replacement=x, remove=nodes)
 
 
 def apply_plan(gm: fx.GraphModule, plan: Plan) -> Fold:
@@ -278,7 +297,8 @@ def apply_plan(gm: fx.GraphModule, plan: Plan) -> Fold:
     _set_params(gm, plan.layer, plan.weight, plan.bias)
     plan.bypass.replace_all_uses_with(plan.replacement)
     for dead in plan.remove:
-        gm.graph.erase_node(dead)
+        if not dead.users:  # a constant the normalization computed may feed something else too
+            gm.graph.erase_node(dead)
     return Fold(plan.bn, plan.into, plan.rule)
 
 

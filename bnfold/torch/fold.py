@@ -35,7 +35,7 @@ from ..affine import FoldRefused
 from ..errors import InputError
 from ..report import Fold, FoldReport, Skip
 from .ops import (Affine, Layer, Plan, Refusal, affine_from_stats, before_scales, check_after, first_refusal,
-                  module_kind, module_layer, refusal_of, weights_after, weights_before)
+                  frozen_affine, module_kind, module_layer, refusal_of, weights_after, weights_before)
 
 _BATCHNORM = nn.modules.batchnorm._BatchNorm
 # Ranks of input each BatchNorm class accepts (None: any rank >= 2).
@@ -102,10 +102,18 @@ def _first_line(exc: BaseException) -> str:
 
 def trace(module: nn.Module) -> fx.GraphModule | str:
     """The module's torch.fx GraphModule (sharing its submodules), or why torch.fx can not trace it."""
-    try:
-        graph_module = fx.GraphModule(module, Tracer().trace(module), module.__class__.__name__)
-    except Exception as exc:  # data-dependent control flow, sizes read at run time, untraceable calls
-        return f"{type(exc).__name__}: {_first_line(exc)[:200]}"
+    # Buffers are traced as attributes (so a frozen batch norm's arithmetic on its running_var shows in the graph)
+    # unless the forward branches on a buffer's value; then they are read as constants.
+    for proxy_buffers in (True, False):
+        tracer = Tracer()
+        tracer.proxy_buffer_attributes = proxy_buffers
+        try:
+            graph_module = fx.GraphModule(module, tracer.trace(module), module.__class__.__name__)
+            break
+        except Exception as exc:  # data-dependent control flow, sizes read at run time, untraceable calls
+            why = f"{type(exc).__name__}: {_first_line(exc)[:200]}"
+    else:
+        return why
     graph_module.eval()
     return graph_module
 
@@ -214,15 +222,24 @@ class Tracer(fx.Tracer):
     """Keeps as single calls: frozen batch norms, and layers (subclasses too) that run torch's own forward.
     Everything else is traced through, so a batch norm computed inside a custom module shows as a call."""
 
+    def trace(self, root, concrete_args=None):
+        # decided before tracing: the probe run of module_affine must not happen while calls are being recorded;
+        # a frozen batch norm that computes more (an activation too) is traced through
+        self.frozen = {id(m) for m in root.modules() if is_frozen_batchnorm(m) and module_affine(m) is not None}
+        return super().trace(root, concrete_args)
+
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return super().is_leaf_module(m, module_qualified_name) or runs_torch_forward(m) or is_frozen_batchnorm(m)
+        return super().is_leaf_module(m, module_qualified_name) or runs_torch_forward(m) or id(m) in self.frozen
 
 
 class _Norm:
-    """One batch-norm computation of the graph: its node, its input, what it is as an affine, its report name."""
+    """One batch-norm computation of the graph: its node (whose output a fold bypasses), its input, what it is as
+    an affine, its report name, and the nodes a fold removes (the node, and for arithmetic the rest of it)."""
 
-    def __init__(self, node: fx.Node, x, affine: Affine | Refusal, name: str, op_type: str, module=None):
+    def __init__(self, node: fx.Node, x, affine: Affine | Refusal, name: str, op_type: str, module=None,
+                 nodes=None):
         self.node, self.x, self.affine, self.name, self.op_type, self.module = node, x, affine, name, op_type, module
+        self.nodes = nodes or [node]
 
 
 def _norm_of(gm: fx.GraphModule, modules: dict, node: fx.Node) -> _Norm | None:
@@ -232,6 +249,16 @@ def _norm_of(gm: fx.GraphModule, modules: dict, node: fx.Node) -> _Norm | None:
         if affine is None:
             return None
         return _Norm(node, _single_tensor_arg(node), affine, node.target, type(module).__name__, module)
+    frozen = frozen_affine(node, lambda n: _attribute(gm, n))
+    if frozen is not None:
+        x, nodes, affine, owner = frozen
+        rank = _rank(x)
+        if isinstance(affine, Affine) and rank is not None and rank not in affine.ranks:
+            return None  # the per-channel constants broadcast against another dimension than 1
+        if isinstance(affine, Affine) and rank is None:
+            affine = Refusal("rank-unknown", "can not prove the frozen batch norm's input has the rank of its "
+                                             "constants (pass example_inputs)")
+        return _Norm(node, x, affine, owner or node.name, "frozen batch norm", nodes=nodes)
     if node.op == "call_function" and node.target in _FUNCTIONAL:
         try:
             bound = _FUNCTIONAL[node.target].bind(*node.args, **node.kwargs)
@@ -436,7 +463,7 @@ def _plan_after(gm, modules, norm: _Norm) -> Plan | Refusal | None:
     except FoldRefused as exc:
         return refusal_of(exc, statistics=False)
     return Plan(norm.name, source.target, f"{layer.kind.name}-bn", source, weight, bias, bypass=norm.node,
-                replacement=norm.x, remove=[norm.node])
+                replacement=norm.x, remove=norm.nodes)
 
 
 _FLATTEN_FUNCTIONS = (torch.flatten,)
@@ -484,7 +511,7 @@ def _plan_before(gm, modules, norm: _Norm) -> Plan | Refusal | None:
     except FoldRefused as exc:
         return refusal_of(exc, statistics=False)
     return Plan(norm.name, consumer.target, f"bn-{layer.kind.name}", consumer, weight, bias, bypass=node,
-                replacement=norm.x, remove=[node])
+                replacement=norm.x, remove=norm.nodes)
 
 
 def apply_plan(gm: fx.GraphModule, modules: dict, plan: Plan) -> Fold:
@@ -501,7 +528,8 @@ def apply_plan(gm: fx.GraphModule, modules: dict, plan: Plan) -> Fold:
     plan.bypass.replace_all_uses_with(plan.replacement)
     called = [modules.get(n.target) for n in plan.remove if n.op == "call_module"]
     for node in plan.remove:
-        gm.graph.erase_node(node)
+        if not node.users:  # a constant the normalization computed may feed something else too
+            gm.graph.erase_node(node)
     for module in called:
         if module is not None and _call_sites(gm, modules, module) == 0:
             for name, m in list(modules.items()):

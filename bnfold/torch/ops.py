@@ -337,3 +337,89 @@ def before_scales(layer: Layer, affine: Affine, rank: int | None, flattened: boo
         return Refusal("channel-mismatch", f"{label} reads {features} features, not a multiple of {s.shape[0]} "
                                            "channels")
     return np.repeat(s, features // s.shape[0]), np.repeat(t, features // s.shape[0])
+
+
+# ---- frozen batch norms written as arithmetic ------------------------------------------------------------------
+
+import operator  # noqa: E402
+
+_MUL = {operator.mul, torch.mul, _aten.mul.Tensor, "mul"}
+_ADD = {operator.add, torch.add, _aten.add.Tensor, "add"}
+
+
+def _is_op(node, ops) -> bool:
+    return getattr(node, "op", None) in ("call_function", "call_method") and node.target in ops and \
+        len(node.args) == 2 and not node.kwargs
+
+
+def _constant(node, tensor_of, seen: dict, depth: int = 0):
+    """The value of a node computed from parameters, buffers and literals only (evaluated here), else None.
+    Constants of a normalization are a few operations deep: deeper chains are not looked into."""
+    import torch.fx as fx
+
+    if not isinstance(node, fx.Node):
+        return node
+    if node in seen:
+        return seen[node]
+    value = None
+    if node.op == "get_attr":
+        value = tensor_of(node)
+    elif node.op in ("call_function", "call_method") and depth < 32:
+        args = [_constant(a, tensor_of, seen, depth + 1) if isinstance(a, fx.Node) else a for a in node.args]
+        if not any(isinstance(a, fx.Node) and seen.get(a) is None for a in node.args) and \
+                not any(isinstance(v, fx.Node) for v in node.kwargs.values()):
+            try:
+                with torch.no_grad():
+                    value = (node.target(*args, **node.kwargs) if node.op == "call_function"
+                             else getattr(args[0], node.target)(*args[1:], **node.kwargs))
+            except Exception:
+                value = None
+    seen[node] = value
+    return value
+
+
+def _reads_running_var(node, limit: int = 64) -> str | None:
+    """The owner path of a ``running_var`` attribute the constant subgraph reads, or None."""
+    import torch.fx as fx
+
+    stack, visited = [node], set()
+    while stack and len(visited) < limit:
+        n = stack.pop()
+        if not isinstance(n, fx.Node) or n in visited:
+            continue
+        visited.add(n)
+        if n.op == "get_attr" and str(n.target).rpartition(".")[2] in ("running_var", "running_var_buffer"):
+            return str(n.target).rpartition(".")[0]
+        stack.extend(a for a in n.args if isinstance(a, fx.Node))
+    return None
+
+
+def frozen_affine(node, tensor_of):
+    """``x * scale + shift`` where scale and shift are computed from a ``running_var`` buffer and other constants
+    (a frozen batch norm traced through, as torchvision and timm write it), as ``(x, nodes, Affine, owner)``:
+    ``nodes`` are the add, the mul and the constant computation, in an order they can be erased in; None if
+    ``node`` is not such an add."""
+    if not _is_op(node, _ADD):
+        return None
+    for mul, shift_node in ((node.args[0], node.args[1]), (node.args[1], node.args[0])):
+        if not _is_op(mul, _MUL) or len(mul.users) != 1:
+            continue
+        for x, scale_node in ((mul.args[0], mul.args[1]), (mul.args[1], mul.args[0])):
+            owner = _reads_running_var(scale_node)
+            if owner is None:
+                continue
+            seen: dict = {}
+            scale, shift = _constant(scale_node, tensor_of, seen), _constant(shift_node, tensor_of, seen)
+            if not (isinstance(scale, torch.Tensor) and isinstance(shift, torch.Tensor)) or scale.dim() < 2:
+                continue
+            channels = scale.shape[1]
+            per_channel = (1, channels) + (1,) * (scale.dim() - 2)
+            if tuple(scale.shape) != per_channel or tuple(shift.shape) != per_channel:
+                continue
+            s, t = numpy64(scale.reshape(-1)), numpy64(shift.reshape(-1))
+            constants = [n for n in reversed(list(seen)) if getattr(n, "op", None) != "get_attr"]
+            nodes = [node, mul] + constants + [n for n in seen if getattr(n, "op", None) == "get_attr"]
+            if not (np.isfinite(s).all() and np.isfinite(t).all()):
+                return x, nodes, Refusal("invalid-statistics", "the frozen scale or shift is not finite"), owner
+            return x, nodes, Affine(s, t, (scale.dim(),)), owner
+    return None
