@@ -3,7 +3,8 @@
 A batch norm is what the forward computes as one, whatever the module type: a ``nn.BatchNorm*d``/SyncBatchNorm
 call, a subclass whose forward is traced through (timm's ``BatchNormAct2d`` calls ``F.batch_norm`` on its own
 buffers, then an activation), a functional ``F.batch_norm``/``torch.batch_norm`` on parameters and buffers in eval
-mode, and torchvision-style frozen batch norms (four buffers and arithmetic, checked on a probe input).
+mode, and torchvision-style frozen batch norms (four buffers and arithmetic: one call when a probe input shows the
+module computes just that, else traced through and found as ``x * scale + shift`` computed from ``running_var``).
 
 The math is bnfold.affine's (float64, cast once); the layer knowledge is :mod:`bnfold.torch.ops`'s. Folds are made
 only where they are provably exact:
