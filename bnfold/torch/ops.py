@@ -9,10 +9,12 @@
   is replaced with. The fx and ATen passes each have one ``apply`` for it; anything that can compute a plan (a
   branch merge, say) can hand one to them.
 * ``Refusal``: why a fold is not made, with a stable kebab-case ``code`` (listed in the README).
+* ``frozen_affine``: a frozen batch norm traced through, found as ``x * scale + shift`` on either graph.
 """
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -340,8 +342,6 @@ def before_scales(layer: Layer, affine: Affine, rank: int | None, flattened: boo
 
 
 # ---- frozen batch norms written as arithmetic ------------------------------------------------------------------
-
-import operator  # noqa: E402
 
 _MUL = {operator.mul, torch.mul, _aten.mul.Tensor, "mul"}
 _ADD = {operator.add, torch.add, _aten.add.Tensor, "add"}
