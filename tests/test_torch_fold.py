@@ -25,7 +25,7 @@ from bnfold.report import FoldReport
 try:
     from torch_models import (BatchNormAct2d, Conv1dNet, Conv3dNet, ConvDropoutBN, DenseLike, EfficientLike,
                               Conv2dSame, FrozenActNet, FrozenBatchNormAct2d, FrozenResNetLike,
-                              FunctionalBNNet, count_bn_dispatched)
+                              FunctionalBNNet, RepVGGLike, count_bn_dispatched)
     from torch_models import (ConvBNBN, ConvTransposeOutputSize, ConvTwoBNs, ConvWeightReadElsewhere,
                               FlattenKeepChannels, LinearTransposeBN, NotQuiteFrozenBN, ScaledBN, SharedBN,
                               TiedLinear, UntraceableLinearBlocks, UntraceableMixedRanks, UntraceablePairs)
@@ -37,7 +37,7 @@ try:
 except ImportError:  # pragma: no cover - tests/ imported as a package
     from tests.torch_models import (BatchNormAct2d, Conv1dNet, Conv3dNet, ConvDropoutBN, DenseLike, EfficientLike,
                                     Conv2dSame, FrozenActNet, FrozenBatchNormAct2d, FrozenResNetLike,
-                                    FunctionalBNNet, count_bn_dispatched)
+                                    FunctionalBNNet, RepVGGLike, count_bn_dispatched)
     from tests.torch_models import (ConvBNBN, ConvTransposeOutputSize, ConvTwoBNs, ConvWeightReadElsewhere,
                                     FlattenKeepChannels, LinearTransposeBN, NotQuiteFrozenBN, ScaledBN, SharedBN,
                                     TiedLinear, UntraceableLinearBlocks, UntraceableMixedRanks, UntraceablePairs)
@@ -1089,6 +1089,7 @@ COMPUTED = {
     "conv3d": (Conv3dNet, (2, 3, 4, 4, 4), 0, 0),
     "pre-activation": (DenseLike, (2, 3, 8, 8), 1, 1),
     "eval-mode dropout between": (ConvDropoutBN, (2, 3, 8, 8), 0, 0),
+    "branch batch norms": (RepVGGLike, (2, 6, 8, 8), 2, 2),
 }
 
 
@@ -1220,7 +1221,7 @@ def test_dispatch_counter_counts_batch_norm_computations():
 
 
 @pytest.mark.parametrize("name", ["timm-like BatchNormAct2d", "functional batch_norm", "frozen batch norm",
-                                  "pre-activation", "conv1d + SyncBatchNorm"])
+                                  "pre-activation", "conv1d + SyncBatchNorm", "branch batch norms"])
 def test_no_more_left_than_the_onnx_route(name, tmp_path):
     """fold_module leaves no more batch norms than exporting the model to ONNX and folding that leaves."""
     onnx = pytest.importorskip("onnx")

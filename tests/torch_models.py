@@ -775,6 +775,29 @@ class ConvDropoutBN(nn.Module):
         return self.bn(self.aa(self.drop(self.conv(x))))
 
 
+class RepVGGLike(nn.Module):
+    """Two RepVGG train-time blocks: 3x3 conv + BN, 1x1 conv + BN and a BN-only identity branch, summed. The conv
+    BNs fold; the identity-branch BNs stay (their output is summed, no linear op next to them) until a branch merge
+    (issue 16) absorbs them. The ONNX route keeps them too."""
+
+    def __init__(self, c: int = 6):
+        super().__init__()
+        self.blocks = nn.ModuleList()
+        for _ in range(2):
+            block = nn.Module()
+            block.conv3 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+            block.bn3 = BatchNormAct2d(c, act=None)
+            block.conv1 = nn.Conv2d(c, c, 1, bias=False)
+            block.bn1 = nn.BatchNorm2d(c)
+            block.identity = nn.BatchNorm2d(c)
+            self.blocks.append(block)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = F.relu(b.bn3(b.conv3(x)) + b.bn1(b.conv1(x)) + b.identity(x))
+        return x
+
+
 class DenseLike(nn.Module):
     """DenseNet's pre-activation pattern: BN-ReLU-Conv on a concatenation. The BN can not fold (a ReLU between it
     and the conv, a concatenation before it); the ONNX route keeps it too."""
