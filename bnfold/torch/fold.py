@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+from collections import Counter
 
 import numpy as np
 import torch
@@ -227,7 +228,19 @@ class Tracer(fx.Tracer):
         # decided before tracing: the probe run of module_affine must not happen while calls are being recorded;
         # a frozen batch norm that computes more (an activation too) is traced through
         self.frozen = {id(m) for m in root.modules() if is_frozen_batchnorm(m) and module_affine(m) is not None}
+        self.buffer_names = {id(b): n for n, b in root.named_buffers()} if isinstance(root, nn.Module) else {}
         return super().trace(root, concrete_args)
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        # torch.fx looks a proxied buffer up by walking every buffer of the model at each access (quadratic in
+        # the model's size); a table built once finds it at once
+        if self.proxy_buffer_attributes and isinstance(attr_val, torch.Tensor) and \
+                not isinstance(attr_val, nn.Parameter) and id(attr_val) in self.buffer_names:
+            name = self.buffer_names[id(attr_val)]
+            if name not in parameter_proxy_cache:
+                parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+            return parameter_proxy_cache[name]
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return super().is_leaf_module(m, module_qualified_name) or runs_torch_forward(m) or id(m) in self.frozen
@@ -315,8 +328,24 @@ def count_normalizations(gm: fx.GraphModule) -> int:
 _NEEDS_GRAPH = "folding it is proven on the trace, but it can not be written into the module's own class"
 
 
+class ModuleIndex(dict):
+    """The GraphModule's modules by name, with the counts the data-flow checks read, kept up to date by the pass
+    (counting them again for every fold made large models fold in seconds)."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm.named_modules())
+        self.registered = Counter(id(m) for _, m in gm.named_modules(remove_duplicate=False))
+        self.param_refs = Counter(id(p) for _, p in gm.named_parameters(remove_duplicate=False))
+        self.calls = Counter(id(self[n.target]) for n in gm.graph.nodes if n.op == "call_module" and n.target in self)
+        self.read_under = set()  # module paths under which a get_attr reads a tensor
+        for n in gm.graph.nodes:
+            if n.op == "get_attr":
+                parts = str(n.target).split(".")
+                self.read_under.update(".".join(parts[:i]) for i in range(1, len(parts)))
+
+
 def _fold_graph(gm: fx.GraphModule, report: FoldReport, keep, own_class: bool) -> None:
-    modules = dict(gm.named_modules())
+    modules = ModuleIndex(gm)
     report.bn_before += count_normalizations(gm)
     while True:
         changed, skipped = False, []
@@ -338,7 +367,6 @@ def _fold_graph(gm: fx.GraphModule, report: FoldReport, keep, own_class: bool) -
             elif isinstance(plan, Plan):
                 report.folded.append(apply_plan(gm, modules, plan))
                 changed = True
-                modules = dict(gm.named_modules())
             else:
                 refusal = first_refusal(after, plan)
                 skipped.append(Skip(norm.name, refusal.reason, op_type=norm.op_type, code=refusal.code))
@@ -348,8 +376,6 @@ def _fold_graph(gm: fx.GraphModule, report: FoldReport, keep, own_class: bool) -
     report.bn_after += len(skipped)
 
 
-def _call_sites(gm: fx.GraphModule, modules: dict, layer: nn.Module) -> int:
-    return sum(1 for n in gm.graph.nodes if n.op == "call_module" and modules.get(n.target) is layer)
 
 
 def _rank(node) -> int | None:
@@ -371,20 +397,16 @@ def _hooked(module: nn.Module | None) -> str:
     return ""
 
 
-def _shared_elsewhere(gm: fx.GraphModule, modules: dict, node: fx.Node, layer: nn.Module) -> bool:
+def _shared_elsewhere(gm: fx.GraphModule, modules: ModuleIndex, node: fx.Node, layer: nn.Module) -> bool:
     """Whether anything but this call site runs the layer or reads its tensors."""
-    if _call_sites(gm, modules, layer) != 1:
+    if modules.calls[id(layer)] != 1 or modules.registered[id(layer)] != 1:
         return True
-    if sum(m is layer for _, m in gm.named_modules(remove_duplicate=False)) != 1:
-        return True
-    own = {id(p) for p in layer.parameters(recurse=False)}
-    if sum(id(p) in own for _, p in gm.named_parameters(remove_duplicate=False)) != len(own):
+    if any(modules.param_refs[id(p)] != 1 for p in layer.parameters(recurse=False)):
         return True  # a parameter tied to another module
-    prefix = f"{node.target}."
-    return any(n.op == "get_attr" and str(n.target).startswith(prefix) for n in gm.graph.nodes)
+    return node.target in modules.read_under
 
 
-def _own_copy(gm: fx.GraphModule, modules: dict, node: fx.Node) -> nn.Module:
+def _own_copy(gm: fx.GraphModule, modules: ModuleIndex, node: fx.Node) -> nn.Module:
     """The module this call site runs, copied under a new name when anything else runs it or reads its tensors."""
     layer = modules[node.target]
     if not _shared_elsewhere(gm, modules, node, layer):
@@ -397,6 +419,11 @@ def _own_copy(gm: fx.GraphModule, modules: dict, node: fx.Node) -> nn.Module:
     copied = copy.deepcopy(layer)
     gm.add_submodule(name, copied)
     node.target = name
+    modules[name] = copied
+    modules.registered[id(copied)] = 1
+    modules.param_refs.update(id(p) for p in copied.parameters())
+    modules.calls[id(layer)] -= 1
+    modules.calls[id(copied)] = 1
     return copied
 
 
@@ -515,7 +542,7 @@ def _plan_before(gm, modules, norm: _Norm) -> Plan | Refusal | None:
                 replacement=norm.x, remove=norm.nodes)
 
 
-def apply_plan(gm: fx.GraphModule, modules: dict, plan: Plan) -> Fold:
+def apply_plan(gm: fx.GraphModule, modules: "ModuleIndex", plan: Plan) -> Fold:
     """Write the plan's weights into the module its layer node calls (a copy of its own when the module is
     shared), route the bypassed output's readers to the replacement and remove the normalization's nodes."""
     into = plan.layer.target
@@ -527,15 +554,18 @@ def apply_plan(gm: fx.GraphModule, modules: dict, plan: Plan) -> Fold:
         else:
             layer.bias.copy_(plan.bias)
     plan.bypass.replace_all_uses_with(plan.replacement)
-    called = [modules.get(n.target) for n in plan.remove if n.op == "call_module"]
     for node in plan.remove:
-        if not node.users:  # a constant the normalization computed may feed something else too
-            gm.graph.erase_node(node)
-    for module in called:
-        if module is not None and _call_sites(gm, modules, module) == 0:
-            for name, m in list(modules.items()):
-                if m is module and name:
-                    gm.delete_submodule(name)
+        if node.users:  # a constant the normalization computed may feed something else too
+            continue
+        module = modules.get(node.target) if node.op == "call_module" else None
+        gm.graph.erase_node(node)
+        if module is not None:
+            modules.calls[id(module)] -= 1
+            if modules.calls[id(module)] == 0:
+                for name, m in list(modules.items()):
+                    if m is module and name:
+                        gm.delete_submodule(name)
+                        del modules[name]
     return Fold(plan.bn, into, plan.rule)
 
 
