@@ -5,6 +5,7 @@ Run it from the repository root (needs torch: ``pip install ".[torch]"``)::
     python benchmarks/torch_speed.py                 # batch 8, 30 timed rounds, torch's default thread count
     python benchmarks/torch_speed.py --repeat 100 --threads 1
     python benchmarks/torch_speed.py --batch 1
+    python benchmarks/torch_speed.py --keep-class    # time the folded ResNet18 object (keep_class=True)
 
 What it measures, all in one run:
 
@@ -17,7 +18,8 @@ What it measures, all in one run:
   under ``torch.inference_mode()``: 5 warm-up rounds, then ``--repeat`` rounds that run the three in turn (the
   order rotates each round, so drift on a noisy machine hits all alike); medians are compared.
   - original: the model as defined, with its BatchNorm layers;
-  - folded: ``bnfold.torch.fold_module(model, (example,))``;
+  - folded: ``bnfold.torch.fold_module(model, (example,))`` (a GraphModule), or with ``--keep-class`` the user's
+    own ResNet18 object that ``fold_module(..., keep_class=True)`` gives back;
   - ideal: a deep copy of the original with every BatchNorm replaced by ``nn.Identity`` (numerically wrong; the
     floor that folding can reach).
 * The bar: folded / ideal <= 1.03 (median latency).
@@ -124,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=5, help="untimed rounds first (default 5)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the timing")
     parser.add_argument("--batch", type=int, default=8, help="batch size (default 8)")
+    parser.add_argument("--keep-class", action="store_true", help="time the folded module in its own class")
     args = parser.parse_args(argv)
     if args.repeat < 1 or args.warmup < 0 or args.batch < 1 or (args.threads is not None and args.threads < 1):
         parser.error("--repeat, --batch and --threads must be >= 1, --warmup >= 0")
@@ -131,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model()
     torch.manual_seed(SEED + 1)
     example = torch.randn(args.batch, 3, SPATIAL, SPATIAL)
-    folded, fold_report = fold_module(model, (example,))
+    folded, fold_report = fold_module(model, (example,), keep_class=args.keep_class)
     ideal = without_batchnorm(model)
     n_bn = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     n_bn_folded = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
@@ -148,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
           f"({len(fold_report.folded)} folded, {len(fold_report.skipped)} skipped)")
     print()
     print(f"{'module':<26}{'median ms':>11}{'p10 ms':>10}{'p90 ms':>10}{'vs ideal':>10}")
-    rows = [("original (with BN)", result.original), ("folded (bnfold)", result.folded),
+    rows = [("original (with BN)", result.original),
+            ("folded (own class)" if args.keep_class else "folded (bnfold)", result.folded),
             ("ideal (BN -> Identity)", result.ideal)]
     for label, t in rows:
         print(f"{label:<26}{t.median_ms:>11.3f}{t.p10_ms:>10.3f}{t.p90_ms:>10.3f}"

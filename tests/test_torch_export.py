@@ -138,3 +138,39 @@ def test_pickled_payloads_are_refused_and_never_run(tmp_path, where):
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not marker.exists()
     assert not (tmp_path / "hostile.folded.pt2").exists()
+
+
+class _Leftovers(nn.Module):
+    """Batch norms an exported program must keep, each for its own reason, beside one that folds."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn_shared_input = nn.BatchNorm2d(4)
+        self.bn_after_relu = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn_folds = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        z = self.bn_shared_input(y) + y
+        z = self.bn_after_relu(torch.relu(z))
+        return self.bn_folds(self.conv2(z))
+
+
+def test_fold_exported_skips_carry_codes_and_module_names():
+    torch.manual_seed(1)
+    model = _Leftovers().eval()
+    for bn in (model.bn_shared_input, model.bn_after_relu, model.bn_folds):
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.3, 2.0)
+    folded, report = fold_exported(_program(model))
+    assert report.bn_before == 3 and report.bn_after == 2
+    assert [(f.bn, f.into, f.rule) for f in report.folded] == [("bn_folds", "conv2", "conv-bn")]
+    assert {s.bn: s.code for s in report.skipped} == {"bn_shared_input": "output-read-elsewhere",
+                                                       "bn_after_relu": "padding-reads-zero"}
+    x = torch.randn(5, 3, 8, 8)
+    with torch.no_grad():
+        expected = copy.deepcopy(model).double()(x.double())
+    got = folded.module()(x).double()
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())

@@ -23,6 +23,9 @@ from bnfold.errors import InputError
 from bnfold.report import FoldReport
 
 try:
+    from torch_models import (BatchNormAct2d, Conv1dNet, Conv3dNet, ConvDropoutBN, DenseLike, EfficientLike,
+                              Conv2dSame, FrozenActNet, FrozenBatchNormAct2d, FrozenResNetLike,
+                              FunctionalBNNet, RepVGGLike, count_bn_dispatched)
     from torch_models import (ConvBNBN, ConvTransposeOutputSize, ConvTwoBNs, ConvWeightReadElsewhere,
                               FlattenKeepChannels, LinearTransposeBN, NotQuiteFrozenBN, ScaledBN, SharedBN,
                               TiedLinear, UntraceableLinearBlocks, UntraceableMixedRanks, UntraceablePairs)
@@ -32,6 +35,9 @@ try:
                               SharedConvControlFlow, assert_close_to_ref, assert_unchanged, bn_names, count_bn_used,
                               randomize_bn, reference, snapshot)
 except ImportError:  # pragma: no cover - tests/ imported as a package
+    from tests.torch_models import (BatchNormAct2d, Conv1dNet, Conv3dNet, ConvDropoutBN, DenseLike, EfficientLike,
+                                    Conv2dSame, FrozenActNet, FrozenBatchNormAct2d, FrozenResNetLike,
+                                    FunctionalBNNet, RepVGGLike, count_bn_dispatched)
     from tests.torch_models import (ConvBNBN, ConvTransposeOutputSize, ConvTwoBNs, ConvWeightReadElsewhere,
                                     FlattenKeepChannels, LinearTransposeBN, NotQuiteFrozenBN, ScaledBN, SharedBN,
                                     TiedLinear, UntraceableLinearBlocks, UntraceableMixedRanks, UntraceablePairs)
@@ -42,6 +48,7 @@ except ImportError:  # pragma: no cover - tests/ imported as a package
                                     count_bn_used, randomize_bn, reference, snapshot)
 
 from bnfold.torch import fold_module
+from bnfold.torch.ops import SKIP_CODES
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 CONVT = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
@@ -89,6 +96,7 @@ def fold_and_check(model: nn.Module, inputs, *, example: bool = True, rtol: floa
     ref = reference(model, *inputs)
     snap = snapshot(model)
     names_before = bn_names(model)
+    dispatched_before = count_bn_dispatched(model, *inputs) if count_check else None
     folded, report = fold_module(model, inputs if example else None, **kwargs)
     if not kwargs.get("inplace"):
         assert_unchanged(model, snap)
@@ -102,7 +110,14 @@ def fold_and_check(model: nn.Module, inputs, *, example: bool = True, rtol: floa
         with torch.no_grad():
             out2 = folded(*other)
         assert_close_to_ref(out2, reference(model, *other), rtol, "fresh inputs:")
+    for skip in report.skipped:
+        assert skip.code in SKIP_CODES, f"skip of {skip.bn} has no documented code: {skip}"
     if count_check:
+        # the report's counts are what the forward runs, counted at the dispatcher (without any trace, bnfold can
+        # only count modules: a data-dependent forward runs different batch norms for different inputs)
+        if not any("nn.Sequential containers only" in note for note in report.notes):
+            assert report.bn_before == dispatched_before, report.to_dict()
+            assert report.bn_after == count_bn_dispatched(folded, *inputs), report.to_dict()
         # the report's counts agree with the module
         assert report.bn_before == len(names_before)
         assert report.bn_after == count_bn_used(folded), report.to_dict()
@@ -1053,3 +1068,213 @@ def test_cpu_device_and_dtype_kept():
     folded, _ = fold_module(model, (rand(2, 3, 16, 16, seed=38),))
     assert all(v.device.type == "cpu" for v in folded.state_dict().values())
     assert all(v.dtype == torch.float32 for v in folded.state_dict().values() if v.is_floating_point())
+
+
+# ============================================================================ batch norms as computations
+# Every batch norm the forward computes is seen (module, traced-through subclass, functional, frozen), counted as a
+# profiler would (count_bn_dispatched, independent of bnfold), and folded where the ONNX route folds it.
+
+# model, input shape, batch norms left (the ONNX export of the model keeps as many: a pre-activation BN, a
+# training-mode one), batch norms left with keep_class=True (functional calls on the root module's own tensors
+# can not be written into its class)
+COMPUTED = {
+    "timm-like BatchNormAct2d": (EfficientLike, (2, 3, 17, 19), 0, 0),
+    "functional batch_norm": (FunctionalBNNet, (2, 3, 8, 8), 1, 3),
+    "frozen batch norm": (FrozenResNetLike, (2, 3, 8, 8), 0, 0),
+    "frozen batch norm + activation": (FrozenActNet, (2, 3, 8, 8), 0, 0),
+    "residual": (ResNetLike, (2, 3, 16, 16), 0, 0),
+    "depthwise": (MobileNetLike, (2, 3, 16, 16), 0, 0),
+    "mlp": (MLP, (4, 10), 0, 0),
+    "conv1d + SyncBatchNorm": (Conv1dNet, (2, 4, 9), 0, 0),
+    "conv3d": (Conv3dNet, (2, 3, 4, 4, 4), 0, 0),
+    "pre-activation": (DenseLike, (2, 3, 8, 8), 1, 1),
+    "eval-mode dropout between": (ConvDropoutBN, (2, 3, 8, 8), 0, 0),
+    "branch batch norms": (RepVGGLike, (2, 6, 8, 8), 2, 2),
+}
+
+
+@pytest.mark.parametrize("keep_class", [False, True], ids=["graph", "own-class"])
+@pytest.mark.parametrize("name", list(COMPUTED))
+def test_every_computed_batch_norm_is_counted_and_folded(name, keep_class):
+    factory, shape, left, left_own = COMPUTED[name]
+    torch.manual_seed(70)
+    model = randomize_bn(factory(), seed=70).eval()
+    folded, report = fold_and_check(model, [rand(*shape, seed=70)], keep_class=keep_class, count_check=False)
+    x = rand(*shape, seed=71)
+    assert report.bn_before == count_bn_dispatched(model, x) > 0
+    assert report.bn_after == count_bn_dispatched(folded, x) == (left_own if keep_class else left), \
+        report.to_dict()
+    assert len(report.folded) + len(report.skipped) == report.bn_before
+    if keep_class:
+        assert type(folded) is type(model)
+        assert not isinstance(folded, torch.fx.GraphModule)
+        for fold in report.folded:  # folded norms are gone from the module, under the user's attribute names
+            assert not isinstance(folded.get_submodule(fold.bn), (nn.modules.batchnorm._BatchNorm,
+                                                                   FrozenBatchNorm2d))
+
+
+def test_batchnorm_act_subclass_becomes_its_activation():
+    """timm's BatchNormAct2d folds into the conv before it; in the user's own module it becomes its activation, and
+    the state dict is the one of the BN-less definition of the network (it loads there and computes the same)."""
+    torch.manual_seed(72)
+    model = randomize_bn(EfficientLike(), seed=72).eval()
+    x = rand(2, 3, 17, 19, seed=72)
+    folded, report = fold_module(model, (x,), keep_class=True)
+    assert report.bn_after == 0
+    assert {f.bn for f in report.folded} == {"stem.bn", "dw.bn", "pw.bn", "expand.bn", "dw2.bn", "project.bn",
+                                             "head.bn", "head_bn"}
+    assert type(folded.stem.bn) is nn.ReLU and type(folded.dw.bn) is nn.ReLU6 and type(folded.head.bn) is nn.SiLU
+    assert type(folded.pw.bn) is nn.Identity and type(folded.head_bn) is nn.Identity
+    plain = EfficientLike(bn=False).eval()
+    assert list(folded.state_dict()) == list(plain.state_dict())
+    plain.load_state_dict(folded.state_dict())
+    with torch.no_grad():
+        assert_close_to_ref(plain(x), reference(model, x), 1e-4, "BN-less definition with the folded weights:")
+
+
+def test_functional_batch_norms():
+    model = FunctionalBNNet().eval()
+    x = rand(2, 3, 8, 8, seed=73)
+    folded, report = fold_and_check(model, [x], count_check=False)  # no BN modules: counted at the dispatcher
+    assert report.bn_before == count_bn_dispatched(model, x) == 3
+    assert report.bn_after == count_bn_dispatched(folded, x) == 1
+    assert {f.rule for f in report.folded} == {"conv-bn", "linear-bn"}
+    assert [s.code for s in report.skipped] == ["training-mode"]
+    assert not [k for k in folded.state_dict() if k.startswith(("a_", "b_"))], "folded statistics are left behind"
+
+
+def test_functional_batch_norm_on_root_tensors_needs_the_graph_module():
+    model = FunctionalBNNet().eval()
+    folded, report = fold_and_check(model, [rand(2, 3, 8, 8, seed=74)], keep_class=True, count_check=False)
+    assert type(folded) is FunctionalBNNet and report.folded == []
+    assert sorted(s.code for s in report.skipped) == ["needs-graph-module", "needs-graph-module", "training-mode"]
+
+
+@pytest.mark.parametrize("factory", [lambda: EfficientLike(same=True), lambda: FrozenResNetLike(same=True)],
+                         ids=["BatchNormAct2d", "frozen"])
+def test_untraceable_module_folds_on_the_aten_graph(factory):
+    """Conv2dSame pads by the input size at run time: torch.fx can not trace it, torch.export can."""
+    torch.manual_seed(75)
+    model = randomize_bn(factory(), seed=75).eval()
+    x = rand(2, 3, 17, 19, seed=75)
+    folded, report = fold_and_check(model, [x], count_check=False)
+    assert any("torch.export" in note for note in report.notes), report.notes
+    assert report.bn_before == count_bn_dispatched(model, x) > 0
+    assert report.bn_after == count_bn_dispatched(folded, x) == 0, report.to_dict()
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_untraceable_module_in_its_own_class(inplace):
+    """Folds proven on the ATen graph are written into the user's class too; Conv2dSame (its own forward, no bias)
+    is probed to read the bias it is given. The state dict is the BN-less definition's."""
+    torch.manual_seed(76)
+    model = randomize_bn(EfficientLike(same=True), seed=76).eval()
+    x = rand(2, 3, 17, 19, seed=76)
+    folded, report = fold_and_check(model, [x], keep_class=True, inplace=inplace, count_check=False)
+    assert type(folded) is EfficientLike and (folded is model) == inplace
+    assert any("torch.export" in note for note in report.notes), report.notes
+    assert report.bn_before == 8 and report.bn_after == count_bn_dispatched(folded, x) == 0, report.to_dict()
+    assert type(folded.stem.bn) is nn.ReLU
+    assert list(folded.state_dict()) == list(EfficientLike(same=True, bn=False).state_dict())
+
+
+def test_own_class_keeps_a_batch_norm_whose_module_computes_more():
+    """ScaledBN computes 2*BN(x)+1: torch.export folds the BN, but its module can not become an Identity."""
+    torch.manual_seed(81)
+    model = randomize_bn(ConvBN(nn.Conv2d(3, 4, 3), ScaledBN(4, eps=EPS)), seed=81).eval()
+    x = input_for(2, 3)
+    folded, report = fold_and_check(model, [x], keep_class=True)
+    assert type(folded) is ConvBN and isinstance(folded.bn, ScaledBN)
+    assert [(s.bn, s.code) for s in report.skipped] == [("bn", "needs-graph-module")]
+    graph, graph_report = fold_module(model, (x,))
+    assert graph_report.bn_after == 0
+
+
+def test_bn_subclass_that_runs_torch_forward_is_one_call():
+    """A BatchNorm2d subclass that does not override forward runs torch's forward: one batch norm, folded."""
+
+    class PlainSubclass(nn.BatchNorm2d):
+        pass
+
+    model = randomize_bn(ConvBN(nn.Conv2d(3, 4, 3), PlainSubclass(4, eps=EPS)), seed=77).eval()
+    folded, report = fold_and_check(model, [input_for(2, 3)])
+    assert folds(report) == {"bn": ("conv", "conv-bn")}
+    assert not report.notes
+
+
+def test_batchnorm_act_reading_the_rank_still_folds():
+    """BatchNormAct2d asserts ``x.ndim == 4`` on the conv output: reading a shape is not reading values."""
+    model = randomize_bn(ConvBN(nn.Conv2d(3, 4, 3), BatchNormAct2d(4, eps=EPS)), seed=78).eval()
+    folded, report = fold_and_check(model, [input_for(2, 3)])
+    assert folds(report) == {"bn": ("conv", "conv-bn")}
+
+
+def test_dispatch_counter_counts_batch_norm_computations():
+    """The test's own counter: module, functional and frozen batch norms count once per call; nothing else does."""
+    x = rand(2, 4, 5, 5, seed=79)
+    bn, frozen = randomize_bn(nn.BatchNorm2d(4)).eval(), randomize_bn(FrozenBatchNorm2d(4)).eval()
+    assert count_bn_dispatched(bn, x) == 1
+    assert count_bn_dispatched(frozen, x) == 1
+    assert count_bn_dispatched(ConvBN(nn.Conv2d(4, 4, 1), nn.ReLU()), x) == 0
+    assert count_bn_dispatched(SharedBN().eval(), x) == 2
+    assert count_bn_dispatched(FunctionalBNNet().eval(), rand(2, 3, 8, 8)) == 3
+
+
+@pytest.mark.parametrize("name", ["timm-like BatchNormAct2d", "functional batch_norm", "frozen batch norm",
+                                  "pre-activation", "conv1d + SyncBatchNorm", "branch batch norms"])
+def test_no_more_left_than_the_onnx_route(name, tmp_path):
+    """fold_module leaves no more batch norms than exporting the model to ONNX and folding that leaves."""
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    from bnfold import fold_onnx
+
+    factory, shape, _, _ = COMPUTED[name]
+    torch.manual_seed(80)
+    model = randomize_bn(factory(), seed=80).eval()
+    x = rand(*shape, seed=80)
+    path = tmp_path / "model.onnx"
+    torch.onnx.export(model, (x,), str(path), dynamo=True)
+    folded_onnx, onnx_report = fold_onnx(onnx.load(str(path)))
+    left_onnx = sum(n.op_type == "BatchNormalization" for n in folded_onnx.graph.node)
+    _, report = fold_module(model, (x,))
+    assert report.bn_after <= left_onnx, (report.to_dict(), onnx_report.to_dict())
+
+
+def test_readme_lists_every_skip_code():
+    """The README's table of skip codes is the one in bnfold/torch/ops.py."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    listed = set(re.findall(r"^\| `([a-z-]+)` \|", readme, flags=re.M))
+    assert set(SKIP_CODES) <= listed, set(SKIP_CODES) - listed
+
+
+def test_own_class_in_place():
+    model = randomize_bn(ResNetLike(), seed=82).eval()
+    x = rand(2, 3, 16, 16, seed=82)
+    folded, report = fold_and_check(model, [x], keep_class=True, inplace=True)
+    assert folded is model and report.bn_after == 0
+    assert not [k for k in model.state_dict() if "running_" in k or "num_batches_tracked" in k]
+    assert type(model.layer2[0].downsample[1]) is nn.Identity
+
+
+def test_untraceable_frozen_batch_norm_with_activation():
+    """FrozenBatchNormAct2d behind a Conv2dSame: its arithmetic is found on the ATen graph and folded."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = Conv2dSame(3, 6, 3)
+            self.bn = FrozenBatchNormAct2d(6)
+
+        def forward(self, x):
+            return self.bn(self.conv(x))
+
+    torch.manual_seed(83)
+    model = randomize_bn(Net(), seed=83).eval()
+    x = rand(2, 3, 9, 10, seed=83)
+    for keep_class in (False, True):
+        folded, report = fold_and_check(model, [x], keep_class=keep_class, count_check=False)
+        assert report.bn_before == count_bn_dispatched(model, x) == 1
+        assert report.bn_after == count_bn_dispatched(folded, x) == 0, report.to_dict()
+    assert type(folded.bn) is nn.ReLU

@@ -7,6 +7,7 @@ deep-copied, converted to float64 and put in eval mode) are independent of the c
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 import torch.nn as nn
@@ -704,3 +705,316 @@ def realistic_bn(module: nn.Module, seed: int = 0) -> nn.Module:
         module.train()
         module(torch.randn(8, 3, 64, 64, generator=g))
     return module.eval()
+
+
+# ================================================================================== batch norms as computations
+# Mimics of what real model libraries write (no timm/torchvision dependency): the batch norm is a computation of
+# the forward, not always a BatchNorm module call.
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """Like timm's BatchNormAct2d: a BatchNorm2d subclass whose forward calls F.batch_norm on its own buffers, then
+    dropout and an activation. torch.fx traces through it."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, act: type | None = nn.ReLU, drop: float = 0.0):
+        super().__init__(num_features, eps=eps)
+        self.drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
+        self.act = act() if act is not None else nn.Identity()
+
+    def forward(self, x):
+        torch._assert(x.ndim == 4, f"expected 4D input (got {x.ndim}D input)")
+        factor = 0.0 if self.momentum is None else self.momentum
+        bn_training = True if self.training else (self.running_mean is None) and (self.running_var is None)
+        x = F.batch_norm(x, self.running_mean if not self.training or self.track_running_stats else None,
+                         self.running_var if not self.training or self.track_running_stats else None,
+                         self.weight, self.bias, bn_training, factor, self.eps)
+        return self.act(self.drop(x))
+
+
+def get_same_padding(size: int, k: int, s: int, d: int) -> int:
+    return max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
+
+
+class Conv2dSame(nn.Conv2d):
+    """Like timm's Conv2dSame (the ``tf_`` models): TensorFlow 'SAME' padding computed from the input size at run
+    time. torch.fx can not trace it (it unpacks the input's size)."""
+
+    def __init__(self, cin, cout, k, stride=1, groups=1, bias=False):
+        super().__init__(cin, cout, k, stride, 0, 1, groups, bias)
+
+    def forward(self, x):
+        ih, iw = x.size()[-2:]
+        pad_h = get_same_padding(ih, self.kernel_size[0], self.stride[0], self.dilation[0])
+        pad_w = get_same_padding(iw, self.kernel_size[1], self.stride[1], self.dilation[1])
+        x = F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
+        return F.conv2d(x, self.weight, self.bias, self.stride, (0, 0), self.dilation, self.groups)
+
+
+class ConvNormAct(nn.Module):
+    """timm's ConvNormAct: a conv and a BatchNormAct2d that holds the activation."""
+
+    def __init__(self, cin, cout, k, stride=1, groups=1, act=nn.ReLU, same=False, bn=True):
+        super().__init__()
+        self.conv = (Conv2dSame(cin, cout, k, stride, groups, bias=not bn) if same else
+                     nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=not bn))
+        # bn=False: the BN-less definition of the same network (the activation where the norm layer was)
+        self.bn = BatchNormAct2d(cout, act=act) if bn else act() if act is not None else nn.Identity()
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, c, r):
+        super().__init__()
+        self.fc1 = nn.Conv2d(c, r, 1)
+        self.fc2 = nn.Conv2d(r, c, 1)
+
+    def forward(self, x):
+        s = x.mean((2, 3), keepdim=True)
+        return x * torch.sigmoid(self.fc2(F.relu(self.fc1(s))))
+
+
+class EfficientLike(nn.Module):
+    """An EfficientNet-Lite-like net built from BatchNormAct2d (stem, depthwise-separable block with SE, inverted
+    residual with a skip, head), a BatchNorm-free classifier. ``same=True`` uses Conv2dSame everywhere (the tf_
+    variants), which torch.fx can not trace. 8 batch norms, all foldable into the conv before them. ``bn=False``:
+    the BN-less definition of the same network (convs with biases, activations where the norm layers were)."""
+
+    def __init__(self, same: bool = False, num_classes: int = 5, bn: bool = True):
+        super().__init__()
+        self.stem = ConvNormAct(3, 8, 3, stride=2, same=same, bn=bn)
+        self.dw = ConvNormAct(8, 8, 3, groups=8, act=nn.ReLU6, same=same, bn=bn)
+        self.se = SqueezeExcite(8, 4)
+        self.pw = ConvNormAct(8, 8, 1, act=None, bn=bn)
+        self.expand = ConvNormAct(8, 16, 1, bn=bn)
+        self.dw2 = ConvNormAct(16, 16, 3, groups=16, same=same, bn=bn)
+        self.project = ConvNormAct(16, 8, 1, act=None, bn=bn)
+        self.head = ConvNormAct(8, 12, 1, act=nn.SiLU, bn=bn)
+        self.classifier = nn.Linear(12, num_classes)
+        self.head_bn = nn.BatchNorm1d(num_classes) if bn else nn.Identity()
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = self.pw(self.se(self.dw(x))) + x
+        x = self.project(self.dw2(self.expand(x))) + x
+        x = self.head(x).mean((2, 3))
+        return self.head_bn(self.classifier(x))
+
+
+class FunctionalBNNet(nn.Module):
+    """Batch norms as functional calls on the module's own parameters and buffers: ``F.batch_norm`` after a conv,
+    ``torch.batch_norm`` after a Linear (different argument order), and a training-mode call that must stay."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.conv2 = nn.Conv2d(6, 6, 3, padding=1, bias=False)
+        self.fc = nn.Linear(6, 4)
+        g = torch.Generator().manual_seed(7)
+        for name, c in (("a", 6), ("b", 4), ("c", 6)):  # non-trivial statistics and a negative scale
+            self.register_buffer(f"{name}_mean", torch.randn(c, generator=g) * 0.5)
+            self.register_buffer(f"{name}_var", torch.rand(c, generator=g) * 1.5 + 0.5)
+            setattr(self, f"{name}_weight", nn.Parameter(torch.rand(c, generator=g) + 0.5))
+            setattr(self, f"{name}_bias", nn.Parameter(torch.randn(c, generator=g) * 0.5))
+        with torch.no_grad():
+            self.a_weight[0] *= -1
+
+    def forward(self, x):
+        x = F.batch_norm(self.conv(x), self.a_mean, self.a_var, self.a_weight, self.a_bias, False, 0.1, 0.05)
+        x = F.relu(x)
+        y = self.conv2(x)
+        # batch statistics: not a fold, whatever the mode
+        y = F.batch_norm(y, None, None, self.c_weight, self.c_bias, True, 0.1, 0.05)
+        v = self.fc(F.relu(y).mean((2, 3)))
+        return torch.batch_norm(v, self.b_weight, self.b_bias, self.b_mean, self.b_var, False, 0.1, 0.02, False)
+
+
+class FrozenBatchNormAct2d(FrozenBatchNorm2d):
+    """Like timm's FrozenBatchNormAct2d: the frozen arithmetic, then an activation, in one module."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, act: type = nn.ReLU):
+        super().__init__(num_features, eps)
+        self.act = act()
+
+    def forward(self, x):
+        return self.act(super().forward(x))
+
+
+class FrozenActNet(nn.Module):
+    """Conv + FrozenBatchNormAct2d twice, a residual: the frozen batch norms are traced through as arithmetic."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1, bias=False)
+        self.bn1 = FrozenBatchNormAct2d(6)
+        self.conv2 = nn.Conv2d(6, 6, 3, padding=1)
+        self.bn2 = FrozenBatchNormAct2d(6, act=nn.SiLU)
+
+    def forward(self, x):
+        y = self.bn1(self.conv1(x))
+        return self.bn2(self.conv2(y)) + y
+
+
+class FrozenResNetLike(nn.Module):
+    """Residual blocks whose norms are torchvision-style FrozenBatchNorm2d (buffers and arithmetic), as detection
+    backbones are shipped. ``same=True``: the first conv pads by input size (torch.fx can not trace it)."""
+
+    def __init__(self, same: bool = False):
+        super().__init__()
+        self.conv1 = Conv2dSame(3, 8, 3) if same else nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = FrozenBatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn2 = FrozenBatchNorm2d(8)
+        self.conv3 = nn.Conv2d(8, 8, 1, bias=False)
+        self.bn3 = FrozenBatchNorm2d(8)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        y = F.relu(self.bn2(self.conv2(x)))
+        return F.relu(self.bn3(self.conv3(y)) + x)
+
+
+class Conv1dNet(nn.Module):
+    """1-D convs: Conv1d-BN1d-ReLU, a SyncBatchNorm (a plain BN in eval mode on CPU), BN1d before an unpadded
+    Conv1d (bn-conv), a pre-activation BN1d that stays (ReLU between it and the conv)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv1d(4, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm1d(8)
+        self.conv2 = nn.Conv1d(8, 8, 3, padding=1, groups=2, bias=False)
+        self.bn2 = nn.SyncBatchNorm(8)
+        self.bn3 = nn.BatchNorm1d(8)
+        self.conv3 = nn.Conv1d(8, 6, 1)
+        self.bn4 = nn.BatchNorm1d(6)
+        self.conv4 = nn.Conv1d(6, 6, 3, padding=1)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x)))
+        x = self.conv3(self.bn3(x))
+        return self.conv4(F.relu(self.bn4(x)))
+
+
+class Conv3dNet(nn.Module):
+    """3-D convs: Conv3d-BN3d, a depthwise Conv3d-BN3d, ConvTranspose3d-BN3d."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv3d(3, 6, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm3d(6)
+        self.dw = nn.Conv3d(6, 6, 3, padding=1, groups=6)
+        self.bn2 = nn.BatchNorm3d(6)
+        self.up = nn.ConvTranspose3d(6, 4, 2, stride=2)
+        self.bn3 = nn.BatchNorm3d(4)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.dw(x)))
+        return self.bn3(self.up(x))
+
+
+class ConvDropoutBN(nn.Module):
+    """Conv, then eval-mode Dropout and Identity (the ONNX export drops both), then BN: the BN folds."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.drop = nn.Dropout2d(0.3)
+        self.aa = nn.Identity()
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.aa(self.drop(self.conv(x))))
+
+
+class RepVGGLike(nn.Module):
+    """Two RepVGG train-time blocks: 3x3 conv + BN, 1x1 conv + BN and a BN-only identity branch, summed. The conv
+    BNs fold; the identity-branch BNs stay (their output is summed, no linear op next to them) until a branch merge
+    (issue 16) absorbs them. The ONNX route keeps them too."""
+
+    def __init__(self, c: int = 6):
+        super().__init__()
+        self.blocks = nn.ModuleList()
+        for _ in range(2):
+            block = nn.Module()
+            block.conv3 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+            block.bn3 = BatchNormAct2d(c, act=None)
+            block.conv1 = nn.Conv2d(c, c, 1, bias=False)
+            block.bn1 = nn.BatchNorm2d(c)
+            block.identity = nn.BatchNorm2d(c)
+            self.blocks.append(block)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = F.relu(b.bn3(b.conv3(x)) + b.bn1(b.conv1(x)) + b.identity(x))
+        return x
+
+
+class DenseLike(nn.Module):
+    """DenseNet's pre-activation pattern: BN-ReLU-Conv on a concatenation. The BN can not fold (a ReLU between it
+    and the conv, a concatenation before it); the ONNX route keeps it too."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0 = nn.Conv2d(3, 6, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(6)
+        self.norm = nn.BatchNorm2d(9)
+        self.conv = nn.Conv2d(9, 4, 3, padding=1)
+
+    def forward(self, x):
+        x = torch.cat([self.bn0(self.conv0(x)), x], 1)
+        return self.conv(F.relu(self.norm(x)))
+
+
+# ================================================================================== dispatch-level counter
+
+# The ATen ops that compute a batch norm; which one a forward reaches depends on device, mode and torch version
+# (eval on CPU reaches native_batch_norm in torch 2.13; exported graphs show _native_batch_norm_legit_no_training).
+BATCH_NORM_OPS = ("batch_norm", "native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_no_training",
+                  "_native_batch_norm_legit_functional", "cudnn_batch_norm", "miopen_batch_norm",
+                  "_batch_norm_impl_index", "_batch_norm_with_update", "_batch_norm_no_update")
+_ROOTS = ("rsqrt", "sqrt")
+_PASS_ON = ("add", "view", "reshape", "_reshape_alias", "_unsafe_view", "clone", "expand", "unsqueeze", "to",
+            "_to_copy", "detach", "alias")
+
+
+def count_bn_dispatched(module: nn.Module, *inputs: torch.Tensor) -> int:
+    """Batch-norm computations one forward of ``module`` runs, counted at the dispatcher like a profiler would:
+    every ATen batch-norm op, plus the frozen batch-norm arithmetic as this project defines it (a square root of a
+    buffer named ``running_var`` plus eps: that is where every frozen batch norm starts)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    variances = {b.untyped_storage().data_ptr() for name, b in module.named_buffers()
+                 if name.rpartition(".")[2] == "running_var" and b.numel()}
+    derived: dict[int, torch.Tensor] = {}  # id -> tensor (kept alive so ids are not reused during the run)
+
+    def from_variance(t) -> bool:
+        if not isinstance(t, torch.Tensor):
+            return False
+        if id(t) in derived:
+            return True
+        try:
+            return t.untyped_storage().data_ptr() in variances
+        except Exception:
+            return False
+
+    class Counter(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            if name in BATCH_NORM_OPS:
+                Counter.count += 1
+            elif any(from_variance(a) for a in args):
+                if name in _ROOTS:
+                    Counter.count += 1
+                elif name in _PASS_ON and isinstance(out, torch.Tensor):
+                    derived[id(out)] = out
+            return out
+
+    with torch.no_grad(), Counter():
+        module(*inputs)
+    return Counter.count

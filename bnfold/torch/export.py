@@ -1,9 +1,11 @@
-"""Fold BatchNorm in a ``torch.export`` program (``.pt2`` saved with ``torch.export.save``).
+"""Fold batch norms on torch.export's ATen graph: ``.pt2`` programs (``bnfold MODEL.pt2``), and modules torch.fx
+can not trace (``fold_module`` comes here when sizes are read at run time, for example).
 
 The program's module (``ExportedProgram.module()``) is an fx graph of ATen calls whose weights are ``get_attr``
-nodes; this pass applies the same exact folds as :mod:`bnfold.torch.fold` to those calls, with ranks read from
-the shapes the exporter recorded, then exports the result again with the same example inputs and dynamic
-dimensions.
+nodes; every batch-norm call the forward runs is one node there, whatever module computed it. This pass applies the
+same exact folds as :mod:`bnfold.torch.fold` (the layer table and checks of :mod:`bnfold.torch.ops`), with ranks
+read from the shapes the exporter recorded. A saved program is exported again with the same example inputs and
+dynamic dimensions.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import operator
 import os
 import shutil
 import tempfile
@@ -18,42 +21,18 @@ import warnings
 import zipfile
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from ..affine import FoldRefused
 from ..errors import InputError, require_file
 from ..report import Fold, FoldReport, Skip
-from .fold import _affine, _Affine, _plan_after, _plan_before, _prove_channel_axis
+from .ops import (ATEN_BATCHNORM, Affine, Plan, Refusal, affine_from_stats, aten_layer, before_scales, check_after,
+                  first_refusal, frozen_affine, refusal_of, weights_after, weights_before)
 
 aten = torch.ops.aten
-_CONV = {aten.conv1d.default: 1, aten.conv2d.default: 2, aten.conv3d.default: 3}
-_CONV_TRANSPOSE = {aten.conv_transpose1d.default: 1, aten.conv_transpose2d.input: 2, aten.conv_transpose3d.input: 3}
-_BATCHNORM = {aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default}
-
-
-class _Layer:
-    """The attributes of a Conv/ConvTranspose/Linear call that the shared fold math reads."""
-
-    def __init__(self, gm: fx.GraphModule, node: fx.Node):
-        self.node = node
-        self.kind = "linear" if node.target == aten.linear.default else \
-            "convtranspose" if node.target in _CONV_TRANSPOSE else "conv"
-        args = list(node.args) + [None] * 8
-        self.weight = _tensor(gm, args[1])
-        self.bias = _tensor(gm, args[2]) if args[2] is not None else None
-        if self.kind == "conv":
-            self.padding, self.groups = args[4] if args[4] is not None else 0, args[6] if args[6] is not None else 1
-        elif self.kind == "convtranspose":
-            self.padding, self.groups = args[4] if args[4] is not None else 0, args[6] if args[6] is not None else 1
-        else:
-            self.padding, self.groups = 0, 1
-        if isinstance(self.padding, int):
-            self.padding = (self.padding,)
-        self.kernel_size = tuple(self.weight.shape[2:])
-        self.padding_mode = "zeros"
 
 
 def _tensor(gm: fx.GraphModule, arg) -> torch.Tensor | None:
@@ -61,30 +40,40 @@ def _tensor(gm: fx.GraphModule, arg) -> torch.Tensor | None:
         return None
     owner_path, _, leaf = arg.target.rpartition(".")
     owner = gm.get_submodule(owner_path) if owner_path else gm
-    return getattr(owner, leaf)
+    value = getattr(owner, leaf, None)
+    return value if isinstance(value, torch.Tensor) else None
 
 
-def _rank(node: fx.Node) -> int | None:
-    value = node.meta.get("val")
+def _rank(node) -> int | None:
+    value = node.meta.get("val") if isinstance(node, fx.Node) else None
     return value.dim() if isinstance(value, torch.Tensor) else None
 
 
+_SHAPE_READS = {aten.sym_size.int, aten.sym_size.default, aten.sym_numel.default, aten.sym_stride.int,
+                aten.sym_stride.default, aten.sym_storage_offset.default}
+
+
+def _value_users(node: fx.Node) -> list[fx.Node]:
+    """The users of a node that read its values: a fold keeps every shape, so shape reads do not count."""
+    return [u for u in node.users if not (u.op == "call_function" and u.target in _SHAPE_READS)]
+
+
+def is_batchnorm_call(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in ATEN_BATCHNORM
+
+
+def module_path(node: fx.Node) -> str:
+    """The qualified name of the module whose forward made the call (innermost), or the node's name."""
+    stack = node.meta.get("nn_module_stack") or {}
+    paths = [value[0] for value in stack.values() if isinstance(value, tuple) and value and value[0]]
+    return paths[-1] if paths else node.name
+
+
 def fold_exported(program) -> tuple["torch.export.ExportedProgram", FoldReport]:
-    """Fold BatchNorm calls of an ExportedProgram; return a new program and the report."""
+    """Fold batch-norm calls of an ExportedProgram; return a new program and the report."""
     gm = program.module()
     report = FoldReport()
-    batchnorms = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _BATCHNORM]
-    report.bn_before = len(batchnorms)
-    for node in batchnorms:
-        outcome = _fold_one(gm, node)
-        if isinstance(outcome, Fold):
-            report.folded.append(outcome)
-        else:
-            report.skipped.append(Skip(node.name, outcome, op_type=str(node.target)))
-    report.bn_after = len(report.skipped)
-    _drop_unused_tensors(gm)
-    gm.graph.lint()
-    gm.recompile()
+    fold_aten_graph(gm, report)
     args, kwargs = program.example_inputs if program.example_inputs is not None else (None, None)
     if args is None:
         raise InputError("the exported program carries no example inputs to export the folded program with")
@@ -92,9 +81,86 @@ def fold_exported(program) -> tuple["torch.export.ExportedProgram", FoldReport]:
     return folded, report
 
 
+def fold_aten_graph(gm: fx.GraphModule, report: FoldReport, *, keep=frozenset(), applied=None) -> None:
+    """Fold every batch-norm call of an ATen-level GraphModule in place, as far as it folds exactly. ``keep``: names
+    of batch norms to leave (Skip code ``needs-graph-module``); ``applied``: a list that receives the plans made."""
+    batchnorms = [n for n in gm.graph.nodes if is_batchnorm_call(n) or _frozen(gm, n) is not None]
+    report.bn_before += len(batchnorms)
+    for node in batchnorms:
+        outcome = _plan(gm, node)
+        if isinstance(outcome, Plan) and outcome.bn in keep:
+            outcome = Refusal("needs-graph-module", "folding it is proven on the trace, but it can not be written "
+                                                    "into the module's own class")
+        if isinstance(outcome, Plan):
+            report.folded.append(apply_plan(gm, outcome))
+            if applied is not None:
+                applied.append(outcome)
+        else:
+            report.skipped.append(Skip(module_path(node), outcome.reason, op_type=str(node.target),
+                                       code=outcome.code))
+            report.bn_after += 1
+    _drop_unused_tensors(gm)
+    gm.graph.lint()
+    gm.recompile()
+
+
+class _FunctionalBatchNorm(nn.Module):
+    """A frozen batch norm (buffers and arithmetic) as the one ``F.batch_norm`` call it computes, so that the
+    ATen graph shows it as a batch norm. Same buffer names, so the folded names stay the user's."""
+
+    def __init__(self, frozen: nn.Module):
+        super().__init__()
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            self.register_buffer(name, getattr(frozen, name))
+        self.eps = float(frozen.eps)
+
+    def forward(self, x):
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+
+
+def fold_module_exported(module: nn.Module, example_inputs, report: FoldReport, *, keep=frozenset(),
+                         applied=None) -> nn.Module | None:
+    """Export ``module`` on ``example_inputs`` (every dimension dynamic where the forward allows it) and fold the
+    ATen graph (``keep``, ``applied``: as for :func:`fold_aten_graph`); the folded module, or None (with a note in
+    the report) when torch.export can not trace it."""
+    from .fold import copy_module, is_frozen_batchnorm, module_affine
+
+    frozen = [name for name, m in module.named_modules() if name and is_frozen_batchnorm(m)
+              and isinstance(module_affine(m), Affine)]
+    if frozen:
+        module = copy_module(module)
+        for name in frozen:
+            owner_path, _, leaf = name.rpartition(".")
+            owner = module.get_submodule(owner_path) if owner_path else module
+            setattr(owner, leaf, _FunctionalBatchNorm(getattr(owner, leaf)))
+    tensors = [x for x in example_inputs]
+    dynamic = tuple({i: torch.export.Dim.AUTO for i in range(x.dim())} if isinstance(x, torch.Tensor) else None
+                    for x in tensors)
+    program, errors = None, []
+    for shapes in (dynamic, None):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                program = torch.export.export(module, tuple(tensors), dynamic_shapes=shapes, strict=False)
+            break
+        except Exception as exc:
+            text = str(exc).strip().splitlines()
+            errors.append(f"{type(exc).__name__}: {text[0][:200] if text else ''}")
+    if program is None:
+        report.notes.append(f"torch.export could not trace the module either ({errors[-1]})")
+        return None
+    gm = program.module()
+    fold_aten_graph(gm, report, keep=keep, applied=applied)
+    for m in gm.modules():  # the graph was exported in eval mode; its eval() refuses to run, so say it directly
+        m.training = False
+    report.notes.append("the result is torch.export's module: it accepts the input shapes the export allowed "
+                        "(every dimension is dynamic where the forward allows it)")
+    return gm
+
+
 def _drop_unused_tensors(gm: fx.GraphModule) -> None:
     """Remove get_attr nodes nobody reads and the parameters/buffers no get_attr reads any more (the folded
-    BatchNorm's statistics, weights replaced by their folded copies)."""
+    batch norm's statistics, weights replaced by their folded copies)."""
     for node in list(gm.graph.nodes):
         if node.op == "get_attr" and not node.users:
             gm.graph.erase_node(node)
@@ -124,111 +190,116 @@ def _dynamic_shapes(program, args):
     return tuple(specs) if dynamic else None
 
 
-def _normalization(gm: fx.GraphModule, node: fx.Node) -> tuple[_Affine | str, fx.Node, fx.Node]:
-    """(affine or reason, the BN's input, the node whose users read the BN output)."""
+def _frozen(gm: fx.GraphModule, node: fx.Node):
+    """A frozen batch norm written as arithmetic (see :func:`bnfold.torch.ops.frozen_affine`) whose constants
+    broadcast along dimension 1 of its input, or None."""
+    found = frozen_affine(node, lambda a: _tensor(gm, a))
+    if found is None or (isinstance(found[2], Affine) and _rank(found[0]) not in found[2].ranks):
+        return None
+    return found
+
+
+def _normalization(gm: fx.GraphModule, node: fx.Node) -> tuple[Affine | Refusal, fx.Node, fx.Node, list]:
+    """(affine or refusal, the batch norm's input, the node whose users read its output, the nodes a fold
+    removes)."""
+    if node.target not in ATEN_BATCHNORM:
+        x, nodes, affine, _ = _frozen(gm, node)
+        return affine, x, node, nodes
+    affine, x, output = _batchnorm_call(gm, node)
+    return affine, x, output, [output, node] if output is not node else [node]
+
+
+def _batchnorm_call(gm: fx.GraphModule, node: fx.Node) -> tuple[Affine | Refusal, fx.Node, fx.Node]:
+    """(affine or refusal, the batch norm's input, the node whose users read its output)."""
+    training_i, eps_i, returns_tuple = ATEN_BATCHNORM[node.target]
     args = list(node.args)
-    x, weight, bias, mean, var = args[:5]
-    if node.target == aten.batch_norm.default:
-        training, eps, output = args[5], args[7], node
-    else:  # _native_batch_norm_legit_no_training returns (output, save_mean, save_var)
-        training, eps = False, args[6]
+    x, weight, bias, mean, var = (args + [None] * 5)[:5]
+    output = node
+    if returns_tuple:  # (output, save_mean, save_var, ...): only output 0 may be read
         readers = list(node.users)
-        if any(r.target is not __import__("operator").getitem or r.args[1] != 0 for r in readers) or len(readers) != 1:
-            return "its statistics outputs are used", x, node
+        if len(readers) != 1 or readers[0].target is not operator.getitem or readers[0].args[1] != 0:
+            return Refusal("statistics-read", "its saved mean/variance outputs are used"), x, node
         output = readers[0]
-    if training:
-        return "training mode: it normalizes by batch statistics", x, output
+    training = args[training_i] if training_i is not None and training_i < len(args) else False
+    if training is not False:
+        return Refusal("training-mode", "training mode: it normalizes by batch statistics"), x, output
     tensors = [_tensor(gm, a) if a is not None else None for a in (weight, bias, mean, var)]
     if tensors[2] is None or tensors[3] is None:
-        return "running statistics are not constant", x, output
+        return Refusal("non-constant", "running statistics are not constant"), x, output
     if (weight is not None and tensors[0] is None) or (bias is not None and tensors[1] is None):
-        return "scale or shift is not constant", x, output
-    scale = tensors[0] if tensors[0] is not None else torch.ones_like(tensors[2])
-    shift = tensors[1] if tensors[1] is not None else torch.zeros_like(tensors[2])
-    return _affine(scale, shift, tensors[2], tensors[3], float(eps), None), x, output
+        return Refusal("non-constant", "scale or shift is not constant"), x, output
+    return affine_from_stats(tensors[0], tensors[1], tensors[2], tensors[3], float(args[eps_i])), x, output
 
 
-def _fold_one(gm: fx.GraphModule, node: fx.Node) -> Fold | str:
-    affine, x, output = _normalization(gm, node)
-    if isinstance(affine, str):
+def _plan(gm: fx.GraphModule, node: fx.Node) -> Plan | Refusal:
+    affine, x, output, nodes = _normalization(gm, node)
+    if isinstance(affine, Refusal):
         return affine
-    reasons = []
-    for attempt in (_fold_after, _fold_before):
-        outcome = attempt(gm, node, affine, x, output)
-        if isinstance(outcome, Fold):
-            return outcome
-        if outcome:
-            reasons.append(outcome)
-    return "; ".join(reasons) or "no Conv/ConvTranspose/Linear next to it whose output (or input) it alone reads"
+    after = _plan_after(gm, node, affine, x, output, nodes)
+    if isinstance(after, Plan):
+        return after
+    before = _plan_before(gm, node, affine, x, output, nodes)
+    return before if isinstance(before, Plan) else first_refusal(after, before)
 
 
-def _is_linear_call(node) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_function" and (
-        node.target in _CONV or node.target in _CONV_TRANSPOSE or node.target == aten.linear.default)
+def _layer(gm, node):
+    return aten_layer(node, lambda arg: _tensor(gm, arg)) if isinstance(node, fx.Node) else None
 
 
-def _fold_after(gm, bn: fx.Node, affine: _Affine, x, output: fx.Node) -> Fold | str:
-    if not _is_linear_call(x):
-        return ""
-    layer = _Layer(gm, x)
-    label = f"{x.target} '{x.name}'"
-    if layer.weight is None or (len(x.args) > 2 and x.args[2] is not None and layer.bias is None):
-        return f"weight or bias of {label} is not constant"
-    if len(x.users) != 1:
-        return f"the output of {label} is also used elsewhere ({len(x.users)} users)"
-    channels = layer.weight.shape[0] if layer.kind != "convtranspose" else layer.weight.shape[1] * layer.groups
-    if channels != affine.s.shape[0]:
-        return f"{label} writes {channels} channels, the BatchNorm has {affine.s.shape[0]}"
-    reason = _prove_channel_axis(layer, layer.kind, _rank(x), affine)
-    if reason:
-        return reason
-    return _commit(gm, bn, output, x, lambda: _plan_after(layer, layer.kind, affine), x, f"{layer.kind}-bn")
-
-
-def _fold_before(gm, bn: fx.Node, affine: _Affine, x, output: fx.Node) -> Fold | str:
-    if len(output.users) != 1:
-        return ""
-    consumer, via = next(iter(output.users)), None
-    if consumer.op == "call_function" and consumer.target == aten.flatten.using_ints and \
-            list(consumer.args[1:]) in ([1], [1, -1]) and len(consumer.users) == 1:
-        via, consumer = consumer, next(iter(consumer.users))
-    if not _is_linear_call(consumer) or consumer.args[0] is not (via or output):
-        return ""
-    layer = _Layer(gm, consumer)
-    label = f"{consumer.target} '{consumer.name}'"
-    if layer.kind == "convtranspose" or (via is not None and layer.kind != "linear"):
-        return ""
-    if layer.weight is None or (len(consumer.args) > 2 and consumer.args[2] is not None and layer.bias is None):
-        return f"weight or bias of {label} is not constant"
-    s, t = affine.s, affine.t
-    if layer.kind == "conv":
-        padding = layer.padding
-        if (isinstance(padding, str) and padding == "same" and any(k != 1 for k in layer.kernel_size)) or \
-                (not isinstance(padding, str) and any(p != 0 for p in padding)):
-            return f"{label} pads its input (padding={padding}): the shift would not reach the padded border"
-        if layer.weight.shape[1] * layer.groups != s.shape[0]:
-            return f"{label} reads {layer.weight.shape[1] * layer.groups} channels, the BatchNorm has {s.shape[0]}"
-    else:
-        if via is None and _rank(output) != 2:
-            return f"{label} contracts the last dimension of a rank-{_rank(output)} tensor, not the BatchNorm's"
-        features = layer.weight.shape[1]
-        if features % s.shape[0]:
-            return f"{label} reads {features} features, not a multiple of {s.shape[0]} channels"
-        s, t = np.repeat(s, features // s.shape[0]), np.repeat(t, features // s.shape[0])
-    return _commit(gm, bn, output, consumer, lambda: _plan_before(layer, layer.kind, s, t), x, f"bn-{layer.kind}")
-
-
-def _commit(gm, bn: fx.Node, output: fx.Node, call: fx.Node, plan, replacement: fx.Node, rule: str) -> Fold | str:
-    """Do the math (a refusal leaves the graph as it was), then give the call its new tensors and drop the BN."""
+def _plan_after(gm, bn: fx.Node, affine: Affine, x, output: fx.Node, nodes: list) -> Plan | Refusal | None:
+    layer = _layer(gm, x)
+    if layer is None or isinstance(layer, Refusal):
+        return layer
+    label = f"{x.target} '{module_path(x)}'"
+    readers = _value_users(x)
+    if len(readers) != 1:
+        return Refusal("output-read-elsewhere", f"the output of {label} is also used elsewhere "
+                                                f"({len(readers)} users)")
+    refusal = check_after(layer, affine, _rank(x), label)
+    if refusal:
+        return refusal
     try:
-        new_w, new_b = plan()
+        weight, bias = weights_after(layer, affine)
     except FoldRefused as exc:
-        return str(exc)
-    _set_params(gm, call, new_w, new_b)
-    output.replace_all_uses_with(replacement)
-    for dead in (output, bn) if output is not bn else (bn,):
-        gm.graph.erase_node(dead)
-    return Fold(bn.name, call.name, rule)
+        return refusal_of(exc, statistics=False)
+    return Plan(module_path(bn), module_path(x), f"{layer.kind.name}-bn", x, weight, bias, bypass=output,
+                replacement=x, remove=nodes)
+
+
+def _plan_before(gm, bn: fx.Node, affine: Affine, x, output: fx.Node, nodes: list) -> Plan | Refusal | None:
+    readers = _value_users(output)
+    if len(readers) != 1:
+        return None
+    consumer, via = readers[0], None
+    if consumer.op == "call_function" and consumer.target == aten.flatten.using_ints and \
+            list(consumer.args[1:]) in ([1], [1, -1]) and len(_value_users(consumer)) == 1:
+        via, consumer = consumer, _value_users(consumer)[0]
+    layer = _layer(gm, consumer)
+    if layer is None or isinstance(layer, Refusal) or consumer.args[0] is not (via or output):
+        return layer if isinstance(layer, Refusal) else None
+    label = f"{consumer.target} '{module_path(consumer)}'"
+    if via is not None and layer.kind.name != "linear":
+        return None
+    scales = before_scales(layer, affine, _rank(output), via is not None, label)
+    if isinstance(scales, Refusal):
+        return scales
+    try:
+        weight, bias = weights_before(layer, *scales)
+    except FoldRefused as exc:
+        return refusal_of(exc, statistics=False)
+    return Plan(module_path(bn), module_path(consumer), f"bn-{layer.kind.name}", consumer, weight, bias,
+                bypass=output, replacement=x, remove=nodes)
+
+
+def apply_plan(gm: fx.GraphModule, plan: Plan) -> Fold:
+    """Give the plan's layer call its new tensors, route the bypassed output to the replacement, drop the batch
+    norm's nodes."""
+    _set_params(gm, plan.layer, plan.weight, plan.bias)
+    plan.bypass.replace_all_uses_with(plan.replacement)
+    for dead in plan.remove:
+        if not dead.users:  # a constant the normalization computed may feed something else too
+            gm.graph.erase_node(dead)
+    return Fold(plan.bn, plan.into, plan.rule)
 
 
 def _set_params(gm: fx.GraphModule, call: fx.Node, weight: torch.Tensor, bias: torch.Tensor) -> None:
@@ -263,12 +334,10 @@ def _unique_attr(owner: nn.Module, base: str) -> str:
 def without_batchnorm(program) -> fx.GraphModule:
     """The program's module with every BatchNorm call removed (its input passed on): the latency floor of any fold,
     not the same function. A training-mode call whose batch statistics are read is kept."""
-    import operator
-
     gm = program.module()
-    for node in [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _BATCHNORM]:
+    for node in [n for n in gm.graph.nodes if is_batchnorm_call(n)]:
         x = node.args[0]
-        if node.target == aten.batch_norm.default:
+        if not ATEN_BATCHNORM[node.target][2]:
             node.replace_all_uses_with(x)
         else:
             users = list(node.users)
@@ -293,7 +362,7 @@ def benchmark_program(program, folded=None, *, devices=None, warmup: int = 5, re
     import time
 
     from ..bench import BenchReport, BenchResult, ModelTiming
-    from .verify import _cuda_missing, _resolve_devices, benchmark
+    from .verify import benchmark, cuda_missing, resolve_devices
 
     say = progress or (lambda _line: None)
     if program.example_inputs is None:
@@ -308,16 +377,16 @@ def benchmark_program(program, folded=None, *, devices=None, warmup: int = 5, re
         folded, fold_report = fold_exported(program)
         fold_ms = (time.perf_counter() - start) * 1e3
     ideal = without_batchnorm(program)
-    count = lambda gm: sum(n.op == "call_function" and n.target in _BATCHNORM for n in gm.graph.nodes)  # noqa: E731
+    count = lambda gm: sum(is_batchnorm_call(n) for n in gm.graph.nodes)  # noqa: E731
     original_module, folded_module = program.module(), folded.module()
     report = BenchReport(
         model="<program>", folded_from="given" if fold_report is None else "folded in memory",
         bn_original=count(original_module), bn_folded=count(folded_module), bn_ideal=count(ideal),
         inputs={f"arg{i}": list(a.shape) for i, a in enumerate(args) if isinstance(a, torch.Tensor)},
         warmup=warmup, fold_ms=fold_ms, fold=fold_report)
-    for name, device in _resolve_devices(devices):
-        if device.type == "cuda" and _cuda_missing(device):
-            report.results.append(BenchResult(name, "eager", available=False, reason=_cuda_missing(device)))
+    for name, device in resolve_devices(devices):
+        if device.type == "cuda" and cuda_missing(device):
+            report.results.append(BenchResult(name, "eager", available=False, reason=cuda_missing(device)))
             continue
         say(f"timing original, folded and ideal on {name} (eager)")
         timed = benchmark(original_module, folded_module, tuple(args), ideal=ideal, device=device, warmup=warmup,

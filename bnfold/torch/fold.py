@@ -1,43 +1,69 @@
-"""Fold BatchNorm layers of a PyTorch module into the Conv/ConvTranspose/Linear layers next to them.
+"""Fold every batch norm a PyTorch module's forward computes into the Conv/ConvTranspose/Linear layers next to it.
 
-The math is bnfold.affine's (float64, cast once); this module only finds folds that are provably exact:
+A batch norm is what the forward computes as one, whatever the module type: a ``nn.BatchNorm*d``/SyncBatchNorm
+call, a subclass whose forward is traced through (timm's ``BatchNormAct2d`` calls ``F.batch_norm`` on its own
+buffers, then an activation), a functional ``F.batch_norm``/``torch.batch_norm`` on parameters and buffers in eval
+mode, and torchvision-style frozen batch norms (four buffers and arithmetic: one call when a probe input shows the
+module computes just that, else traced through and found as ``x * scale + shift`` computed from ``running_var``).
 
-* by data flow, on a torch.fx graph: the linear layer's output goes to the BatchNorm and nowhere else; a layer
+The math is bnfold.affine's (float64, cast once); the layer knowledge is :mod:`bnfold.torch.ops`'s. Folds are made
+only where they are provably exact:
+
+* by data flow, on a torch.fx graph: the linear layer's output goes to the batch norm and nowhere else; a layer
   called at several places is copied for the call site that folds, so every other call keeps its weights;
-* by axis: BatchNorm normalizes dimension 1, which must be the dimension the layer writes (Conv: always when the
-  input is batched; Linear: only for rank-2 tensors). Ranks come from ``example_inputs`` (shape propagation) or
-  from what the BatchNorm type forces; when neither proves it, the fold is refused with the reason;
-* when torch.fx can not trace the module, only consecutive children of plain ``nn.Sequential`` containers fold
-  (their forward feeds each child into the next), and the report says so.
+* by axis: a batch norm normalizes dimension 1, which must be the dimension the layer writes (Conv: always when
+  the input is batched; Linear: only for rank-2 tensors). Ranks come from ``example_inputs`` (shape propagation)
+  or from what the BatchNorm type forces; when neither proves it, the fold is refused with the reason;
+* when torch.fx can not trace the module (sizes read at run time, say), the folds are made on torch.export's
+  ATen graph (:mod:`bnfold.torch.export`), which needs ``example_inputs``; when that fails too, only consecutive
+  children of plain ``nn.Sequential`` containers fold, and the report says so.
+
+``bn_before`` counts the batch-norm computations one forward runs; every one not folded is a Skip with a code.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+import inspect
+from collections import Counter
 
 import numpy as np
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
-from ..affine import FoldRefused, absorb_after, absorb_before, bn_to_affine, cast_checked
+from ..affine import FoldRefused
 from ..errors import InputError
 from ..report import Fold, FoldReport, Skip
+from .ops import (Affine, Layer, Plan, Refusal, affine_from_stats, before_scales, check_after, first_refusal,
+                  frozen_affine, module_kind, module_layer, refusal_of, weights_after, weights_before)
 
-_CONV = nn.modules.conv._ConvNd
 _BATCHNORM = nn.modules.batchnorm._BatchNorm
 # Ranks of input each BatchNorm class accepts (None: any rank >= 2).
 _ACCEPTED_RANKS = {nn.BatchNorm1d: (2, 3), nn.BatchNorm2d: (4,), nn.BatchNorm3d: (5,)}
+# Functional batch norms, as signatures to bind a call's arguments to.
+_FUNCTIONAL = {
+    F.batch_norm: inspect.signature(F.batch_norm),
+    torch.batch_norm: inspect.Signature([inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in (
+        "input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps", "cudnn_enabled")]),
+}
 
 
-def fold_module(module: nn.Module, example_inputs=None, *, inplace: bool = False,
-                allow_train: bool = False) -> tuple[nn.Module, FoldReport]:
-    """Fold every BatchNorm that folds exactly; return ``(eval-mode module, FoldReport)``.
+def fold_module(module: nn.Module, example_inputs=None, *, inplace: bool = False, allow_train: bool = False,
+                keep_class: bool = False) -> tuple[nn.Module, FoldReport]:
+    """Fold every batch norm that folds exactly; return ``(eval-mode module, FoldReport)``.
 
     ``example_inputs``: a tensor or a tuple of positional arguments; it lets bnfold prove tensor ranks (needed for
-    Linear/BatchNorm1d folds). The input module is not modified unless ``inplace=True``. A module in training
-    mode is an error unless ``allow_train=True``, which folds an eval-mode copy. Prints nothing.
+    Linear/BatchNorm1d folds), and folding through torch.export when torch.fx can not trace the module needs it.
+    The result is a ``torch.fx.GraphModule`` (or torch.export's module), unless ``keep_class=True``: then it is the
+    module's own class, same attribute names and methods, with each folded batch norm replaced by ``nn.Identity``
+    or by what its module computes besides it (the activation of a ``BatchNormAct2d``), and the absorbing layers'
+    weights updated. Only folds proven on the torch.fx trace that can be written into the module that way are made
+    then; the others are Skips with code ``needs-graph-module``.
+
+    The input module is not modified unless ``inplace=True``. A module in training mode is an error unless
+    ``allow_train=True``, which folds an eval-mode copy. Prints nothing.
     """
     if not isinstance(module, nn.Module):
         raise InputError(f"expected a torch.nn.Module, got {type(module).__name__}")
@@ -46,58 +72,99 @@ def fold_module(module: nn.Module, example_inputs=None, *, inplace: bool = False
             raise InputError("the module is in training mode (BatchNorm would use batch statistics): call .eval() "
                              "first, or pass allow_train=True to fold an eval-mode copy")
         inplace = False
-    try:
-        work = module if inplace else copy.deepcopy(module)
-    except Exception as exc:  # e.g. legacy weight_norm tensors refuse deepcopy
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"the module can not be copied ({reason[:160]}); pass inplace=True to fold it in place") from None
-    work.eval()
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
+    if keep_class:
+        from .own import fold_own_class
+
+        return fold_own_class(module, example_inputs, inplace=inplace)
+    work = module if inplace else copy_module(module)
+    work.eval()
     report = FoldReport()
+    graph_module = trace(work)
+    if isinstance(graph_module, str):
+        return _fold_untraceable(work, example_inputs, report, graph_module)
+    fold_graph(graph_module, example_inputs, report)
+    return graph_module, report
+
+
+def copy_module(module: nn.Module) -> nn.Module:
     try:
-        graph_module = fx.GraphModule(work, _Tracer().trace(work), work.__class__.__name__)
-    except Exception as exc:  # data-dependent control flow, untraceable calls
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        report.notes.append(f"torch.fx could not trace the module ({type(exc).__name__}: {reason[:200]}); "
-                            "folded consecutive children of nn.Sequential containers only")
-        _fold_sequential(work, example_inputs, report)
-        return work, report
+        return copy.deepcopy(module)
+    except Exception as exc:  # e.g. legacy weight_norm tensors refuse deepcopy
+        reason = _first_line(exc)
+        raise InputError(f"the module can not be copied ({reason[:160]}); pass inplace=True to fold it in place") \
+            from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def trace(module: nn.Module) -> fx.GraphModule | str:
+    """The module's torch.fx GraphModule (sharing its submodules), or why torch.fx can not trace it."""
+    # Buffers are traced as attributes (so a frozen batch norm's arithmetic on its running_var shows in the graph)
+    # unless the forward branches on a buffer's value; then they are read as constants.
+    for proxy_buffers in (True, False):
+        tracer = Tracer()
+        tracer.proxy_buffer_attributes = proxy_buffers
+        try:
+            graph_module = fx.GraphModule(module, tracer.trace(module), module.__class__.__name__)
+            break
+        except Exception as exc:  # data-dependent control flow, sizes read at run time, untraceable calls
+            why = f"{type(exc).__name__}: {_first_line(exc)[:200]}"
+    else:
+        return why
     graph_module.eval()
+    return graph_module
+
+
+def fold_graph(graph_module: fx.GraphModule, example_inputs, report: FoldReport, *, keep=frozenset(),
+               own_class: bool = False) -> None:
+    """Fold the batch norms of a traced module in place. ``keep``: names of batch norms to leave, and with
+    ``own_class`` folds into a layer that runs elsewhere too (which would need a copy of it) are not made either;
+    both are Skips with code ``needs-graph-module``."""
     if example_inputs is not None:
         from torch.fx.passes.shape_prop import ShapeProp
 
         with torch.no_grad():
-            _run_example(lambda: ShapeProp(graph_module).propagate(*example_inputs))
-    _fold_graph(graph_module, report)
+            run_example(lambda: ShapeProp(graph_module).propagate(*example_inputs))
+    _fold_graph(graph_module, report, keep, own_class)
+    _drop_unread_attributes(graph_module)
     graph_module.graph.lint()
     graph_module.recompile()
-    return graph_module, report
 
 
-def _run_example(run) -> None:
+def _fold_untraceable(work: nn.Module, example_inputs, report: FoldReport, why: str):
+    if example_inputs is not None:
+        from .export import fold_module_exported
+
+        folded = fold_module_exported(work, example_inputs, report)
+        if folded is not None:
+            report.notes.insert(0, f"torch.fx could not trace the module ({why}); folded on torch.export's ATen "
+                                   "graph instead")
+            return folded, report
+    report.notes.insert(0, f"torch.fx could not trace the module ({why})" + (
+        "" if example_inputs is not None else " and no example_inputs were given for torch.export") +
+        "; folded consecutive children of nn.Sequential containers only")
+    fold_sequential(work, example_inputs, report)
+    return work, report
+
+
+def run_example(run) -> None:
     """Run the example inputs through the module; inputs it can not take are the caller's error."""
     try:
         run()
     except Exception as exc:
         cause = exc.__cause__ or exc  # ShapeProp wraps the module's own error
-        text = str(cause).strip().splitlines()
         raise InputError(f"example_inputs do not run through the module ({type(cause).__name__}: "
-                         f"{text[0][:200] if text else ''})") from None
+                         f"{_first_line(cause)[:200]})") from None
 
 
 # ---- normalizations -----------------------------------------------------------------------------------------
 
-@dataclass
-class _Affine:
-    """A BatchNorm-like module as ``y = s*x + t`` on dimension 1 (float64 numpy)."""
-
-    s: np.ndarray
-    t: np.ndarray
-    ranks: tuple[int, ...] | None  # input ranks the module accepts (None: any)
-
-
-def _is_frozen_batchnorm(module: nn.Module) -> bool:
+def is_frozen_batchnorm(module: nn.Module) -> bool:
     """Structure of torchvision's FrozenBatchNorm2d and its kin: four 1-D buffers, no parameters, an ``eps``."""
     if isinstance(module, _BATCHNORM) or any(True for _ in module.parameters(recurse=False)):
         return False
@@ -108,36 +175,28 @@ def _is_frozen_batchnorm(module: nn.Module) -> bool:
     return len({buffers[n].shape[0] for n in names}) == 1 and isinstance(getattr(module, "eps", None), float)
 
 
-def _as_affine(module: nn.Module) -> _Affine | str | None:
-    """The module as a per-channel affine, a reason it is a BatchNorm that can not be one, or None."""
+def module_affine(module: nn.Module) -> Affine | Refusal | None:
+    """A batch-norm module (whose forward is the batch norm) as an Affine, a refusal, or None if it is not one."""
     if isinstance(module, _BATCHNORM):
         if not module.track_running_stats or module.running_mean is None or module.running_var is None:
-            return "track_running_stats=False: it normalizes by the statistics of each batch, even at inference"
+            return Refusal("batch-statistics", "track_running_stats=False: it normalizes by the statistics of "
+                                               "each batch, even at inference")
         if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
-            return "lazy BatchNorm that was never initialized"
-        mean, var = module.running_mean, module.running_var
-        scale = module.weight if module.affine else torch.ones_like(mean)
-        bias = module.bias if module.affine else torch.zeros_like(mean)
-        ranks = next((r for cls, r in _ACCEPTED_RANKS.items() if type(module) is cls), None)
-        return _affine(scale, bias, mean, var, module.eps, ranks)
-    if _is_frozen_batchnorm(module):
-        affine = _affine(module.weight, module.bias, module.running_mean, module.running_var, module.eps, None)
-        if isinstance(affine, _Affine) and not _behaves_like(module, affine):
-            return None  # looks like a frozen BatchNorm but computes something else: not ours to fold
+            return Refusal("uninitialized", "lazy BatchNorm that was never initialized")
+        ranks = next((r for cls, r in _ACCEPTED_RANKS.items()  # a subclass may check ranks its own way
+                      if isinstance(module, cls) and type(module)._check_input_dim is cls._check_input_dim), None)
+        return affine_from_stats(module.weight if module.affine else None, module.bias if module.affine else None,
+                                 module.running_mean, module.running_var, module.eps, ranks)
+    if is_frozen_batchnorm(module):
+        affine = affine_from_stats(module.weight, module.bias, module.running_mean, module.running_var, module.eps)
+        if isinstance(affine, Affine) and not _behaves_like(module, affine):
+            return None  # looks like a frozen batch norm but computes something else: not ours to fold
         return affine
     return None
 
 
-def _affine(scale, bias, mean, var, eps: float, ranks) -> _Affine | str:
-    try:
-        s, t = bn_to_affine(*(_numpy64(p) for p in (scale, bias, mean, var)), eps)
-    except FoldRefused as exc:
-        return str(exc)
-    return _Affine(s, t, ranks)
-
-
-def _behaves_like(module: nn.Module, affine: _Affine) -> bool:
-    """Check a structurally recognised frozen BatchNorm on a probe input: it must compute s*x + t on dim 1."""
+def _behaves_like(module: nn.Module, affine: Affine) -> bool:
+    """Check a structurally recognised frozen batch norm on a probe input: it must compute s*x + t on dim 1."""
     channels = affine.s.shape[0]
     probe_module = copy.deepcopy(module).double().eval()
     generator = torch.Generator().manual_seed(0)
@@ -154,133 +213,183 @@ def _behaves_like(module: nn.Module, affine: _Affine) -> bool:
     return False
 
 
-class _Tracer(fx.Tracer):
-    """Keeps frozen BatchNorm modules as single calls, like torch's own BatchNorm."""
+def runs_torch_forward(module: nn.Module) -> bool:
+    """A Conv/ConvTranspose/Linear/BatchNorm (or subclass) whose forward is torch's own: one call, one op."""
+    if not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear, _BATCHNORM)):
+        return False
+    return getattr(type(module).forward, "__module__", "").startswith("torch.nn.")
+
+
+class Tracer(fx.Tracer):
+    """Keeps as single calls: frozen batch norms, and layers (subclasses too) that run torch's own forward.
+    Everything else is traced through, so a batch norm computed inside a custom module shows as a call."""
+
+    def trace(self, root, concrete_args=None):
+        # decided before tracing: the probe run of module_affine must not happen while calls are being recorded;
+        # a frozen batch norm that computes more (an activation too) is traced through
+        self.frozen = {id(m) for m in root.modules() if is_frozen_batchnorm(m) and module_affine(m) is not None}
+        self.buffer_names = {id(b): n for n, b in root.named_buffers()} if isinstance(root, nn.Module) else {}
+        return super().trace(root, concrete_args)
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        # torch.fx looks a proxied buffer up by walking every buffer of the model at each access (quadratic in
+        # the model's size); a table built once finds it at once
+        if self.proxy_buffer_attributes and isinstance(attr_val, torch.Tensor) and \
+                not isinstance(attr_val, nn.Parameter) and id(attr_val) in self.buffer_names:
+            name = self.buffer_names[id(attr_val)]
+            if name not in parameter_proxy_cache:
+                parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+            return parameter_proxy_cache[name]
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return super().is_leaf_module(m, module_qualified_name) or _is_frozen_batchnorm(m)
+        return super().is_leaf_module(m, module_qualified_name) or runs_torch_forward(m) or id(m) in self.frozen
 
 
-# ---- linear layers ---------------------------------------------------------------------------------------------
+class _Norm:
+    """One batch-norm computation of the graph: its node (whose output a fold bypasses), its input, what it is as
+    an affine, its report name, and the nodes a fold removes (the node, and for arithmetic the rest of it)."""
 
-def _linear_kind(module: nn.Module) -> str | None:
-    if isinstance(module, _CONV):
-        return "convtranspose" if module.transposed else "conv"
-    if isinstance(module, nn.Linear):
-        return "linear"
+    def __init__(self, node: fx.Node, x, affine: Affine | Refusal, name: str, op_type: str, module=None,
+                 nodes=None):
+        self.node, self.x, self.affine, self.name, self.op_type, self.module = node, x, affine, name, op_type, module
+        self.nodes = nodes or [node]
+
+
+def _norm_of(gm: fx.GraphModule, modules: dict, node: fx.Node) -> _Norm | None:
+    if node.op == "call_module" and node.target in modules:
+        module = modules[node.target]
+        affine = module_affine(module)
+        if affine is None:
+            return None
+        return _Norm(node, _single_tensor_arg(node), affine, node.target, type(module).__name__, module)
+    frozen = frozen_affine(node, lambda n: _attribute(gm, n))
+    if frozen is not None:
+        x, nodes, affine, owner = frozen
+        rank = _rank(x)
+        if isinstance(affine, Affine) and rank is not None and rank not in affine.ranks:
+            return None  # the per-channel constants broadcast against another dimension than 1
+        if isinstance(affine, Affine) and rank is None:
+            affine = Refusal("rank-unknown", "can not prove the frozen batch norm's input has the rank of its "
+                                             "constants (pass example_inputs)")
+        return _Norm(node, x, affine, owner or node.name, "frozen batch norm", nodes=nodes)
+    if node.op == "call_function" and node.target in _FUNCTIONAL:
+        try:
+            bound = _FUNCTIONAL[node.target].bind(*node.args, **node.kwargs)
+        except TypeError:
+            return None
+        bound.apply_defaults()
+        a = bound.arguments
+        name, op_type = _functional_name(a.get("running_mean"), node), "batch_norm"
+        if a.get("training") is not False:
+            return _Norm(node, a["input"], Refusal("training-mode", "training=True (or computed): it normalizes by "
+                                                   "batch statistics"), name, op_type)
+        tensors = {k: _attribute(gm, a.get(k)) for k in ("weight", "bias", "running_mean", "running_var")}
+        computed = [k for k in tensors if a.get(k) is not None and tensors[k] is None]
+        if computed or a.get("running_mean") is None or a.get("running_var") is None or \
+                not isinstance(a.get("eps"), (int, float)):
+            what = ", ".join(computed) or "running statistics or eps"
+            return _Norm(node, a["input"], Refusal("non-constant", f"{what} not parameters or buffers"), name,
+                         op_type)
+        affine = affine_from_stats(tensors["weight"], tensors["bias"], tensors["running_mean"],
+                                   tensors["running_var"], float(a["eps"]))
+        return _Norm(node, a["input"], affine, name, op_type)
     return None
 
 
-def _numpy64(tensor: torch.Tensor) -> np.ndarray:
-    return tensor.detach().to("cpu", torch.float64).numpy()
+def _functional_name(running_mean, node: fx.Node) -> str:
+    """A functional batch norm is named after the module that owns its statistics (timm's ``BatchNormAct2d``)."""
+    if isinstance(running_mean, fx.Node) and running_mean.op == "get_attr":
+        owner = str(running_mean.target).rpartition(".")[0]
+        if owner:
+            return owner
+    return node.name
 
 
-def _numpy_dtype(dtype: torch.dtype):
-    if dtype == torch.bfloat16:
-        import ml_dtypes
-
-        return ml_dtypes.bfloat16
-    return torch.empty((), dtype=dtype).numpy().dtype
-
-
-def _to_torch(values: np.ndarray, like: torch.Tensor) -> torch.Tensor:
-    """float64 results rounded once to ``like``'s dtype (overflow refused), on its device."""
-    rounded = cast_checked(values, _numpy_dtype(like.dtype))
-    exact = rounded.astype(np.float32) if like.dtype == torch.bfloat16 else rounded  # every bf16 is a float32
-    return torch.from_numpy(np.ascontiguousarray(exact)).to(device=like.device, dtype=like.dtype)
-
-
-def _plan_after(layer: nn.Module, kind: str, affine: _Affine):
-    """New (weight, bias) tensors for ``affine`` applied to the layer's output."""
-    weight = layer.weight
-    groups = layer.groups if kind == "convtranspose" else 1
-    axis = 1 if kind == "convtranspose" else 0
-    bias = None if layer.bias is None else _numpy64(layer.bias)
-    new_w, new_b = absorb_after(_numpy64(weight), bias, affine.s, affine.t, axis=axis, groups=groups)
-    return _to_torch(new_w, weight), _to_torch(new_b, weight)
-
-
-def _plan_before(layer: nn.Module, kind: str, s: np.ndarray, t: np.ndarray):
-    """New (weight, bias) tensors for ``s*x + t`` applied to the layer's input (exact only without padding)."""
-    weight = layer.weight
-    groups = layer.groups if kind == "conv" else 1
-    bias = None if layer.bias is None else _numpy64(layer.bias)
-    new_w, new_b = absorb_before(_numpy64(weight), bias, s, t, in_axis=1, out_axis=0, groups=groups)
-    return _to_torch(new_w, weight), _to_torch(new_b, weight)
-
-
-def _write(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> None:
-    with torch.no_grad():
-        layer.weight.copy_(weight)
-        if layer.bias is None:
-            layer.bias = nn.Parameter(bias, requires_grad=layer.weight.requires_grad)
-        else:
-            layer.bias.copy_(bias)
-
-
-def _out_channels(layer: nn.Module, kind: str) -> int:
-    return layer.out_features if kind == "linear" else layer.out_channels
-
-
-def _in_channels(layer: nn.Module, kind: str) -> int:
-    return layer.in_features if kind == "linear" else layer.in_channels
-
-
-def _pads(layer: nn.Module) -> bool:
-    if isinstance(layer.padding, str):  # "valid" pads nothing, "same" pads unless every kernel size is 1
-        return layer.padding == "same" and any(k != 1 for k in layer.kernel_size)
-    return any(p != 0 for p in layer.padding)
+def _attribute(gm: fx.GraphModule, arg) -> torch.Tensor | None:
+    if not isinstance(arg, fx.Node) or arg.op != "get_attr":
+        return None
+    try:
+        value = gm.get_submodule(arg.target.rpartition(".")[0]) if "." in arg.target else gm
+        value = getattr(value, arg.target.rpartition(".")[2])
+    except AttributeError:
+        return None
+    return value if isinstance(value, torch.Tensor) else None
 
 
 # ---- the fx pass -------------------------------------------------------------------------------------------------
 
-def _fold_graph(gm: fx.GraphModule, report: FoldReport) -> None:
+def count_normalizations(gm: fx.GraphModule) -> int:
+    """The batch-norm computations of a traced module's forward."""
     modules = dict(gm.named_modules())
-    normalizations = [n for n in gm.graph.nodes if n.op == "call_module" and _as_affine(modules[n.target]) is not None]
-    report.bn_before += len(normalizations)
+    return sum(_norm_of(gm, modules, n) is not None for n in gm.graph.nodes)
+
+
+_NEEDS_GRAPH = "folding it is proven on the trace, but it can not be written into the module's own class"
+
+
+class ModuleIndex(dict):
+    """The GraphModule's modules by name, with the counts the data-flow checks read, kept up to date by the pass
+    (counting them again for every fold made large models fold in seconds)."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm.named_modules())
+        self.registered = Counter(id(m) for _, m in gm.named_modules(remove_duplicate=False))
+        self.param_refs = Counter(id(p) for _, p in gm.named_parameters(remove_duplicate=False))
+        self.calls = Counter(id(self[n.target]) for n in gm.graph.nodes if n.op == "call_module" and n.target in self)
+        self.read_under = set()  # module paths under which a get_attr reads a tensor
+        for n in gm.graph.nodes:
+            if n.op == "get_attr":
+                parts = str(n.target).split(".")
+                self.read_under.update(".".join(parts[:i]) for i in range(1, len(parts)))
+
+
+def _fold_graph(gm: fx.GraphModule, report: FoldReport, keep, own_class: bool) -> None:
+    modules = ModuleIndex(gm)
+    report.bn_before += count_normalizations(gm)
     while True:
         changed, skipped = False, []
         for node in list(gm.graph.nodes):
-            if node.op != "call_module" or node.target not in modules:
+            norm = _norm_of(gm, modules, node)
+            if norm is None:
                 continue
-            affine = _as_affine(modules[node.target])
-            if affine is None:
+            if isinstance(norm.affine, Refusal):
+                skipped.append(Skip(norm.name, norm.affine.reason, op_type=norm.op_type, code=norm.affine.code))
                 continue
-            bn_name = node.target
-            if isinstance(affine, str):
-                skipped.append(Skip(bn_name, affine, op_type=type(modules[bn_name]).__name__))
-                continue
-            outcome = _fold_after(gm, modules, node, affine)
-            if not isinstance(outcome, Fold):
-                before = _fold_before(gm, modules, node, affine)
-                outcome = before if isinstance(before, Fold) else "; ".join(r for r in (outcome, before) if r) or (
-                    "no Conv/ConvTranspose/Linear next to it whose output (or input) it alone reads")
-            if isinstance(outcome, Fold):
-                report.folded.append(outcome)
+            after = _plan_after(gm, modules, norm)
+            plan = after if isinstance(after, Plan) else _plan_before(gm, modules, norm)
+            if isinstance(plan, Plan) and norm.name in keep:
+                skipped.append(Skip(norm.name, _NEEDS_GRAPH, op_type=norm.op_type, code="needs-graph-module"))
+            elif isinstance(plan, Plan) and own_class and _shared_elsewhere(gm, modules, plan.layer,
+                                                                            modules[plan.layer.target]):
+                skipped.append(Skip(norm.name, f"{_NEEDS_GRAPH}: '{plan.layer.target}' runs elsewhere too",
+                                    op_type=norm.op_type, code="needs-graph-module"))
+            elif isinstance(plan, Plan):
+                report.folded.append(apply_plan(gm, modules, plan))
                 changed = True
-                modules = dict(gm.named_modules())
             else:
-                skipped.append(Skip(bn_name, outcome, op_type=type(modules[bn_name]).__name__))
+                refusal = first_refusal(after, plan)
+                skipped.append(Skip(norm.name, refusal.reason, op_type=norm.op_type, code=refusal.code))
         if not changed:
             break
     report.skipped.extend(skipped)
     report.bn_after += len(skipped)
 
 
-def _call_sites(gm: fx.GraphModule, modules: dict, layer: nn.Module) -> int:
-    return sum(1 for n in gm.graph.nodes if n.op == "call_module" and modules.get(n.target) is layer)
 
 
-def _rank(node: fx.Node) -> int | None:
-    meta = node.meta.get("tensor_meta")
+def _rank(node) -> int | None:
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
     shape = getattr(meta, "shape", None)
     return None if shape is None else len(shape)
 
 
-def _hooked(module: nn.Module) -> str:
+def _hooked(module: nn.Module | None) -> str:
     """Why the module's call is more than its forward (hooks, weight parametrizations), or ''."""
     from torch.nn.utils import parametrize
 
+    if module is None:
+        return ""
     if parametrize.is_parametrized(module):
         return "its weight is computed by a parametrization"
     if module._forward_pre_hooks or module._forward_hooks or getattr(module, "_forward_hooks_with_kwargs", None):
@@ -288,20 +397,16 @@ def _hooked(module: nn.Module) -> str:
     return ""
 
 
-def _shared_elsewhere(gm: fx.GraphModule, modules: dict, node: fx.Node, layer: nn.Module) -> bool:
+def _shared_elsewhere(gm: fx.GraphModule, modules: ModuleIndex, node: fx.Node, layer: nn.Module) -> bool:
     """Whether anything but this call site runs the layer or reads its tensors."""
-    if _call_sites(gm, modules, layer) != 1:
+    if modules.calls[id(layer)] != 1 or modules.registered[id(layer)] != 1:
         return True
-    if sum(m is layer for _, m in gm.named_modules(remove_duplicate=False)) != 1:
-        return True
-    own = {id(p) for p in layer.parameters(recurse=False)}
-    if sum(id(p) in own for _, p in gm.named_parameters(remove_duplicate=False)) != len(own):
+    if any(modules.param_refs[id(p)] != 1 for p in layer.parameters(recurse=False)):
         return True  # a parameter tied to another module
-    prefix = f"{node.target}."
-    return any(n.op == "get_attr" and str(n.target).startswith(prefix) for n in gm.graph.nodes)
+    return node.target in modules.read_under
 
 
-def _own_copy(gm: fx.GraphModule, modules: dict, node: fx.Node) -> nn.Module:
+def _own_copy(gm: fx.GraphModule, modules: ModuleIndex, node: fx.Node) -> nn.Module:
     """The module this call site runs, copied under a new name when anything else runs it or reads its tensors."""
     layer = modules[node.target]
     if not _shared_elsewhere(gm, modules, node, layer):
@@ -314,15 +419,27 @@ def _own_copy(gm: fx.GraphModule, modules: dict, node: fx.Node) -> nn.Module:
     copied = copy.deepcopy(layer)
     gm.add_submodule(name, copied)
     node.target = name
+    modules[name] = copied
+    modules.registered[id(copied)] = 1
+    modules.param_refs.update(id(p) for p in copied.parameters())
+    modules.calls[id(layer)] -= 1
+    modules.calls[id(copied)] = 1
     return copied
 
 
-def _remove_call(gm: fx.GraphModule, modules: dict, node: fx.Node, replacement: fx.Node) -> None:
-    bn = modules[node.target]
-    node.replace_all_uses_with(replacement)
-    gm.graph.erase_node(node)
-    if _call_sites(gm, modules, bn) == 0:
-        gm.delete_submodule(node.target)
+_SHAPE_ATTRIBUTES = {"ndim", "shape", "dtype", "device", "is_cuda"}
+_SHAPE_METHODS = {"dim", "size", "ndimension"}
+
+
+def _value_users(node: fx.Node) -> list[fx.Node]:
+    """The users of a node that read its values; reads of its shape (timm asserts the rank) see the same shape
+    after a fold."""
+    import builtins
+
+    return [u for u in node.users if not (
+        (u.op == "call_function" and u.target is builtins.getattr and len(u.args) > 1 and u.args[0] is node and
+         u.args[1] in _SHAPE_ATTRIBUTES) or
+        (u.op == "call_method" and u.target in _SHAPE_METHODS and u.args[0] is node))]
 
 
 def _single_tensor_arg(node: fx.Node) -> fx.Node | None:
@@ -331,45 +448,50 @@ def _single_tensor_arg(node: fx.Node) -> fx.Node | None:
     return None
 
 
-def _fold_after(gm, modules, node: fx.Node, affine: _Affine) -> Fold | str:
-    source = _single_tensor_arg(node)
-    if source is None or source.op != "call_module" or source.target not in modules:
-        return ""
-    layer = modules[source.target]
-    kind = _linear_kind(layer)
-    if kind is None:
-        return ""
-    label = f"{type(layer).__name__} '{source.target}'"
-    hooked = _hooked(layer) or _hooked(modules[node.target])
+def _layer_call(modules: dict, node) -> tuple[nn.Module, Layer] | None:
+    if not isinstance(node, fx.Node) or node.op != "call_module" or node.target not in modules:
+        return None
+    module = modules[node.target]
+    layer = module_layer(module)
+    return None if layer is None else (module, layer)
+
+
+def _passes_input_on(modules: dict, node) -> bool:
+    """An eval-mode call of torch's nn.Identity or Dropout: its output is its input."""
+    if not isinstance(node, fx.Node) or node.op != "call_module" or _single_tensor_arg(node) is None:
+        return False
+    module = modules.get(node.target)
+    return isinstance(module, (nn.Identity, nn.modules.dropout._DropoutNd)) and not module.training and \
+        getattr(type(module).forward, "__module__", "").startswith("torch.nn.") and not _hooked(module)
+
+
+def _plan_after(gm, modules, norm: _Norm) -> Plan | Refusal | None:
+    source = norm.x
+    while _passes_input_on(modules, source) and len(_value_users(source)) == 1:
+        source = source.args[0]
+    found = _layer_call(modules, source)
+    if found is None:
+        return None
+    module, layer = found
+    label = f"{type(module).__name__} '{source.target}'"
+    hooked = _hooked(module) or _hooked(norm.module)
     if hooked:
-        return f"not folded into {label}: {hooked}"
-    if len(source.users) != 1:
-        return f"the output of {label} is also used elsewhere ({len(source.users)} users)"
+        return Refusal("hooked", f"not folded into {label}: {hooked}")
+    readers = _value_users(source)
+    if len(readers) != 1:
+        return Refusal("output-read-elsewhere", f"the output of {label} is also used elsewhere "
+                                                f"({len(readers)} users)")
     if len(source.args) != 1 or source.kwargs:
-        return f"{label} is called with extra arguments"
-    if _out_channels(layer, kind) != affine.s.shape[0]:
-        return f"{label} writes {_out_channels(layer, kind)} channels, the BatchNorm has {affine.s.shape[0]}"
-    reason = _prove_channel_axis(layer, kind, _rank(source), affine)
-    if reason:
-        return reason
-    return _commit(gm, modules, node, source, lambda: _plan_after(layer, kind, affine), source, f"{kind}-bn")
-
-
-def _prove_channel_axis(layer, kind: str, rank: int | None, affine: _Affine) -> str:
-    """'' when dimension 1 of the layer's output (of ``rank``, None if unknown) is the dimension it writes its
-    channels to."""
-    if kind == "linear":  # Linear writes the last dimension: that is dimension 1 only for rank 2
-        if rank == 2:
-            return ""
-        if rank is None:
-            return "can not prove the Linear output is rank 2 (pass example_inputs)"
-        return f"the BatchNorm normalizes dimension 1 of a rank-{rank} tensor, the Linear writes the last one"
-    batched = layer.weight.dim()  # conv output rank with a batch dimension
-    if rank is not None:
-        return "" if rank == batched else "unbatched convolution: its channels are dimension 0"
-    if affine.ranks is not None and batched - 1 not in affine.ranks:
-        return ""  # the BatchNorm would reject the unbatched rank, so the input is batched
-    return f"can not prove the {type(layer).__name__} input is batched (pass example_inputs)"
+        return Refusal("extra-arguments", f"{label} is called with extra arguments")
+    refusal = check_after(layer, norm.affine, _rank(source), label)
+    if refusal:
+        return refusal
+    try:
+        weight, bias = weights_after(layer, norm.affine)
+    except FoldRefused as exc:
+        return refusal_of(exc, statistics=False)
+    return Plan(norm.name, source.target, f"{layer.kind.name}-bn", source, weight, bias, bypass=norm.node,
+                replacement=norm.x, remove=norm.nodes)
 
 
 _FLATTEN_FUNCTIONS = (torch.flatten,)
@@ -389,69 +511,92 @@ def _is_channel_flatten(node: fx.Node, modules: dict) -> bool:
     return False
 
 
-def _fold_before(gm, modules, node: fx.Node, affine: _Affine) -> Fold | str:
-    source = _single_tensor_arg(node)
-    if source is None or len(node.users) != 1:
-        return ""
-    consumer = next(iter(node.users))
+def _plan_before(gm, modules, norm: _Norm) -> Plan | Refusal | None:
+    node = norm.node
+    readers = _value_users(node)
+    if not isinstance(norm.x, fx.Node) or len(readers) != 1:
+        return None
+    consumer = readers[0]
     via = None
-    if consumer.op != "call_module" or _linear_kind(modules.get(consumer.target)) is None:
+    if _layer_call(modules, consumer) is None:
         if not _is_channel_flatten(consumer, modules) or len(consumer.users) != 1:
-            return ""
+            return None
         via, consumer = consumer, next(iter(consumer.users))
-        if consumer.op != "call_module" or not isinstance(modules.get(consumer.target), nn.Linear):
-            return ""
-    layer = modules[consumer.target]
-    kind = _linear_kind(layer)
-    reads = via if via is not None else node
-    if kind == "convtranspose" or _single_tensor_arg(consumer) is not reads:
-        return ""
-    label = f"{type(layer).__name__} '{consumer.target}'"
-    hooked = _hooked(layer) or _hooked(modules[node.target])
+        if _layer_call(modules, consumer) is None:
+            return None
+    module, layer = _layer_call(modules, consumer)
+    if _single_tensor_arg(consumer) is not (via if via is not None else node):
+        return None
+    label = f"{type(module).__name__} '{consumer.target}'"
+    hooked = _hooked(module) or _hooked(norm.module)
     if hooked:
-        return f"not folded into {label}: {hooked}"
-    s, t = affine.s, affine.t
-    if kind == "conv":
-        if _pads(layer):
-            return (f"{label} pads its input (padding={layer.padding}, padding_mode='{layer.padding_mode}'): "
-                    "the shift would not reach the padded border")
-        if _in_channels(layer, kind) != s.shape[0]:
-            return f"{label} reads {_in_channels(layer, kind)} channels, the BatchNorm has {s.shape[0]}"
-    else:
-        if via is None:
-            rank = _rank(node)
-            if rank is None:
-                return f"can not prove the input of {label} is rank 2 (pass example_inputs)"
-            if rank != 2:
-                return f"{label} contracts the last dimension of a rank-{rank} tensor, not the BatchNorm's"
-        features = layer.in_features
-        if features % s.shape[0]:
-            return f"{label} reads {features} features, not a multiple of {s.shape[0]} channels"
-        s, t = np.repeat(s, features // s.shape[0]), np.repeat(t, features // s.shape[0])
-    return _commit(gm, modules, node, consumer, lambda: _plan_before(layer, kind, s, t), source, f"bn-{kind}")
-
-
-def _commit(gm, modules, bn: fx.Node, call: fx.Node, plan, replacement: fx.Node, rule: str) -> Fold | str:
-    """Do the math (a refusal leaves the graph as it was), then write the layer this call runs and drop the BN."""
+        return Refusal("hooked", f"not folded into {label}: {hooked}")
+    scales = before_scales(layer, norm.affine, _rank(node), via is not None, label)
+    if isinstance(scales, Refusal):
+        return scales
     try:
-        new_w, new_b = plan()
+        weight, bias = weights_before(layer, *scales)
     except FoldRefused as exc:
-        return str(exc)
-    into, bn_name = call.target, bn.target
-    _write(_own_copy(gm, modules, call), new_w, new_b)
-    _remove_call(gm, modules, bn, replacement)
-    return Fold(bn_name, into, rule)
+        return refusal_of(exc, statistics=False)
+    return Plan(norm.name, consumer.target, f"bn-{layer.kind.name}", consumer, weight, bias, bypass=node,
+                replacement=norm.x, remove=norm.nodes)
 
 
-# ---- fallback for modules torch.fx can not trace ---------------------------------------------------------------
+def apply_plan(gm: fx.GraphModule, modules: "ModuleIndex", plan: Plan) -> Fold:
+    """Write the plan's weights into the module its layer node calls (a copy of its own when the module is
+    shared), route the bypassed output's readers to the replacement and remove the normalization's nodes."""
+    into = plan.layer.target
+    layer = _own_copy(gm, modules, plan.layer)
+    with torch.no_grad():
+        layer.weight.copy_(plan.weight)
+        if layer.bias is None:
+            layer.bias = nn.Parameter(plan.bias, requires_grad=layer.weight.requires_grad)
+        else:
+            layer.bias.copy_(plan.bias)
+    plan.bypass.replace_all_uses_with(plan.replacement)
+    for node in plan.remove:
+        if node.users:  # a constant the normalization computed may feed something else too
+            continue
+        module = modules.get(node.target) if node.op == "call_module" else None
+        gm.graph.erase_node(node)
+        if module is not None:
+            modules.calls[id(module)] -= 1
+            if modules.calls[id(module)] == 0:
+                for name, m in list(modules.items()):
+                    if m is module and name:
+                        gm.delete_submodule(name)
+                        del modules[name]
+    return Fold(plan.bn, into, plan.rule)
 
-def _fold_sequential(root: nn.Module, example_inputs, report: FoldReport) -> None:
-    """Fold consecutive (linear layer, BatchNorm) children of plain nn.Sequential containers."""
+
+def _drop_unread_attributes(gm: fx.GraphModule) -> None:
+    """Remove get_attr nodes nobody reads (a folded functional batch norm's statistics) and the tensors they named
+    from the GraphModule (its containers are its own: the user's modules are not touched)."""
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            gm.graph.erase_node(node)
+    read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    for name in [n for n, _ in gm.named_buffers()] + [n for n, _ in gm.named_parameters()]:
+        owner_path, _, leaf = name.rpartition(".")
+        parts = owner_path.split(".")
+        if name in read or any(".".join(parts[:i]) in called for i in range(1, len(parts) + 1)):
+            continue  # read by a get_attr, or a tensor of a module that is called
+        owner = gm.get_submodule(owner_path) if owner_path else gm
+        if type(owner) is nn.Module or owner is gm:  # a container fx made, not a user module
+            delattr(owner, leaf)
+    gm.delete_all_unused_submodules()
+
+
+# ---- fallback for modules neither torch.fx nor torch.export can trace ----------------------------------------
+
+def fold_sequential(root: nn.Module, example_inputs, report: FoldReport) -> None:
+    """Fold consecutive (linear layer, batch norm) children of plain nn.Sequential containers."""
     registrations: dict[int, int] = {}
     for _, m in root.named_modules(remove_duplicate=False):
         registrations[id(m)] = registrations.get(id(m), 0) + 1
     ranks = _observed_ranks(root, example_inputs) if example_inputs is not None else {}
-    all_norms = [(name, m) for name, m in root.named_modules() if _as_affine(m) is not None]
+    all_norms = [(name, m) for name, m in root.named_modules() if module_affine(m) is not None]
     report.bn_before += len(all_norms)
     folded_ids = set()
     for seq_name, seq in list(root.named_modules()):
@@ -459,38 +604,41 @@ def _fold_sequential(root: nn.Module, example_inputs, report: FoldReport) -> Non
             continue
         names = list(seq._modules)
         for first, second in zip(names, names[1:]):
-            layer, norm = seq._modules[first], seq._modules[second]
-            kind = _linear_kind(layer)
-            affine = _as_affine(norm)
-            if kind is None or not isinstance(affine, _Affine) or id(norm) in folded_ids:
+            module, norm = seq._modules[first], seq._modules[second]
+            layer = module_layer(module)
+            affine = module_affine(norm)
+            if layer is None or not isinstance(affine, Affine) or id(norm) in folded_ids:
                 continue
-            if registrations[id(layer)] != 1 or registrations[id(norm)] != 1:
+            if registrations[id(module)] != 1 or registrations[id(norm)] != 1:
                 continue  # registered twice: it may run elsewhere too
-            if _out_channels(layer, kind) != affine.s.shape[0]:
-                continue
-            observed = ranks.get(id(layer))
+            observed = ranks.get(id(module))
             if observed is not None and len(observed) != 1:
                 continue  # called with inputs of several ranks
             rank = next(iter(observed)) if observed else None
-            reason = _prove_channel_axis(layer, kind, rank, affine)
-            if reason:
+            if check_after(layer, affine, rank, "") or _hooked(module) or _hooked(norm):
                 continue
             try:
-                new_w, new_b = _plan_after(layer, kind, affine)
+                new_w, new_b = weights_after(layer, affine)
             except FoldRefused:
                 continue
-            _write(layer, new_w, new_b)
+            with torch.no_grad():
+                module.weight.copy_(new_w)
+                if module.bias is None:
+                    module.bias = nn.Parameter(new_b, requires_grad=module.weight.requires_grad)
+                else:
+                    module.bias.copy_(new_b)
             seq._modules[second] = nn.Identity().eval()
             folded_ids.add(id(norm))
             prefix = f"{seq_name}." if seq_name else ""
-            report.folded.append(Fold(prefix + second, prefix + first, f"{kind}-bn"))
+            report.folded.append(Fold(prefix + second, prefix + first, f"{layer.kind.name}-bn"))
     for name, m in all_norms:
         if id(m) not in folded_ids:
-            reason = _as_affine(m)
-            report.skipped.append(Skip(name, reason if isinstance(reason, str) else
-                                       "torch.fx could not trace the module, and this BatchNorm is not right after a "
-                                       "Conv/ConvTranspose/Linear in an nn.Sequential whose ranks are proven (the "
-                                       "only folds made without a trace)", op_type=type(m).__name__))
+            affine = module_affine(m)
+            refusal = affine if isinstance(affine, Refusal) else Refusal(
+                "not-traced", "the module could not be traced, and this BatchNorm is not right after a "
+                "Conv/ConvTranspose/Linear in an nn.Sequential whose ranks are proven (the only folds made "
+                "without a trace)")
+            report.skipped.append(Skip(name, refusal.reason, op_type=type(m).__name__, code=refusal.code))
     report.bn_after += len(all_norms) - len(folded_ids)
 
 
@@ -499,12 +647,12 @@ def _observed_ranks(root: nn.Module, example_inputs) -> dict[int, set[int]]:
     seen: dict[int, set[int]] = {}
     hooks = []
     for m in root.modules():
-        if _linear_kind(m) is not None:
+        if module_kind(m) is not None:
             hooks.append(m.register_forward_hook(
                 lambda mod, args, out: seen.setdefault(id(mod), set()).add(out.dim())))
     try:
         with torch.no_grad():
-            _run_example(lambda: root(*example_inputs))
+            run_example(lambda: root(*example_inputs))
     finally:
         for h in hooks:
             h.remove()

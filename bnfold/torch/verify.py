@@ -79,12 +79,12 @@ def verify(
     _check_module(original, "original")
     _check_module(folded, "folded")
     batches = _batches(inputs)
-    wanted = _resolve_devices(devices)
+    wanted = resolve_devices(devices)
 
     report = VerifyReport()
     for name, device in wanted:
         if device.type == "cuda":
-            missing = _cuda_missing(device)
+            missing = cuda_missing(device)
             if missing:
                 report.providers[name] = ProviderResult(name, available=False, reason=missing)
                 continue
@@ -306,9 +306,9 @@ def benchmark(
     batches = _batches(inputs)
     if not isinstance(device, (str, torch.device)):
         raise InputError(f"device must be one name such as 'cpu' or 'cuda', got {type(device).__name__}")
-    [(dev_name, dev)] = _resolve_devices(device)
+    [(dev_name, dev)] = resolve_devices(device)
     if dev.type == "cuda":
-        missing = _cuda_missing(dev)
+        missing = cuda_missing(dev)
         if missing:
             raise InputError(f"cannot benchmark on {dev_name}: {missing}")
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
@@ -405,7 +405,7 @@ def _batches(inputs: Any) -> list[tuple]:
     return batches
 
 
-def _resolve_devices(devices: Any) -> list[tuple[str, torch.device]]:
+def resolve_devices(devices: Any) -> list[tuple[str, torch.device]]:
     """(report name, torch.device) for each requested device, in order, without duplicates."""
     if devices is None:
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -427,7 +427,7 @@ def _resolve_devices(devices: Any) -> list[tuple[str, torch.device]]:
     return resolved
 
 
-def _cuda_missing(device: torch.device) -> str:
+def cuda_missing(device: torch.device) -> str:
     """Why ``device`` (type cuda) cannot be used, or ""."""
     if not torch.cuda.is_available():
         return _CUDA_MISSING
