@@ -310,7 +310,7 @@ def _parse_opt_levels(values: tuple[str, ...]) -> list[str]:
 def bench_command(model, folded, providers, opt_levels, as_json, plot, input_shapes, skip, threads, warmup, repeat,
                   min_time, seed):
     """Time MODEL against its folded form (FOLDED, or folded in memory) and the ideal: MODEL with every
-    BatchNormalization removed, the floor any fold can reach. Latency median [p10, p90] per provider and
+    BatchNormalization removed and its branches merged, the floor any fold can reach. Latency median [p10, p90] per provider and
     optimization level, session-creation time, speedup. Progress goes to stderr."""
     from .bench import benchmark, plot as draw
 

@@ -50,7 +50,19 @@ def family(request):
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(16))
     with torch.no_grad():
         reference = copy.deepcopy(module).double()(x.double()).numpy()
-    return request.param, export(module, x), export(reparameterize_model(module), x), x.numpy(), reference
+        stripped_reference = without_batchnorm(module).double()(x.double()).numpy()
+    return (request.param, export(module, x), export(reparameterize_model(module), x), x.numpy(), reference,
+            stripped_reference)
+
+
+def without_batchnorm(module):
+    """A copy of ``module`` with every BatchNorm2d replaced by Identity: what bnfold.bench's ideal computes."""
+    stripped = copy.deepcopy(module)
+    for parent in list(stripped.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, torch.nn.BatchNorm2d):
+                setattr(parent, name, torch.nn.Identity())
+    return stripped
 
 
 def relative_error(out: np.ndarray, reference: np.ndarray) -> float:
@@ -58,7 +70,7 @@ def relative_error(out: np.ndarray, reference: np.ndarray) -> float:
 
 
 def test_merged_model_matches_the_authors_deploy_form(family):
-    name, original, deploy, x, reference = family
+    name, original, deploy, x, reference, _ = family
     before = original.SerializeToString()
     merged, report = bnfold.fold_onnx(original)
     assert original.SerializeToString() == before, "fold_onnx modified its input"
@@ -74,7 +86,7 @@ def test_merged_model_matches_the_authors_deploy_form(family):
 
 
 def test_merging_is_deterministic_and_idempotent(family):
-    _, original, _, _, _ = family
+    _, original, _, _, _, _ = family
     first, _ = bnfold.fold_onnx(original)
     second, _ = bnfold.fold_onnx(original)
     assert first.SerializeToString() == second.SerializeToString()
@@ -84,7 +96,7 @@ def test_merging_is_deterministic_and_idempotent(family):
 
 
 def test_skipping_the_merge_rules_leaves_plain_bn_folding(family):
-    _, original, _, x, reference = family
+    _, original, _, x, reference, _ = family
     plain, report = bnfold.fold_onnx(original, skip=("merge-branches", "merge-sequential"))
     assert report.merged == []
     assert count_ops(plain.graph, "Conv") == count_ops(original.graph, "Conv")
@@ -245,3 +257,77 @@ def test_fully_connected_branches_on_different_inputs_stay():
     model = net.model()
     merged, report = merge_and_check(model, 0)
     assert report.merged == [] and merged.SerializeToString() == model.SerializeToString()
+
+
+def test_merged_models_pass_the_verification_of_bnfold(family, tmp_path):
+    """``bnfold MODEL`` folds and merges each family and its own verification (the noise rule) accepts the result."""
+    import json
+    import subprocess
+    import sys
+
+    name, original, _, _, _, _ = family
+    source = tmp_path / f"{name}.onnx"
+    onnx.save(original, source)
+    out = tmp_path / f"{name}.merged.onnx"
+    proc = subprocess.run([sys.executable, "-m", "bnfold", str(source), "-o", str(out), "--json"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["merged"] and report["verify"]["cpu"]["passed"], report
+    assert count_ops(onnx.load(out).graph, "Conv") < count_ops(original.graph, "Conv")
+
+
+def test_bench_ideal_is_the_merged_form(family):
+    """The ideal is the stripped model merged: as few Convs as the authors' deploy form, no BN, and (a wrong
+    function, but the same wrong function) the outputs of the torch module without its BNs, run in float64."""
+    from bnfold.bench import ideal_model
+
+    name, original, deploy, x, _, want = family
+    before = original.SerializeToString()
+    ideal, merges = ideal_model(original)
+    assert original.SerializeToString() == before
+    assert merges > 0
+    onnx.checker.check_model(ideal, full_check=True)
+    assert count_ops(ideal.graph, "BatchNormalization") == 0
+    assert count_ops(ideal.graph, "Conv") <= count_ops(deploy.graph, "Conv"), name
+    assert relative_error(run(ideal, x), want) <= 1e-4, name
+
+
+def test_bench_reports_the_merges_of_its_ideal():
+    from bnfold.bench import benchmark
+
+    report = benchmark(branch_block(False), providers="cpu", opt_levels="disabled", threads=1, warmup=0, repeat=2,
+                       session_repeat=1)
+    assert report.merges_ideal >= 1 and report.to_dict()["merges_ideal"] == report.merges_ideal
+    assert f"{report.merges_ideal} branch merge(s)" in "\n".join(report.summary_lines())
+    assert report.fold is not None and report.fold.merged  # folded = bnfold's output, merged as well
+
+
+def zero_bias_chain(other_reader: bool, plain: bool = False) -> onnx.ModelProto:
+    """A 1x1 then a 3x3 Conv whose zero bias torch's exporter computes from the 1x1's output dtype
+    (CastLike(0, a) -> Expand): a reader of the 1x1's type only. ``plain``: the same with a zero initializer."""
+    net = Net(seed=7)
+    x = net.input("x", [1, 4, 8, 8])
+    a = net.conv(net.node("Relu", [x]), 4, 8, (1, 1), bias=False)
+    w = net.weight(net.fresh("W"), [6, 8, 3, 3])
+    if plain:
+        bias = net.init(net.fresh("B"), np.zeros(6, np.float32))
+    else:
+        like = net.node("CastLike", [net.constant(np.array(0, np.float32)), a])
+        bias = net.node("Expand", [like, net.constant(np.array([6], np.int64))])
+    y = net.node("Relu", [net.node("Conv", [a, w, bias])])
+    net.output(net.node("Add", [y, like]) if other_reader else y)
+    return net.model()
+
+
+def test_a_reader_of_only_the_dtype_goes_with_the_merge():
+    merged, report = merge_and_check(zero_bias_chain(False), 1, expected_model=zero_bias_chain(False, plain=True))
+    assert [m.rule for m in report.merged] == ["merge-sequential"]
+    assert count_ops(merged.graph, "CastLike") == count_ops(merged.graph, "Expand") == 0
+
+
+def test_a_dtype_reader_that_would_stay_refuses_the_merge():
+    model = zero_bias_chain(True)
+    merged, report = bnfold.fold_onnx(model)
+    assert report.merged == [] and merged.SerializeToString() == model.SerializeToString()
+    assert [s.code for s in report.not_merged] == ["output-shared"], report.summary_lines()

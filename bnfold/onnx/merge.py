@@ -26,6 +26,7 @@ import onnx
 from ..affine import FoldRefused, cast_checked
 from ..reparam import (ConvBranch, MergeRefused, affine_branch, avgpool_branch, conv_branch, dense_branch,
                        dense_identity, identity_branch, merge_parallel, merge_parallel_dense, merge_sequential)
+from .constants import is_pure_constant_producer
 from .graph import GraphIndex
 from .nodes import get_attrs, node_label
 from .plan import MergePlan, MoveOutput, Refusal, RemoveAttribute, RenameInput, SetAttribute, WriteTensor
@@ -170,17 +171,69 @@ def _chain(g: GraphIndex, name: str, reader: onnx.NodeProto) -> tuple[list[onnx.
     """The linear ops that compute ``name`` for ``reader`` alone, first op first, and the tensor they start from.
 
     The walk stops at a value someone else also reads (the shared input of the branches), a graph output, or an
-    op that is not linear."""
+    op that is not linear. Readers of only a value's dtype or shape (an exporter's zero-bias chain) do not stop it:
+    :func:`_type_readers_go` checks that they go with the merge."""
     nodes = []
     while True:
         node = g.producer.get(name)
         if node is None or node.op_type not in _CHAIN_OPS or node.domain not in _DEFAULT_DOMAINS or \
-                not g.only_consumer(name, reader) or not node.input:
+                not _sole_value_reader(g, name, reader) or not node.input:
             break
         nodes.append(node)
         reader, name = node, node.input[0]
     nodes.reverse()
     return nodes, name
+
+
+def _reads_type_only(g: GraphIndex, name: str, node: onnx.NodeProto) -> bool:
+    """``node`` takes only the dtype (CastLike's second input) or the shape (Shape) of ``name``."""
+    if node.domain not in _DEFAULT_DOMAINS:
+        return False
+    inputs = g.inputs_of(node)
+    return node.op_type == "Shape" or (node.op_type == "CastLike" and inputs[0] != name)
+
+
+def _sole_value_reader(g: GraphIndex, name: str, reader: onnx.NodeProto) -> bool:
+    """``reader`` is the one node that reads the values of ``name`` (not a graph output); others read its type."""
+    users = g.consumers.get(name, [])
+    return name not in g.outputs and sum(u is reader for u in users) == 1 and \
+        all(u is reader or _reads_type_only(g, name, u) for u in users)
+
+
+def _type_readers_go(g: GraphIndex, vanishing: list[onnx.NodeProto], merged: list[onnx.NodeProto]
+                     ) -> Refusal | None:
+    """None when every other reader of a value that vanishes in the merge (the outputs of ``vanishing``) is a
+    type-only reader that feeds nothing but constant inputs (weight,
+    bias) of the merged nodes, which the merge rewrites or removes, so that the reader goes with them; else why not.
+    (Removing a node drops the constants only it read; rewriting the survivor's weight and bias drops theirs.)"""
+    ids = {id(n) for n in merged}
+
+    def goes(node: onnx.NodeProto, seen: set[int]) -> bool:
+        if id(node) in seen:
+            return True
+        seen.add(id(node))
+        if not is_pure_constant_producer(node):
+            return False
+        for out in g.outputs_of(node):
+            if not out:
+                continue
+            if out in g.outputs or g.constant(out)[0] is None:
+                return False
+            for user in g.consumers.get(out, []):
+                if id(user) in ids:
+                    if g.inputs_of(user)[0] == out:  # the merged op reads it as its activation
+                        return False
+                elif not goes(user, seen):
+                    return False
+        return True
+
+    for node in vanishing:
+        for out in g.outputs_of(node):
+            for user in g.consumers.get(out, []):
+                if id(user) not in ids and not goes(user, set()):
+                    return Refusal("output-shared", f"the output of {node.op_type} {node_label(node)} is also used "
+                                   f"elsewhere: {g.usage(out)}")
+    return None
 
 
 def _chain_branch(g: GraphIndex, nodes: list[onnx.NodeProto], channels: int | None, rank: int | None
@@ -301,6 +354,9 @@ def _merge_branches(g: GraphIndex, root: onnx.NodeProto) -> MergePlan | Refusal 
         return Refusal("merge-costlier",
                        f"the merged Conv would cost {_macs(merged)} multiply-adds per output, the branches {separate}")
     all_nodes = [n for nodes, _ in chains for n in nodes]
+    refused = _type_readers_go(g, all_nodes + inner, all_nodes + inner + [root])
+    if refused is not None:
+        return refused
     survivor = next(n for n in all_nodes if n.op_type == "Conv")
     return _conv_plan(g, MERGE_BRANCHES, root, survivor, merged, x,
                       [n for n in all_nodes if n is not survivor] + inner + [root], root.output[0])
@@ -378,6 +434,9 @@ def _merge_sequence(g: GraphIndex, conv: onnx.NodeProto) -> MergePlan | Refusal 
     separate = _chain_macs(g, nodes, channels, rank)
     if _macs(merged) > separate:
         return None  # exact but slower (e.g. a 1x1 bottleneck before a 3x3): not a merge worth making
+    refused = _type_readers_go(g, nodes[:-1], nodes)
+    if refused is not None:
+        return refused
     return _conv_plan(g, MERGE_SEQUENTIAL, conv, conv, merged, x, nodes[:-1], None)
 
 
