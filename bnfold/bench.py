@@ -52,7 +52,8 @@ from .ort import first_line
 from .onnx.graph import subgraphs
 from .report import FoldReport, Timing
 
-__all__ = ["benchmark", "time_models", "strip_batchnorm", "ideal_model", "plot", "BenchReport", "BenchResult", "ModelTiming",
+__all__ = ["benchmark", "time_models", "strip_batchnorm", "ideal_model", "plot", "BenchReport", "BenchResult",
+           "ModelTiming",
            "OPT_LEVELS"]
 
 from .ort import OPT_LEVELS  # noqa: E402 - re-exported: the levels bench times
