@@ -331,3 +331,37 @@ def test_a_dtype_reader_that_would_stay_refuses_the_merge():
     merged, report = bnfold.fold_onnx(model)
     assert report.merged == [] and merged.SerializeToString() == model.SerializeToString()
     assert [s.code for s in report.not_merged] == ["output-shared"], report.summary_lines()
+
+
+def test_a_merge_rule_answers_a_plan_and_only_apply_plan_edits():
+    from bnfold.onnx.graph import GraphIndex, ModelContext
+    from bnfold.onnx.io import materialize
+    from bnfold.onnx.merge import MERGES
+    from bnfold.onnx.plan import MergePlan, apply_plan
+    from bnfold.report import Merge
+
+    net = Net(seed=8)
+    x = net.input("x", [1, 4, 6, 6])
+    h = net.node("Relu", [x])
+    a = net.conv(h, 4, 4, (3, 3), **conv_attrs(3, 1))
+    b = net.conv(h, 4, 4, (1, 1), **conv_attrs(1, 0))
+    net.output(net.node("Relu", [net.node("Add", [a, b])]))
+    model = net.model()
+    expected = run_ref(model, random_feeds(model, seed=1))
+    before = model.SerializeToString()
+    ctx = ModelContext(model)
+    g = GraphIndex(model.graph, ctx)
+    add = next(n for n in model.graph.node if n.op_type == "Add")
+    branches = next(r for r in MERGES if r.name == "merge-branches")
+    plan = branches.match(g, add)
+    assert isinstance(plan, MergePlan) and model.SerializeToString() == before  # matching never edits
+    assert plan.source is add and len(plan.remove) == 2  # the 1x1 branch and the Add
+    record = apply_plan(g, plan)
+    g.commit()
+    materialize(model, ctx.replacements, g.initializers)  # new values of the main graph wait there until saved
+    assert isinstance(record, Merge) and record.rule == "merge-branches" and record.absorbed == ()
+    onnx.checker.check_model(model, full_check=True)
+    assert count_ops(model.graph, "Conv") == 1 and count_ops(model.graph, "Add") == 0
+    got = run_ref(model, random_feeds(model, seed=1))
+    for name, want in expected.items():
+        np.testing.assert_allclose(got[name], want, rtol=0, atol=1e-5 * np.abs(want).max())
