@@ -185,7 +185,7 @@ class BenchReport:
             f"{self.bn_ideal} ideal ({how})",
             "latency in ms: median [p10, p90]; ideal = original with every BatchNormalization removed"
             + (f" and {self.merges_ideal} branch merge(s)" if self.merges_ideal else "")
-            + " (not exact, the floor of any fold)",
+            + " (not exact, the floor of any fold and merge)",
         ]
         header = (f"{'provider':<8} {'opt':<8} {'original':>27} {'folded':>27} {'ideal':>27} "
                   f"{'speedup':>8} {'folded/ideal':>12} {'sessions o/f/i (ms)':>22}")
