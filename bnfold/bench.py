@@ -46,7 +46,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from .errors import InputError
+from .errors import InputError, first_line
 from .onnx.graph import subgraphs
 from .report import FoldReport, Timing
 
@@ -388,7 +388,7 @@ def time_models(
                 try:
                     sess, seconds = ctx.__enter__()
                 except Exception as e:  # noqa: BLE001 - onnxruntime raises many exception types
-                    message = _first_line(e)
+                    message = first_line(e)
                     if short == "cuda" and _is_cuda_setup_error(message):
                         raise ProviderUnavailable(f"CUDAExecutionProvider failed to start: {message}") from None
                     raise InputError(f"onnxruntime cannot create a session for the {name} model: {message}") from None
@@ -523,7 +523,7 @@ def _runner(sess: Any, binding: Any, name: str) -> Callable[[], float]:
             sess.run_with_iobinding(binding)
             return (time.perf_counter() - start) * 1e3
         except Exception as e:  # noqa: BLE001 - onnxruntime raises many exception types
-            raise InputError(f"onnxruntime cannot run the {name} model: {_first_line(e)}") from None
+            raise InputError(f"onnxruntime cannot run the {name} model: {first_line(e)}") from None
 
     return run
 
@@ -688,8 +688,3 @@ def _check_counts(**counts: Any) -> None:
 def _check_seconds(min_time_s: Any) -> None:
     if isinstance(min_time_s, bool) or not isinstance(min_time_s, (int, float)) or not min_time_s >= 0:
         raise InputError(f"min_time_s must be a number of seconds >= 0, got {min_time_s!r}")
-
-
-def _first_line(error: Exception) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__

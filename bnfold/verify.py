@@ -50,7 +50,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from bnfold.errors import InputError
+from bnfold.errors import InputError, first_line
 from bnfold.onnx.graph import all_names, unique_name
 from bnfold.report import OutputComparison, ProviderResult, VerifyReport
 
@@ -219,7 +219,7 @@ def _load(model: Any, what: str) -> onnx.ModelProto:
         try:
             return onnx.load(os.fspath(model))
         except Exception as e:  # noqa: BLE001 - protobuf/IO errors of every kind mean "unreadable"
-            raise InputError(f"cannot read {what} {os.fspath(model)!r}: {_first_line(e)}") from e
+            raise InputError(f"cannot read {what} {os.fspath(model)!r}: {first_line(e)}") from e
     raise InputError(f"{what} must be an onnx.ModelProto or a path, not {type(model).__name__}")
 
 
@@ -315,7 +315,7 @@ class _OrtFailure(Exception):
     """onnxruntime could not create a session for, or run, one model."""
 
     def __init__(self, error: Exception):
-        super().__init__(_first_line(error))
+        super().__init__(first_line(error))
         self.missing_kernel = _is_missing_kernel(error)
 
 
@@ -529,11 +529,6 @@ def _is_cuda_setup_error(message: str) -> bool:
     # silent fallback in some onnxruntime builds; that says nothing about the model.
     lowered = message.lower()
     return any(word in lowered for word in ("cuda", "cudnn", "cublas", "libcu"))
-
-
-def _first_line(error: Exception) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
 
 
 # ------------------------------------------------------------------------------------------------ comparison
