@@ -19,6 +19,14 @@ class ExitCode(enum.IntEnum):
     INTERNAL_ERROR = 3  # a bnfold bug
 
 
+def json_document(payload: dict) -> dict:
+    """A JSON report as the command line prints it: ``producer`` (name and version of bnfold) first, so that a
+    stored report says what made it."""
+    from .version import __version__
+
+    return {"producer": {"name": "bnfold", "version": __version__}, **payload}
+
+
 @dataclass(frozen=True)
 class Fold:
     """One normalization (or per-channel Mul/Add) absorbed into a linear op."""
