@@ -7,6 +7,8 @@ its module when first used.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING
 
 from .version import __version__
@@ -17,14 +19,12 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
     from .onnx.fold import fold_onnx
     from .pipeline import FoldResult, fold_path
     from .report import ExitCode, Fold, FoldReport, OutputComparison, ProviderResult, Skip, VerifyReport
-    from .verify import verify
 
 # public name -> module that defines it
 _LAZY = {
     "fold_onnx": "bnfold.onnx.fold",
     "fold_path": "bnfold.pipeline",
     "FoldResult": "bnfold.pipeline",
-    "verify": "bnfold.verify",
     "benchmark": "bnfold.bench",
     "FoldReport": "bnfold.report",
     "Fold": "bnfold.report",
@@ -40,6 +40,27 @@ _LAZY = {
 __all__ = ["fold_onnx", "fold_path", "FoldResult", "verify", "benchmark", "FoldReport", "Fold", "Skip",
            "VerifyReport", "ProviderResult", "OutputComparison", "ExitCode", "BnfoldError", "InputError",
            "__version__"]
+
+
+def verify(original, folded, **options):
+    """Run original and folded ONNX models on the same inputs and compare every output: a truthy VerifyReport.
+    See :func:`bnfold.verify.verify` for the options (providers, input_shapes, inputs, atol, rtol, seed)."""
+    from .verify import verify as verify_models
+
+    return verify_models(original, folded, **options)
+
+
+class _Package(types.ModuleType):
+    """Importing the submodule ``bnfold.verify`` sets the package attribute of that name to the module; the
+    package-level function of the same name stays (the module is in ``sys.modules`` for whoever imports it)."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "verify" and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str):
