@@ -327,8 +327,10 @@ def _bench_program(model, folded, provider_names, warmup, repeat, threads):
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--data", "data_path", required=True, type=click.Path(path_type=Path),
               help="DATA.npz (one array per graph input, batched along axis 0) or a directory of .npy/.npz files.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--estimator", type=click.Choice(["unbiased", "ema"]), default="unbiased", show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Samples per batch: each batch is normalized by its own statistics, as in training.")
+@click.option("--estimator", type=click.Choice(["unbiased", "ema"]), default="unbiased", show_default=True,
+              help="unbiased: population statistics pooled over all batches (m/(m-1)); ema: running average.")
 @click.option("--decay", type=float, default=0.9, show_default=True, help="EMA decay (PyTorch momentum = 1 - decay).")
 @click.option("-o", "--output", type=click.Path(path_type=Path),
               help="Where to write [default: MODEL stem + .calibrated.onnx, beside the input].")
