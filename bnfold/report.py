@@ -7,8 +7,6 @@ import enum
 import math
 from dataclasses import dataclass, field
 
-import numpy as np
-
 
 class ExitCode(enum.IntEnum):
     """The process exit status of every bnfold command (documented in the README)."""
@@ -214,6 +212,8 @@ class Timing:
 
     @classmethod
     def from_samples(cls, samples_ms: list[float]) -> Timing:
+        import numpy as np  # here, not at the top: the command line imports this module and starts without numpy
+
         arr = np.asarray(samples_ms, dtype=np.float64)
         p10, med, p90 = np.percentile(arr, [10, 50, 90])
         return cls(float(med), float(p10), float(p90), float(arr.min()), [float(s) for s in samples_ms])
