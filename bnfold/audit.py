@@ -583,7 +583,7 @@ def _read_torch(path: Path) -> tuple[list[_BNParams], list[str]]:
         raise
     except Exception as exc:  # noqa: BLE001 - zip errors, EOF, truncated files, legacy formats ...
         raise InputError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: "
-                         f"{first_line(str(exc))})") from None
+                         f"{first_line(str(exc), max_chars=200)})") from None
     notes: list[str] = []
     state, where, others = _find_state_dict(obj, lambda v: isinstance(v, torch.Tensor))
     if state is None:
@@ -639,7 +639,7 @@ def _read_safetensors(path: Path) -> tuple[list[_BNParams], list[str]]:
         raise
     except Exception as exc:  # noqa: BLE001 - the library raises its own types for corrupt headers
         raise InputError(f"{path}: not a readable .safetensors file ({type(exc).__name__}: "
-                         f"{first_line(str(exc))})") from None
+                         f"{first_line(str(exc), max_chars=200)})") from None
     if params:
         notes.append(f"checkpoints do not store epsilon: {DEFAULT_EPS:g} assumed for the folded scale")
     return params, notes

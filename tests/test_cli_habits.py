@@ -240,7 +240,7 @@ def test_input_shape_for_an_input_whose_name_has_a_colon(tmp_path):
         [helper.make_tensor_value_info("in:0", TensorProto.FLOAT, ["n", 4])],
         [helper.make_tensor_value_info("out:0", TensorProto.FLOAT, ["n", 3])],
         [numpy_helper.from_array(a, n) for a, n in ((w, "w"), (gamma, "g"), (beta, "b"), (mean, "m"), (var, "v"))])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     onnx.save(model, str(tmp_path / "tf.onnx"))
     proc = run_cli(tmp_path / "tf.onnx", tmp_path / "o.onnx", "--input-shape", "in:0:6,4", "--json")
     assert proc.returncode == 0, proc.err
