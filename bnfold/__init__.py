@@ -14,6 +14,11 @@ from typing import TYPE_CHECKING
 from .version import __version__
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazily through __getattr__
+    import os
+    from typing import Any
+
+    import onnx
+
     from .bench import benchmark
     from .errors import BnfoldError, InputError
     from .onnx.fold import fold_onnx
@@ -42,7 +47,8 @@ __all__ = ["fold_onnx", "fold_path", "FoldResult", "verify", "benchmark", "FoldR
            "__version__"]
 
 
-def verify(original, folded, **options):
+def verify(original: onnx.ModelProto | str | os.PathLike, folded: onnx.ModelProto | str | os.PathLike,
+           **options: Any) -> VerifyReport:
     """Run original and folded ONNX models on the same inputs and compare every output: a truthy VerifyReport.
     See :func:`bnfold.verify.verify` for the options (providers, input_shapes, inputs, atol, rtol, seed)."""
     from .verify import verify as verify_models
