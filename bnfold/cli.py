@@ -186,13 +186,12 @@ def fold_command(models, output, check, as_json, quiet, verbose, no_verify, prov
         except InputError as exc:
             if not several:
                 raise
-            click.echo(f"bnfold: error: {source}: {exc}", err=True)
+            message = str(exc) if str(source) in str(exc) else f"{source}: {exc}"
+            click.echo(f"bnfold: error: {message}", err=True)
             documents.append({"input": str(source), "error": str(exc)})
             worst = max(worst, ExitCode.BAD_INPUT)
             continue
-        code = result.exit_code
-        if check and result.report.folded:
-            code = max(code, ExitCode.CHECK_FAILED)
+        code = result.exit_code if not check or result.nothing_to_fold else ExitCode.CHECK_FAILED
         worst = max(worst, code)
         documents.append({**result.to_dict(), **({"check": "failed" if code else "passed"} if check else {})})
         if verbose:
@@ -206,7 +205,7 @@ def fold_command(models, output, check, as_json, quiet, verbose, no_verify, prov
         if several and not verbose:
             click.echo(_one_line(result, check), file=report_stream)
         else:
-            click.echo("\n".join(_summary_lines(result, check, no_verify)), file=report_stream)
+            click.echo("\n".join(_summary_lines(result, check)), file=report_stream)
     if as_json:
         document = {"models": documents} if several else documents[0]
         click.echo(json.dumps(json_document(document), indent=2))
@@ -227,7 +226,7 @@ def _one_line(result, check: bool) -> str:
     return ", ".join(parts)
 
 
-def _summary_lines(result, check: bool, no_verify: bool) -> list[str]:
+def _summary_lines(result, check: bool) -> list[str]:
     lines = result.report.summary_lines()
     if check:
         folds = len(result.report.folded)

@@ -51,6 +51,12 @@ class FoldResult:
         return self.verification is None or self.verification.passed
 
     @property
+    def nothing_to_fold(self) -> bool:
+        """True when the fold changed nothing: what ``bnfold --check`` requires of a model (any fold counts, a
+        folded per-channel Mul/Add as well as a BatchNormalization)."""
+        return not self.report.folded
+
+    @property
     def exit_code(self) -> ExitCode:
         return ExitCode.OK if self.passed else ExitCode.CHECK_FAILED
 

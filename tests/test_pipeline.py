@@ -66,7 +66,11 @@ def test_default_output_is_beside_the_input(tmp_path):
 def test_dry_run_writes_nothing(tmp_path):
     result = fold_path(MLP, tmp_path / "o.onnx", verify=False, write=False)
     assert not result.written and result.to_dict()["output"] is None and len(result.report.folded) == 3
+    assert not result.nothing_to_fold  # what --check fails on
     assert list(tmp_path.iterdir()) == []
+    fold_path(MLP, tmp_path / "o.onnx", verify=False)
+    assert fold_path(tmp_path / "o.onnx", verify=False, write=False).nothing_to_fold
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.onnx"]
 
 
 def test_failed_verification_writes_nothing(tmp_path):
