@@ -67,6 +67,9 @@ def _log(message: str) -> None:
     click.echo(message, err=True)
 
 
+quiet_option = click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors (and the --json report).")
+
+
 _SHAPE = re.compile(r"^(?P<name>.+)[=:](?P<dims>\d+(?:[x,]\d+)*)$", re.IGNORECASE)
 
 
@@ -134,7 +137,7 @@ def cli() -> None:
 @click.option("--check", is_flag=True,
               help="Fold in memory and write nothing; exit 1 if any model has something left to fold (a CI gate).")
 @click.option("--json", "as_json", is_flag=True, help="Print only a JSON report on stdout.")
-@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors (and the --json report).")
+@quiet_option
 @click.option("-v", "--verbose", is_flag=True,
               help="Also log the time of each step, and print the full report of every model when folding several.")
 @click.option("--no-verify", is_flag=True, help="Skip comparing original and folded outputs in onnxruntime.")
@@ -277,8 +280,9 @@ def _parse_opt_levels(values: tuple[str, ...]) -> list[str]:
 @click.option("--min-time", "min_time", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="Seconds of timed rounds per provider and level when --repeat is not given.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")
+@quiet_option
 def bench_command(model, folded, providers, opt_levels, as_json, plot, input_shapes, skip, threads, warmup, repeat,
-                  min_time, seed):
+                  min_time, seed, quiet):
     """Time MODEL against its folded form (FOLDED, or folded in memory) and the ideal: MODEL with every
     BatchNormalization removed, the floor any fold can reach. Latency median [p10, p90] per provider and
     optimization level, session-creation time, speedup. Progress goes to stderr."""
@@ -294,20 +298,20 @@ def bench_command(model, folded, providers, opt_levels, as_json, plot, input_sha
     if model.suffix.lower() == ".pt2":
         if opt_levels or input_shapes or skip:
             raise click.UsageError("--opt-level, --input-shape and --skip apply to ONNX models, not .pt2 programs")
-        report = _bench_program(model, folded, provider_names, warmup, repeat, threads)
+        report = _bench_program(model, folded, provider_names, warmup, repeat, threads, quiet)
     else:
         report = benchmark(model, folded, providers=provider_names, opt_levels=levels, input_shapes=shapes or None,
                            seed=seed, warmup=warmup, repeat=repeat, min_time_s=min_time, threads=threads,
-                           skip=skip, progress=_log)
+                           skip=skip, progress=None if quiet else _log)
     if provider_names is not None:
         missing = [r for r in report.results if not r.available]
         if missing:
             raise InputError(f"requested provider {missing[0].provider} is not available: {missing[0].reason}")
-    _render(report, as_json, plot, draw)
+    _render(report, as_json, plot, draw, quiet)
     sys.exit(ExitCode.OK)
 
 
-def _bench_program(model, folded, provider_names, warmup, repeat, threads):
+def _bench_program(model, folded, provider_names, warmup, repeat, threads, quiet):
     try:
         import torch  # noqa: F401
     except ImportError:
@@ -317,7 +321,7 @@ def _bench_program(model, folded, provider_names, warmup, repeat, threads):
     program = load_program(model)
     folded_program = load_program(folded) if folded is not None else None
     report = benchmark_program(program, folded_program, devices=provider_names, warmup=warmup,
-                               repeat=repeat or 30, threads=threads, progress=_log)
+                               repeat=repeat or 30, threads=threads, progress=None if quiet else _log)
     report.model = str(model)
     return report
 
@@ -334,7 +338,8 @@ def _bench_program(model, folded, provider_names, warmup, repeat, threads):
 @click.option("-o", "--output", type=click.Path(path_type=Path),
               help="Where to write [default: MODEL stem + .calibrated.onnx, beside the input].")
 @click.option("--json", "as_json", is_flag=True, help="Print only a JSON summary on stdout.")
-def calibrate_command(model, data_path, batch_size, estimator, decay, output, as_json):
+@quiet_option
+def calibrate_command(model, data_path, batch_size, estimator, decay, output, as_json, quiet):
     """Recompute the statistics of every BatchNormalization in MODEL from data (training-mode semantics: each
     batch normalized by its own statistics) and write a model with the new running mean/var, ready to fold."""
     from .onnx.calibrate import calibrate_onnx, load_calibration_data
@@ -349,6 +354,8 @@ def calibrate_command(model, data_path, batch_size, estimator, decay, output, as
 
     def progress(done: int, total: int) -> None:
         nonlocal bar
+        if quiet:
+            return
         if bar is None:
             bar = click.progressbar(length=total, label="calibrating", file=sys.stderr)
             bar.__enter__()
@@ -361,7 +368,8 @@ def calibrate_command(model, data_path, batch_size, estimator, decay, output, as
         if bar is not None:
             bar.__exit__(None, None, None)
     save_model(calibrated, output, external_data=external_data or None)
-    _log(f"wrote {output}")
+    if not quiet:
+        _log(f"wrote {output}")
     if as_json:
         click.echo(json.dumps(json_document({"input": str(model), "output": str(output), "estimator": estimator,
                                              **info}), indent=2))
@@ -371,7 +379,8 @@ def calibrate_command(model, data_path, batch_size, estimator, decay, output, as
                   for layer in info["layers"]]
         lines += [f"note: {note}" for note in info["notes"]]
         lines.append(f"output: {output}")
-        click.echo("\n".join(lines))
+        if not quiet:
+            click.echo("\n".join(lines))
     sys.exit(ExitCode.OK)
 
 
@@ -380,7 +389,8 @@ def calibrate_command(model, data_path, batch_size, estimator, decay, output, as
 @click.option("--json", "as_json", is_flag=True, help="Print only a JSON report on stdout.")
 @click.option("--plot", type=click.Path(path_type=Path), help="Also draw per-layer distributions to this PNG.")
 @click.option("--data", type=click.Path(path_type=Path), help="Calibration data to compare stored statistics with.")
-def audit_command(path, as_json, plot, data):
+@quiet_option
+def audit_command(path, as_json, plot, data, quiet):
     """Audit the BatchNorm statistics stored in PATH: an .onnx model, a PyTorch checkpoint (.pt/.pth/.ckpt, read
     with weights_only=True) or a .safetensors file. Exit 1 when a finding has error severity."""
     from .audit import audit, plot as draw
@@ -388,18 +398,19 @@ def audit_command(path, as_json, plot, data):
     if plot is not None:
         _output_file(plot, "--plot")
     report = audit(path, data=data)
-    _render(report, as_json, plot, draw)
+    _render(report, as_json, plot, draw, quiet)
     sys.exit(report.exit_code)
 
 
-def _render(report, as_json: bool, plot, draw) -> None:
-    """The PNG if asked for, then the report: JSON alone on stdout, or its summary lines."""
+def _render(report, as_json: bool, plot, draw, quiet: bool) -> None:
+    """The PNG if asked for, then the report: JSON alone on stdout, or its summary lines (not with --quiet)."""
     if plot is not None:
         draw(report, plot)
-        _log(f"wrote {plot}")
+        if not quiet:
+            _log(f"wrote {plot}")
     if as_json:
         click.echo(json.dumps(json_document(report.to_dict()), indent=2))
-    else:
+    elif not quiet:
         click.echo("\n".join(report.summary_lines()))
 
 

@@ -173,6 +173,22 @@ def test_quiet_prints_nothing_and_verbose_times_each_step(tmp_path):
     assert proc.returncode == 2 and "no such file" in proc.err
 
 
+def test_quiet_on_every_command(tmp_path):
+    data = tmp_path / "data.npz"
+    np.savez(data, x=np.random.default_rng(0).standard_normal((16, 64)).astype(np.float32))
+    runs = {
+        "audit": ("audit", MLP, "-q"),
+        "calibrate": ("calibrate", MLP, "--data", data, "-o", tmp_path / "c.onnx", "--batch-size", 8, "-q"),
+        "bench": ("bench", MLP, "-q", "--repeat", 1, "--warmup", 0, "--opt-level", "disabled", "--threads", 1),
+    }
+    for what, args in runs.items():
+        proc = run_cli(*args)
+        assert proc.returncode == 0 and proc.out == "" and proc.err == "", (what, proc.err)
+    assert bn_count(tmp_path / "c.onnx") == 3  # calibrate wrote its model, silently
+    proc = run_cli("audit", MLP, "-q", "--json")  # the JSON asked for still comes
+    assert proc.returncode == 0 and json.loads(proc.out)["producer"]["name"] == "bnfold"
+
+
 # ----------------------------------------------------------------------------------------------------- -o -
 
 
