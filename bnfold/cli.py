@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from .errors import InputError
+from .errors import InputError, first_line
 from .report import ExitCode, json_document
 from .version import __version__
 
@@ -438,7 +438,7 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:
         if os.environ.get("BNFOLD_DEBUG"):
             raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        first = first_line(str(exc))
         click.echo(f"bnfold: internal error: {type(exc).__name__}: {first} (set BNFOLD_DEBUG=1 for a traceback; "
                    "please report it)", err=True)
         sys.exit(ExitCode.INTERNAL_ERROR)

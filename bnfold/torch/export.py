@@ -24,7 +24,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..affine import FoldRefused
-from ..errors import InputError, require_file
+from ..errors import InputError, first_line, require_file
 from ..report import Fold, FoldReport, Skip
 from .fold import _affine, _Affine, _plan_after, _plan_before, _prove_channel_axis
 
@@ -343,8 +343,7 @@ def load_program(path: "str | os.PathLike"):
         return torch.export.load(str(path))
     except Exception as exc:
         cause = logged.error if logged.error is not None and "warnings above" in str(exc) else exc
-        text = str(cause).strip().splitlines()
-        first = text[0].split("  (Could this error message be improved?")[0].rstrip() if text else ""
+        first = first_line(str(cause)).split("  (Could this error message be improved?")[0].rstrip()
         raise InputError(f"{path}: not a torch.export program ({type(cause).__name__}: {first})") from None
     finally:
         logger.handlers, logger.propagate = handlers, propagate

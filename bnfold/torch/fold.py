@@ -22,7 +22,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..affine import FoldRefused, absorb_after, absorb_before, bn_to_affine, cast_checked
-from ..errors import InputError
+from ..errors import InputError, first_line
 from ..report import Fold, FoldReport, Skip
 
 _CONV = nn.modules.conv._ConvNd
@@ -49,8 +49,8 @@ def fold_module(module: nn.Module, example_inputs=None, *, inplace: bool = False
     try:
         work = module if inplace else copy.deepcopy(module)
     except Exception as exc:  # e.g. legacy weight_norm tensors refuse deepcopy
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"the module can not be copied ({reason[:160]}); pass inplace=True to fold it in place") from None
+        raise InputError(f"the module can not be copied ({first_line(exc, max_chars=160)}); pass inplace=True to fold "
+                         "it in place") from None
     work.eval()
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
@@ -58,8 +58,8 @@ def fold_module(module: nn.Module, example_inputs=None, *, inplace: bool = False
     try:
         graph_module = fx.GraphModule(work, _Tracer().trace(work), work.__class__.__name__)
     except Exception as exc:  # data-dependent control flow, untraceable calls
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        report.notes.append(f"torch.fx could not trace the module ({type(exc).__name__}: {reason[:200]}); "
+        report.notes.append(f"torch.fx could not trace the module ({type(exc).__name__}: "
+                            f"{first_line(exc, max_chars=200)}); "
                             "folded consecutive children of nn.Sequential containers only")
         _fold_sequential(work, example_inputs, report)
         return work, report
@@ -81,9 +81,8 @@ def _run_example(run) -> None:
         run()
     except Exception as exc:
         cause = exc.__cause__ or exc  # ShapeProp wraps the module's own error
-        text = str(cause).strip().splitlines()
         raise InputError(f"example_inputs do not run through the module ({type(cause).__name__}: "
-                         f"{text[0][:200] if text else ''})") from None
+                         f"{first_line(str(cause), max_chars=200)})") from None
 
 
 # ---- normalizations -----------------------------------------------------------------------------------------
