@@ -50,7 +50,7 @@ __all__ = ["fold_onnx", "fold_path", "FoldResult", "verify", "benchmark", "FoldR
 def verify(original: onnx.ModelProto | str | os.PathLike, folded: onnx.ModelProto | str | os.PathLike,
            **options: Any) -> VerifyReport:
     """Run original and folded ONNX models on the same inputs and compare every output: a truthy VerifyReport.
-    See :func:`bnfold.verify.verify` for the options (providers, input_shapes, inputs, atol, rtol, seed)."""
+    See :func:`bnfold.verify.verify` for the options (providers, input_shapes, inputs, data, atol, rtol, seed)."""
     from .verify import verify as verify_models
 
     return verify_models(original, folded, **options)
