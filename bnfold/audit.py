@@ -47,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError, require_file
+from .errors import InputError, first_line, require_file
 
 __all__ = ["DEAD_GAMMA", "DEFAULT_EPS", "FP16_MAX", "GENERIC_WEIGHT_MAGNITUDE", "INVALID_STATISTICS",
            "TINY_VARIANCE", "AuditReport", "Finding", "LayerAudit", "audit", "invalid_statistics", "plot"]
@@ -600,7 +600,7 @@ def _read_torch(path: Path) -> tuple[list[_BNParams], list[str]]:
         raise
     except Exception as exc:  # noqa: BLE001 - zip errors, EOF, truncated files, legacy formats ...
         raise InputError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: "
-                         f"{_first_line(str(exc))})") from None
+                         f"{first_line(str(exc), max_chars=200)})") from None
     notes: list[str] = []
     state, where, others = _find_state_dict(obj, lambda v: isinstance(v, torch.Tensor))
     if state is None:
@@ -634,13 +634,6 @@ def _torch_reason(message: str) -> str:
     return "the pickle data could not be read"
 
 
-def _first_line(text: str) -> str:
-    text = text.strip()
-    first = text.splitlines()[0] if text else ""
-    first = first.split(". ")[0].rstrip(".")  # the first sentence is the useful one
-    return first if len(first) <= 200 else first[:199] + "…"
-
-
 def _read_safetensors(path: Path) -> tuple[list[_BNParams], list[str]]:
     try:
         from safetensors import safe_open
@@ -663,7 +656,7 @@ def _read_safetensors(path: Path) -> tuple[list[_BNParams], list[str]]:
         raise
     except Exception as exc:  # noqa: BLE001 - the library raises its own types for corrupt headers
         raise InputError(f"{path}: not a readable .safetensors file ({type(exc).__name__}: "
-                         f"{_first_line(str(exc))})") from None
+                         f"{first_line(str(exc), max_chars=200)})") from None
     if params:
         notes.append(f"checkpoints do not store epsilon: {DEFAULT_EPS:g} assumed for the folded scale")
     return params, notes

@@ -47,8 +47,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from .errors import InputError
-from .ort import first_line
+from .errors import InputError, first_line
 from .onnx.graph import subgraphs
 from .report import FoldReport, Timing
 

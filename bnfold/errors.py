@@ -19,3 +19,21 @@ def require_file(path, what: str):
     if path.is_dir():
         raise InputError(f"{path}: is a directory, not {what}")
     return path
+
+
+def first_line(error: "BaseException | str", *, with_type: bool = False, max_chars: "int | None" = None) -> str:
+    """The first non-empty line of an error (or a text), for one-line messages: libraries raise multi-line
+    errors (onnxruntime, protobuf, torch) whose first line is the useful one. An exception without text gives its
+    type name; ``with_type`` prefixes the type name (``"ValueError: ..."``); with ``max_chars`` a longer line is
+    cut and ends in ``…`` (onnxruntime puts the reason at the end of its long lines: cut only where that is not
+    needed)."""
+    text = str(error).strip()
+    line = next((part.strip() for part in text.splitlines() if part.strip()), "")
+    if max_chars is not None and len(line) > max_chars:
+        line = line[:max_chars - 1] + "…"
+    if isinstance(error, BaseException):
+        name = type(error).__name__
+        if not line:
+            return name
+        return f"{name}: {line}" if with_type else line
+    return line

@@ -29,8 +29,7 @@ from .errors import InputError
 
 __all__ = ["PROVIDERS", "OPT_LEVELS", "CUDA_MISSING", "CUDA_FELL_BACK", "MAX_INLINE_BYTES", "runtime",
            "available_providers", "resolve_providers", "unavailable_reason", "session_options",
-           "session_providers", "open_session", "placed_on", "is_cuda_setup_error", "is_missing_kernel",
-           "first_line"]
+           "session_providers", "open_session", "placed_on", "is_cuda_setup_error", "is_missing_kernel"]
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 _SHORT = {full.lower(): short for short, full in PROVIDERS.items()}
@@ -182,9 +181,3 @@ def is_missing_kernel(error: Exception) -> bool:
     text = str(error)
     return (type(error).__name__ == "NotImplemented" or "NOT_IMPLEMENTED" in text
             or "Could not find an implementation" in text)
-
-
-def first_line(error: Exception) -> str:
-    """The first line of an exception's message (onnxruntime's run to dozens of lines), or its type's name."""
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__

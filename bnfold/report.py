@@ -7,8 +7,6 @@ import enum
 import math
 from dataclasses import dataclass, field
 
-import numpy as np
-
 
 class ExitCode(enum.IntEnum):
     """The process exit status of every bnfold command (documented in the README)."""
@@ -17,6 +15,14 @@ class ExitCode(enum.IntEnum):
     CHECK_FAILED = 1  # verification mismatch, invalid BatchNorm statistics, audit found errors
     BAD_INPUT = 2  # unreadable/invalid input, bad usage, unwritable output
     INTERNAL_ERROR = 3  # a bnfold bug
+
+
+def json_document(payload: dict) -> dict:
+    """A JSON report as the command line prints it: ``producer`` (name and version of bnfold) first, so that a
+    stored report says what made it."""
+    from .version import __version__
+
+    return {"producer": {"name": "bnfold", "version": __version__}, **payload}
 
 
 @dataclass(frozen=True)
@@ -278,6 +284,8 @@ class Timing:
 
     @classmethod
     def from_samples(cls, samples_ms: list[float]) -> Timing:
+        import numpy as np  # here, not at the top: the command line imports this module and starts without numpy
+
         arr = np.asarray(samples_ms, dtype=np.float64)
         p10, med, p90 = np.percentile(arr, [10, 50, 90])
         return cls(float(med), float(p10), float(p90), float(arr.min()), [float(s) for s in samples_ms])

@@ -73,7 +73,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from bnfold import ort as ortlib
-from bnfold.errors import InputError
+from bnfold.errors import InputError, first_line
 from bnfold.onnx.graph import all_names, unique_name
 from bnfold.report import OutputComparison, ProviderResult, VerifyReport
 
@@ -404,7 +404,7 @@ def _load(model: Any, what: str, *, weights: bool = True) -> onnx.ModelProto:
         try:
             return onnx.load(path, load_external_data=weights)
         except Exception as e:  # noqa: BLE001 - protobuf/IO errors of every kind mean "unreadable"
-            raise InputError(f"cannot read {what} {path!r}: {ortlib.first_line(e)}") from e
+            raise InputError(f"cannot read {what} {path!r}: {first_line(e)}") from e
     raise InputError(f"{what} must be an onnx.ModelProto or a path, not {type(model).__name__}")
 
 
@@ -499,7 +499,7 @@ class _OrtFailure(Exception):
     """onnxruntime could not create a session for, or run, one model."""
 
     def __init__(self, error: Exception):
-        super().__init__(ortlib.first_line(error))
+        super().__init__(first_line(error))
         self.missing_kernel = ortlib.is_missing_kernel(error)
 
 

@@ -18,8 +18,14 @@ downloaded) and exported to ONNX with the dynamo-based exporter:
 * ``decoder_convtranspose.onnx`` Decoder: Linear -> reshape -> ConvTranspose2d-BN-ReLU
                                  x3 (one grouped) -> Conv3x3 -> Sigmoid.
 
-Every BatchNorm gets non-trivial affine parameters and realistic running
-statistics (EMA from 20 train-mode batches of random data) before ``.eval()``.
+Every weight, bias, BatchNorm affine parameter and running statistic is drawn
+from one seeded float64 numpy generator (uniform draws only: plain IEEE
+arithmetic, no conv, BLAS or transcendental kernel whose last bit depends on
+the CPU) and rounded once to float32, so the files are byte-identical on every
+machine with the same torch/onnx versions. Weights are He-uniform (activations
+keep their scale through ReLU); BatchNorm gets gamma in [0.5, 1.5], beta in
+[-0.2, 0.2], running mean in [-0.5, 0.5] and running variance in [0.5, 2],
+non-trivial enough that a wrong fold shows.
 
 The models are exported with ``optimize=False`` on purpose: the exporter's
 default optimisation pass already folds BatchNormalization into the adjacent
@@ -42,6 +48,7 @@ import argparse
 import contextlib
 import io
 import logging
+import math
 import os
 import tempfile
 import warnings
@@ -56,8 +63,7 @@ import torch
 from torch import nn
 
 SEED = 0
-STAT_BATCHES = 20
-STAT_BATCH_SIZE = 16
+STAT_BATCHES = 20  # num_batches_tracked recorded in the BatchNorm buffers (as if trained on that many batches)
 
 # --------------------------------------------------------------------------- models
 
@@ -246,25 +252,32 @@ SPECS: list[tuple[str, Callable[[], nn.Module], Callable[[torch.Generator, int],
 # --------------------------------------------------------------------------- helpers
 
 
-def _calibrate(model: nn.Module, data: Callable[[torch.Generator, int], torch.Tensor], g: torch.Generator) -> nn.Module:
-    """Random non-trivial BN affine params + EMA running stats from train-mode batches."""
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            with torch.no_grad():
-                m.weight.copy_(torch.empty_like(m.weight).uniform_(0.5, 1.5, generator=g))
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.2)
-    model.train()
+_LINEAR = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
+
+
+def _set_parameters(model: nn.Module, rng: np.random.Generator) -> nn.Module:
+    """Every parameter and BatchNorm statistic from ``rng`` (float64 uniform draws, rounded once to float32)."""
+
+    def draw(low: float, high: float, like: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(rng.uniform(low, high, size=tuple(like.shape)).astype(np.float32))
+
     with torch.no_grad():
-        for _ in range(STAT_BATCHES):
-            model(data(g, STAT_BATCH_SIZE))
-    model.eval()
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            assert int(m.num_batches_tracked) == STAT_BATCHES
-            for t in (m.running_mean, m.running_var):
-                assert torch.isfinite(t).all()
-            assert (m.running_var > 1e-3).all() and (m.running_var < 1e3).all()
-    return model
+        for module in model.modules():
+            if isinstance(module, _LINEAR):
+                bound = math.sqrt(6.0 / module.weight[0].numel())  # He-uniform over one output's fan-in
+                module.weight.copy_(draw(-bound, bound, module.weight))
+                if module.bias is not None:
+                    module.bias.copy_(draw(-0.1, 0.1, module.bias))
+            elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.weight.copy_(draw(0.5, 1.5, module.weight))
+                module.bias.copy_(draw(-0.2, 0.2, module.bias))
+                module.running_mean.copy_(draw(-0.5, 0.5, module.running_mean))
+                module.running_var.copy_(draw(0.5, 2.0, module.running_var))
+                module.num_batches_tracked.fill_(STAT_BATCHES)
+            else:
+                own = [p for p in module.parameters(recurse=False)]
+                assert not own, f"{type(module).__name__} has parameters this generator does not set"
+    return model.eval()
 
 
 # Per-node metadata the exporter writes.  Only the module path is kept (handy for
@@ -308,8 +321,8 @@ def _normalise(proto: onnx.ModelProto) -> onnx.ModelProto:
 
 def _export(name: str, factory, data, batch: int, dynamic: bool, out_dir: Path) -> None:
     torch.manual_seed(SEED)
-    g = torch.Generator().manual_seed(SEED)
-    model = _calibrate(factory(), data, g)
+    g = torch.Generator().manual_seed(SEED)  # inputs only: the example (its values do not reach the file) and checks
+    model = _set_parameters(factory(), np.random.default_rng(SEED))
     example = data(g, batch)
 
     dynamic_shapes = ({0: torch.export.Dim("batch", min=1, max=1024)},) if dynamic else None

@@ -24,7 +24,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .. import stats
-from ..errors import InputError
+from ..errors import InputError, first_line
 from .batchnorm import check_channels, check_parameter_lengths, inference_epsilon
 from .graph import GraphIndex, ModelContext
 from .nodes import free_names, node_label, subgraphs
@@ -60,9 +60,7 @@ def _load_file(path: Path) -> dict[str, np.ndarray]:
     except InputError:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
-        text = str(exc).strip().splitlines()
-        raise InputError(f"{path}: cannot read calibration data ({text[0] if text else type(exc).__name__})") \
-            from None
+        raise InputError(f"{path}: cannot read calibration data ({first_line(exc)})") from None
 
 
 def load_calibration_data(path: str | os.PathLike, model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -312,8 +310,7 @@ def _session(calib: onnx.ModelProto):
         return ortlib.runtime().InferenceSession(calib.SerializeToString(), ortlib.session_options("disabled"),
                                                  providers=ortlib.session_providers("cpu"))
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises several unrelated types
-        text = str(exc).strip().splitlines()
-        raise InputError(f"onnxruntime cannot run the calibration model ({text[0] if text else exc})") from None
+        raise InputError(f"onnxruntime cannot run the calibration model ({first_line(exc)})") from None
 
 
 def _uses(model: onnx.ModelProto) -> dict[str, int]:
@@ -384,9 +381,7 @@ def calibrate_onnx(model: onnx.ModelProto, data: dict[str, np.ndarray], *, batch
         try:
             results = session.run(output_names, feeds)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises several unrelated types
-            text = str(exc).strip().splitlines()
-            raise InputError(f"onnxruntime failed on calibration batch {index} "
-                             f"({text[0] if text else type(exc).__name__})") from None
+            raise InputError(f"onnxruntime failed on calibration batch {index} ({first_line(exc)})") from None
         moments = []
         for k, t in enumerate(targets):
             mean, var, shape = results[3 * k: 3 * k + 3]

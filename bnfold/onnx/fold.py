@@ -234,24 +234,14 @@ def _fold_batchnorm(g: GraphIndex, node: onnx.NodeProto, rules: list[Rule], pref
 
 def fold_file(source: "str | os.PathLike", destination: "str | os.PathLike", *,
               skip: Iterable[str] = ()) -> FoldReport:
-    """Load, fold and save without verification: the pipeline path, streaming the folded weights to disk.
+    """Load, fold and save without verification (:func:`bnfold.pipeline.fold_path` with ``verify=False``).
 
     A model with external data keeps it: its tensors are read from their files one at a time, folded values are
     spilled to a temporary file, and the output's data file is written tensor by tensor, so memory holds about
     the protobuf and a few tensors, never the weights."""
-    from .io import load_model_lazily, save_model
+    from ..pipeline import fold_path
 
-    rules = select_rules(skip)
-    model, external = load_model_lazily(source)
-    replacements: dict = {}
-    try:
-        report = fold_model(model, rules, replacements, external)
-        save_model(model, destination, external_data=external is not None or None, replacements=replacements,
-                   source=external)
-    finally:
-        if external is not None:
-            external.close()
-    return report
+    return fold_path(source, destination, skip=skip, verify=False).report
 
 
 def fold_onnx(model: "onnx.ModelProto | str | os.PathLike", *, skip: Iterable[str] = (),

@@ -15,7 +15,7 @@ import onnx
 from google.protobuf import unknown_fields
 from google.protobuf.message import DecodeError
 
-from ..errors import InputError, require_file
+from ..errors import InputError, first_line, require_file
 from ..files import write_atomically
 from .external import (TENSOR_ATTRIBUTE_OPS, ExternalData, all_tensors, check_external_data, load_all_external_data,
                        tensor_nbytes, value_of, write_with_external_data)
@@ -60,9 +60,9 @@ def _parse_checked(path: Path) -> onnx.ModelProto:
     except OSError as exc:
         raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
     except (DecodeError, RuntimeWarning, ValueError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: not an ONNX model (protobuf parse failed: {_first_line(exc)})") from None
+        raise InputError(f"{path}: not an ONNX model (protobuf parse failed: {first_line(exc)})") from None
     except Exception as exc:  # onnx raises a variety of types for garbage
-        raise InputError(f"{path}: not an ONNX model ({type(exc).__name__}: {_first_line(exc)})") from None
+        raise InputError(f"{path}: not an ONNX model ({type(exc).__name__}: {first_line(exc)})") from None
     if not model.HasField("graph") or (not model.graph.node and not model.graph.output):
         raise InputError(f"{path}: not an ONNX model (no graph)")
     if not model.opset_import and model.ir_version >= 3:
@@ -364,8 +364,3 @@ def _copy_fields(src, dst, keep) -> None:
             getattr(dst, field.name).CopyFrom(value)
         else:
             setattr(dst, field.name, value)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import onnx
 
-from ..errors import InputError
+from ..errors import InputError, first_line
 
 
 def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -13,14 +13,13 @@ def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
     try:
         import onnxsim
     except ImportError:
-        raise InputError("--simplify needs onnxsim (pip install onnxsim)") from None
+        raise InputError("--simplify needs onnxsim: pip install 'bnfold[simplify]'") from None
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     try:
         simplified, ok = onnxsim.simplify(copy, skip_fuse_bn=True, check_n=0)
     except Exception as exc:
-        text = str(exc).strip().splitlines()
-        raise InputError(f"onnxsim failed: {text[0] if text else type(exc).__name__}") from None
+        raise InputError(f"onnxsim failed: {first_line(exc)}") from None
     if not ok:
         raise InputError("onnxsim could not validate the simplified model")
     return simplified

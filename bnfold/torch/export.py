@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..affine import FoldRefused
-from ..errors import InputError, require_file
+from ..errors import InputError, first_line, require_file
 from ..report import Fold, FoldReport, Skip
 from .ops import (ATEN_BATCHNORM, Affine, Plan, Refusal, affine_from_stats, aten_layer, before_scales, check_after,
                   first_refusal, frozen_affine, refusal_of, weights_after, weights_before)
@@ -144,8 +144,7 @@ def fold_module_exported(module: nn.Module, example_inputs, report: FoldReport, 
                 program = torch.export.export(module, tuple(tensors), dynamic_shapes=shapes, strict=False)
             break
         except Exception as exc:
-            text = str(exc).strip().splitlines()
-            errors.append(f"{type(exc).__name__}: {text[0][:200] if text else ''}")
+            errors.append(first_line(exc, with_type=True, max_chars=200))
     if program is None:
         report.notes.append(f"torch.export could not trace the module either ({errors[-1]})")
         return None
@@ -412,8 +411,7 @@ def load_program(path: "str | os.PathLike"):
         return torch.export.load(str(path))
     except Exception as exc:
         cause = logged.error if logged.error is not None and "warnings above" in str(exc) else exc
-        text = str(cause).strip().splitlines()
-        first = text[0].split("  (Could this error message be improved?")[0].rstrip() if text else ""
+        first = first_line(str(cause)).split("  (Could this error message be improved?")[0].rstrip()
         raise InputError(f"{path}: not a torch.export program ({type(cause).__name__}: {first})") from None
     finally:
         logger.handlers, logger.propagate = handlers, propagate

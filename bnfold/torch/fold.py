@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..affine import FoldRefused
-from ..errors import InputError
+from ..errors import InputError, first_line
 from ..report import Fold, FoldReport, Skip
 from .ops import (Affine, Layer, Plan, Refusal, affine_from_stats, before_scales, check_after, first_refusal,
                   frozen_affine, module_kind, module_layer, refusal_of, weights_after, weights_before)
@@ -92,14 +92,8 @@ def copy_module(module: nn.Module) -> nn.Module:
     try:
         return copy.deepcopy(module)
     except Exception as exc:  # e.g. legacy weight_norm tensors refuse deepcopy
-        reason = _first_line(exc)
-        raise InputError(f"the module can not be copied ({reason[:160]}); pass inplace=True to fold it in place") \
-            from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+        raise InputError(f"the module can not be copied ({first_line(exc, max_chars=160)}); pass inplace=True to "
+                         "fold it in place") from None
 
 
 def trace(module: nn.Module) -> fx.GraphModule | str:
@@ -113,7 +107,7 @@ def trace(module: nn.Module) -> fx.GraphModule | str:
             graph_module = fx.GraphModule(module, tracer.trace(module), module.__class__.__name__)
             break
         except Exception as exc:  # data-dependent control flow, sizes read at run time, untraceable calls
-            why = f"{type(exc).__name__}: {_first_line(exc)[:200]}"
+            why = first_line(exc, with_type=True, max_chars=200)
     else:
         return why
     graph_module.eval()
@@ -158,8 +152,8 @@ def run_example(run) -> None:
         run()
     except Exception as exc:
         cause = exc.__cause__ or exc  # ShapeProp wraps the module's own error
-        raise InputError(f"example_inputs do not run through the module ({type(cause).__name__}: "
-                         f"{_first_line(cause)[:200]})") from None
+        raise InputError(f"example_inputs do not run through the module "
+                         f"({first_line(cause, with_type=True, max_chars=200)})") from None
 
 
 # ---- normalizations -----------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bnfold.errors import InputError
+from bnfold.errors import InputError, first_line
 from bnfold.report import ProviderResult, Timing, VerifyReport
 from bnfold.verify import NOISE_DRAWS, compare_arrays, failed_comparison, max_abs_difference
 
@@ -110,14 +110,15 @@ def _verify_on(
             try:
                 out = _forward(mod_o, args, device)
             except Exception as e:  # noqa: BLE001 - any exception from user code means "cannot run"
-                raise InputError(f"the original module raised{_on_batch(i, batches)}: {_first_line(e)}") from None
+                raise InputError(f"the original module raised{_on_batch(i, batches)}: "
+                                 f"{first_line(e, with_type=True)}") from None
             outs_o.append(_flatten(out))
     with _placed(folded, device) as mod_f:
         for i, args in enumerate(batches):
             try:
                 out = _forward(mod_f, args, device)
             except Exception as e:  # noqa: BLE001
-                failure = f"the folded module raised{_on_batch(i, batches)}: {_first_line(e)}"
+                failure = f"the folded module raised{_on_batch(i, batches)}: {first_line(e, with_type=True)}"
                 break
             outs_f.append(_flatten(out))
 
@@ -210,7 +211,7 @@ def _noise(original: nn.Module, device: torch.device, batches: list[tuple], outs
             try:
                 outs_p = [_flatten(_forward(mod_p, args, device)) for args in batches]
             except Exception as e:  # noqa: BLE001 - any exception from user code
-                raise InputError(f"the original module raised with perturbed weights: {_first_line(e)}") from None
+                raise InputError(f"the original module raised with perturbed weights: {first_line(e)}") from None
         del copy_
         for name in _ordered_names(outs_o):
             per_o, per_p = [], []
@@ -374,7 +375,7 @@ def _timed(module: nn.Module, batches: list[tuple], device: torch.device, what: 
                 torch.cuda.synchronize(device)
             end = time.perf_counter()
     except Exception as e:  # noqa: BLE001 - any exception from user code
-        raise InputError(f"the {what} module raised: {_first_line(e)}") from None
+        raise InputError(f"the {what} module raised: {first_line(e, with_type=True)}") from None
     return (end - start) * 1e3
 
 
@@ -551,9 +552,3 @@ def _to_numpy(value: Any) -> np.ndarray:
 
 def _on_batch(i: int, batches: list) -> str:
     return f" on batch {i}" if len(batches) > 1 else ""
-
-
-def _first_line(error: Exception) -> str:
-    lines = str(error).strip().splitlines()
-    text = lines[0] if lines else ""
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
