@@ -5,9 +5,10 @@ optimization level:
 
 * **original**: the model as given;
 * **folded**: the model folded by bnfold (in memory, unless a folded model is given);
-* **ideal**: the original with every BatchNormalization node removed (:func:`strip_batchnorm`). It computes the
-  wrong function, but it is the floor that any fold can reach, so ``folded / ideal`` says how much of the possible
-  gain was taken (1.0 = all of it).
+* **ideal**: the original with every BatchNormalization node removed (:func:`strip_batchnorm`), then its parallel
+  and sequential linear branches merged where bnfold's merge rules apply (:func:`ideal_model`): the merged form, a
+  RepVGG-style network's deploy form. It computes the wrong function, but it is the floor that folding and merging
+  can reach, so ``folded / ideal`` says how much of the possible gain was taken (1.0 = all of it).
 
 How it is timed, so that the numbers can be trusted on a noisy machine:
 
@@ -50,7 +51,8 @@ from .errors import InputError, first_line
 from .onnx.graph import subgraphs
 from .report import FoldReport, Timing
 
-__all__ = ["benchmark", "time_models", "strip_batchnorm", "plot", "BenchReport", "BenchResult", "ModelTiming",
+__all__ = ["benchmark", "time_models", "strip_batchnorm", "ideal_model", "plot", "BenchReport", "BenchResult",
+           "ModelTiming",
            "OPT_LEVELS"]
 
 from .ort import OPT_LEVELS  # noqa: E402 - re-exported: the levels bench times
@@ -160,6 +162,7 @@ class BenchReport:
     fold_ms: float | None = None
     fold: FoldReport | None = None
     results: list[BenchResult] = field(default_factory=list)
+    merges_ideal: int = 0  # branch merges made in the ideal (0: it is the original without BatchNormalization)
 
     def to_dict(self) -> dict:
         return {
@@ -167,6 +170,7 @@ class BenchReport:
             "folded": self.folded_from,
             "fold_ms": self.fold_ms,
             "bn_nodes": {"original": self.bn_original, "folded": self.bn_folded, "ideal": self.bn_ideal},
+            "merges_ideal": self.merges_ideal,
             "inputs": self.inputs,
             "warmup": self.warmup,
             "results": [r.to_dict() for r in self.results],
@@ -178,8 +182,9 @@ class BenchReport:
         lines = [
             f"{self.model}: BatchNormalization nodes {self.bn_original} original, {self.bn_folded} folded, "
             f"{self.bn_ideal} ideal ({how})",
-            "latency in ms: median [p10, p90]; ideal = original with every BatchNormalization removed (not exact, "
-            "the floor of any fold)",
+            "latency in ms: median [p10, p90]; ideal = original with every BatchNormalization removed"
+            + (f" and {self.merges_ideal} branch merge(s)" if self.merges_ideal else "")
+            + " (not exact, the floor of any fold and merge)",
         ]
         header = (f"{'provider':<8} {'opt':<8} {'original':>27} {'folded':>27} {'ideal':>27} "
                   f"{'speedup':>8} {'folded/ideal':>12} {'sessions o/f/i (ms)':>22}")
@@ -274,7 +279,7 @@ def benchmark(
         if skip:
             raise InputError("skip applies only when bnfold folds the model itself (no folded model given)")
         folded_model = _load_model(folded, "folded model")
-    ideal = strip_batchnorm(original)
+    ideal, merges_ideal = ideal_model(original)
 
     feeds = check_inputs(original, inputs) if inputs is not None else make_inputs(original, input_shapes, seed)
     for name, m in (("folded", folded_model), ("ideal", ideal)):
@@ -292,6 +297,7 @@ def benchmark(
         warmup=warmup,
         fold_ms=fold_ms,
         fold=fold_report,
+        merges_ideal=merges_ideal,
     )
     models = {"original": original, "folded": folded_model, "ideal": ideal}
     for provider in wanted:
@@ -399,6 +405,19 @@ def strip_batchnorm(model: onnx.ModelProto) -> onnx.ModelProto:
     copy.CopyFrom(model)
     _strip_graph(copy.graph)
     return copy
+
+
+def ideal_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """The latency floor of folding and merging, and how many branch merges it took: ``model`` without its
+    BatchNormalization nodes (:func:`strip_batchnorm`), then merged by bnfold's merge rules alone (an Add of a 3x3,
+    a 1x1 and the input becomes one 3x3, as a reparameterized network is deployed). Where nothing merges, it is the
+    stripped model. Like the stripped model it computes the wrong function: only its speed means something."""
+    from .onnx.fold import fold_model
+    from .onnx.merge import MERGES
+
+    ideal = strip_batchnorm(model)
+    report = fold_model(ideal, list(MERGES))  # in place; no fold rule: what is left to fold is nothing but merges
+    return ideal, len(report.merged)
 
 
 def plot(report: BenchReport, out_path) -> None:

@@ -96,9 +96,9 @@ def _parse_providers(value: str | None) -> list[str] | None:
 
 
 def _rule_choices() -> tuple[str, ...]:
-    from .onnx.rules import RULE_NAMES
+    from .onnx.fold import ALL_RULE_NAMES
 
-    return RULE_NAMES
+    return ALL_RULE_NAMES
 
 
 def _output_file(path: Path, option: str) -> Path:
@@ -148,7 +148,7 @@ def cli() -> None:
               help="Concrete shape for an input with dynamic dimensions: NAME=1x3x224x224, NAME:1,3,224,224 or "
               "NAME:1x3x224x224 (repeatable; other dynamic dims are 1).")
 @click.option("--skip", "skip", multiple=True, type=_LazyChoice(_rule_choices), metavar="RULE",
-              help="Leave out a fold rule (repeatable; see the README for the names).")
+              help="Leave out a fold or branch-merge rule (repeatable; see the README for the names).")
 @click.option("--atol", type=float, help="Explicit absolute tolerance instead of the noise rule (see README).")
 @click.option("--rtol", type=float, help="Explicit relative tolerance instead of the noise rule (see README).")
 @click.option("--seed", type=int, default=0, show_default=True,
@@ -334,8 +334,8 @@ def _parse_opt_levels(values: tuple[str, ...]) -> list[str]:
 def bench_command(model, folded, providers, opt_levels, as_json, plot, input_shapes, skip, threads, warmup, repeat,
                   min_time, seed, quiet):
     """Time MODEL against its folded form (FOLDED, or folded in memory) and the ideal: MODEL with every
-    BatchNormalization removed, the floor any fold can reach. Latency median [p10, p90] per provider and
-    optimization level, session-creation time, speedup. Progress goes to stderr."""
+    BatchNormalization removed and its branches merged, the floor any fold and merge can reach. Latency median
+    [p10, p90] per provider and optimization level, session-creation time, speedup. Progress goes to stderr."""
     from .bench import benchmark, plot as draw
 
     shapes = _parse_shapes(input_shapes)

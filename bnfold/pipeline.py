@@ -212,6 +212,8 @@ def _fold_onnx(source, output, stream, skip, verify, providers, input_shapes, at
         report = fold_model(folded, rules, pending, lazy_source)
         seconds["fold"] = time.perf_counter() - start
         log(f"{source}: {len(report.folded)} folds, BatchNormalization {report.bn_before} -> {report.bn_after}")
+        if report.merged:
+            log(f"{source}: {len(report.merged)} branch merges")
         verification = None
         if verify:
             from .verify import verify as run_verify

@@ -58,6 +58,27 @@ class Skip:
         return d
 
 
+@dataclass(frozen=True)
+class Merge:
+    """Linear ops merged into one (structural reparameterization): ``into`` survives, ``removed`` are gone."""
+
+    rule: str
+    into: str
+    removed: tuple[str, ...]
+    graph: str = ""
+    absorbed: tuple[str, ...] = ()  # the BatchNormalizations among ``removed``: each is also a fold
+
+    def folds(self) -> list["Fold"]:
+        """The BNs this merge absorbed as folds by the merge's rule, so that every BN that goes is in ``folded``."""
+        return [Fold(bn, self.into, self.rule, graph=self.graph) for bn in self.absorbed]
+
+    def to_dict(self) -> dict:
+        d = {"rule": self.rule, "into": self.into, "removed": list(self.removed)}
+        if self.graph:
+            d["graph"] = self.graph
+        return d
+
+
 @dataclass
 class FoldReport:
     bn_before: int = 0
@@ -65,10 +86,12 @@ class FoldReport:
     folded: list[Fold] = field(default_factory=list)
     skipped: list[Skip] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    merged: list[Merge] = field(default_factory=list)  # branch merges, in the order they were made
+    not_merged: list[Skip] = field(default_factory=list)  # branch structures left as they are, with the reason
 
     @property
     def modified(self) -> bool:
-        return bool(self.folded)
+        return bool(self.folded) or bool(self.merged)
 
     def to_dict(self) -> dict:
         return {
@@ -77,6 +100,8 @@ class FoldReport:
             "folded": [f.to_dict() for f in self.folded],
             "skipped": [s.to_dict() for s in self.skipped],
             "notes": list(self.notes),
+            "merged": [m.to_dict() for m in self.merged],
+            "not_merged": [s.to_dict() for s in self.not_merged],
         }
 
     def summary_lines(self) -> list[str]:
@@ -89,6 +114,13 @@ class FoldReport:
             lines.append(f"left in place ({len(self.skipped)}):")
             lines += [f"  {s.bn} ({s.op_type}): {s.reason}" + (f"  (in {s.graph})" if s.graph else "")
                       for s in self.skipped]
+        if self.merged:
+            lines.append(f"merged ({len(self.merged)}):")
+            lines += [f"  {', '.join(m.removed)} -> {m.into}  [{m.rule}]" + (f"  (in {m.graph})" if m.graph else "")
+                      for m in self.merged]
+        if self.not_merged:
+            lines.append(f"not merged ({len(self.not_merged)}):")
+            lines += [f"  {s.bn} ({s.op_type}): {s.reason}" for s in self.not_merged]
         lines += [f"note: {n}" for n in self.notes]
         return lines
 

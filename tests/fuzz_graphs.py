@@ -106,6 +106,7 @@ except ImportError:  # pragma: no cover - tests/ is a package
 
 import bnfold
 from bnfold.onnx.fold import PER_SAMPLE_NORMS, fold_file
+from bnfold.onnx.merge import MERGE_RULE_NAMES
 
 F16, F32, F64 = np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)
 _ELEM = {F16: TP.FLOAT16, F32: TP.FLOAT, F64: TP.DOUBLE}
@@ -902,6 +903,42 @@ class _Builder:
         self.shape = shape
 
     # ---- anywhere -----------------------------------------------------------------------------------------
+    def block_branches(self):
+        """Parallel linear branches of one tensor, summed (RepVGG/MobileOne/ACNet/DBB style): Convs with centred
+        kernels (1, 3 or asymmetric), each with or without its BN, a lone BN, the tensor itself, an AveragePool
+        (padding counted or not). What ``merge-branches`` merges, or refuses with its reason."""
+        c, rank = self.channels, self.rank - 2
+        group = self.pick([1, c])
+        x = self.node("Relu", [self.cur])  # the shared input: read by every branch
+        kinds, terms = [], []
+        for _ in range(self.integer(2, 4)):
+            kind = self.pick(["conv3", "conv3", "conv1", "asym", "bn", "identity", "avgpool"])
+            kinds.append(kind)
+            if kind in ("conv3", "conv1", "asym"):
+                kernel = [{"conv3": 3, "conv1": 1}.get(kind) or self.pick([1, 3]) for _ in range(rank)]
+                pads = [(k - 1) // 2 for k in kernel] * 2
+                inputs = [x, self.weight([c, c // group, *kernel])]
+                if self.chance(30):
+                    inputs.append(self.bias(c))
+                y = self.node("Conv", inputs, kernel_shape=kernel, pads=pads, group=group)
+                if self.chance(70):
+                    y, _ = self.bn(y, c)
+            elif kind == "bn":
+                y, _ = self.bn(x, c)
+            elif kind == "identity":
+                y = x
+            else:
+                y = self.node("AveragePool", [x], kernel_shape=[3] * rank, pads=[1] * (2 * rank),
+                              count_include_pad=self.pick([0, 1]))
+                if self.chance(50):
+                    y, _ = self.bn(y, c)
+            terms.append(y)
+        self.blocks.append(f"branches[{','.join(kinds)},group={'1' if group == 1 else 'c'}]")
+        total = terms[0]
+        for term in terms[1:]:
+            total = self.node("Add", [total, term])
+        self.cur = self.node("Relu", [total])
+
     def block_bn(self):
         overridable = self.chance(15)
         self.blocks.append("bn[overridable]" if overridable else "bn")
@@ -979,7 +1016,7 @@ class _Builder:
         spatial = ["flatten"]
         if self.convs_ok:
             spatial += ["conv_bn", "conv_bn", "conv_bn", "convtranspose_bn", "concat_bn", "bn_conv", "bn_conv",
-                        "conv_affine", "shared_conv", "if"]
+                        "conv_affine", "shared_conv", "if", "branches"]
             if self.dtype == F16:
                 spatial.append("fp16_overflow")
         return spatial * 2 + common
@@ -1138,9 +1175,12 @@ def check_case(case: FuzzCase, *, through_files: bool = True, workdir: str | Pat
     except Exception as exc:  # a generator bug, not a bnfold one: say so
         raise AssertionError(f"the generated model does not run in onnxruntime: {exc}") from exc
 
-    first, first_report = bnfold.fold_onnx(model)
+    # The construction's promises (must_fold, must_keep, must_stay) are about the fold rules: the generator does
+    # not build branch structures on purpose, so they are checked with the branch merges off; the merged model
+    # (the default) is then held to everything that holds for any model.
+    first, first_report = bnfold.fold_onnx(model, skip=MERGE_RULE_NAMES)
     folded, report = fold_and_check(model, bn_left=first_report.bn_after, expected_model=case.reference,
-                                    tol=TOL[case.dtype], feeds=feeds)
+                                    tol=TOL[case.dtype], feeds=feeds, skip=MERGE_RULE_NAMES)
 
     # determinism
     data = folded.SerializeToString()
@@ -1175,10 +1215,26 @@ def check_case(case: FuzzCase, *, through_files: bool = True, workdir: str | Pat
         assert label in labels_left and label not in folds, f"{label} should have been left alone"
 
     # idempotence
-    again, again_report = bnfold.fold_onnx(folded)
+    again, again_report = bnfold.fold_onnx(folded, skip=MERGE_RULE_NAMES)
     assert again_report.folded == [], again_report.summary_lines()
     assert again_report.bn_before == again_report.bn_after == report.bn_after
     assert again.SerializeToString() == data, "folding the folded model changed it"
+
+    # the default: folds and branch merges
+    first, first_report = bnfold.fold_onnx(model)
+    merged, report = fold_and_check(model, bn_left=first_report.bn_after, expected_model=case.reference,
+                                    tol=TOL[case.dtype], feeds=feeds)
+    data = merged.SerializeToString()
+    assert first.SerializeToString() == data, "two merges of the same model differ"
+    assert first_report.to_dict() == report.to_dict(), "two merges of the same model report differently"
+    assert report.bn_before - report.bn_after == sum(f.bn in bn_labels for f in report.folded), \
+        report.summary_lines()
+    assert len(merged.graph.node) <= len(folded.graph.node)
+    left = Counter(_label(n) for n in _all_nodes(merged.graph) if n.op_type == "BatchNormalization")
+    assert left == Counter(s.bn for s in report.skipped if s.op_type == "BatchNormalization")
+    again, again_report = bnfold.fold_onnx(merged)
+    assert not again_report.modified, again_report.summary_lines()
+    assert again.SerializeToString() == data, "merging the merged model changed it"
 
     if through_files:
         check_files(model, data, workdir, external=case.external)

@@ -1227,6 +1227,7 @@ def test_no_more_left_than_the_onnx_route(name, tmp_path):
     onnx = pytest.importorskip("onnx")
     pytest.importorskip("onnxscript")
     from bnfold import fold_onnx
+    from bnfold.onnx.merge import MERGE_RULE_NAMES
 
     factory, shape, _, _ = COMPUTED[name]
     torch.manual_seed(80)
@@ -1234,7 +1235,8 @@ def test_no_more_left_than_the_onnx_route(name, tmp_path):
     x = rand(*shape, seed=80)
     path = tmp_path / "model.onnx"
     torch.onnx.export(model, (x,), str(path), dynamo=True)
-    folded_onnx, onnx_report = fold_onnx(onnx.load(str(path)))
+    # Folds against folds: the ONNX route also merges branches (issue 16), which the torch front end does not yet.
+    folded_onnx, onnx_report = fold_onnx(onnx.load(str(path)), skip=MERGE_RULE_NAMES)
     left_onnx = sum(n.op_type == "BatchNormalization" for n in folded_onnx.graph.node)
     _, report = fold_module(model, (x,))
     assert report.bn_after <= left_onnx, (report.to_dict(), onnx_report.to_dict())

@@ -9,15 +9,17 @@ import numpy as np
 import onnx
 
 from ..errors import InputError
-from ..report import FoldReport, Skip
+from ..report import FoldReport, Merge, Skip
 from .external import ExternalData
 from .io import materialize
 from .graph import GraphIndex, ModelContext
 from .nodes import free_names, node_label, subgraphs
+from .merge import MERGE_RULE_NAMES, MERGES, MergeRule
 from .ops import batchable
 from .plan import Plan, Refusal, apply_plan
 from .prefetch import prefetch_batchnorm_affines, prefetch_linear_plans
-from .rules import AffineAfterLinear, FoldAfter, Rule, batchnorm_affine, check_batchnorm_channels, current_rules
+from .rules import (RULE_NAMES, AffineAfterLinear, FoldAfter, Rule, batchnorm_affine, check_batchnorm_channels,
+                    current_rules)
 
 PER_SAMPLE_NORMS = {
     "LayerNormalization": "normalizes each sample over its own features",
@@ -25,11 +27,15 @@ PER_SAMPLE_NORMS = {
     "GroupNormalization": "normalizes each sample over groups of its own channels",
 }
 _MUL_ADD = AffineAfterLinear.sources
+#: Every name ``--skip`` takes: the fold rules, then the branch-merge rules.
+ALL_RULE_NAMES: tuple[str, ...] = RULE_NAMES + MERGE_RULE_NAMES
+# Merging stops after this many merge-then-fold rounds; each round removes nodes, so real graphs end far sooner.
+_MAX_MERGE_ROUNDS = 1000
 
 
-def select_rules(skip: Iterable[str] = ()) -> list[Rule]:
-    """The rules of the descriptor table as it is now, less those named in ``skip``."""
-    rules = current_rules()
+def select_rules(skip: Iterable[str] = ()) -> "list[Rule | MergeRule]":
+    """The fold rules of the descriptor table as it is now and the merge rules, less those named in ``skip``."""
+    rules = (*current_rules(), *MERGES)
     if not skip:
         return list(rules)
     skip = set(skip)
@@ -54,11 +60,15 @@ def fold_model(model: onnx.ModelProto, rules: list[Rule],
     """
     report = FoldReport()
     ctx = ModelContext(model, external)
+    merges = [r for r in rules if isinstance(r, MergeRule)]
+    rules = [r for r in rules if not isinstance(r, MergeRule)]
     # Overflow and invalid values are checked for where they matter (a fold with them is refused); one errstate
     # for the whole pass, because entering one costs more than most of the small array operations it covers.
     with np.errstate(all="ignore"):
         main = GraphIndex(model.graph, ctx, watch=_watched_ops(rules))
         _fold_graph(main, rules, report, batched)
+        if merges:
+            main = _merge_and_refold(model, ctx, main, rules, merges, report, batched)
     for function in model.functions:
         for node in function.node:
             if node.op_type == "BatchNormalization":
@@ -75,6 +85,53 @@ def fold_model(model: onnx.ModelProto, rules: list[Rule],
         report.notes.append(f"IR version {ctx.ir_version} < 4 lists initializers as graph inputs too; "
                             "they were treated as constants, as that format intends")
     return report
+
+
+def _merge_and_refold(model: onnx.ModelProto, ctx: ModelContext, index: GraphIndex, rules: list[Rule],
+                      merges: "list[MergeRule]", report: FoldReport, batched: bool) -> GraphIndex:
+    """Merge branches in the main graph, fold what the merges made foldable (a BN after an AveragePool is after a
+    Conv once the pool is merged into it), and again, until neither changes anything. Returns the last index.
+
+    The fold rounds after the first report their folds; the BatchNormalization count left and the reasons are
+    those of the last round, which saw the final graph."""
+    for _ in range(_MAX_MERGE_ROUNDS):
+        refused: list[Skip] = []
+        if not _merge_graph(index, merges, report, refused):
+            report.not_merged = refused
+            break
+        again = FoldReport()
+        index = GraphIndex(model.graph, ctx, watch=_watched_ops(rules))
+        _fold_graph(index, rules, again, batched)
+        report.folded += again.folded
+        report.bn_after = again.bn_after
+        report.skipped = again.skipped
+    return index
+
+
+def _merge_graph(g: GraphIndex, merges: "list[MergeRule]", report: FoldReport, refused: list[Skip]) -> bool:
+    """One sweep of the merge rules over ``g``, each plan applied as soon as it is made (a merge changes what the
+    next one reads); True when anything was merged. A BatchNormalization a merge absorbs (a lone BN branch, a BN
+    after an AveragePool) is also listed in ``folded``, with the merge's rule. Commits its edits."""
+    changed = False
+    for node in list(g.nodes):
+        if g.is_removed(node) or node.domain not in ("", "ai.onnx"):
+            continue
+        for rule in merges:
+            if node.op_type not in rule.sources:
+                continue
+            plan = rule.match(g, node)
+            if plan is None:
+                continue
+            if isinstance(plan, Refusal):
+                refused.append(Skip(node_label(node), str(plan), op_type=node.op_type, graph=g.path, code=plan.code))
+                break
+            merge: Merge = apply_plan(g, plan)
+            report.merged.append(merge)
+            report.folded += merge.folds()
+            changed = True
+            break
+    g.commit()
+    return changed
 
 
 def _watched_ops(rules: list[Rule]) -> frozenset[str]:

@@ -20,7 +20,7 @@ from ..errors import InputError
 from .constants import NONDETERMINISTIC, ConstantEvaluator, is_pure_constant_producer
 from .external import ExternalData
 from .nodes import OPS_WITH_SUBGRAPHS, all_names, free_names, node_label, subgraphs, unique_name
-from .shapes import Annotations, ShapeQueries, infer_shapes
+from .shapes import Annotations, ShapeQueries, infer_shapes, reshape_annotations
 from .tensors import fill_tensor, store_value
 
 # Helpers that moved out of this module in the split, still importable from here by code written before it.
@@ -122,6 +122,7 @@ class GraphIndex(ConstantEvaluator, ShapeQueries):
         self.watched: list[onnx.NodeProto] = []  # default-domain nodes whose op is in ``watch``, in graph order
         self._watch = watch
         self.removed_names: set[str] = set()  # values that no longer exist (still not to be reused before commit)
+        self._new_shapes: dict[str, tuple[int, ...]] = {}  # constants rewritten with a new shape (a branch merge)
         self._index(graph)
         if parent is None:
             ctx.set_main_index(self)
@@ -238,6 +239,8 @@ class GraphIndex(ConstantEvaluator, ShapeQueries):
         if tensor is not None and self.only_consumer(old, node) and old not in self.inputs \
                 and (not external or self._serves_external()):
             self.rewritten.add(old)
+            if tuple(tensor.dims) != value.shape:  # its annotations (value_info, graph input) follow at commit
+                self._new_shapes[old] = value.shape
             store_value(tensor, np.ascontiguousarray(value), self.ctx.replacements if self.parent is None else None,
                         self.ctx.external)
             self._constants.pop(old, None)
@@ -349,6 +352,10 @@ class GraphIndex(ConstantEvaluator, ShapeQueries):
 
     def commit(self) -> None:
         """Apply recorded removals to the protobuf, each repeated field rewritten at most once."""
+        if self._new_shapes:
+            reshape_annotations(self.graph, self._new_shapes)
+            self._new_shapes = {}
+            self._local_shapes = None
         if self._removed_nodes:
             keep_positions = [i for i, n in enumerate(self.nodes) if id(n) not in self._removed_nodes]
             _delete_positions(self.graph.node, len(self.nodes), keep_positions)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from ..report import Fold
+from ..report import Fold, Merge
 from .graph import GraphIndex
 from .nodes import node_label, set_attr
 
@@ -52,6 +52,14 @@ class SetAttribute:
 
 
 @dataclass(slots=True, eq=False)
+class RemoveAttribute:
+    """The attribute ``name`` of ``node`` is dropped, if set (a merged Conv's ``auto_pad``: its pads are explicit)."""
+
+    node: onnx.NodeProto
+    name: str
+
+
+@dataclass(slots=True, eq=False)
 class SetOpType:
     """The node computes the same product as another op (MatMul -> Gemm, to carry a bias)."""
 
@@ -83,7 +91,7 @@ class TurnIntoAdd:
     bias: np.ndarray
 
 
-Edit = WriteTensor | SetAttribute | SetOpType | MoveOutput | RenameInput | TurnIntoAdd
+Edit = WriteTensor | SetAttribute | RemoveAttribute | SetOpType | MoveOutput | RenameInput | TurnIntoAdd
 
 
 # ---- what a plan read ------------------------------------------------------------------------------------------
@@ -136,9 +144,20 @@ class Plan:
         return True
 
 
-def apply_plan(g: GraphIndex, plan: Plan) -> Fold:
-    """Perform ``plan``'s edits in order, remove its nodes, and return the record of the fold."""
-    fold = Fold(node_label(plan.source), plan.into, plan.rule, graph=g.path)  # named before any edit renames it
+@dataclass(slots=True, eq=False)
+class MergePlan(Plan):
+    """A branch merge (:mod:`bnfold.onnx.merge`): ``source`` is the Add/Sum or the last Conv, ``into`` the op that
+    survives as the merged one, ``remove`` every other merged node. Applied by the same :func:`apply_plan`, it is
+    recorded as a :class:`~bnfold.report.Merge`."""
+
+
+def apply_plan(g: GraphIndex, plan: Plan) -> Fold | Merge:
+    """Perform ``plan``'s edits in order, remove its nodes, and return the record of the fold (or merge)."""
+    if type(plan) is MergePlan:  # named before any edit renames them
+        record = Merge(plan.rule, plan.into, tuple(f"{n.op_type} {node_label(n)}" for n in plan.remove), graph=g.path,
+                       absorbed=tuple(node_label(n) for n in plan.remove if n.op_type == "BatchNormalization"))
+    else:
+        record = Fold(node_label(plan.source), plan.into, plan.rule, graph=g.path)
     for edit in plan.edits:
         kind = type(edit)
         if kind is WriteTensor:
@@ -147,6 +166,11 @@ def apply_plan(g: GraphIndex, plan: Plan) -> Fold:
             g.move_output(edit.node, edit.name)
         elif kind is SetAttribute:
             set_attr(edit.node, edit.name, edit.value)
+        elif kind is RemoveAttribute:
+            for i, attr in enumerate(edit.node.attribute):
+                if attr.name == edit.name:
+                    del edit.node.attribute[i]
+                    break
         elif kind is SetOpType:
             edit.node.op_type = edit.op_type
         elif kind is RenameInput:
@@ -158,4 +182,4 @@ def apply_plan(g: GraphIndex, plan: Plan) -> Fold:
     for node in plan.remove:
         if not g.is_removed(node):
             g.remove_node(node)
-    return fold
+    return record

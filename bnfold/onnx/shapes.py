@@ -3,6 +3,7 @@ shape queries (a mixin of :class:`bnfold.onnx.graph.GraphIndex`)."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import onnx
@@ -60,6 +61,17 @@ def infer_shapes(model: onnx.ModelProto, external: "ExternalData | None" = None
     for t in src.initializer:
         shapes[t.name] = list(t.dims)
     return shapes, types
+
+
+def reshape_annotations(graph: onnx.GraphProto, new_shapes: "dict[str, tuple[int, ...]]") -> None:
+    """Constants that were given a new shape: their value_info and graph-input declarations say so."""
+    for info in itertools.chain(graph.value_info, graph.input):
+        shape = new_shapes.get(info.name)
+        if shape is not None and info.type.HasField("tensor_type"):
+            dims = info.type.tensor_type.shape.dim
+            del dims[:]
+            for d in shape:
+                dims.add().dim_value = d
 
 
 class ShapeQueries:

@@ -83,6 +83,8 @@ def store_value(tensor: onnx.TensorProto, value: np.ndarray, replacements: "dict
         else:
             tensor.raw_data = value.tobytes()
     else:
+        if replacements is not None:  # a value pending from an earlier fold is superseded (a new shape), not saved
+            replacements.pop(name, None)
         new = numpy_helper.from_array(value, name)
         if new.data_type != tensor.data_type:
             raise AssertionError("folding must keep the tensor's dtype")

@@ -1,0 +1,462 @@
+"""The ONNX branch-merge pass (structural reparameterization), run after BN folding and to a fixpoint with it.
+
+Two rules, each a name ``--skip`` takes:
+
+* ``merge-branches``: an Add/Sum tree whose terms are linear chains (Conv, BatchNormalization, AveragePool,
+  Identity) all reading the same tensor, at least one of them a Conv, becomes one Conv (RepVGG, MobileOne, ACNet,
+  DBB blocks after their BNs are folded);
+* ``merge-sequential``: a Conv reading a linear chain (Conv, BN, AveragePool, Identity) with nothing non-linear
+  between them becomes one Conv, where that is exact and costs no more multiply-adds than the chain did.
+
+The math is :mod:`bnfold.reparam` (float64, exact or refused with the reason); this module finds the patterns and
+reads the constants. Like the fold rules (:mod:`bnfold.onnx.rules`), a rule's ``match`` never edits: it answers a
+:class:`~bnfold.onnx.plan.MergePlan` (data, applied by :func:`~bnfold.onnx.plan.apply_plan`), a
+:class:`~bnfold.onnx.plan.Refusal` with a stable code, or None. The surviving node is one of the merged ops, so every
+value is still defined before its readers without reordering nodes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from ..affine import FoldRefused, cast_checked
+from ..reparam import (ConvBranch, MergeRefused, affine_branch, avgpool_branch, conv_branch, dense_branch,
+                       dense_identity, identity_branch, merge_parallel, merge_parallel_dense, merge_sequential)
+from .constants import is_pure_constant_producer
+from .graph import GraphIndex
+from .nodes import get_attrs, node_label
+from .plan import MergePlan, MoveOutput, Refusal, RemoveAttribute, RenameInput, SetAttribute, WriteTensor
+from .rules import batchnorm_affine
+
+MERGE_BRANCHES = "merge-branches"
+MERGE_SEQUENTIAL = "merge-sequential"
+#: Summaries by rule name, for the CLI and README; ``--skip NAME`` leaves one out.
+MERGE_RULES: dict[str, str] = {
+    MERGE_BRANCHES: "Add/Sum of Conv/BN/AveragePool/Identity (or Gemm/MatMul) branches reading one tensor -> one op",
+    MERGE_SEQUENTIAL: "Conv after a Conv/BN/AveragePool chain, nothing non-linear between -> one Conv",
+}
+MERGE_RULE_NAMES: tuple[str, ...] = tuple(MERGE_RULES)
+
+
+_CHAIN_OPS = frozenset({"Conv", "BatchNormalization", "AveragePool", "Identity"})
+_DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+class MergeRule:
+    """A merge rule: listed beside the fold rules (``--skip`` takes its name), run by the pass after folding."""
+
+    name: str
+    summary: str
+    sources: frozenset[str]  # the node types a match starts from
+
+    def match(self, g: GraphIndex, node: onnx.NodeProto) -> "MergePlan | Refusal | None":
+        raise NotImplementedError
+
+
+class MergeBranches(MergeRule):
+    name, summary, sources = MERGE_BRANCHES, MERGE_RULES[MERGE_BRANCHES], frozenset({"Add", "Sum"})
+
+    def match(self, g: GraphIndex, node: onnx.NodeProto) -> "MergePlan | Refusal | None":
+        return _merge_branches(g, node)
+
+
+class MergeSequential(MergeRule):
+    name, summary, sources = MERGE_SEQUENTIAL, MERGE_RULES[MERGE_SEQUENTIAL], frozenset({"Conv"})
+
+    def match(self, g: GraphIndex, node: onnx.NodeProto) -> "MergePlan | Refusal | None":
+        return _merge_sequence(g, node)
+
+
+MERGES: tuple[MergeRule, ...] = (MergeBranches(), MergeSequential())
+
+
+def _inexact(exc: FoldRefused, context: str = "") -> Refusal:
+    """A refusal of the merge math: would-overflow keeps its code; anything else is not exact to merge."""
+    if exc.code == "would-overflow":
+        return Refusal(exc.code, f"{context}{exc}")
+    return Refusal("merge-inexact", f"{context}{exc}")
+
+
+@dataclass
+class _Link:
+    """One op of a linear chain: its node, its map as a ConvBranch, the tensor it reads."""
+
+    node: onnx.NodeProto
+    branch: ConvBranch
+    x: str
+
+
+# ---- reading ops as linear maps ---------------------------------------------------------------------------
+
+def _ints(value, n: int, default: int) -> tuple[int, ...]:
+    return tuple(int(v) for v in value) if value else (default,) * n
+
+
+def _explicit_pads(auto_pad, kernel, strides, dilations, pads) -> tuple[int, ...]:
+    """Pads as numbers; SAME_* is fixed only at stride 1 (elsewhere it depends on the input size)."""
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else (auto_pad or "NOTSET")
+    rank = len(kernel)
+    if auto_pad in ("NOTSET", ""):
+        return _ints(pads, 2 * rank, 0)
+    if auto_pad == "VALID":
+        return (0,) * (2 * rank)
+    if any(s != 1 for s in strides):
+        raise MergeRefused(f"auto_pad={auto_pad} with strides: its pads depend on the input size")
+    total = [d * (k - 1) for d, k in zip(dilations, kernel)]
+    small = [t // 2 for t in total]
+    large = [t - s for t, s in zip(total, small)]
+    return tuple(small + large) if auto_pad == "SAME_UPPER" else tuple(large + small)
+
+
+def _as_branch(g: GraphIndex, node: onnx.NodeProto, channels: int | None, rank: int | None
+               ) -> ConvBranch | Refusal:
+    """The op as a linear map of its first input, else why not. ``channels``/``rank``: of its input, if known."""
+    try:
+        return _read_branch(g, node, channels, rank)
+    except MergeRefused as exc:
+        return _inexact(exc, f"{node.op_type} {node_label(node)}: ")
+
+
+def _read_branch(g: GraphIndex, node: onnx.NodeProto, channels: int | None, rank: int | None
+                 ) -> ConvBranch | Refusal:
+    op, label = node.op_type, f"{node.op_type} {node_label(node)}"
+    if op == "Conv":
+        weight, reason = g.constant(node.input[1]) if len(node.input) > 1 else (None, "no weight")
+        if weight is None:
+            return Refusal("weight-not-constant", f"weight of {label} is not constant: {reason}")
+        if weight.dtype.kind != "f":
+            return Refusal("not-float", f"weight of {label} is not floating point")
+        if weight.ndim < 3:
+            return Refusal("weight-rank", f"weight of {label} is not a convolution kernel")
+        bias = None
+        if len(node.input) > 2 and node.input[2]:
+            bias, reason = g.constant(node.input[2])
+            if bias is None:
+                return Refusal("bias-not-constant", f"bias of {label} is not constant: {reason}")
+        n = weight.ndim - 2
+        a = get_attrs(node, group=1, strides=None, dilations=None, pads=None, auto_pad="NOTSET")
+        strides, dilations = _ints(a["strides"], n, 1), _ints(a["dilations"], n, 1)
+        pads = _explicit_pads(a["auto_pad"], weight.shape[2:], strides, dilations, a["pads"])
+        return conv_branch(weight, bias, groups=int(a["group"]), strides=strides, dilations=dilations, pads=pads)
+    if op == "BatchNormalization":
+        if rank is None:
+            return Refusal("merge-shape-unknown", f"the rank of the input of {label} is unknown")
+        norm = batchnorm_affine(g, node)
+        if isinstance(norm, Refusal):
+            return norm
+        return affine_branch(norm.s, norm.t, rank)
+    if channels is None:
+        return Refusal("merge-shape-unknown", f"the channel count of the input of {label} is unknown")
+    if op == "Identity":
+        if rank is None:
+            return Refusal("merge-shape-unknown", f"the rank of the input of {label} is unknown")
+        return identity_branch(channels, rank)
+    if op == "AveragePool":
+        a = get_attrs(node, kernel_shape=None, strides=None, pads=None, auto_pad="NOTSET", count_include_pad=0,
+                      ceil_mode=0, dilations=None)
+        kernel = _ints(a["kernel_shape"], 0, 1)
+        n = len(kernel)
+        strides, dilations = _ints(a["strides"], n, 1), _ints(a["dilations"], n, 1)
+        pads = _explicit_pads(a["auto_pad"], kernel, strides, dilations, a["pads"])
+        return avgpool_branch(channels, kernel, strides=strides, pads=pads, dilations=dilations,
+                              count_include_pad=bool(a["count_include_pad"]), ceil_mode=bool(a["ceil_mode"]))
+    raise AssertionError(f"{label} is not an op of a linear chain")  # _chain walks _CHAIN_OPS only
+
+
+def _chain(g: GraphIndex, name: str, reader: onnx.NodeProto) -> tuple[list[onnx.NodeProto], str]:
+    """The linear ops that compute ``name`` for ``reader`` alone, first op first, and the tensor they start from.
+
+    The walk stops at a value someone else also reads (the shared input of the branches), a graph output, or an
+    op that is not linear. Readers of only a value's dtype or shape (an exporter's zero-bias chain) do not stop it:
+    :func:`_type_readers_go` checks that they go with the merge."""
+    nodes = []
+    while True:
+        node = g.producer.get(name)
+        if node is None or node.op_type not in _CHAIN_OPS or node.domain not in _DEFAULT_DOMAINS or \
+                not _sole_value_reader(g, name, reader) or not node.input:
+            break
+        nodes.append(node)
+        reader, name = node, node.input[0]
+    nodes.reverse()
+    return nodes, name
+
+
+def _reads_type_only(g: GraphIndex, name: str, node: onnx.NodeProto) -> bool:
+    """``node`` takes only the dtype (CastLike's second input) or the shape (Shape) of ``name``."""
+    if node.domain not in _DEFAULT_DOMAINS:
+        return False
+    inputs = g.inputs_of(node)
+    return node.op_type == "Shape" or (node.op_type == "CastLike" and inputs[0] != name)
+
+
+def _sole_value_reader(g: GraphIndex, name: str, reader: onnx.NodeProto) -> bool:
+    """``reader`` is the one node that reads the values of ``name`` (not a graph output); others read its type."""
+    users = g.consumers.get(name, [])
+    return name not in g.outputs and sum(u is reader for u in users) == 1 and \
+        all(u is reader or _reads_type_only(g, name, u) for u in users)
+
+
+def _type_readers_go(g: GraphIndex, vanishing: list[onnx.NodeProto], merged: list[onnx.NodeProto]
+                     ) -> Refusal | None:
+    """None when every other reader of a value that vanishes in the merge (the outputs of ``vanishing``) is a
+    type-only reader that feeds nothing but constant inputs (weight,
+    bias) of the merged nodes, which the merge rewrites or removes, so that the reader goes with them; else why not.
+    (Removing a node drops the constants only it read; rewriting the survivor's weight and bias drops theirs.)"""
+    ids = {id(n) for n in merged}
+
+    def goes(node: onnx.NodeProto, seen: set[int]) -> bool:
+        if id(node) in seen:
+            return True
+        seen.add(id(node))
+        if not is_pure_constant_producer(node):
+            return False
+        for out in g.outputs_of(node):
+            if not out:
+                continue
+            if out in g.outputs or g.constant(out)[0] is None:
+                return False
+            for user in g.consumers.get(out, []):
+                if id(user) in ids:
+                    if g.inputs_of(user)[0] == out:  # the merged op reads it as its activation
+                        return False
+                elif not goes(user, seen):
+                    return False
+        return True
+
+    for node in vanishing:
+        for out in g.outputs_of(node):
+            for user in g.consumers.get(out, []):
+                if id(user) not in ids and not goes(user, set()):
+                    return Refusal("output-shared", f"the output of {node.op_type} {node_label(node)} is also used "
+                                   f"elsewhere: {g.usage(out)}")
+    return None
+
+
+def _chain_branch(g: GraphIndex, nodes: list[onnx.NodeProto], channels: int | None, rank: int | None
+                  ) -> ConvBranch | Refusal:
+    """A chain composed into one ConvBranch (exact, or the reason it is not)."""
+    composed = None
+    for node in nodes:
+        link = _as_branch(g, node, channels, rank)
+        if isinstance(link, Refusal):
+            return link
+        channels, rank = link.out_channels, link.spatial_rank
+        try:
+            composed = link if composed is None else merge_sequential(composed, link)
+        except MergeRefused as exc:
+            return _inexact(exc, f"{node.op_type} {node_label(node)} after the ops before it: ")
+    return composed
+
+
+def _input_channels_and_rank(g: GraphIndex, x: str, chains: list[list[onnx.NodeProto]]
+                             ) -> tuple[int | None, int | None]:
+    """What the chains read: channels and spatial rank of ``x``, from its shape or a Conv/BN reading it."""
+    shape = g.static_shape(x, allow_symbolic=True)
+    channels = shape[1] if shape is not None and len(shape) > 1 and isinstance(shape[1], int) else None
+    rank = len(shape) - 2 if shape is not None else None
+    for nodes in chains:
+        if not nodes:
+            continue
+        first = nodes[0]
+        if first.op_type == "Conv" and len(first.input) > 1:
+            meta = g.constant_meta(first.input[1])
+            w_shape = meta[0] if meta is not None else getattr(g.constant(first.input[1])[0], "shape", None)
+            if w_shape is not None and len(w_shape) >= 3:
+                groups = get_attrs(first, group=1)["group"]
+                channels = channels or int(w_shape[1]) * int(groups)
+                rank = rank if rank is not None else len(w_shape) - 2
+        elif first.op_type == "AveragePool" and rank is None:
+            kernel = get_attrs(first, kernel_shape=None)["kernel_shape"]
+            rank = len(kernel) if kernel else None
+    return channels, rank
+
+
+def _macs(branch: ConvBranch) -> int:
+    """Multiply-adds per output position."""
+    return branch.out_channels * (branch.in_channels // branch.groups) * math.prod(branch.kernel_shape)
+
+
+def _chain_macs(g: GraphIndex, nodes, channels, rank) -> int:
+    """Multiply-adds of a chain run op by op, per output position of its last op (earlier ops run at every
+    position the later ones' strides skip)."""
+    total, per_position = 0, []
+    for node in nodes:
+        link = _as_branch(g, node, channels, rank)
+        if isinstance(link, Refusal):
+            return 0
+        channels, rank = link.out_channels, link.spatial_rank
+        per_position.append((_macs(link) if node.op_type == "Conv" else link.out_channels, link.strides))
+    factor = 1
+    for macs, strides in reversed(per_position):
+        total += macs * factor
+        factor *= math.prod(strides)
+    return total
+
+
+# ---- the two rules ----------------------------------------------------------------------------------------
+
+def _add_tree(g: GraphIndex, root: onnx.NodeProto) -> tuple[list[str], list[onnx.NodeProto]]:
+    """The terms summed by ``root`` and the Add/Sum nodes below it that only feed this sum."""
+    terms, inner, stack = [], [], [(root, list(root.input))]
+    while stack:
+        node, inputs = stack.pop()
+        for name in reversed(inputs):
+            producer = g.producer.get(name)
+            if producer is not None and producer.op_type in ("Add", "Sum") and \
+                    producer.domain in _DEFAULT_DOMAINS and g.only_consumer(name, node):
+                inner.append(producer)
+                stack.append((producer, list(producer.input)))
+            else:
+                terms.append((name, node))
+    return terms, inner
+
+
+def _merge_branches(g: GraphIndex, root: onnx.NodeProto) -> MergePlan | Refusal | None:
+    if not root.output or not root.output[0] or len(root.input) < 2 or "" in root.input:
+        return None
+    terms, inner = _add_tree(g, root)
+    dense = _merge_dense_branches(g, root, terms, inner)
+    if dense is not None:
+        return dense
+    chains = []
+    for name, reader in terms:
+        nodes, x = _chain(g, name, reader)
+        chains.append((nodes, x))
+    x = chains[0][1]
+    if any(start != x for _, start in chains):
+        return None  # the terms read different tensors: a residual sum, not branches of one op
+    has_conv = any(n.op_type == "Conv" for nodes, _ in chains for n in nodes)
+    if x in g.initializers or (x not in g.producer and x not in g.inputs) or not has_conv:
+        return None  # a constant summand, or no Conv to hold the merged kernel
+    channels, rank = _input_channels_and_rank(g, x, [nodes for nodes, _ in chains])
+    branches, separate = [], 0
+    for nodes, _ in chains:
+        if nodes:
+            branch = _chain_branch(g, nodes, channels, rank)
+            if isinstance(branch, Refusal):
+                return branch
+            separate += _chain_macs(g, nodes, channels, rank)
+        else:
+            if channels is None or rank is None:
+                return Refusal("merge-shape-unknown", f"the shape of '{x}', summed as it is, is unknown")
+            branch = identity_branch(channels, rank)
+            separate += channels
+        branches.append(branch)
+    try:
+        merged = merge_parallel(branches)
+    except MergeRefused as exc:
+        return _inexact(exc)
+    if _macs(merged) > separate:
+        return Refusal("merge-costlier",
+                       f"the merged Conv would cost {_macs(merged)} multiply-adds per output, the branches {separate}")
+    all_nodes = [n for nodes, _ in chains for n in nodes]
+    refused = _type_readers_go(g, all_nodes + inner, all_nodes + inner + [root])
+    if refused is not None:
+        return refused
+    survivor = next(n for n in all_nodes if n.op_type == "Conv")
+    return _conv_plan(g, MERGE_BRANCHES, root, survivor, merged, x,
+                      [n for n in all_nodes if n is not survivor] + inner + [root], root.output[0])
+
+
+def _merge_dense_branches(g: GraphIndex, root: onnx.NodeProto, terms, inner) -> MergePlan | Refusal | None:
+    """Gemm/MatMul terms (and the input itself) summed, all reading one tensor: one Gemm, or one MatMul when no
+    term has a bias. None when the terms are not that."""
+    nodes, x = [], None
+    for name, reader in terms:
+        node = g.producer.get(name)
+        if node is not None and node.op_type in ("Gemm", "MatMul") and node.domain in _DEFAULT_DOMAINS and \
+                g.only_consumer(name, reader) and len(node.input) >= 2:
+            if x is not None and node.input[0] != x:
+                return None
+            x = node.input[0]
+            nodes.append(node)
+    if not nodes or any(g.producer.get(name) not in nodes and name != x for name, _ in terms):
+        return None  # terms that are neither a fully connected op on the shared input nor that input
+    branches = []
+    for node in nodes:
+        label = f"{node.op_type} {node_label(node)}"
+        weight, _ = g.constant(node.input[1])
+        if weight is None or weight.dtype.kind != "f" or weight.ndim != 2:
+            return None  # a product of two run-time tensors (attention), not a weighted branch
+        bias = None
+        a = get_attrs(node, transA=0, transB=0, alpha=1.0, beta=1.0)
+        if node.op_type == "Gemm":
+            if a["transA"]:
+                return Refusal("batch-axis-contracted", f"{label} has transA=1: it contracts over the batch axis")
+            if len(node.input) > 2 and node.input[2]:
+                bias, reason = g.constant(node.input[2])
+                if bias is None:
+                    return Refusal("bias-not-constant", f"bias of {label} is not constant: {reason}")
+        try:
+            branches.append(dense_branch(weight, bias, trans_b=bool(a["transB"]) and node.op_type == "Gemm",
+                                         alpha=a["alpha"] if node.op_type == "Gemm" else 1.0, beta=a["beta"]))
+        except MergeRefused as exc:
+            return _inexact(exc, f"{label}: ")
+    branches += [dense_identity(branches[0].in_features) for name, _ in terms if name == x]
+    try:
+        merged = merge_parallel_dense(branches)
+    except MergeRefused as exc:
+        return _inexact(exc)
+    gemms = [n for n in nodes if n.op_type == "Gemm"]
+    survivor = gemms[0] if gemms else nodes[0]
+    if survivor.op_type == "MatMul" and np.any(merged.bias != 0):
+        return Refusal("no-bias-carrier", "the merged bias needs a Gemm, and no branch is one")
+    dtype = g.constant(survivor.input[1])[0].dtype
+    try:
+        weight = cast_checked(merged.weight, dtype)
+        bias = cast_checked(merged.bias, dtype, "merged bias")
+    except FoldRefused as exc:
+        return _inexact(exc)
+    edits = [WriteTensor(survivor, 1, weight)]
+    if survivor.op_type == "Gemm":
+        edits.append(WriteTensor(survivor, 2, bias))
+        edits += [SetAttribute(survivor, name, value) for name, value in (("transB", 0), ("alpha", 1.0), ("beta", 1.0))]
+    edits.append(MoveOutput(survivor, root.output[0]))
+    return MergePlan(MERGE_BRANCHES, root, node_label(survivor), edits,
+                     remove=[n for n in nodes if n is not survivor] + inner + [root])
+
+
+def _merge_sequence(g: GraphIndex, conv: onnx.NodeProto) -> MergePlan | Refusal | None:
+    if not conv.input or not conv.output or not conv.output[0]:
+        return None
+    nodes, x = _chain(g, conv.input[0], conv)
+    if not nodes:
+        return None
+    nodes = nodes + [conv]
+    channels, rank = _input_channels_and_rank(g, x, [nodes])
+    merged = _chain_branch(g, nodes, channels, rank)
+    if isinstance(merged, Refusal):
+        return merged
+    separate = _chain_macs(g, nodes, channels, rank)
+    if _macs(merged) > separate:
+        return None  # exact but slower (e.g. a 1x1 bottleneck before a 3x3): not a merge worth making
+    refused = _type_readers_go(g, nodes[:-1], nodes)
+    if refused is not None:
+        return refused
+    return _conv_plan(g, MERGE_SEQUENTIAL, conv, conv, merged, x, nodes[:-1], None)
+
+
+def _conv_plan(g: GraphIndex, rule: str, source: onnx.NodeProto, survivor: onnx.NodeProto, merged: ConvBranch,
+               x: str, remove: list[onnx.NodeProto], output: str | None) -> MergePlan | Refusal:
+    """The plan that makes ``survivor`` the merged Conv reading ``x`` (and producing ``output``); the values are
+    cast (checked) to the survivor's weight dtype here, so a refusal edits nothing."""
+    dtype = g.constant(survivor.input[1])[0].dtype
+    try:
+        weight = cast_checked(merged.weight, dtype)
+        bias = cast_checked(merged.bias, dtype, "merged bias")
+    except FoldRefused as exc:
+        return _inexact(exc)
+    edits = [RenameInput(survivor, survivor.input[0], x)] if survivor.input[0] != x else []
+    edits += [WriteTensor(survivor, 2, bias), WriteTensor(survivor, 1, weight), RemoveAttribute(survivor, "auto_pad"),
+              SetAttribute(survivor, "group", merged.groups),
+              SetAttribute(survivor, "kernel_shape", list(merged.kernel_shape)),
+              SetAttribute(survivor, "pads", list(merged.pads)),
+              SetAttribute(survivor, "strides", list(merged.strides)),
+              SetAttribute(survivor, "dilations", list(merged.dilations))]
+    if output is not None:
+        edits.append(MoveOutput(survivor, output))
+    return MergePlan(rule, source, node_label(survivor), edits, remove=remove)

@@ -1,0 +1,367 @@
+"""The ONNX branch-merge pass (bnfold/onnx/merge.py), judged as issue 16 judges it.
+
+Models: RepVGG-, MobileOne-, ACNet- and DBB-style nets (tests/reparam_models.py) with realistic BN statistics,
+exported to ONNX with torch's exporter, next to the authors' own deploy form (their ``reparameterize()``) exported
+the same way. bnfold's output must have no more BatchNormalization and Conv nodes than the deploy form, and an
+error (onnxruntime CPU, optimizations disabled) within 3x of the deploy form's, both against the independent
+float64 reference: the ORIGINAL torch module run in float64.
+
+Hand-built graphs check the refusals and the sequential merge against the float64 ONNX reference interpreter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+
+import bnfold
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("onnxscript")  # torch's ONNX exporter
+
+try:
+    from onnx_builders import Net, count_ops, random_feeds, run_ort, run_ref
+    from reparam_models import MODELS, realistic, reparameterize_model
+except ImportError:  # pragma: no cover - tests/ is a package
+    from tests.onnx_builders import Net, count_ops, random_feeds, run_ort, run_ref
+    from tests.reparam_models import MODELS, realistic, reparameterize_model
+
+
+def export(module, x) -> onnx.ModelProto:
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        return torch.onnx.export(module, (x,), dynamo=True, optimize=False).model_proto
+
+
+def run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    return next(iter(run_ort(model, {model.graph.input[0].name: x}).values()))
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def family(request):
+    torch.manual_seed(16)
+    module = realistic(MODELS[request.param](), seed=16)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(16))
+    with torch.no_grad():
+        reference = copy.deepcopy(module).double()(x.double()).numpy()
+        stripped_reference = without_batchnorm(module).double()(x.double()).numpy()
+    return (request.param, export(module, x), export(reparameterize_model(module), x), x.numpy(), reference,
+            stripped_reference)
+
+
+def without_batchnorm(module):
+    """A copy of ``module`` with every BatchNorm2d replaced by Identity: what bnfold.bench's ideal computes."""
+    stripped = copy.deepcopy(module)
+    for parent in list(stripped.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, torch.nn.BatchNorm2d):
+                setattr(parent, name, torch.nn.Identity())
+    return stripped
+
+
+def relative_error(out: np.ndarray, reference: np.ndarray) -> float:
+    return float(np.abs(out.astype(np.float64) - reference).max() / np.abs(reference).max())
+
+
+def test_merged_model_matches_the_authors_deploy_form(family):
+    name, original, deploy, x, reference, _ = family
+    before = original.SerializeToString()
+    merged, report = bnfold.fold_onnx(original)
+    assert original.SerializeToString() == before, "fold_onnx modified its input"
+    onnx.checker.check_model(merged, full_check=True)
+    for op in ("BatchNormalization", "Conv"):
+        assert count_ops(merged.graph, op) <= count_ops(deploy.graph, op), (name, op, report.summary_lines())
+    assert count_ops(original.graph, "Conv") > count_ops(deploy.graph, "Conv")  # there was something to merge
+    ours, theirs = relative_error(run(merged, x), reference), relative_error(run(deploy, x), reference)
+    assert ours <= 3 * theirs, (name, ours, theirs)
+    assert report.merged and {m.rule for m in report.merged} <= {"merge-branches", "merge-sequential"}
+    assert report.bn_after == count_ops(merged.graph)
+    assert report.not_merged == [], report.summary_lines()
+
+
+def test_merging_is_deterministic_and_idempotent(family):
+    _, original, _, _, _, _ = family
+    first, _ = bnfold.fold_onnx(original)
+    second, _ = bnfold.fold_onnx(original)
+    assert first.SerializeToString() == second.SerializeToString()
+    again, report = bnfold.fold_onnx(first)
+    assert again.SerializeToString() == first.SerializeToString()
+    assert not report.modified
+
+
+def test_skipping_the_merge_rules_leaves_plain_bn_folding(family):
+    _, original, _, x, reference, _ = family
+    plain, report = bnfold.fold_onnx(original, skip=("merge-branches", "merge-sequential"))
+    assert report.merged == []
+    assert count_ops(plain.graph, "Conv") == count_ops(original.graph, "Conv")
+    merged, _ = bnfold.fold_onnx(original)
+    assert count_ops(merged.graph, "Conv") < count_ops(plain.graph, "Conv")
+    assert relative_error(run(plain, x), reference) < 1e-5
+
+
+# ---- hand-built graphs: the sequential merge and the refusals ------------------------------------------
+
+def conv_attrs(k, pad, stride=1, group=1):
+    return dict(kernel_shape=[k, k], pads=[pad] * 4, strides=[stride] * 2, group=group)
+
+
+def merge_and_check(model: onnx.ModelProto, convs_left: int, expected_model: onnx.ModelProto | None = None):
+    """Fold and merge ``model``; the result must match the float64 reference run of the original (or of
+    ``expected_model``, the same graph in ops the reference has)."""
+    before = model.SerializeToString()
+    merged, report = bnfold.fold_onnx(model)
+    assert model.SerializeToString() == before
+    onnx.checker.check_model(merged, full_check=True)
+    assert count_ops(merged.graph, "Conv") == convs_left, report.summary_lines()
+    feeds = random_feeds(model, seed=3)
+    expected = run_ref(expected_model or model, feeds)
+    actual = run_ref(merged, feeds)
+    for got, value in zip(actual.values(), expected.values(), strict=True):  # outputs in order
+        np.testing.assert_allclose(got, value, rtol=0, atol=1e-5 * np.abs(value).max())
+    return merged, report
+
+
+def test_sequential_conv_then_pointwise_conv_merges():
+    net = Net(seed=1)
+    x = net.input("x", [1, 4, 9, 9])
+    y = net.conv(x, 4, 16, (3, 3), **conv_attrs(3, 1))
+    y = net.conv(y, 16, 6, (1, 1), **conv_attrs(1, 0))
+    net.output(net.node("Relu", [y]))
+    _, report = merge_and_check(net.model(), 1)
+    assert [m.rule for m in report.merged] == ["merge-sequential"]
+
+
+def test_sequential_merge_that_would_cost_more_is_not_made():
+    net = Net(seed=2)
+    x = net.input("x", [1, 16, 9, 9])
+    y = net.conv(x, 16, 4, (1, 1), **conv_attrs(1, 0))  # a bottleneck: 1x1 16->4 then 3x3 4->16
+    y = net.conv(y, 4, 16, (3, 3), **conv_attrs(3, 0))
+    net.output(y)
+    _, report = merge_and_check(net.model(), 2)
+    assert report.merged == []
+
+
+def test_sequential_bias_under_zero_padding_is_refused_with_the_reason():
+    net = Net(seed=3)
+    x = net.input("x", [1, 4, 9, 9])
+    y = net.conv(x, 4, 4, (1, 1), **conv_attrs(1, 0))
+    y = net.conv(y, 4, 4, (3, 3), **conv_attrs(3, 1))
+    net.output(y)
+    _, report = merge_and_check(net.model(), 2)
+    assert any("zero padding" in s.reason for s in report.not_merged), report.summary_lines()
+
+
+def branch_block(use_sum: bool) -> onnx.ModelProto:
+    """Grouped 3x3, depthwise 1x1, a BN identity and an AvgPool branch, each with its BN, summed."""
+    net = Net(seed=4)
+    x = net.input("x", [2, 4, 8, 8])
+    h = net.node("Relu", [x])
+    a = net.bn(net.conv(h, 4, 4, (3, 3), bias=False, **conv_attrs(3, 1, group=2)), 4)
+    b = net.bn(net.conv(h, 4, 4, (1, 1), bias=False, **conv_attrs(1, 0, group=4)), 4)
+    c = net.bn(h, 4)
+    d = net.bn(net.node("AveragePool", [h], kernel_shape=[3, 3], pads=[1] * 4, count_include_pad=1), 4)
+    total = net.node("Sum", [a, b, c, d]) if use_sum else \
+        net.node("Add", [net.node("Add", [a, b]), net.node("Add", [c, d])])
+    net.output(net.node("Relu", [total]))
+    return net.model()
+
+
+@pytest.mark.parametrize("use_sum", [True, False])
+def test_branches_with_batchnorm_identity_and_avgpool_merge(use_sum):
+    merged, report = merge_and_check(branch_block(use_sum), 1, expected_model=branch_block(False))
+    assert count_ops(merged.graph) == 0 and count_ops(merged.graph, "AveragePool") == 0
+    assert {m.rule for m in report.merged} == {"merge-branches"}  # an inner Add may merge before the outer one
+
+
+@pytest.mark.parametrize("second,reason", [("dilated", "dilations"), ("avgpool", "count_include_pad")])
+def test_branch_refusals_leave_the_graph_and_say_why(second, reason):
+    net = Net(seed=5)
+    x = net.input("x", [1, 4, 8, 8])
+    h = net.node("Relu", [x])
+    a = net.conv(h, 4, 4, (3, 3), **conv_attrs(3, 1))
+    if second == "avgpool":  # border windows divide by fewer elements: not a convolution
+        b = net.node("AveragePool", [h], kernel_shape=[3, 3], pads=[1] * 4, count_include_pad=0)
+    else:
+        b = net.conv(h, 4, 4, (3, 3), dilations=[2, 2], **conv_attrs(3, 2))
+    net.output(net.node("Add", [a, b]))
+    model = net.model()
+    merged, report = merge_and_check(model, 2 if second == "dilated" else 1)
+    assert any(reason in s.reason for s in report.not_merged), report.summary_lines()
+    assert merged.SerializeToString() == model.SerializeToString()
+
+
+def test_cli_merges_by_default_verifies_and_takes_the_merge_rules_to_skip(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    source = tmp_path / "block.onnx"
+    onnx.save(branch_block(False), source)
+    before = source.read_bytes()
+    runs = {}
+    for name, skip in (("merged", []), ("plain", ["--skip", "merge-branches", "--skip", "merge-sequential"])):
+        out = tmp_path / f"{name}.onnx"
+        proc = subprocess.run([sys.executable, "-m", "bnfold", str(source), "-o", str(out), "--json", *skip],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        runs[name] = (json.loads(proc.stdout), onnx.load(out))
+    assert source.read_bytes() == before
+    report, model = runs["merged"]
+    assert report["verify"]["cpu"]["passed"] and report["merged"] and report["bn_after"] == 0
+    assert count_ops(model.graph, "Conv") == 1
+    report, model = runs["plain"]
+    assert report["merged"] == [] and count_ops(model.graph, "Conv") == 2
+    proc = subprocess.run([sys.executable, "-m", "bnfold", str(source), "--skip", "merge-everything"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "merge-everything" in proc.stderr
+
+
+@pytest.mark.parametrize("kinds", [("gemm", "matmul", "identity"), ("matmul", "matmul"), ("gemm", "gemm")])
+def test_fully_connected_branches_merge(kinds):
+    net = Net(seed=6)
+    x = net.input("x", [3, 6])
+    h = net.node("Relu", [x])
+    terms = []
+    for kind in kinds:
+        if kind == "gemm":
+            w = net.weight(net.fresh("W"), [6, 6])
+            terms.append(net.node("Gemm", [h, w, net.init(net.fresh("C"), net.rng.standard_normal(6).astype(
+                np.float32))], transB=1, alpha=0.5))
+        elif kind == "matmul":
+            terms.append(net.node("MatMul", [h, net.weight(net.fresh("W"), [6, 6])]))
+        else:
+            terms.append(h)
+    total = terms[0]
+    for term in terms[1:]:
+        total = net.node("Add", [total, term])
+    net.output(net.node("Relu", [total]))
+    before = net.model()
+    merged, report = merge_and_check(before, 0)
+    left = [n.op_type for n in merged.graph.node]
+    assert left.count("Gemm") + left.count("MatMul") == 1 and "Add" not in left, left
+    assert {m.rule for m in report.merged} == {"merge-branches"}
+
+
+def test_fully_connected_branches_on_different_inputs_stay():
+    net = Net(seed=7)
+    x, z = net.input("x", [3, 6]), net.input("z", [3, 6])
+    a = net.node("MatMul", [x, net.weight("W1", [6, 6])])
+    b = net.node("MatMul", [z, net.weight("W2", [6, 6])])
+    net.output(net.node("Add", [a, b]))
+    model = net.model()
+    merged, report = merge_and_check(model, 0)
+    assert report.merged == [] and merged.SerializeToString() == model.SerializeToString()
+
+
+def test_merged_models_pass_the_verification_of_bnfold(family, tmp_path):
+    """``bnfold MODEL`` folds and merges each family and its own verification (the noise rule) accepts the result."""
+    import json
+    import subprocess
+    import sys
+
+    name, original, _, _, _, _ = family
+    source = tmp_path / f"{name}.onnx"
+    onnx.save(original, source)
+    out = tmp_path / f"{name}.merged.onnx"
+    proc = subprocess.run([sys.executable, "-m", "bnfold", str(source), "-o", str(out), "--json"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["merged"] and report["verify"]["cpu"]["passed"], report
+    assert count_ops(onnx.load(out).graph, "Conv") < count_ops(original.graph, "Conv")
+
+
+def test_bench_ideal_is_the_merged_form(family):
+    """The ideal is the stripped model merged: as few Convs as the authors' deploy form, no BN, and (a wrong
+    function, but the same wrong function) the outputs of the torch module without its BNs, run in float64."""
+    from bnfold.bench import ideal_model
+
+    name, original, deploy, x, _, want = family
+    before = original.SerializeToString()
+    ideal, merges = ideal_model(original)
+    assert original.SerializeToString() == before
+    assert merges > 0
+    onnx.checker.check_model(ideal, full_check=True)
+    assert count_ops(ideal.graph, "BatchNormalization") == 0
+    assert count_ops(ideal.graph, "Conv") <= count_ops(deploy.graph, "Conv"), name
+    assert relative_error(run(ideal, x), want) <= 1e-4, name
+
+
+def test_bench_reports_the_merges_of_its_ideal():
+    from bnfold.bench import benchmark
+
+    report = benchmark(branch_block(False), providers="cpu", opt_levels="disabled", threads=1, warmup=0, repeat=2,
+                       session_repeat=1)
+    assert report.merges_ideal >= 1 and report.to_dict()["merges_ideal"] == report.merges_ideal
+    assert f"{report.merges_ideal} branch merge(s)" in "\n".join(report.summary_lines())
+    assert report.fold is not None and report.fold.merged  # folded = bnfold's output, merged as well
+
+
+def zero_bias_chain(other_reader: bool, plain: bool = False) -> onnx.ModelProto:
+    """A 1x1 then a 3x3 Conv whose zero bias torch's exporter computes from the 1x1's output dtype
+    (CastLike(0, a) -> Expand): a reader of the 1x1's type only. ``plain``: the same with a zero initializer."""
+    net = Net(seed=7)
+    x = net.input("x", [1, 4, 8, 8])
+    a = net.conv(net.node("Relu", [x]), 4, 8, (1, 1), bias=False)
+    w = net.weight(net.fresh("W"), [6, 8, 3, 3])
+    if plain:
+        bias = net.init(net.fresh("B"), np.zeros(6, np.float32))
+    else:
+        like = net.node("CastLike", [net.constant(np.array(0, np.float32)), a])
+        bias = net.node("Expand", [like, net.constant(np.array([6], np.int64))])
+    y = net.node("Relu", [net.node("Conv", [a, w, bias])])
+    net.output(net.node("Add", [y, like]) if other_reader else y)
+    return net.model()
+
+
+def test_a_reader_of_only_the_dtype_goes_with_the_merge():
+    merged, report = merge_and_check(zero_bias_chain(False), 1, expected_model=zero_bias_chain(False, plain=True))
+    assert [m.rule for m in report.merged] == ["merge-sequential"]
+    assert count_ops(merged.graph, "CastLike") == count_ops(merged.graph, "Expand") == 0
+
+
+def test_a_dtype_reader_that_would_stay_refuses_the_merge():
+    model = zero_bias_chain(True)
+    merged, report = bnfold.fold_onnx(model)
+    assert report.merged == [] and merged.SerializeToString() == model.SerializeToString()
+    assert [s.code for s in report.not_merged] == ["output-shared"], report.summary_lines()
+
+
+def test_a_merge_rule_answers_a_plan_and_only_apply_plan_edits():
+    from bnfold.onnx.graph import GraphIndex, ModelContext
+    from bnfold.onnx.io import materialize
+    from bnfold.onnx.merge import MERGES
+    from bnfold.onnx.plan import MergePlan, apply_plan
+    from bnfold.report import Merge
+
+    net = Net(seed=8)
+    x = net.input("x", [1, 4, 6, 6])
+    h = net.node("Relu", [x])
+    a = net.conv(h, 4, 4, (3, 3), **conv_attrs(3, 1))
+    b = net.conv(h, 4, 4, (1, 1), **conv_attrs(1, 0))
+    net.output(net.node("Relu", [net.node("Add", [a, b])]))
+    model = net.model()
+    expected = run_ref(model, random_feeds(model, seed=1))
+    before = model.SerializeToString()
+    ctx = ModelContext(model)
+    g = GraphIndex(model.graph, ctx)
+    add = next(n for n in model.graph.node if n.op_type == "Add")
+    branches = next(r for r in MERGES if r.name == "merge-branches")
+    plan = branches.match(g, add)
+    assert isinstance(plan, MergePlan) and model.SerializeToString() == before  # matching never edits
+    assert plan.source is add and len(plan.remove) == 2  # the 1x1 branch and the Add
+    record = apply_plan(g, plan)
+    g.commit()
+    materialize(model, ctx.replacements, g.initializers)  # new values of the main graph wait there until saved
+    assert isinstance(record, Merge) and record.rule == "merge-branches" and record.absorbed == ()
+    onnx.checker.check_model(model, full_check=True)
+    assert count_ops(model.graph, "Conv") == 1 and count_ops(model.graph, "Add") == 0
+    got = run_ref(model, random_feeds(model, seed=1))
+    for name, want in expected.items():
+        np.testing.assert_allclose(got[name], want, rtol=0, atol=1e-5 * np.abs(want).max())
