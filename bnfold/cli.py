@@ -219,13 +219,21 @@ def fold_command(models, output, check, as_json, quiet, verbose, no_verify, prov
     sys.exit(worst)
 
 
+def _changes(report) -> str:
+    """"3 folds" or "3 folds, 2 merges": what the fold did (or, with --check, would do)."""
+    folds = len(report.folded)
+    text = f"{folds} fold{'s' * (folds != 1)}"
+    if report.merged:
+        text += f", {len(report.merged)} merge{'s' * (len(report.merged) != 1)}"
+    return text
+
+
 def _one_line(result, check: bool) -> str:
     """One report line per model when folding several."""
     report = result.report
-    parts = [f"{result.source}: BatchNormalization {report.bn_before} -> {report.bn_after}",
-             f"{len(report.folded)} folds"]
+    parts = [f"{result.source}: BatchNormalization {report.bn_before} -> {report.bn_after}", _changes(report)]
     if check:
-        parts.append(f"check {'FAILED: would fold' if report.folded else 'passed: nothing to fold'}")
+        parts.append("check passed: nothing to fold" if result.nothing_to_fold else "check FAILED: would fold")
         return ", ".join(parts)
     if result.invalid_statistics:
         parts.append(f"invalid statistics in {len(result.invalid_statistics)} BatchNorm")
@@ -238,9 +246,8 @@ def _one_line(result, check: bool) -> str:
 def _summary_lines(result, check: bool) -> list[str]:
     lines = result.report.summary_lines()
     if check:
-        folds = len(result.report.folded)
-        lines.append(f"check: FAILED, {folds} fold{'s' * (folds != 1)} possible (nothing written)" if folds
-                     else "check: passed, nothing to fold (nothing written)")
+        lines.append("check: passed, nothing to fold (nothing written)" if result.nothing_to_fold
+                     else f"check: FAILED, {_changes(result.report)} possible (nothing written)")
         return lines
     lines += [f"invalid statistics: {layer}: {f.code}: {f.detail}" for layer, f in result.invalid_statistics]
     if result.invalid_statistics:

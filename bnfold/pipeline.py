@@ -64,8 +64,8 @@ class FoldResult:
     @property
     def nothing_to_fold(self) -> bool:
         """True when the fold changed nothing: what ``bnfold --check`` requires of a model (any fold counts, a
-        folded per-channel Mul/Add as well as a BatchNormalization)."""
-        return not self.report.folded
+        folded per-channel Mul/Add as well as a BatchNormalization, and so does a branch merge)."""
+        return not self.report.modified
 
     @property
     def exit_code(self) -> ExitCode:

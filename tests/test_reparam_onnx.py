@@ -365,3 +365,28 @@ def test_a_merge_rule_answers_a_plan_and_only_apply_plan_edits():
     got = run_ref(model, random_feeds(model, seed=1))
     for name, want in expected.items():
         np.testing.assert_allclose(got[name], want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+def test_check_fails_when_only_a_merge_is_left(tmp_path):
+    """``bnfold --check`` gates on merges too: a Conv then a 1x1 Conv, no BatchNorm, is one Conv once merged."""
+    import subprocess
+    import sys
+
+    net = Net(seed=1)
+    x = net.input("x", [1, 4, 9, 9])
+    y = net.conv(x, 4, 16, (3, 3), **conv_attrs(3, 1))
+    y = net.conv(y, 16, 6, (1, 1), **conv_attrs(1, 0))
+    net.output(net.node("Relu", [y]))
+    source = tmp_path / "seq.onnx"
+    onnx.save(net.model(), source)
+    proc = subprocess.run([sys.executable, "-m", "bnfold", "--check", str(source)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "check: FAILED, 0 folds, 1 merge possible" in proc.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["seq.onnx"]
+    merged = tmp_path / "merged.onnx"
+    assert subprocess.run([sys.executable, "-m", "bnfold", str(source), str(merged)], capture_output=True,
+                          timeout=300).returncode == 0
+    proc = subprocess.run([sys.executable, "-m", "bnfold", "--check", str(merged)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and "check: passed" in proc.stdout
