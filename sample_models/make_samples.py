@@ -17,6 +17,10 @@ downloaded) and exported to ONNX with the dynamo-based exporter:
                                  blocks, mean over time, Linear.
 * ``decoder_convtranspose.onnx`` Decoder: Linear -> reshape -> ConvTranspose2d-BN-ReLU
                                  x3 (one grouped) -> Conv3x3 -> Sigmoid.
+* ``repvgg_small.onnx``          RepVGG-style, as trained: each block sums a
+                                 Conv3x3-BN branch, a Conv1x1-BN branch and (where
+                                 shapes allow) a BN-only identity branch, then ReLU;
+                                 bnfold merges each block into one Conv3x3.
 
 Every weight, bias, BatchNorm affine parameter and running statistic is drawn
 from one seeded float64 numpy generator (uniform draws only: plain IEEE
@@ -224,6 +228,34 @@ class DecoderConvTranspose(nn.Module):
         return self.out(self.head(self.up(x)))
 
 
+class RepVGGBlock(nn.Module):
+    """Train-time RepVGG block: Conv3x3-BN + Conv1x1-BN (+ BN identity when stride 1 and cin == cout), ReLU."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv3 = nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout))
+        self.conv1 = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+        self.identity = nn.BatchNorm2d(cout) if stride == 1 and cin == cout else None
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv3(x) + self.conv1(x)
+        if self.identity is not None:
+            y = y + self.identity(x)
+        return self.relu(y)
+
+
+class RepVGGSmall(nn.Module):
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stages = nn.Sequential(RepVGGBlock(3, 16, 2), RepVGGBlock(16, 32, 2), RepVGGBlock(32, 32),
+                                    RepVGGBlock(32, 32))
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.stages(x).mean(dim=(2, 3)))
+
+
 # --------------------------------------------------------------------------- specs
 
 
@@ -247,6 +279,7 @@ SPECS: list[tuple[str, Callable[[], nn.Module], Callable[[torch.Generator, int],
     ("mlp_bn1d.onnx", MLPBN1d, lambda g, n: torch.randn(n, 64, generator=g) * 1.5 + 0.25, 2, True),
     ("tcn1d.onnx", TCN1d, _tcn_batch, 1, False),
     ("decoder_convtranspose.onnx", DecoderConvTranspose, lambda g, n: torch.randn(n, 32, generator=g), 1, False),
+    ("repvgg_small.onnx", RepVGGSmall, _image_batch, 1, False),
 ]
 
 # --------------------------------------------------------------------------- helpers
