@@ -390,3 +390,13 @@ def test_check_fails_when_only_a_merge_is_left(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "bnfold", "--check", str(merged)], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0 and "check: passed" in proc.stdout
+
+
+def test_the_repvgg_sample_merges_to_its_deploy_form():
+    from pathlib import Path
+
+    model = onnx.load(Path(__file__).resolve().parents[1] / "sample_models" / "repvgg_small.onnx")
+    assert count_ops(model.graph, "BatchNormalization") == 10 and count_ops(model.graph, "Conv") == 8
+    merged, report = merge_and_check(model, 4)
+    assert count_ops(merged.graph, "BatchNormalization") == 0 and report.bn_after == 0
+    assert {m.rule for m in report.merged} == {"merge-branches"}
