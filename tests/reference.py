@@ -624,6 +624,22 @@ def _op_cast(ctx, node, ins, attrs):
     raise NotImplementedError(f"Cast to {onnx.TensorProto.DataType.Name(to)}")
 
 
+def _op_cast_like(ctx, node, ins, attrs):
+    """CastLike(x, like): Cast to ``like``'s element type (floating types are all float64 here)."""
+    x, like = ins[0], ins[1]
+    if _is_floating(like):
+        return [x.astype(np.float64)]
+    if _is_floating(x):
+        x = np.trunc(x)
+    return [x.astype(like.dtype)]
+
+
+def _op_expand(ctx, node, ins, attrs):
+    """Expand: numpy broadcasting of the input and the target shape, both ways (the result may be larger)."""
+    x, shape = ins[0], tuple(int(d) for d in np.asarray(ins[1]).reshape(-1))
+    return [np.array(np.broadcast_to(x, np.broadcast_shapes(x.shape, shape)))]
+
+
 def _op_global_avg_pool(ctx, node, ins, attrs):
     x = ins[0]
     return [x.mean(axis=tuple(range(2, x.ndim)), keepdims=True)]
@@ -803,6 +819,8 @@ _OPS: dict[str, Callable] = {
     "Shape": _op_shape,
     "Gather": _op_gather,
     "Cast": _op_cast,
+    "CastLike": _op_cast_like,
+    "Expand": _op_expand,
     "GlobalAveragePool": _op_global_avg_pool,
     "GlobalMaxPool": _op_global_max_pool,
     "AveragePool": _op_avg_pool,

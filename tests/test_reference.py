@@ -784,6 +784,21 @@ def test_cast_from_float(to):
     check(model, {"x": rnd(3, 4, seed=5) * 4})
 
 
+@pytest.mark.parametrize("like", [FLOAT, TP.INT64])
+def test_cast_like(like):
+    node = helper.make_node("CastLike", ["x", "l"], ["y"])
+    like_value = np.zeros(2, np.float32 if like == FLOAT else np.int64)
+    model = make_model([node], [("x", [3, 4])], [("y", like)], [init("l", like_value)], 15)
+    check(model, {"x": rnd(3, 4, seed=6) * 4})
+
+
+@pytest.mark.parametrize("shape", [[2, 3, 4], [3, 1], [1, 1, 4], [4]])
+def test_expand(shape):
+    node = helper.make_node("Expand", ["x", "s"], ["y"])
+    model = make_model([node], [("x", [3, 1])], ["y"], [init("s", np.array(shape, np.int64))], 13)
+    check(model, {"x": rnd(3, 1, seed=7)})
+
+
 def test_cast_int_to_float_and_float16_stays_exact():
     nodes = [helper.make_node("Cast", ["i"], ["f"], to=TP.FLOAT),
              helper.make_node("Cast", ["x"], ["h"], to=TP.FLOAT16)]
