@@ -17,7 +17,6 @@ from onnx import helper, numpy_helper
 # numpy dtypes these kernels handle; anything else (bfloat16, float8, strings) goes to the reference evaluator.
 _FLOATS = {np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)}
 _INTS = {np.dtype(t) for t in (np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64)}
-_NUMERIC = _FLOATS | _INTS
 
 
 def evaluate(node: onnx.NodeProto, inputs: list[np.ndarray | None], opset: int) -> list[np.ndarray] | None:
@@ -60,7 +59,7 @@ def _shape(inputs, attrs, opset):
 
 def _cast_to(x: np.ndarray, target: np.dtype) -> np.ndarray | None:
     # Exact and specified: to a float type from any int/float (round to nearest even), and widening int casts.
-    if x.dtype not in _NUMERIC or target not in _NUMERIC:
+    if x.dtype not in _FLOATS | _INTS or target not in _FLOATS | _INTS:
         return None
     if target in _FLOATS or x.dtype == target or (x.dtype in _INTS and np.can_cast(x.dtype, target, "safe")):
         return x.astype(target)

@@ -17,8 +17,6 @@ from .tensors import RAW_FLOAT_DTYPES, constant_node_value, tensor_to_array
 # Ops whose output is not a function of their inputs: never evaluated as constants.
 NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
                      "Bernoulli", "Dropout"}
-# Ops some of whose inputs are read for their dtype or shape only (ConstantEvaluator._stand_in).
-_STAND_IN_OPS = frozenset({"CastLike", "Shape"})
 # Constant subgraphs evaluated ahead of time must stay small: they only ever feed BN parameters or weights.
 MAX_EVAL_ELEMENTS = 1 << 24
 
@@ -70,7 +68,7 @@ class ConstantEvaluator:
                 if known is not None and known[0] is not None:
                     values.append(known[0])
                     continue
-                stand_in = self._stand_in(node, slot) if op in _STAND_IN_OPS else None
+                stand_in = self._stand_in(node, slot)
                 if stand_in is None and known is None:
                     pending.append(inp)
                 values.append(stand_in)

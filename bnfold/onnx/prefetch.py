@@ -117,7 +117,6 @@ def prefetch_linear_plans(g: GraphIndex, nodes, affines: dict[int, tuple[np.ndar
     ``np.errstate(all="ignore")`` (the fold pass does)."""
     jobs = []
     producers = g.producer
-    ops = {op_type: op for op_type, op in LINEAR_OPS.items() if op_type in rule_for and batchable(op)}
     for bn in nodes:
         st = affines.get(id(bn))
         if st is None:
@@ -126,8 +125,9 @@ def prefetch_linear_plans(g: GraphIndex, nodes, affines: dict[int, tuple[np.ndar
         layer = producers.get(x)
         if layer is None:
             continue
-        op = ops.get(layer.op_type)
-        if op is None or layer.domain not in ("", "ai.onnx") or not g.only_consumer(x, bn):
+        op = LINEAR_OPS.get(layer.op_type)
+        if op is None or layer.op_type not in rule_for or not batchable(op) or layer.domain not in ("", "ai.onnx") \
+                or not g.only_consumer(x, bn):
             continue
         inputs = g.inputs_of(layer)
         if len(inputs) < 2:
@@ -186,10 +186,10 @@ def prefetch_linear_plans(g: GraphIndex, nodes, affines: dict[int, tuple[np.ndar
             new_b = new_b.astype(dtype)
         if np.isfinite(new_w).all() and (new_b is None or np.isfinite(new_b).all()):
             # the edits AfterTarget.plan_edits makes, in its order: bias first, weight, then the output moves
-            move = MoveOutput(layer, g.outputs_of(bn)[0])
-            edits = [WriteTensor(layer, 1, new_w), move] if new_b is None else \
-                [WriteTensor(layer, op.bias_slot, new_b), WriteTensor(layer, 1, new_w), move]
+            edits = [] if new_b is None else [WriteTensor(layer, op.bias_slot, new_b)]
+            edits += [WriteTensor(layer, 1, new_w), MoveOutput(layer, g.outputs_of(bn)[0])]
             reads = [SoleReader(x, layer, bn), ReadInput(layer, 1, tensor.name),
                      ReadInput(layer, op.bias_slot, bias_name)]
-            done[id(bn)] = (Plan(rule_for[layer.op_type], bn, node_label(layer), edits, [bn], reads), s.shape[0])
+            plan = Plan(rule_for[layer.op_type], bn, node_label(layer), edits, [bn], reads)
+            done[id(bn)] = (plan, s.shape[0])
     return done
