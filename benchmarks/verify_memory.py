@@ -1,4 +1,5 @@
-"""How much memory does verifying a model with external data take, next to the weights' size?
+"""How much memory do verifying, and folding with verification, take for a model with external data, next to the
+weights' size?
 
 Run it from the repository root::
 
@@ -15,6 +16,9 @@ What it does, in one run:
   ``bnfold.verify(model.onnx, folded.onnx, providers="cpu")`` (original, two perturbed copies and the candidate,
   one session after another, sessions created from the files) and reads VmHWM, the peak resident set.
   **Bar: (peak - RSS after imports) / weights' size <= 2.5.**
+* The same way, ``bnfold MODEL`` end to end: ``bnfold.fold_path(model.onnx, out.onnx, providers=["cpu"])`` (load
+  lazily, fold, save the folded model beside the output, verify the two files, rename into place). Its output must
+  be byte-identical to the ``--no-verify`` fold's. **Bar: the same 2.5.**
 * For comparison, the floor measured the same way: one onnxruntime session of the original model created from its
   file and run once (what the runtime itself needs for one model; no bar).
 
@@ -25,6 +29,7 @@ bar is reported, the verdict still enforced).
 from __future__ import annotations
 
 import argparse
+import filecmp
 import json
 import math
 import shutil
@@ -42,13 +47,16 @@ for _p in (str(ROOT), str(ROOT / "benchmarks")):
 
 from large_model import WEIGHT_BYTES, build  # noqa: E402
 
+from bnfold.onnx.io import data_file  # noqa: E402
+
 BAR = 2.5
 
 _MEASURE = textwrap.dedent("""
     import json, sys
     sys.path.insert(0, {root!r})
     import numpy, onnx, onnxruntime  # noqa: F401 - everything imported before the baseline
-    import bnfold, bnfold.verify, bnfold.ort, bnfold.onnx.external  # noqa: F401
+    import bnfold, bnfold.verify, bnfold.ort, bnfold.onnx.external, bnfold.pipeline  # noqa: F401
+    import bnfold.audit, bnfold.onnx.fold, bnfold.onnx.io  # noqa: F401
     def status(key):
         for line in open("/proc/self/status"):
             if line.startswith(key + ":"):
@@ -60,6 +68,10 @@ _MEASURE = textwrap.dedent("""
         report = bnfold.verify(src, dst, providers="cpu")
         result["passed"] = report.passed
         result["summary"] = report.summary_lines()
+    elif what == "pipeline":
+        folded = bnfold.fold_path(src, dst, providers=["cpu"])
+        result["passed"] = folded.passed and folded.written
+        result["summary"] = folded.verification.summary_lines()
     else:
         import numpy as np
         from bnfold import ort as ortlib
@@ -102,6 +114,12 @@ def main() -> int:
         fold_s = time.perf_counter() - start
         floor = measure("session", src, dst)
         verified = measure("verify", src, dst)
+        piped = WORK / "pipeline" / "folded.onnx"
+        piped.parent.mkdir()
+        pipeline = measure("pipeline", src, piped)
+        same_bytes = all(filecmp.cmp(a, b, shallow=False) for a, b in
+                         ((dst, piped), (data_file(dst), data_file(piped))))
+        leftovers = sorted(p.name for p in piped.parent.iterdir() if p not in (piped, data_file(piped)))
     finally:
         if not args.keep:
             shutil.rmtree(WORK, ignore_errors=True)
@@ -109,7 +127,8 @@ def main() -> int:
     gib = 1 << 30
     ratio = (verified["peak"] - verified["base"]) / weight_bytes
     floor_ratio = (floor["peak"] - floor["base"]) / weight_bytes
-    passed_bar = ratio <= BAR
+    pipeline_ratio = (pipeline["peak"] - pipeline["base"]) / weight_bytes
+    passed_bar = ratio <= BAR and pipeline_ratio <= BAR
     print(f"model: {blocks} blocks Conv 512->512 3x3 -> BN -> Relu, weights {weight_bytes / gib:.2f} GiB external")
     print(f"{'measurement':<44} {'value':>12} {'bar':>8}  result")
     print(f"{'fold (fold_file), s':<44} {fold_s:>12.1f}")
@@ -118,8 +137,16 @@ def main() -> int:
     print(f"{'bnfold.verify: peak / weights':<44} {ratio:>12.2f} {'<= ' + str(BAR):>8}  "
           f"{'PASS' if passed_bar else 'FAIL'}{' (not enforced: --quick)' if args.quick else ''}")
     print(f"{'bnfold.verify: peak above imports, GiB':<44} {(verified['peak'] - verified['base']) / gib:>12.2f}")
+    print(f"{'bnfold MODEL (fold_path, verified), s':<44} {pipeline['seconds']:>12.1f}")
+    print(f"{'bnfold MODEL: peak / weights':<44} {pipeline_ratio:>12.2f} {'<= ' + str(BAR):>8}  "
+          f"{'PASS' if pipeline_ratio <= BAR else 'FAIL'}{' (not enforced: --quick)' if args.quick else ''}")
+    print(f"{'bnfold MODEL: output = --no-verify output':<44} {str(same_bytes):>12} {'True':>8}  "
+          f"{'PASS' if same_bytes else 'FAIL'}")
+    print(f"{'bnfold MODEL: files left beside the output':<44} {len(leftovers):>12} {'0':>8}  "
+          f"{'PASS' if not leftovers else 'FAIL'}")
     print("\n".join(verified["summary"]))
-    ok = verified["passed"] and (passed_bar or args.quick)
+    ok = (verified["passed"] and pipeline["passed"] and same_bytes and not leftovers
+          and (passed_bar or args.quick))
     print("result:", "PASS" if ok else "FAIL")
     return 0 if ok else 1
 

@@ -35,6 +35,11 @@ MODEL_SUFFIXES = (".onnx", ".pt2")
 
 Log = Callable[[str], None]
 
+# A fold with verification of a model with external data, or with this many bytes of weights inline, saves the
+# folded model first and verifies the two files (bounded memory, see _verify_from_files); smaller models are
+# verified from memory (no temporary file).
+VERIFY_FROM_FILES_FROM = 256 << 20
+
 
 @dataclass
 class FoldResult:
@@ -178,18 +183,18 @@ def _fold_onnx(source, output, stream, skip, verify, providers, input_shapes, at
 
     from .audit import invalid_statistics
     from .onnx.fold import fold_model, select_rules
-    from .onnx.io import load_model_lazily, load_model_with_info, save_model
+    from .onnx.io import estimated_size, load_model_lazily, load_model_with_info, save_model
 
     rules = select_rules(skip)
     seconds: dict[str, float] = {}
     start = time.perf_counter()
-    if not verify and not simplify:
-        # Nothing needs the weights in memory: external tensors stay in their files and stream to the output.
-        original, lazy_source = load_model_lazily(source)
-        external_data = lazy_source is not None
-    else:
+    if simplify:  # onnxsim needs every weight in memory
         original, external_data = load_model_with_info(source)
         lazy_source = None
+    else:
+        # External tensors stay in their files, read when a fold needs them and streamed to the output.
+        original, lazy_source = load_model_lazily(source)
+        external_data = lazy_source is not None
     try:
         if external_data and stream is not None and write:
             raise InputError(f"{source}: a model with external data cannot be written to a stream; give a file")
@@ -197,6 +202,8 @@ def _fold_onnx(source, output, stream, skip, verify, providers, input_shapes, at
         invalid = invalid_statistics(original, lazy_source.read if lazy_source is not None else None)
         if invalid:
             verify = False  # nothing to compare: the original itself computes garbage
+        from_files = verify and not simplify and (external_data or
+                                                  estimated_size(original) >= VERIFY_FROM_FILES_FROM)
         start = time.perf_counter()
         folded = original
         if simplify:
@@ -204,16 +211,25 @@ def _fold_onnx(source, output, stream, skip, verify, providers, input_shapes, at
 
             folded = run_simplify(original)
             log("simplified with onnxsim (BN fusion off)")
-        if folded is original and verify:  # the original stays untouched for verification
+        if folded is original and verify and not from_files:  # the original stays untouched for verification
             folded = onnx.ModelProto()
             folded.CopyFrom(original)
-        # Without verification nothing needs the folded weights in memory: they go straight to the file.
-        pending = None if verify else {}
+        # Unless verification reads the folded model from memory, the folded weights go straight to the file.
+        pending = None if verify and not from_files else {}
         report = fold_model(folded, rules, pending, lazy_source)
         seconds["fold"] = time.perf_counter() - start
         log(f"{source}: {len(report.folded)} folds, BatchNormalization {report.bn_before} -> {report.bn_after}")
         if report.merged:
             log(f"{source}: {len(report.merged)} branch merges")
+
+        def save(path: Path) -> None:
+            save_model(folded, path, external_data=external_data or None, replacements=pending,
+                       source=lazy_source)
+
+        if from_files:
+            return _verify_from_files(source, output, stream, save, report, invalid, seconds, write, log,
+                                      dict(providers=providers, input_shapes=input_shapes or None, data=data,
+                                           atol=atol, rtol=rtol, seed=seed))
         verification = None
         if verify:
             from .verify import verify as run_verify
@@ -227,17 +243,49 @@ def _fold_onnx(source, output, stream, skip, verify, providers, input_shapes, at
         result = FoldResult(source, output, report, verification, invalid, seconds=seconds)
         if write and result.passed:
             start = time.perf_counter()
-
-            def save(path: Path) -> None:
-                save_model(folded, path, external_data=external_data or None, replacements=pending,
-                           source=lazy_source)
-
             _write(save, output, stream)
             seconds["save"] = time.perf_counter() - start
             result.written = True
     finally:
         if lazy_source is not None:
             lazy_source.close()
+    return result
+
+
+def _verify_from_files(source: Path, output: Path | None, stream: "IO[bytes] | None",
+                       save: Callable[[Path], None], report: FoldReport, invalid: list, seconds: dict[str, float],
+                       write: bool, log: Log, options: dict) -> FoldResult:
+    """Save the folded model to a private directory (beside ``output`` when it is written there, so that the
+    result is renamed into place), verify the two files, then move or copy the result out, or delete it: memory
+    holds one onnxruntime session at a time, never both models' weights (:func:`bnfold.verify.verify` with
+    paths)."""
+    from .onnx.io import move_model
+    from .verify import verify as run_verify
+
+    into_output = write and stream is None
+    directory = output.parent if into_output else None  # else the system's temporary directory
+    name = output.name if output is not None else "model.onnx"  # external references name the data file by it
+    with tempfile.TemporaryDirectory(prefix=f".{name}.", suffix=".tmp", dir=directory) as tmp:
+        staged = Path(tmp) / name
+        start = time.perf_counter()
+        save(staged)
+        seconds["save"] = time.perf_counter() - start
+        log("verifying in onnxruntime from files (graph optimizations disabled)...")
+        start = time.perf_counter()
+        verification = run_verify(source, staged, **options)
+        seconds["verify"] = time.perf_counter() - start
+        require_providers(verification, options["providers"])
+        result = FoldResult(source, output, report, verification, invalid, seconds=seconds)
+        if write and result.passed:
+            start = time.perf_counter()
+            if stream is None:
+                move_model(staged, output)
+            else:
+                with open(staged, "rb") as f:
+                    shutil.copyfileobj(f, stream)
+                stream.flush()
+            seconds["save"] += time.perf_counter() - start
+            result.written = True
     return result
 
 

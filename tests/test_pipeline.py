@@ -4,6 +4,7 @@ and jobs_for maps inputs to outputs."""
 
 from __future__ import annotations
 
+import importlib
 import io
 from pathlib import Path
 
@@ -19,6 +20,11 @@ from bnfold.pipeline import FoldResult, default_output, fold_path, jobs_for
 from bnfold.report import ExitCode
 
 from reference import run_reference
+
+try:
+    from test_external import conv_chain, digest, save_external
+except ImportError:  # pragma: no cover
+    from tests.test_external import conv_chain, digest, save_external
 
 ROOT = Path(__file__).resolve().parents[1]
 MLP = ROOT / "sample_models" / "mlp_bn1d.onnx"
@@ -118,3 +124,85 @@ def test_jobs_for(tmp_path):
         jobs_for([models / "a.onnx", out / "m" / "a.onnx"], tmp_path)
     with pytest.raises(InputError, match="without any"):
         jobs_for([out])
+
+
+# ----------------------------------------------------- verification from files (bounded memory, issue 12)
+
+def spy_on_verify(monkeypatch, plant_error: bool = False) -> list:
+    """Record what bnfold.verify.verify is given; with ``plant_error``, first scale one output channel of the
+    candidate's first Conv weight by 1.01 (a real change the verdict must catch)."""
+    verify_module = importlib.import_module("bnfold.verify")  # bnfold.verify is also the function
+    real = verify_module.verify
+    calls = []
+
+    def spy(original, candidate, **options):
+        calls.append((original, candidate, sorted(p.name for p in Path(candidate).parent.iterdir())
+                      if isinstance(candidate, Path) else None))
+        if plant_error:
+            model = onnx.load(str(candidate))
+            weight = next(t for t in model.graph.initializer
+                          if t.name == next(n for n in model.graph.node if n.op_type == "Conv").input[1])
+            values = onnx.numpy_helper.to_array(weight).copy()
+            values[0] *= np.float32(1.01)
+            weight.CopyFrom(onnx.numpy_helper.from_array(values, weight.name))
+            onnx.save(model, str(candidate), save_as_external_data=True, location=candidate.name + ".data")
+        return real(original, candidate, **options)
+
+    monkeypatch.setattr(verify_module, "verify", spy)
+    return calls
+
+
+def external_model(tmp_path: Path) -> tuple[Path, str]:
+    src = tmp_path / "m.onnx"
+    save_external(conv_chain(), src)
+    return src, digest(src, tmp_path / "m.onnx.bin")
+
+
+def test_external_data_model_is_verified_from_files_and_written_as_without_verification(tmp_path, monkeypatch):
+    src, before = external_model(tmp_path)
+    calls = spy_on_verify(monkeypatch)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    result = fold_path(src, tmp_path / "a" / "f.onnx", providers=["cpu"])
+    assert result.passed and result.written and result.verification is not None
+    assert set(result.seconds) == {"load", "fold", "verify", "save"}
+    [(original, candidate, staged_files)] = calls
+    assert original == src  # the original's path, not a loaded model
+    assert candidate.name == "f.onnx" and candidate.parent.parent == tmp_path / "a"  # staged beside the output
+    assert staged_files == ["f.onnx", "f.onnx.data"]
+    fold_path(src, tmp_path / "b" / "f.onnx", verify=False)
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["f.onnx", "f.onnx.data"]  # no staging left
+    assert digest(tmp_path / "a" / "f.onnx", tmp_path / "a" / "f.onnx.data") == \
+        digest(tmp_path / "b" / "f.onnx", tmp_path / "b" / "f.onnx.data")
+    assert digest(src, tmp_path / "m.onnx.bin") == before
+
+
+def test_failed_verification_from_files_leaves_nothing(tmp_path, monkeypatch):
+    src, before = external_model(tmp_path)
+    calls = spy_on_verify(monkeypatch, plant_error=True)
+    out = tmp_path / "out"
+    out.mkdir()
+    result = fold_path(src, out / "f.onnx", providers=["cpu"])
+    assert len(calls) == 1 and calls[0][2] == ["f.onnx", "f.onnx.data"]
+    assert not result.passed and not result.written and result.exit_code == ExitCode.CHECK_FAILED
+    assert list(out.iterdir()) == []
+    dry = fold_path(src, out / "f.onnx", providers=["cpu"], write=False)  # a dry run stages elsewhere
+    assert not dry.passed and not dry.written and list(out.iterdir()) == []
+    assert calls[1][1].parent.parent != out
+    assert digest(src, tmp_path / "m.onnx.bin") == before
+
+
+def test_large_inline_model_is_verified_from_files_with_the_same_bytes(tmp_path, monkeypatch):
+    pipeline = importlib.import_module("bnfold.pipeline")
+    in_memory = fold_path(MLP, tmp_path / "memory.onnx", providers=["cpu"])
+    calls = spy_on_verify(monkeypatch)
+    monkeypatch.setattr(pipeline, "VERIFY_FROM_FILES_FROM", 0)  # every model counts as large
+    from_files = fold_path(MLP, tmp_path / "files.onnx", providers=["cpu"])
+    stream = io.BytesIO()
+    streamed = fold_path(MLP, stream, providers=["cpu"])
+    assert [type(c[1]) for c in calls] == [type(tmp_path)] * 2 and calls[0][0] == MLP
+    assert in_memory.passed and from_files.passed and streamed.passed and streamed.written
+    assert [o.name for o in from_files.verification.providers["cpu"].outputs] == \
+        [o.name for o in in_memory.verification.providers["cpu"].outputs]
+    assert (tmp_path / "files.onnx").read_bytes() == (tmp_path / "memory.onnx").read_bytes() == stream.getvalue()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["files.onnx", "memory.onnx"]

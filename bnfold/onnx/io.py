@@ -173,16 +173,34 @@ def save_model(model: onnx.ModelProto, path: "str | os.PathLike", *, external_da
         raise InputError(f"{path}: cannot write ({exc.strerror or exc})") from None
     try:
         tmp_model = Path(tmp_dir) / path.name
-        data_name = f"{path.name}.data"
+        data_path = data_file(tmp_model)
         with open(tmp_model, "wb") as f:
-            write_with_external_data(model, f, Path(tmp_dir) / data_name, data_name, replacements, source)
-        if (Path(tmp_dir) / data_name).stat().st_size:  # every tensor small enough to stay inline: no data file
-            os.replace(Path(tmp_dir) / data_name, directory / data_name)
-        os.replace(tmp_model, path)
+            write_with_external_data(model, f, data_path, data_path.name, replacements, source)
+        if not data_path.stat().st_size:  # every tensor small enough to stay inline: no data file
+            data_path.unlink()
+        move_model(tmp_model, path)
     except OSError as exc:
         raise InputError(f"{path}: cannot write ({exc.strerror or exc})") from None
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def data_file(path: "str | os.PathLike") -> Path:
+    """The external-data file that :func:`save_model` writes beside a model: ``<model file name>.data``."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.data")
+
+
+def move_model(staged: Path, path: Path) -> None:
+    """Rename a model saved as ``staged`` (and its :func:`data_file`, when it has one) to ``path`` in the same file
+    system; the model file goes last, so it never appears before its data. Both keep their names' meaning: a model
+    saved with external data must be staged under ``path``'s file name (its references name the data file)."""
+    try:
+        if data_file(staged).exists():
+            os.replace(data_file(staged), data_file(path))
+        os.replace(staged, path)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot write ({exc.strerror or exc})") from None
 
 
 # Below this many bytes of weights a model is serialized in one piece: streaming saves memory, not time. Both
