@@ -51,7 +51,7 @@ _FUNCTIONAL = {
 
 
 def fold_module(module: nn.Module, example_inputs=None, *, inplace: bool = False, allow_train: bool = False,
-                keep_class: bool = False) -> tuple[nn.Module, FoldReport]:
+                keep_class: bool = False, merge: bool = True) -> tuple[nn.Module, FoldReport]:
     """Fold every batch norm that folds exactly; return ``(eval-mode module, FoldReport)``.
 
     ``example_inputs``: a tensor or a tuple of positional arguments; it lets bnfold prove tensor ranks (needed for
@@ -61,6 +61,11 @@ def fold_module(module: nn.Module, example_inputs=None, *, inplace: bool = False
     or by what its module computes besides it (the activation of a ``BatchNormAct2d``), and the absorbing layers'
     weights updated. Only folds proven on the torch.fx trace that can be written into the module that way are made
     then; the others are Skips with code ``needs-graph-module``.
+
+    ``merge``: after the folds, merge linear branches on the torch.fx graph (:mod:`bnfold.torch.merge`: summed
+    Conv/BN/identity/average-pool branches reading one input, and exact Conv sequences, become one Conv), each a
+    ``Fold`` with rule ``merge-branches`` or ``merge-sequential``. With ``keep_class=True`` the merges are not written
+    into the module's class: each one the trace proves is a Skip with code ``needs-graph-module``.
 
     The input module is not modified unless ``inplace=True``. A module in training mode is an error unless
     ``allow_train=True``, which folds an eval-mode copy. Prints nothing.
@@ -77,7 +82,12 @@ def fold_module(module: nn.Module, example_inputs=None, *, inplace: bool = False
     if keep_class:
         from .own import fold_own_class
 
-        return fold_own_class(module, example_inputs, inplace=inplace)
+        result, report = fold_own_class(module, example_inputs, inplace=inplace)
+        if merge:
+            from .merge import report_unwritten_merges
+
+            report_unwritten_merges(result, report)
+        return result, report
     work = module if inplace else copy_module(module)
     work.eval()
     report = FoldReport()
@@ -85,6 +95,10 @@ def fold_module(module: nn.Module, example_inputs=None, *, inplace: bool = False
     if isinstance(graph_module, str):
         return _fold_untraceable(work, example_inputs, report, graph_module)
     fold_graph(graph_module, example_inputs, report)
+    if merge:
+        from .merge import merge_graph
+
+        merge_graph(graph_module, report)
     return graph_module, report
 
 
@@ -256,8 +270,8 @@ def _norm_of(gm: fx.GraphModule, modules: dict, node: fx.Node) -> _Norm | None:
         affine = module_affine(module)
         if affine is None:
             return None
-        return _Norm(node, _single_tensor_arg(node), affine, node.target, type(module).__name__, module)
-    frozen = frozen_affine(node, lambda n: _attribute(gm, n))
+        return _Norm(node, single_tensor_arg(node), affine, node.target, type(module).__name__, module)
+    frozen = frozen_affine(node, lambda n: attribute_tensor(gm, n))
     if frozen is not None:
         x, nodes, affine, owner = frozen
         rank = _rank(x)
@@ -278,7 +292,7 @@ def _norm_of(gm: fx.GraphModule, modules: dict, node: fx.Node) -> _Norm | None:
         if a.get("training") is not False:
             return _Norm(node, a["input"], Refusal("training-mode", "training=True (or computed): it normalizes by "
                                                    "batch statistics"), name, op_type)
-        tensors = {k: _attribute(gm, a.get(k)) for k in ("weight", "bias", "running_mean", "running_var")}
+        tensors = {k: attribute_tensor(gm, a.get(k)) for k in ("weight", "bias", "running_mean", "running_var")}
         computed = [k for k in tensors if a.get(k) is not None and tensors[k] is None]
         if computed or a.get("running_mean") is None or a.get("running_var") is None or \
                 not isinstance(a.get("eps"), (int, float)):
@@ -300,7 +314,7 @@ def _functional_name(running_mean, node: fx.Node) -> str:
     return node.name
 
 
-def _attribute(gm: fx.GraphModule, arg) -> torch.Tensor | None:
+def attribute_tensor(gm: fx.GraphModule, arg) -> torch.Tensor | None:
     if not isinstance(arg, fx.Node) or arg.op != "get_attr":
         return None
     try:
@@ -378,7 +392,7 @@ def _rank(node) -> int | None:
     return None if shape is None else len(shape)
 
 
-def _hooked(module: nn.Module | None) -> str:
+def hook_reason(module: nn.Module | None) -> str:
     """Why the module's call is more than its forward (hooks, weight parametrizations), or ''."""
     from torch.nn.utils import parametrize
 
@@ -425,7 +439,7 @@ _SHAPE_ATTRIBUTES = {"ndim", "shape", "dtype", "device", "is_cuda"}
 _SHAPE_METHODS = {"dim", "size", "ndimension"}
 
 
-def _value_users(node: fx.Node) -> list[fx.Node]:
+def value_users(node: fx.Node) -> list[fx.Node]:
     """The users of a node that read its values; reads of its shape (timm asserts the rank) see the same shape
     after a fold."""
     import builtins
@@ -436,7 +450,7 @@ def _value_users(node: fx.Node) -> list[fx.Node]:
         (u.op == "call_method" and u.target in _SHAPE_METHODS and u.args[0] is node))]
 
 
-def _single_tensor_arg(node: fx.Node) -> fx.Node | None:
+def single_tensor_arg(node: fx.Node) -> fx.Node | None:
     if len(node.args) == 1 and not node.kwargs and isinstance(node.args[0], fx.Node):
         return node.args[0]
     return None
@@ -452,26 +466,26 @@ def _layer_call(modules: dict, node) -> tuple[nn.Module, Layer] | None:
 
 def _passes_input_on(modules: dict, node) -> bool:
     """An eval-mode call of torch's nn.Identity or Dropout: its output is its input."""
-    if not isinstance(node, fx.Node) or node.op != "call_module" or _single_tensor_arg(node) is None:
+    if not isinstance(node, fx.Node) or node.op != "call_module" or single_tensor_arg(node) is None:
         return False
     module = modules.get(node.target)
     return isinstance(module, (nn.Identity, nn.modules.dropout._DropoutNd)) and not module.training and \
-        getattr(type(module).forward, "__module__", "").startswith("torch.nn.") and not _hooked(module)
+        getattr(type(module).forward, "__module__", "").startswith("torch.nn.") and not hook_reason(module)
 
 
 def _plan_after(gm, modules, norm: _Norm) -> Plan | Refusal | None:
     source = norm.x
-    while _passes_input_on(modules, source) and len(_value_users(source)) == 1:
+    while _passes_input_on(modules, source) and len(value_users(source)) == 1:
         source = source.args[0]
     found = _layer_call(modules, source)
     if found is None:
         return None
     module, layer = found
     label = f"{type(module).__name__} '{source.target}'"
-    hooked = _hooked(module) or _hooked(norm.module)
+    hooked = hook_reason(module) or hook_reason(norm.module)
     if hooked:
         return Refusal("hooked", f"not folded into {label}: {hooked}")
-    readers = _value_users(source)
+    readers = value_users(source)
     if len(readers) != 1:
         return Refusal("output-read-elsewhere", f"the output of {label} is also used elsewhere "
                                                 f"({len(readers)} users)")
@@ -507,7 +521,7 @@ def _is_channel_flatten(node: fx.Node, modules: dict) -> bool:
 
 def _plan_before(gm, modules, norm: _Norm) -> Plan | Refusal | None:
     node = norm.node
-    readers = _value_users(node)
+    readers = value_users(node)
     if not isinstance(norm.x, fx.Node) or len(readers) != 1:
         return None
     consumer = readers[0]
@@ -519,10 +533,10 @@ def _plan_before(gm, modules, norm: _Norm) -> Plan | Refusal | None:
         if _layer_call(modules, consumer) is None:
             return None
     module, layer = _layer_call(modules, consumer)
-    if _single_tensor_arg(consumer) is not (via if via is not None else node):
+    if single_tensor_arg(consumer) is not (via if via is not None else node):
         return None
     label = f"{type(module).__name__} '{consumer.target}'"
-    hooked = _hooked(module) or _hooked(norm.module)
+    hooked = hook_reason(module) or hook_reason(norm.module)
     if hooked:
         return Refusal("hooked", f"not folded into {label}: {hooked}")
     scales = before_scales(layer, norm.affine, _rank(node), via is not None, label)
@@ -609,7 +623,7 @@ def fold_sequential(root: nn.Module, example_inputs, report: FoldReport) -> None
             if observed is not None and len(observed) != 1:
                 continue  # called with inputs of several ranks
             rank = next(iter(observed)) if observed else None
-            if check_after(layer, affine, rank, "") or _hooked(module) or _hooked(norm):
+            if check_after(layer, affine, rank, "") or hook_reason(module) or hook_reason(norm):
                 continue
             try:
                 new_w, new_b = weights_after(layer, affine)

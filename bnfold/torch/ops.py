@@ -352,7 +352,7 @@ def _is_op(node, ops) -> bool:
         len(node.args) == 2 and not node.kwargs
 
 
-def _constant(node, tensor_of, seen: dict, depth: int = 0):
+def constant_value(node, tensor_of, seen: dict, depth: int = 0):
     """The value of a node computed from parameters, buffers and literals only (evaluated here), else None.
     Constants of a normalization are a few operations deep: deeper chains are not looked into."""
     import torch.fx as fx
@@ -365,7 +365,7 @@ def _constant(node, tensor_of, seen: dict, depth: int = 0):
     if node.op == "get_attr":
         value = tensor_of(node)
     elif node.op in ("call_function", "call_method") and depth < 32:
-        args = [_constant(a, tensor_of, seen, depth + 1) if isinstance(a, fx.Node) else a for a in node.args]
+        args = [constant_value(a, tensor_of, seen, depth + 1) if isinstance(a, fx.Node) else a for a in node.args]
         if not any(isinstance(a, fx.Node) and seen.get(a) is None for a in node.args) and \
                 not any(isinstance(v, fx.Node) for v in node.kwargs.values()):
             try:
@@ -409,7 +409,7 @@ def frozen_affine(node, tensor_of):
             if owner is None:
                 continue
             seen: dict = {}
-            scale, shift = _constant(scale_node, tensor_of, seen), _constant(shift_node, tensor_of, seen)
+            scale, shift = constant_value(scale_node, tensor_of, seen), constant_value(shift_node, tensor_of, seen)
             if not (isinstance(scale, torch.Tensor) and isinstance(shift, torch.Tensor)) or scale.dim() < 2:
                 continue
             channels = scale.shape[1]
