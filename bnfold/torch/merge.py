@@ -11,8 +11,8 @@ Runs on the torch.fx graph after the batch norms are folded (:func:`bnfold.torch
 The math is :mod:`bnfold.reparam`'s (float64, cast once to the layer's dtype); each merge is exact or refused with
 its reason. A merge is made only when the merged convolution costs no more multiply-adds per output than the ops
 it replaces, or when a sequential merge's result is then merged into a sibling branch that pays for it (DBB's
-1×1 then average pool, summed with a k×k). Every merge is a ``Fold`` record with rule ``merge-branches`` or
-``merge-sequential`` (``bn``: the ops merged, joined by ``+`` or ``>``; ``into``: the new convolution); a block that
+1×1 then average pool, summed with a k×k). Every op merged is a ``Fold`` record with rule ``merge-branches`` or
+``merge-sequential`` (``bn``: the op's module or node name; ``into``: the new convolution, one per merge); a block that
 looks mergeable but is not merged is a ``Skip`` with a ``merge-*`` code and ``op_type`` ``"merge"``.
 """
 
@@ -29,6 +29,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from ..affine import FoldRefused
 from ..reparam import ConvBranch, MergeRefused, affine_branch, avgpool_branch, conv_branch, identity_branch
 from ..reparam import merge_parallel, merge_sequential
 from ..report import Fold, FoldReport, Skip
@@ -269,6 +270,9 @@ def _merge_parallel_at(gm, modules, root: fx.Node, report: FoldReport, refused: 
         except MergeRefused as exc:
             refused[label] = Skip(label, str(exc), op_type="merge", code="merge-refused")
             continue
+        except FoldRefused as exc:  # the merged weights overflow the dtype
+            refused[label] = Skip(label, str(exc), op_type="merge", code="overflow")
+            continue
         refused.pop(label, None)
         name = _fresh_name(modules, _merged_name(group))
         gm.add_submodule(name, conv)
@@ -283,8 +287,7 @@ def _merge_parallel_at(gm, modules, root: fx.Node, report: FoldReport, refused: 
                 total = gm.graph.call_function(operator.add, (total, term))
         root.replace_all_uses_with(total)
         _erase(gm, modules, adds + [op.node for op in group if op.node is not None])
-        report.folded.append(Fold(label, name, "merge-branches"))
-        _account_bns(report, group)
+        _record(report, group, name, "merge-branches")
         return True
     return False
 
@@ -316,7 +319,7 @@ def _merge_sequential_at(gm, modules, node: fx.Node, report: FoldReport) -> bool
         like = next((p for p in gm.parameters()), torch.empty(0))
     try:
         conv = _conv_module(merged, like)
-    except MergeRefused:
+    except FoldRefused:  # asymmetric pads, or the merged weights overflow the dtype
         return False
     name = _fresh_name(modules, _merged_name([first, second]))
     gm.add_submodule(name, conv)
@@ -327,8 +330,7 @@ def _merge_sequential_at(gm, modules, node: fx.Node, report: FoldReport) -> bool
     new.meta = dict(node.meta)
     node.replace_all_uses_with(new)
     _erase(gm, modules, [node, first.node])
-    report.folded.append(Fold(f"{first.name} > {second.name}", name, "merge-sequential"))
-    _account_bns(report, [first, second])
+    _record(report, [first, second], name, "merge-sequential")
     return True
 
 
@@ -357,9 +359,12 @@ def _pays_off(gm, modules, node: fx.Node, x: fx.Node, merged: ConvBranch, spent:
     return False
 
 
-def _account_bns(report: FoldReport, ops: list[LinearOp]) -> None:
-    """Batch norms merged away are no longer left: their Skips go, ``bn_after`` counts them out."""
+def _record(report: FoldReport, ops: list[LinearOp], into: str, rule: str) -> None:
+    """One Fold per op merged into ``into`` (an identity removes nothing: no record). Batch norms merged away are
+    no longer left: their Skips go, ``bn_after`` counts them out."""
     for op in ops:
+        if op.kind != "identity":
+            report.folded.append(Fold(op.name, into, rule))
         if op.kind != "bn":
             continue
         before = len(report.skipped)
@@ -418,7 +423,8 @@ def _constant_node(node: fx.Node) -> bool:
 
 
 def merged_count(report: FoldReport) -> int:
-    return sum(f.rule.startswith("merge-") for f in report.folded)
+    """The merges a report records (one merged convolution each)."""
+    return len({f.into for f in report.folded if f.rule.startswith("merge-")})
 
 
 def report_unwritten_merges(module: nn.Module, report: FoldReport) -> None:
@@ -431,7 +437,9 @@ def report_unwritten_merges(module: nn.Module, report: FoldReport) -> None:
         return
     trial = FoldReport()
     merge_graph(graph_module, trial)
-    for fold in trial.folded:
-        report.skipped.append(Skip(fold.bn, f"the {fold.rule} merge is proven on the trace, but merged convolutions "
+    for into in dict.fromkeys(f.into for f in trial.folded):
+        merged = [f for f in trial.folded if f.into == into]
+        label = " + ".join(f.bn for f in merged)
+        report.skipped.append(Skip(label, f"the {merged[0].rule} merge is proven on the trace, but merged convolutions "
                                             "are not written into the module's own class (fold_module without "
                                             "keep_class=True makes it)", op_type="merge", code="needs-graph-module"))

@@ -44,6 +44,11 @@ SKIP_CODES = {
     "not-traced": "neither torch.fx nor torch.export could trace the forward; only nn.Sequential pairs fold",
     "statistics-read": "the saved mean/variance outputs of the batch-norm call are used",
     "needs-graph-module": "the fold is proven on the trace but can not be written into the user's own module",
+    # branch merges (bnfold.torch.merge): Skips with op_type "merge", named after the branches
+    "merge-refused": "the summed branches are not one convolution exactly (kernels, pads, strides, dilations, "
+                     "channels or ranks do not line up, or torch can not pad the result that way)",
+    "merge-costlier": "the merged convolution would cost more multiply-adds than the branches (e.g. a dense 1x1 "
+                      "summed with a depthwise 3x3)",
 }
 
 
