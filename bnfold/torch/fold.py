@@ -464,7 +464,7 @@ def _layer_call(modules: dict, node) -> tuple[nn.Module, Layer] | None:
     return None if layer is None else (module, layer)
 
 
-def _passes_input_on(modules: dict, node) -> bool:
+def passes_input_on(modules: dict, node) -> bool:
     """An eval-mode call of torch's nn.Identity or Dropout: its output is its input."""
     if not isinstance(node, fx.Node) or node.op != "call_module" or single_tensor_arg(node) is None:
         return False
@@ -475,7 +475,7 @@ def _passes_input_on(modules: dict, node) -> bool:
 
 def _plan_after(gm, modules, norm: _Norm) -> Plan | Refusal | None:
     source = norm.x
-    while _passes_input_on(modules, source) and len(value_users(source)) == 1:
+    while passes_input_on(modules, source) and len(value_users(source)) == 1:
         source = source.args[0]
     found = _layer_call(modules, source)
     if found is None:

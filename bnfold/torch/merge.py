@@ -33,8 +33,8 @@ from ..affine import FoldRefused
 from ..reparam import ConvBranch, MergeRefused, affine_branch, avgpool_branch, conv_branch, identity_branch
 from ..reparam import merge_parallel, merge_sequential
 from ..report import Fold, FoldReport, Skip
-from .fold import ModuleIndex, attribute_tensor, hook_reason, module_affine, runs_torch_forward, single_tensor_arg
-from .fold import value_users
+from .fold import ModuleIndex, attribute_tensor, hook_reason, module_affine, passes_input_on, runs_torch_forward
+from .fold import single_tensor_arg, value_users
 from .ops import Affine, constant_value, numpy64, to_torch
 
 _ADD = {operator.add, torch.add}
@@ -170,6 +170,10 @@ def merge_graph(gm: fx.GraphModule, report: FoldReport) -> None:
     modules = ModuleIndex(gm)
     modules.erased = set()  # nodes erased by merges of the current round
     refused: dict[str, Skip] = {}
+    for node in list(gm.graph.nodes):  # eval-mode Identity/Dropout calls stand between branches and their sum
+        if passes_input_on(modules, node):
+            node.replace_all_uses_with(node.args[0])
+            _erase(gm, modules, [node])
     while True:
         changed = False
         modules.erased.clear()
