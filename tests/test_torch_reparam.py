@@ -193,13 +193,76 @@ def test_a_conv_that_runs_elsewhere_is_not_merged():
         assert relative_error(folded, reference(model, x), x) <= 1e-5
 
 
-def test_merge_false_and_keep_class_leave_the_branches():
+def test_merge_false_leaves_the_branches():
     model = R.realistic(R.repvgg_net(), seed=2)
     x = torch.randn(2, 3, 16, 16)
     folded, report = fold_module(model, (x,), merge=False)
     assert merged_count(report) == 0 and count_bn_dispatched(folded, x) == report.bn_after == 3  # identity BNs
+    assert relative_error(folded, reference(model, x), x) <= 1e-5
+
+
+@pytest.mark.parametrize("name", list(R.MODELS))
+def test_keep_class_writes_the_merges_into_the_blocks(name):
+    model = R.realistic(R.MODELS[name](), seed=7)
+    deploy = R.reparameterize_model(model)
+    x = torch.randn(4, 3, 24, 24, generator=torch.Generator().manual_seed(8))
+    snap = snapshot(model)
     own, report = fold_module(model, (x,), keep_class=True)
-    assert type(own) is type(model) and merged_count(report) == 0
-    merges = [s for s in report.skipped if s.op_type == "merge"]
-    assert len(merges) == 5 and {s.code for s in merges} == {"needs-graph-module"}
+    assert_unchanged(model, snap)
+    assert type(own) is type(model) and not isinstance(own, torch.fx.GraphModule)
+    assert all(type(a) is type(b) for a, b in zip(own, model))  # every block keeps its class
+    assert count_bn_dispatched(own, x) == report.bn_after == 0 and not report.skipped, report.to_dict()
+    assert convs(own, x) <= convs(deploy, x) and pools(own, x) == 0
+    ref = reference(model, x)
+    assert relative_error(own, ref, x) <= 3 * max(relative_error(deploy, ref, x), 2.0 ** -24)
+    assert {f.rule for f in report.folded} >= {"merge-branches"}
+
+
+class TwoBranch(nn.Module):
+    def __init__(self, deploy: bool = False):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 6, 3, padding=1, bias=deploy)
+        if not deploy:
+            self.bn = nn.BatchNorm2d(6)
+            self.conv1 = nn.Conv2d(4, 6, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(6)
+        self.deploy = deploy
+
+    def forward(self, x):
+        if self.deploy:
+            return torch.relu(self.conv(x))
+        return torch.relu(self.bn(self.conv(x)) + self.bn1(self.conv1(x)))
+
+
+def test_keep_class_state_dict_loads_into_the_deploy_definition():
+    model = R.realistic(TwoBranch(), seed=3)
+    x = torch.randn(2, 4, 9, 9)
+    own, report = fold_module(model, (x,), keep_class=True)
+    deploy = TwoBranch(deploy=True).eval()
+    deploy.load_state_dict(own.state_dict())  # strict: the same keys, nothing left over
+    ref = reference(model, x)
+    assert relative_error(deploy, ref, x) <= 1e-5 and relative_error(own, ref, x) <= 1e-5
+
+
+class PlusInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x) + x
+
+
+def test_keep_class_says_why_a_merge_is_not_written():
+    """``conv(x) + x``: the graph merges the identity into the conv, the class has no module to make zero."""
+    model = R.realistic(PlusInput(), seed=1)
+    x = torch.randn(2, 4, 6, 6)
+    folded, report = fold_module(model, (x,))
+    assert convs(folded, x) == 1 and merged_count(report) == 1
+    own, report = fold_module(model, (x,), keep_class=True)
+    assert type(own) is PlusInput and isinstance(own.conv, nn.Conv2d)
+    [skip] = report.skipped
+    assert skip.code == "needs-graph-module" and skip.op_type == "merge" and "input itself" in skip.reason
     assert relative_error(own, reference(model, x), x) <= 1e-5
+    _, report = fold_module(model, keep_class=True)  # without example inputs nothing is written
+    assert [s.code for s in report.skipped] == ["needs-graph-module"]

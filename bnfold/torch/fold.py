@@ -64,8 +64,9 @@ def fold_module(module: nn.Module, example_inputs=None, *, inplace: bool = False
 
     ``merge``: after the folds, merge linear branches on the torch.fx graph (:mod:`bnfold.torch.merge`: summed
     Conv/BN/identity/average-pool branches reading one input, and exact Conv sequences, become one Conv), each a
-    ``Fold`` with rule ``merge-branches`` or ``merge-sequential``. With ``keep_class=True`` the merges are not written
-    into the module's class: each one the trace proves is a Skip with code ``needs-graph-module``.
+    ``Fold`` with rule ``merge-branches`` or ``merge-sequential``. With ``keep_class=True`` each merge is written into
+    the module as a block's own ``reparameterize()`` would (one branch's conv becomes the merged conv, the other
+    branches zero); one the module can not express is a Skip with code ``needs-graph-module``.
 
     The input module is not modified unless ``inplace=True``. A module in training mode is an error unless
     ``allow_train=True``, which folds an eval-mode copy. Prints nothing.
@@ -84,9 +85,9 @@ def fold_module(module: nn.Module, example_inputs=None, *, inplace: bool = False
 
         result, report = fold_own_class(module, example_inputs, inplace=inplace)
         if merge:
-            from .merge import report_unwritten_merges
+            from .merge import write_merges
 
-            report_unwritten_merges(result, report)
+            write_merges(result, example_inputs, report)
         return result, report
     work = module if inplace else copy_module(module)
     work.eval()

@@ -18,6 +18,7 @@ looks mergeable but is not merged is a ``Skip`` with a ``merge-*`` code and ``op
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 import operator
@@ -165,9 +166,11 @@ def _cost(branch: ConvBranch) -> int:
 
 # ---- the pass -------------------------------------------------------------------------------------------------
 
-def merge_graph(gm: fx.GraphModule, report: FoldReport) -> None:
-    """Merge linear branches of a traced (and batch-norm-folded) module in place, to a fixpoint."""
+def merge_graph(gm: fx.GraphModule, report: FoldReport, provenance: dict | None = None) -> None:
+    """Merge linear branches of a traced (and batch-norm-folded) module in place, to a fixpoint. ``provenance``:
+    filled with the ops of the traced module each new convolution absorbed (name -> [Source])."""
     modules = ModuleIndex(gm)
+    modules.provenance = {} if provenance is None else provenance
     modules.erased = set()  # nodes erased by merges of the current round
     refused: dict[str, Skip] = {}
     for node in list(gm.graph.nodes):  # eval-mode Identity/Dropout calls stand between branches and their sum
@@ -292,6 +295,7 @@ def _merge_parallel_at(gm, modules, root: fx.Node, report: FoldReport, refused: 
         root.replace_all_uses_with(total)
         _erase(gm, modules, adds + [op.node for op in group if op.node is not None])
         _record(report, group, name, "merge-branches")
+        modules.provenance[name] = [src for op in group for src in _sources(op, modules.provenance)]
         return True
     return False
 
@@ -335,6 +339,7 @@ def _merge_sequential_at(gm, modules, node: fx.Node, report: FoldReport) -> bool
     node.replace_all_uses_with(new)
     _erase(gm, modules, [node, first.node])
     _record(report, [first, second], name, "merge-sequential")
+    modules.provenance[name] = [src for op in (first, second) for src in _sources(op, modules.provenance)]
     return True
 
 
@@ -361,6 +366,30 @@ def _pays_off(gm, modules, node: fx.Node, x: fx.Node, merged: ConvBranch, spent:
         except MergeRefused:
             continue
     return False
+
+
+@dataclass(frozen=True)
+class Source:
+    """An op of the traced module that a merged convolution absorbed: its node, the tensor it read, its kind, and
+    the module whose call it is (a functional call: the innermost module that made it; None for an identity)."""
+
+    node: fx.Node | None
+    x: fx.Node
+    kind: str
+    path: str | None
+
+
+def _sources(op: LinearOp, provenance: dict) -> list[Source]:
+    node = op.node
+    if node is not None and node.op == "call_module" and node.target in provenance:
+        return provenance[node.target]  # a convolution an earlier merge made
+    if node is None:
+        return [Source(None, op.x, op.kind, None)]
+    if node.op == "call_module":
+        return [Source(node, op.x, op.kind, str(node.target))]
+    stack = node.meta.get("nn_module_stack") or {}
+    owner = list(stack.values())[-1][0] if stack else None
+    return [Source(node, op.x, op.kind, owner)]
 
 
 def _record(report: FoldReport, ops: list[LinearOp], into: str, rule: str) -> None:
@@ -431,19 +460,107 @@ def merged_count(report: FoldReport) -> int:
     return len({f.into for f in report.folded if f.rule.startswith("merge-")})
 
 
-def report_unwritten_merges(module: nn.Module, report: FoldReport) -> None:
-    """For a ``keep_class=True`` result: each merge the trace of (a copy of) ``module`` proves, as a Skip with code
-    ``needs-graph-module`` (writing merged convolutions into the user's class is not done)."""
-    from .fold import copy_module, trace
+class Zero(nn.Module):
+    """A branch merged into another one: adds nothing (a zero the sum broadcasts), as a deploy form drops it."""
+
+    def forward(self, x):
+        return x.new_zeros(())
+
+
+def write_merges(module: nn.Module, example_inputs, report: FoldReport) -> None:
+    """For a ``keep_class=True`` result: write each merge the trace of ``module`` proves into the module itself, the
+    way a block's own ``reparameterize()`` does: one absorbed convolution module (the host, reading the block's
+    input) becomes the merged convolution, the first module of every other branch a :class:`Zero`, the rest of
+    each branch ``nn.Identity``. A merge the module can not express that way (a term that is the input itself, a
+    module called elsewhere or computing more) is a Skip with code ``needs-graph-module``. The written module is
+    checked against the merged graph on ``example_inputs`` (without them nothing is written)."""
+    from .fold import copy_module, count_normalizations, trace
+    from .own import same_outputs, set_submodule
 
     graph_module = trace(copy_module(module).eval())
     if isinstance(graph_module, str):
         return
-    trial = FoldReport()
-    merge_graph(graph_module, trial)
-    for into in dict.fromkeys(f.into for f in trial.folded):
-        merged = [f for f in trial.folded if f.into == into]
-        label = " + ".join(f.bn for f in merged)
-        report.skipped.append(Skip(label, f"the {merged[0].rule} merge is proven on the trace, but merged convolutions "
-                                            "are not written into the module's own class (fold_module without "
-                                            "keep_class=True makes it)", op_type="merge", code="needs-graph-module"))
+    calls: dict[str, int] = {}
+    owners: dict[str, list[fx.Node]] = {}  # module path -> the computing nodes its forward made
+    for node in graph_module.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+        if node.op in ("call_function", "call_method", "call_module") and not _constant_node(node):
+            for path, _ in (node.meta.get("nn_module_stack") or {}).values():
+                owners.setdefault(path, []).append(node)
+    registered: dict[int, int] = {}
+    for _, m in module.named_modules(remove_duplicate=False):
+        registered[id(m)] = registered.get(id(m), 0) + 1
+    trial, provenance = FoldReport(), {}
+    merge_graph(graph_module, trial, provenance)
+    finals = [n for n in graph_module.graph.nodes if n.op == "call_module" and n.target in provenance]
+    written: list[tuple[str, list[Source], Source, list[tuple[str, nn.Module]]]] = []
+    for node in finals:
+        sources = provenance[node.target]
+        rule = next(f.rule for f in trial.folded if f.into == node.target)
+        label = " + ".join(src.path or src.x.name for src in sources)
+        found = _assignment(module, graph_module, node, sources, calls, owners, registered)
+        if isinstance(found, str) or example_inputs is None:
+            why = found if isinstance(found, str) else "no example_inputs to check the written module with"
+            report.skipped.append(Skip(label, f"the {rule} merge is proven on the trace, but not written into the "
+                                              f"module's own class: {why}", op_type="merge",
+                                       code="needs-graph-module"))
+            continue
+        host, assignment = found
+        written.append((rule, sources, host, assignment))
+    if not written:
+        return
+    candidate = copy_module(module)
+    for _, _, _, assignment in written:
+        for path, replacement in assignment:
+            set_submodule(candidate, path, replacement)
+    if not same_outputs(candidate.eval(), graph_module, example_inputs):
+        raise RuntimeError("bnfold: the merges written into the module's own class do not compute what the merged "
+                           "graph computes")
+    for rule, sources, host, assignment in written:
+        for path, replacement in assignment:
+            set_submodule(module, path, replacement)
+        for src in sources:
+            if src is host:
+                continue
+            report.folded.append(Fold(src.path, host.path, rule))
+            if src.kind == "bn":
+                before = len(report.skipped)
+                report.skipped = [s for s in report.skipped if s.bn != src.path]
+                report.bn_after -= before - len(report.skipped)
+    module.eval()
+    retraced = trace(module)
+    if not isinstance(retraced, str) and count_normalizations(retraced) != report.bn_after:
+        raise RuntimeError("bnfold: the module with merges written runs another number of batch norms than the "
+                           "report says")
+
+
+def _assignment(module, graph_module, node, sources: list[Source], calls, owners, registered):
+    """(host source, [(module path, replacement)]) writing the merged convolution ``node`` into ``module``, or why
+    the module can not express it."""
+    x = node.args[0]
+    for src in sources:
+        if src.path is None:
+            return "a term of the sum is the input itself, not a module's output"
+        try:
+            owned = module.get_submodule(src.path)
+        except AttributeError:
+            return f"no module named '{src.path}'"
+        if registered.get(id(owned), 0) != 1:
+            return f"'{src.path}' is registered under several names"
+        if src.node.op == "call_module":
+            if calls.get(src.path) != 1:
+                return f"'{src.path}' is called elsewhere too"
+        elif owners.get(src.path) != [src.node]:
+            return f"'{src.path}' computes more than the {src.kind}"
+    host = next((src for src in sources if src.kind == "conv" and src.x is x), None)
+    if host is None:
+        return "no convolution of the block reads its input"
+    merged = copy.deepcopy(graph_module.get_submodule(node.target))
+    assignment = [(host.path, merged)]
+    for src in sources:
+        if src is not host:
+            assignment.append((src.path, Zero() if src.x is x else nn.Identity()))
+    return host, assignment
+
+
