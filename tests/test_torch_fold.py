@@ -1095,7 +1095,7 @@ COMPUTED = {
     "conv3d": (Conv3dNet, (2, 3, 4, 4, 4), 0, 0),
     "pre-activation": (DenseLike, (2, 3, 8, 8), 1, 1),
     "eval-mode dropout between": (ConvDropoutBN, (2, 3, 8, 8), 0, 0),
-    "branch batch norms": (RepVGGLike, (2, 6, 8, 8), 0, 2),  # the graph merges them (bnfold.torch.merge)
+    "branch batch norms": (RepVGGLike, (2, 6, 8, 8), 0, 0),  # merged away (bnfold.torch.merge)
 }
 
 
