@@ -171,6 +171,7 @@ def merge_graph(gm: fx.GraphModule, report: FoldReport, provenance: dict | None 
     filled with the ops of the traced module each new convolution absorbed (name -> [Source])."""
     modules = ModuleIndex(gm)
     modules.provenance = {} if provenance is None else provenance
+    modules.tried = set()  # sequential pairs found not to merge: not computed again in later rounds
     modules.erased = set()  # nodes erased by merges of the current round
     refused: dict[str, Skip] = {}
     for node in list(gm.graph.nodes):  # eval-mode Identity/Dropout calls stand between branches and their sum
@@ -266,6 +267,8 @@ def _merge_parallel_at(gm, modules, root: fx.Node, report: FoldReport, refused: 
         if len(group) < 2 or not any(op.kind == "conv" for op in group):
             continue
         label = " + ".join(op.name for op in group)
+        if label in refused:
+            continue  # the same ops refused in an earlier round
         try:
             branches = _branches(group)
             merged = merge_parallel(branches)
@@ -309,6 +312,11 @@ def _merge_sequential_at(gm, modules, node: fx.Node, report: FoldReport) -> bool
         return False
     if "conv" not in (first.kind, second.kind) and "pool" not in (first.kind, second.kind):
         return False  # two batch norms: merging them would make a convolution where there was none
+    # pairs that did not merge are not computed again while the addition they feed (if any) stays the same
+    key = (first.node, node, tuple(_tree_of(node)[1]))
+    if key in modules.tried:
+        return False
+    modules.tried.add(key)
     try:
         between = first.out_channels if first.out_channels is not None else second.in_channels
         rank = next((o.spatial_rank for o in (first, second) if o.spatial_rank is not None), None)
@@ -343,16 +351,21 @@ def _merge_sequential_at(gm, modules, node: fx.Node, report: FoldReport) -> bool
     return True
 
 
-def _pays_off(gm, modules, node: fx.Node, x: fx.Node, merged: ConvBranch, spent: int) -> bool:
-    """Whether a costlier sequential merge is then merged into a sibling convolution of an addition (reading the
-    same input) for no more than the ops it replaces cost."""
+def _tree_of(node: fx.Node) -> tuple[list[fx.Node], list]:
+    """The addition tree ``node`` is a term of (its adds and terms), or two empty lists."""
     users = list(node.users)
     if len(users) != 1 or not _is_add(users[0]):
-        return False
+        return [], []
     root = users[0]
     while _inner_add(root):
         root = next(iter(root.users))
-    adds, terms = _tree(root)
+    return _tree(root)
+
+
+def _pays_off(gm, modules, node: fx.Node, x: fx.Node, merged: ConvBranch, spent: int) -> bool:
+    """Whether a costlier sequential merge is then merged into a sibling convolution of an addition (reading the
+    same input) for no more than the ops it replaces cost."""
+    adds, terms = _tree_of(node)
     for term in terms:
         if term is node or not isinstance(term, fx.Node):
             continue
