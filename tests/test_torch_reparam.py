@@ -266,3 +266,25 @@ def test_keep_class_says_why_a_merge_is_not_written():
     assert relative_error(own, reference(model, x), x) <= 1e-5
     _, report = fold_module(model, keep_class=True)  # without example inputs nothing is written
     assert [s.code for s in report.skipped] == ["needs-graph-module"]
+
+
+def test_merged_kernel_is_rounded_once():
+    """The merged kernel and bias are the float64 merge rounded once to float32: within half a float32 spacing of
+    the block's own merge computed in float64 (folding into float32 weights first, then merging, is not)."""
+    import copy
+
+    import numpy as np
+
+    block = R.realistic(nn.Sequential(R.RepVggBlock(8, 8), R.MobileOneBlock(8, 8), R.ACBlock(8, 8)), seed=11)
+    x = torch.randn(2, 8, 10, 10)
+    folded, _ = fold_module(block, (x,))
+    merged = [m for m in folded.modules() if isinstance(m, nn.Conv2d)]
+    assert len(merged) == 3
+    with torch.no_grad():
+        wide = copy.deepcopy(block).double()
+        references = [block.kernel_bias() for block in wide]
+    for conv, (kernel, bias) in zip(merged, references):
+        for mine, ref in ((conv.weight, kernel), (conv.bias, bias)):
+            ref = ref.numpy()
+            half_spacing = np.spacing(np.abs(ref).astype(np.float32)).astype(np.float64) / 2
+            assert np.all(np.abs(mine.detach().double().numpy() - ref) <= half_spacing * (1 + 1e-6) + 1e-300)

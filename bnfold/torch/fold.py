@@ -37,7 +37,8 @@ from ..affine import FoldRefused
 from ..errors import InputError, first_line
 from ..report import Fold, FoldReport, Skip
 from .ops import (Affine, Layer, Plan, Refusal, affine_from_stats, before_scales, check_after, first_refusal,
-                  frozen_affine, module_kind, module_layer, refusal_of, weights_after, weights_before)
+                  exact_after, exact_before, frozen_affine, module_kind, module_layer, refusal_of, to_torch,
+                  weights_after)
 
 _BATCHNORM = nn.modules.batchnorm._BatchNorm
 # Ranks of input each BatchNorm class accepts (None: any rank >= 2).
@@ -95,11 +96,12 @@ def fold_module(module: nn.Module, example_inputs=None, *, inplace: bool = False
     graph_module = trace(work)
     if isinstance(graph_module, str):
         return _fold_untraceable(work, example_inputs, report, graph_module)
-    fold_graph(graph_module, example_inputs, report)
+    exact: dict = {}
+    fold_graph(graph_module, example_inputs, report, exact=exact)
     if merge:
         from .merge import merge_graph
 
-        merge_graph(graph_module, report)
+        merge_graph(graph_module, report, exact=exact)
     return graph_module, report
 
 
@@ -130,16 +132,17 @@ def trace(module: nn.Module) -> fx.GraphModule | str:
 
 
 def fold_graph(graph_module: fx.GraphModule, example_inputs, report: FoldReport, *, keep=frozenset(),
-               own_class: bool = False) -> None:
+               own_class: bool = False, exact: dict | None = None) -> None:
     """Fold the batch norms of a traced module in place. ``keep``: names of batch norms to leave, and with
     ``own_class`` folds into a layer that runs elsewhere too (which would need a copy of it) are not made either;
-    both are Skips with code ``needs-graph-module``."""
+    both are Skips with code ``needs-graph-module``. ``exact``: a dict that receives the float64 weights of the
+    folded layers (for :func:`bnfold.torch.merge.merge_graph`)."""
     if example_inputs is not None:
         from torch.fx.passes.shape_prop import ShapeProp
 
         with torch.no_grad():
             run_example(lambda: ShapeProp(graph_module).propagate(*example_inputs))
-    _fold_graph(graph_module, report, keep, own_class)
+    _fold_graph(graph_module, report, keep, own_class, exact)
     _drop_unread_attributes(graph_module)
     graph_module.graph.lint()
     graph_module.recompile()
@@ -346,6 +349,7 @@ class ModuleIndex(dict):
         self.registered = Counter(id(m) for _, m in gm.named_modules(remove_duplicate=False))
         self.param_refs = Counter(id(p) for _, p in gm.named_parameters(remove_duplicate=False))
         self.calls = Counter(id(self[n.target]) for n in gm.graph.nodes if n.op == "call_module" and n.target in self)
+        self.exact: dict[int, tuple] = {}  # id(layer) -> (layer, float64 weight, float64 bias) of folds made
         self.read_under = set()  # module paths under which a get_attr reads a tensor
         for n in gm.graph.nodes:
             if n.op == "get_attr":
@@ -353,8 +357,20 @@ class ModuleIndex(dict):
                 self.read_under.update(".".join(parts[:i]) for i in range(1, len(parts)))
 
 
-def _fold_graph(gm: fx.GraphModule, report: FoldReport, keep, own_class: bool) -> None:
+    def exact_of(self, layer: nn.Module) -> tuple | None:
+        """The float64 (weight, bias) a fold or merge computed for ``layer`` (whose weights are their cast), or
+        None: later folds and merges start from them, so that every result is rounded once."""
+        entry = self.exact.get(id(layer))
+        return entry[1:] if entry is not None and entry[0] is layer else None
+
+    def set_exact(self, layer: nn.Module, weight, bias) -> None:
+        self.exact[id(layer)] = (layer, weight, bias)  # the layer is kept: its id is not reused meanwhile
+
+
+def _fold_graph(gm: fx.GraphModule, report: FoldReport, keep, own_class: bool, exact: dict | None) -> None:
     modules = ModuleIndex(gm)
+    if exact is not None:
+        modules.exact = exact
     report.bn_before += count_normalizations(gm)
     while True:
         changed, skipped = False, []
@@ -496,11 +512,12 @@ def _plan_after(gm, modules, norm: _Norm) -> Plan | Refusal | None:
     if refusal:
         return refusal
     try:
-        weight, bias = weights_after(layer, norm.affine)
+        exact = exact_after(layer, norm.affine, modules.exact_of(module))
+        weight, bias = to_torch(exact[0], layer.weight), to_torch(exact[1], layer.weight)
     except FoldRefused as exc:
         return refusal_of(exc, statistics=False)
     return Plan(norm.name, source.target, f"{layer.kind.name}-bn", source, weight, bias, bypass=norm.node,
-                replacement=norm.x, remove=norm.nodes)
+                replacement=norm.x, remove=norm.nodes, exact=exact)
 
 
 _FLATTEN_FUNCTIONS = (torch.flatten,)
@@ -544,11 +561,12 @@ def _plan_before(gm, modules, norm: _Norm) -> Plan | Refusal | None:
     if isinstance(scales, Refusal):
         return scales
     try:
-        weight, bias = weights_before(layer, *scales)
+        exact = exact_before(layer, *scales, modules.exact_of(module))
+        weight, bias = to_torch(exact[0], layer.weight), to_torch(exact[1], layer.weight)
     except FoldRefused as exc:
         return refusal_of(exc, statistics=False)
     return Plan(norm.name, consumer.target, f"bn-{layer.kind.name}", consumer, weight, bias, bypass=node,
-                replacement=norm.x, remove=norm.nodes)
+                replacement=norm.x, remove=norm.nodes, exact=exact)
 
 
 def apply_plan(gm: fx.GraphModule, modules: "ModuleIndex", plan: Plan) -> Fold:
@@ -562,6 +580,8 @@ def apply_plan(gm: fx.GraphModule, modules: "ModuleIndex", plan: Plan) -> Fold:
             layer.bias = nn.Parameter(plan.bias, requires_grad=layer.weight.requires_grad)
         else:
             layer.bias.copy_(plan.bias)
+    if plan.exact is not None:
+        modules.set_exact(layer, *plan.exact)
     plan.bypass.replace_all_uses_with(plan.replacement)
     for node in plan.remove:
         if node.users:  # a constant the normalization computed may feed something else too

@@ -77,12 +77,13 @@ def _conv_pads(padding, kernel, dilation, rank: int) -> list[int]:
     return list(pads) * 2
 
 
-def _conv_op(node, x, name, weight, bias, stride, padding, dilation, groups) -> LinearOp:
+def _conv_op(node, x, name, weight, bias, stride, padding, dilation, groups, exact=None) -> LinearOp:
     rank = weight.dim() - 2
     stride, dilation = _tuple(stride, rank), _tuple(dilation, rank)
     pads = _conv_pads(padding, weight.shape[2:], dilation, rank)
     def build(channels, spatial_rank):
-        return conv_branch(numpy64(weight), None if bias is None else numpy64(bias), groups=int(groups), strides=stride, dilations=dilation, pads=pads)
+        w64, b64 = exact if exact is not None else (numpy64(weight), None if bias is None else numpy64(bias))
+        return conv_branch(w64, b64, groups=int(groups), strides=stride, dilations=dilation, pads=pads)
 
     return LinearOp(node, x, name, "conv", build, weight, weight.shape[1] * int(groups), weight.shape[0], rank)
 
@@ -99,7 +100,7 @@ def linear_op(gm: fx.GraphModule, modules: ModuleIndex, node) -> LinearOp | None
             if module.transposed or module.padding_mode != "zeros" or not runs_torch_forward(module):
                 return None
             return _conv_op(node, x, node.target, module.weight, module.bias, module.stride, module.padding,
-                            module.dilation, module.groups)
+                            module.dilation, module.groups, modules.exact_of(module))
         pool_rank = next((r for cls, r in _POOLS.items() if type(module) is cls), None)
         if pool_rank is not None and getattr(module, "divisor_override", None) is None:
             kernel = _tuple(module.kernel_size, pool_rank)
@@ -166,10 +167,14 @@ def _cost(branch: ConvBranch) -> int:
 
 # ---- the pass -------------------------------------------------------------------------------------------------
 
-def merge_graph(gm: fx.GraphModule, report: FoldReport, provenance: dict | None = None) -> None:
+def merge_graph(gm: fx.GraphModule, report: FoldReport, provenance: dict | None = None,
+                exact: dict | None = None) -> None:
     """Merge linear branches of a traced (and batch-norm-folded) module in place, to a fixpoint. ``provenance``:
-    filled with the ops of the traced module each new convolution absorbed (name -> [Source])."""
+    filled with the ops of the traced module each new convolution absorbed (name -> [Source]); ``exact``: the
+    float64 weights of the layers the folds wrote (``fold_graph``'s), merged from instead of their cast."""
     modules = ModuleIndex(gm)
+    if exact is not None:
+        modules.exact = exact
     modules.provenance = {} if provenance is None else provenance
     modules.tried = set()  # sequential pairs found not to merge: not computed again in later rounds
     modules.erased = set()  # nodes erased by merges of the current round
@@ -288,6 +293,7 @@ def _merge_parallel_at(gm, modules, root: fx.Node, report: FoldReport, refused: 
         gm.add_submodule(name, conv)
         modules[name] = conv
         modules.calls[id(conv)] = 1
+        modules.set_exact(conv, merged.weight, merged.bias)
         rest = [terms[i] for i in range(len(terms)) if i not in members]
         with gm.graph.inserting_before(root):
             total = gm.graph.call_module(name, (x,))
@@ -341,6 +347,7 @@ def _merge_sequential_at(gm, modules, node: fx.Node, report: FoldReport) -> bool
     gm.add_submodule(name, conv)
     modules[name] = conv
     modules.calls[id(conv)] = 1
+    modules.set_exact(conv, merged.weight, merged.bias)
     with gm.graph.inserting_before(node):
         new = gm.graph.call_module(name, (first.x,))
     new.meta = dict(node.meta)

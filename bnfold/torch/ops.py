@@ -269,23 +269,36 @@ class Plan:
     bypass: object = None
     replacement: object = None
     remove: list = field(default_factory=list)
+    exact: tuple | None = None  # the float64 (weight, bias) the cast ones came from, for merges made later
+
+
+def exact_after(layer: Layer, affine: Affine, exact=None) -> tuple[np.ndarray, np.ndarray]:
+    """New float64 (weight, bias) for ``affine`` applied to the layer's output; FoldRefused when not exact.
+    ``exact``: the layer's weight and bias in float64 when an earlier fold or merge computed them (else its own)."""
+    groups = layer.groups if layer.kind.groups_after else 1
+    weight, bias = exact if exact is not None else (numpy64(layer.weight),
+                                                    None if layer.bias is None else numpy64(layer.bias))
+    return absorb_after(weight, bias, affine.s, affine.t, axis=layer.kind.out_axis, groups=groups)
+
+
+def exact_before(layer: Layer, s: np.ndarray, t: np.ndarray, exact=None) -> tuple[np.ndarray, np.ndarray]:
+    """New float64 (weight, bias) for ``s*x + t`` applied to the layer's input (exact only without padding)."""
+    groups = layer.groups if layer.kind.groups_before else 1
+    weight, bias = exact if exact is not None else (numpy64(layer.weight),
+                                                    None if layer.bias is None else numpy64(layer.bias))
+    return absorb_before(weight, bias, s, t, in_axis=layer.kind.in_axis, out_axis=layer.kind.out_axis,
+                         groups=groups)
 
 
 def weights_after(layer: Layer, affine: Affine) -> tuple[torch.Tensor, torch.Tensor]:
     """New (weight, bias) for ``affine`` applied to the layer's output; FoldRefused when not exact."""
-    groups = layer.groups if layer.kind.groups_after else 1
-    bias = None if layer.bias is None else numpy64(layer.bias)
-    new_w, new_b = absorb_after(numpy64(layer.weight), bias, affine.s, affine.t, axis=layer.kind.out_axis,
-                                groups=groups)
+    new_w, new_b = exact_after(layer, affine)
     return to_torch(new_w, layer.weight), to_torch(new_b, layer.weight)
 
 
 def weights_before(layer: Layer, s: np.ndarray, t: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """New (weight, bias) for ``s*x + t`` applied to the layer's input (exact only without padding)."""
-    groups = layer.groups if layer.kind.groups_before else 1
-    bias = None if layer.bias is None else numpy64(layer.bias)
-    new_w, new_b = absorb_before(numpy64(layer.weight), bias, s, t, in_axis=layer.kind.in_axis,
-                                 out_axis=layer.kind.out_axis, groups=groups)
+    new_w, new_b = exact_before(layer, s, t)
     return to_torch(new_w, layer.weight), to_torch(new_b, layer.weight)
 
 
