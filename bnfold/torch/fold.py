@@ -95,7 +95,10 @@ def fold_module(module: nn.Module, example_inputs=None, *, inplace: bool = False
     report = FoldReport()
     graph_module = trace(work)
     if isinstance(graph_module, str):
-        return _fold_untraceable(work, example_inputs, report, graph_module)
+        result = _fold_untraceable(work, example_inputs, report, graph_module)
+        if merge:
+            report.notes.append("branch merges are made on the torch.fx graph only: none were made")
+        return result
     exact: dict = {}
     fold_graph(graph_module, example_inputs, report, exact=exact)
     if merge:

@@ -24,7 +24,6 @@ import math
 import operator
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
