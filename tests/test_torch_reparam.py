@@ -288,3 +288,31 @@ def test_merged_kernel_is_rounded_once():
             ref = ref.numpy()
             half_spacing = np.spacing(np.abs(ref).astype(np.float32)).astype(np.float64) / 2
             assert np.all(np.abs(mine.detach().double().numpy() - ref) <= half_spacing * (1 + 1e-6) + 1e-300)
+
+
+class Untraceable(nn.Module):
+    """Reads a size in Python control flow: torch.fx can not trace it, fold_module works on torch.export's graph."""
+
+    def __init__(self, body: nn.Module):
+        super().__init__()
+        self.body = body
+
+    def forward(self, x):
+        if x.shape[-1] > 10_000:
+            x = x[..., :10_000]
+        return self.body(x)
+
+
+@pytest.mark.parametrize("name", list(R.MODELS))
+def test_merged_on_the_aten_graph_too(name):
+    model = R.realistic(Untraceable(R.MODELS[name]()), seed=12)
+    deploy = R.reparameterize_model(model)
+    x = torch.randn(4, 3, 24, 24, generator=torch.Generator().manual_seed(13))
+    snap = snapshot(model)
+    folded, report = fold_module(model, (x,))
+    assert_unchanged(model, snap)
+    assert any("torch.export" in note for note in report.notes), report.notes
+    assert count_bn_dispatched(folded, x) == report.bn_after == 0 and not report.skipped, report.to_dict()
+    assert convs(folded, x) <= convs(deploy, x) and pools(folded, x) == 0
+    ref = reference(model, x)
+    assert relative_error(folded, ref, x) <= 3 * max(relative_error(deploy, ref, x), 2.0 ** -24)

@@ -63,7 +63,7 @@ def fold_module(module: nn.Module, example_inputs=None, *, inplace: bool = False
     weights updated. Only folds proven on the torch.fx trace that can be written into the module that way are made
     then; the others are Skips with code ``needs-graph-module``.
 
-    ``merge``: after the folds, merge linear branches on the torch.fx graph (:mod:`bnfold.torch.merge`: summed
+    ``merge``: after the folds, merge linear branches on the traced graph (:mod:`bnfold.torch.merge`: summed
     Conv/BN/identity/average-pool branches reading one input, and exact Conv sequences, become one Conv), each a
     ``Fold`` with rule ``merge-branches`` or ``merge-sequential``. With ``keep_class=True`` each merge is written into
     the module as a block's own ``reparameterize()`` would (one branch's conv becomes the merged conv, the other
@@ -95,10 +95,16 @@ def fold_module(module: nn.Module, example_inputs=None, *, inplace: bool = False
     report = FoldReport()
     graph_module = trace(work)
     if isinstance(graph_module, str):
-        result = _fold_untraceable(work, example_inputs, report, graph_module)
-        if merge:
-            report.notes.append("branch merges are made on the torch.fx graph only: none were made")
-        return result
+        folded, report = _fold_untraceable(work, example_inputs, report, graph_module)
+        if merge and folded is not work:  # torch.export's ATen graph
+            from .export import drop_unused_tensors
+            from .merge import merge_graph
+
+            merge_graph(folded, report)
+            drop_unused_tensors(folded)
+        elif merge:
+            report.notes.append("branch merges need a graph (torch.fx's or torch.export's): none were made")
+        return folded, report
     exact: dict = {}
     fold_graph(graph_module, example_inputs, report, exact=exact)
     if merge:

@@ -1,6 +1,8 @@
 """Structural reparameterization on a traced PyTorch module: linear branches merged into one convolution.
 
-Runs on the torch.fx graph after the batch norms are folded (:func:`bnfold.torch.fold.fold_graph`), to a fixpoint:
+Runs on the torch.fx graph after the batch norms are folded (:func:`bnfold.torch.fold.fold_graph`), or on
+torch.export's ATen graph for modules torch.fx can not trace (``aten.conv*``, ``aten.avg_pool*``,
+``aten.batch_norm`` and ``aten.add`` nodes; the merged convolution is an ``nn.ConvNd`` call there too), to a fixpoint:
 
 * ``merge-branches``: an addition (a tree of ``+``/``torch.add``) whose terms read the same tensor, each a
   convolution (``nn.ConvNd`` or ``F.convNd`` on constant weights), a batch norm left alone in its branch, an average
@@ -37,10 +39,24 @@ from .fold import ModuleIndex, attribute_tensor, hook_reason, module_affine, pas
 from .fold import single_tensor_arg, value_users
 from .ops import Affine, constant_value, numpy64, to_torch
 
-_ADD = {operator.add, torch.add}
-_CONV_FUNCTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3, torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3}
-_CONV_SIGNATURE = inspect.Signature([inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in (
-    "input", "weight", "bias", "stride", "padding", "dilation", "groups")])
+_aten = torch.ops.aten
+_ADD = {operator.add, torch.add, _aten.add.Tensor}
+# Convolutions called as functions (torch.fx) or ATen ops (torch.export), all (input, weight, bias, stride, padding,
+# dilation, groups), by spatial rank.
+_CONV_FUNCTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3, torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3,
+                   _aten.conv1d.default: 1, _aten.conv2d.default: 2, _aten.conv3d.default: 3,
+                   _aten.conv1d.padding: 1, _aten.conv2d.padding: 2, _aten.conv3d.padding: 3}
+# ATen average pools: (input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override).
+_ATEN_POOLS = {_aten.avg_pool1d.default: 1, _aten.avg_pool2d.default: 2, _aten.avg_pool3d.default: 3}
+_ATEN_POOL_SIGNATURE = inspect.Signature([inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=d)
+                                          for n, d in (("input", inspect.Parameter.empty),
+                                                       ("kernel_size", inspect.Parameter.empty), ("stride", ()),
+                                                       ("padding", 0), ("ceil_mode", False),
+                                                       ("count_include_pad", True), ("divisor_override", None))])
+_CONV_SIGNATURE = inspect.Signature([inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=d)
+                                     for n, d in (("input", inspect.Parameter.empty),
+                                                  ("weight", inspect.Parameter.empty), ("bias", None), ("stride", 1),
+                                                  ("padding", 0), ("dilation", 1), ("groups", 1))])
 _POOLS = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}
 
 
@@ -102,22 +118,16 @@ def linear_op(gm: fx.GraphModule, modules: ModuleIndex, node) -> LinearOp | None
                             module.dilation, module.groups, modules.exact_of(module))
         pool_rank = next((r for cls, r in _POOLS.items() if type(module) is cls), None)
         if pool_rank is not None and getattr(module, "divisor_override", None) is None:
-            kernel = _tuple(module.kernel_size, pool_rank)
-            stride = _tuple(module.stride if module.stride is not None else kernel, pool_rank)
-            pads = list(_tuple(module.padding, pool_rank)) * 2
-
-            def build_pool(channels, spatial_rank):
-                if channels is None:
-                    raise MergeRefused("the average pool's channel count is not known from a neighbouring op")
-                return avgpool_branch(channels, kernel, strides=stride, pads=pads,
-                                      count_include_pad=bool(module.count_include_pad),
-                                      ceil_mode=bool(module.ceil_mode))
-
-            return LinearOp(node, x, node.target, "pool", build_pool, spatial_rank=pool_rank)
+            return _pool_op(node, x, node.target, pool_rank, module.kernel_size, module.stride, module.padding,
+                            module.ceil_mode, module.count_include_pad)
         affine = module_affine(module)
         if isinstance(affine, Affine) and runs_torch_forward(module):
             return _bn_op(node, x, node.target, affine)
         return None
+    if node.op == "call_function" and node.target in _ATEN_POOLS:
+        return _aten_pool_op(node)
+    if node.op == "call_function" and node.target is _aten.batch_norm.default:
+        return _aten_bn_op(gm, node)
     if node.op == "call_function" and node.target in _CONV_FUNCTIONS:
         try:
             bound = _CONV_SIGNATURE.bind(*node.args, **node.kwargs)
@@ -139,10 +149,54 @@ def linear_op(gm: fx.GraphModule, modules: ModuleIndex, node) -> LinearOp | None
     return None
 
 
+def _pool_op(node, x, name, rank, kernel, stride, padding, ceil_mode, count_include_pad) -> LinearOp:
+    kernel = _tuple(kernel, rank)
+    stride = _tuple(stride if stride else kernel, rank)  # ATen writes "as the kernel" as []
+    pads = list(_tuple(padding, rank)) * 2
+
+    def build(channels, spatial_rank):
+        if channels is None:
+            raise MergeRefused("the average pool's channel count is not known from a neighbouring op")
+        return avgpool_branch(channels, kernel, strides=stride, pads=pads, count_include_pad=bool(count_include_pad),
+                              ceil_mode=bool(ceil_mode))
+
+    return LinearOp(node, x, name, "pool", build, spatial_rank=rank)
+
+
+def _aten_pool_op(node) -> LinearOp | None:
+    try:
+        bound = _ATEN_POOL_SIGNATURE.bind(*node.args, **node.kwargs)
+    except TypeError:
+        return None
+    a = bound.arguments
+    if not isinstance(a["input"], fx.Node) or a.get("divisor_override") is not None:
+        return None
+    return _pool_op(node, a["input"], node.name, _ATEN_POOLS[node.target], a["kernel_size"], a.get("stride"),
+                    a.get("padding", 0), a.get("ceil_mode", False), a.get("count_include_pad", True))
+
+
+def _aten_bn_op(gm, node) -> LinearOp | None:
+    """``aten.batch_norm`` in inference mode on constant tensors (x, weight, bias, mean, var, training, momentum,
+    eps, cudnn_enabled)."""
+    from .export import module_path
+    from .ops import affine_from_stats
+
+    args = list(node.args)
+    if len(args) < 8 or node.kwargs or args[5] is not False or not isinstance(args[0], fx.Node):
+        return None
+    tensors = [attribute_tensor(gm, a) if a is not None else None for a in args[1:5]]
+    if any(t is None for t in tensors[2:]) or any(a is not None and t is None for a, t in zip(args[1:3], tensors)):
+        return None
+    affine = affine_from_stats(*tensors, float(args[7]))
+    return _bn_op(node, args[0], module_path(node), affine) if isinstance(affine, Affine) else None
+
+
 def _bn_op(node, x, name, affine: Affine) -> LinearOp:
     channels = affine.s.shape[0]
     meta = node.meta.get("tensor_meta")
-    ranks = (len(meta.shape),) if getattr(meta, "shape", None) is not None else affine.ranks
+    value = node.meta.get("val")  # torch.export's
+    shape = getattr(meta, "shape", None) if meta is not None else getattr(value, "shape", None)
+    ranks = (len(shape),) if shape is not None else affine.ranks
     spatial = ranks[0] - 2 if ranks is not None and len(ranks) == 1 and ranks[0] >= 3 else None
 
     def build(c, spatial_rank):
