@@ -99,7 +99,7 @@ def fold_aten_graph(gm: fx.GraphModule, report: FoldReport, *, keep=frozenset(),
             report.skipped.append(Skip(module_path(node), outcome.reason, op_type=str(node.target),
                                        code=outcome.code))
             report.bn_after += 1
-    _drop_unused_tensors(gm)
+    drop_unused_tensors(gm)
     gm.graph.lint()
     gm.recompile()
 
@@ -157,15 +157,16 @@ def fold_module_exported(module: nn.Module, example_inputs, report: FoldReport, 
     return gm
 
 
-def _drop_unused_tensors(gm: fx.GraphModule) -> None:
+def drop_unused_tensors(gm: fx.GraphModule) -> None:
     """Remove get_attr nodes nobody reads and the parameters/buffers no get_attr reads any more (the folded
     batch norm's statistics, weights replaced by their folded copies)."""
     for node in list(gm.graph.nodes):
         if node.op == "get_attr" and not node.users:
             gm.graph.erase_node(node)
     read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}  # convolutions a merge added
     for name, _ in list(gm.named_parameters()) + list(gm.named_buffers()):
-        if name not in read:
+        if name not in read and name.rpartition(".")[0] not in called:
             owner_path, _, leaf = name.rpartition(".")
             delattr(gm.get_submodule(owner_path) if owner_path else gm, leaf)
 
@@ -347,7 +348,7 @@ def without_batchnorm(program) -> fx.GraphModule:
                 gm.graph.erase_node(user)
         gm.graph.erase_node(node)
     gm.graph.eliminate_dead_code()
-    _drop_unused_tensors(gm)
+    drop_unused_tensors(gm)
     gm.recompile()
     return gm
 

@@ -37,7 +37,8 @@ from ..affine import FoldRefused
 from ..errors import InputError, first_line
 from ..report import Fold, FoldReport, Skip
 from .ops import (Affine, Layer, Plan, Refusal, affine_from_stats, before_scales, check_after, first_refusal,
-                  frozen_affine, module_kind, module_layer, refusal_of, weights_after, weights_before)
+                  exact_after, exact_before, frozen_affine, module_kind, module_layer, refusal_of, to_torch,
+                  weights_after)
 
 _BATCHNORM = nn.modules.batchnorm._BatchNorm
 # Ranks of input each BatchNorm class accepts (None: any rank >= 2).
@@ -51,7 +52,7 @@ _FUNCTIONAL = {
 
 
 def fold_module(module: nn.Module, example_inputs=None, *, inplace: bool = False, allow_train: bool = False,
-                keep_class: bool = False) -> tuple[nn.Module, FoldReport]:
+                keep_class: bool = False, merge: bool = True) -> tuple[nn.Module, FoldReport]:
     """Fold every batch norm that folds exactly; return ``(eval-mode module, FoldReport)``.
 
     ``example_inputs``: a tensor or a tuple of positional arguments; it lets bnfold prove tensor ranks (needed for
@@ -61,6 +62,12 @@ def fold_module(module: nn.Module, example_inputs=None, *, inplace: bool = False
     or by what its module computes besides it (the activation of a ``BatchNormAct2d``), and the absorbing layers'
     weights updated. Only folds proven on the torch.fx trace that can be written into the module that way are made
     then; the others are Skips with code ``needs-graph-module``.
+
+    ``merge``: after the folds, merge linear branches on the traced graph (:mod:`bnfold.torch.merge`: summed
+    Conv/BN/identity/average-pool branches reading one input, and exact Conv sequences, become one Conv), each a
+    ``Fold`` with rule ``merge-branches`` or ``merge-sequential``. With ``keep_class=True`` each merge is written into
+    the module as a block's own ``reparameterize()`` would (one branch's conv becomes the merged conv, the other
+    branches zero); one the module can not express is a Skip with code ``needs-graph-module``.
 
     The input module is not modified unless ``inplace=True``. A module in training mode is an error unless
     ``allow_train=True``, which folds an eval-mode copy. Prints nothing.
@@ -77,14 +84,33 @@ def fold_module(module: nn.Module, example_inputs=None, *, inplace: bool = False
     if keep_class:
         from .own import fold_own_class
 
-        return fold_own_class(module, example_inputs, inplace=inplace)
+        result, report = fold_own_class(module, example_inputs, inplace=inplace)
+        if merge:
+            from .merge import write_merges
+
+            write_merges(result, example_inputs, report)
+        return result, report
     work = module if inplace else copy_module(module)
     work.eval()
     report = FoldReport()
     graph_module = trace(work)
     if isinstance(graph_module, str):
-        return _fold_untraceable(work, example_inputs, report, graph_module)
-    fold_graph(graph_module, example_inputs, report)
+        folded, report = _fold_untraceable(work, example_inputs, report, graph_module)
+        if merge and folded is not work:  # torch.export's ATen graph
+            from .export import drop_unused_tensors
+            from .merge import merge_graph
+
+            merge_graph(folded, report)
+            drop_unused_tensors(folded)
+        elif merge:
+            report.notes.append("branch merges need a graph (torch.fx's or torch.export's): none were made")
+        return folded, report
+    exact: dict = {}
+    fold_graph(graph_module, example_inputs, report, exact=exact)
+    if merge:
+        from .merge import merge_graph
+
+        merge_graph(graph_module, report, exact=exact)
     return graph_module, report
 
 
@@ -115,16 +141,17 @@ def trace(module: nn.Module) -> fx.GraphModule | str:
 
 
 def fold_graph(graph_module: fx.GraphModule, example_inputs, report: FoldReport, *, keep=frozenset(),
-               own_class: bool = False) -> None:
+               own_class: bool = False, exact: dict | None = None) -> None:
     """Fold the batch norms of a traced module in place. ``keep``: names of batch norms to leave, and with
     ``own_class`` folds into a layer that runs elsewhere too (which would need a copy of it) are not made either;
-    both are Skips with code ``needs-graph-module``."""
+    both are Skips with code ``needs-graph-module``. ``exact``: a dict that receives the float64 weights of the
+    folded layers (for :func:`bnfold.torch.merge.merge_graph`)."""
     if example_inputs is not None:
         from torch.fx.passes.shape_prop import ShapeProp
 
         with torch.no_grad():
             run_example(lambda: ShapeProp(graph_module).propagate(*example_inputs))
-    _fold_graph(graph_module, report, keep, own_class)
+    _fold_graph(graph_module, report, keep, own_class, exact)
     _drop_unread_attributes(graph_module)
     graph_module.graph.lint()
     graph_module.recompile()
@@ -256,8 +283,8 @@ def _norm_of(gm: fx.GraphModule, modules: dict, node: fx.Node) -> _Norm | None:
         affine = module_affine(module)
         if affine is None:
             return None
-        return _Norm(node, _single_tensor_arg(node), affine, node.target, type(module).__name__, module)
-    frozen = frozen_affine(node, lambda n: _attribute(gm, n))
+        return _Norm(node, single_tensor_arg(node), affine, node.target, type(module).__name__, module)
+    frozen = frozen_affine(node, lambda n: attribute_tensor(gm, n))
     if frozen is not None:
         x, nodes, affine, owner = frozen
         rank = _rank(x)
@@ -278,7 +305,7 @@ def _norm_of(gm: fx.GraphModule, modules: dict, node: fx.Node) -> _Norm | None:
         if a.get("training") is not False:
             return _Norm(node, a["input"], Refusal("training-mode", "training=True (or computed): it normalizes by "
                                                    "batch statistics"), name, op_type)
-        tensors = {k: _attribute(gm, a.get(k)) for k in ("weight", "bias", "running_mean", "running_var")}
+        tensors = {k: attribute_tensor(gm, a.get(k)) for k in ("weight", "bias", "running_mean", "running_var")}
         computed = [k for k in tensors if a.get(k) is not None and tensors[k] is None]
         if computed or a.get("running_mean") is None or a.get("running_var") is None or \
                 not isinstance(a.get("eps"), (int, float)):
@@ -300,7 +327,7 @@ def _functional_name(running_mean, node: fx.Node) -> str:
     return node.name
 
 
-def _attribute(gm: fx.GraphModule, arg) -> torch.Tensor | None:
+def attribute_tensor(gm: fx.GraphModule, arg) -> torch.Tensor | None:
     if not isinstance(arg, fx.Node) or arg.op != "get_attr":
         return None
     try:
@@ -331,6 +358,7 @@ class ModuleIndex(dict):
         self.registered = Counter(id(m) for _, m in gm.named_modules(remove_duplicate=False))
         self.param_refs = Counter(id(p) for _, p in gm.named_parameters(remove_duplicate=False))
         self.calls = Counter(id(self[n.target]) for n in gm.graph.nodes if n.op == "call_module" and n.target in self)
+        self.exact: dict[int, tuple] = {}  # id(layer) -> (layer, float64 weight, float64 bias) of folds made
         self.read_under = set()  # module paths under which a get_attr reads a tensor
         for n in gm.graph.nodes:
             if n.op == "get_attr":
@@ -338,8 +366,20 @@ class ModuleIndex(dict):
                 self.read_under.update(".".join(parts[:i]) for i in range(1, len(parts)))
 
 
-def _fold_graph(gm: fx.GraphModule, report: FoldReport, keep, own_class: bool) -> None:
+    def exact_of(self, layer: nn.Module) -> tuple | None:
+        """The float64 (weight, bias) a fold or merge computed for ``layer`` (whose weights are their cast), or
+        None: later folds and merges start from them, so that every result is rounded once."""
+        entry = self.exact.get(id(layer))
+        return entry[1:] if entry is not None and entry[0] is layer else None
+
+    def set_exact(self, layer: nn.Module, weight, bias) -> None:
+        self.exact[id(layer)] = (layer, weight, bias)  # the layer is kept: its id is not reused meanwhile
+
+
+def _fold_graph(gm: fx.GraphModule, report: FoldReport, keep, own_class: bool, exact: dict | None) -> None:
     modules = ModuleIndex(gm)
+    if exact is not None:
+        modules.exact = exact
     report.bn_before += count_normalizations(gm)
     while True:
         changed, skipped = False, []
@@ -378,7 +418,7 @@ def _rank(node) -> int | None:
     return None if shape is None else len(shape)
 
 
-def _hooked(module: nn.Module | None) -> str:
+def hook_reason(module: nn.Module | None) -> str:
     """Why the module's call is more than its forward (hooks, weight parametrizations), or ''."""
     from torch.nn.utils import parametrize
 
@@ -425,7 +465,7 @@ _SHAPE_ATTRIBUTES = {"ndim", "shape", "dtype", "device", "is_cuda"}
 _SHAPE_METHODS = {"dim", "size", "ndimension"}
 
 
-def _value_users(node: fx.Node) -> list[fx.Node]:
+def value_users(node: fx.Node) -> list[fx.Node]:
     """The users of a node that read its values; reads of its shape (timm asserts the rank) see the same shape
     after a fold."""
     import builtins
@@ -436,7 +476,7 @@ def _value_users(node: fx.Node) -> list[fx.Node]:
         (u.op == "call_method" and u.target in _SHAPE_METHODS and u.args[0] is node))]
 
 
-def _single_tensor_arg(node: fx.Node) -> fx.Node | None:
+def single_tensor_arg(node: fx.Node) -> fx.Node | None:
     if len(node.args) == 1 and not node.kwargs and isinstance(node.args[0], fx.Node):
         return node.args[0]
     return None
@@ -450,28 +490,28 @@ def _layer_call(modules: dict, node) -> tuple[nn.Module, Layer] | None:
     return None if layer is None else (module, layer)
 
 
-def _passes_input_on(modules: dict, node) -> bool:
+def passes_input_on(modules: dict, node) -> bool:
     """An eval-mode call of torch's nn.Identity or Dropout: its output is its input."""
-    if not isinstance(node, fx.Node) or node.op != "call_module" or _single_tensor_arg(node) is None:
+    if not isinstance(node, fx.Node) or node.op != "call_module" or single_tensor_arg(node) is None:
         return False
     module = modules.get(node.target)
     return isinstance(module, (nn.Identity, nn.modules.dropout._DropoutNd)) and not module.training and \
-        getattr(type(module).forward, "__module__", "").startswith("torch.nn.") and not _hooked(module)
+        getattr(type(module).forward, "__module__", "").startswith("torch.nn.") and not hook_reason(module)
 
 
 def _plan_after(gm, modules, norm: _Norm) -> Plan | Refusal | None:
     source = norm.x
-    while _passes_input_on(modules, source) and len(_value_users(source)) == 1:
+    while passes_input_on(modules, source) and len(value_users(source)) == 1:
         source = source.args[0]
     found = _layer_call(modules, source)
     if found is None:
         return None
     module, layer = found
     label = f"{type(module).__name__} '{source.target}'"
-    hooked = _hooked(module) or _hooked(norm.module)
+    hooked = hook_reason(module) or hook_reason(norm.module)
     if hooked:
         return Refusal("hooked", f"not folded into {label}: {hooked}")
-    readers = _value_users(source)
+    readers = value_users(source)
     if len(readers) != 1:
         return Refusal("output-read-elsewhere", f"the output of {label} is also used elsewhere "
                                                 f"({len(readers)} users)")
@@ -481,11 +521,12 @@ def _plan_after(gm, modules, norm: _Norm) -> Plan | Refusal | None:
     if refusal:
         return refusal
     try:
-        weight, bias = weights_after(layer, norm.affine)
+        exact = exact_after(layer, norm.affine, modules.exact_of(module))
+        weight, bias = to_torch(exact[0], layer.weight), to_torch(exact[1], layer.weight)
     except FoldRefused as exc:
         return refusal_of(exc, statistics=False)
     return Plan(norm.name, source.target, f"{layer.kind.name}-bn", source, weight, bias, bypass=norm.node,
-                replacement=norm.x, remove=norm.nodes)
+                replacement=norm.x, remove=norm.nodes, exact=exact)
 
 
 _FLATTEN_FUNCTIONS = (torch.flatten,)
@@ -507,7 +548,7 @@ def _is_channel_flatten(node: fx.Node, modules: dict) -> bool:
 
 def _plan_before(gm, modules, norm: _Norm) -> Plan | Refusal | None:
     node = norm.node
-    readers = _value_users(node)
+    readers = value_users(node)
     if not isinstance(norm.x, fx.Node) or len(readers) != 1:
         return None
     consumer = readers[0]
@@ -519,21 +560,22 @@ def _plan_before(gm, modules, norm: _Norm) -> Plan | Refusal | None:
         if _layer_call(modules, consumer) is None:
             return None
     module, layer = _layer_call(modules, consumer)
-    if _single_tensor_arg(consumer) is not (via if via is not None else node):
+    if single_tensor_arg(consumer) is not (via if via is not None else node):
         return None
     label = f"{type(module).__name__} '{consumer.target}'"
-    hooked = _hooked(module) or _hooked(norm.module)
+    hooked = hook_reason(module) or hook_reason(norm.module)
     if hooked:
         return Refusal("hooked", f"not folded into {label}: {hooked}")
     scales = before_scales(layer, norm.affine, _rank(node), via is not None, label)
     if isinstance(scales, Refusal):
         return scales
     try:
-        weight, bias = weights_before(layer, *scales)
+        exact = exact_before(layer, *scales, modules.exact_of(module))
+        weight, bias = to_torch(exact[0], layer.weight), to_torch(exact[1], layer.weight)
     except FoldRefused as exc:
         return refusal_of(exc, statistics=False)
     return Plan(norm.name, consumer.target, f"bn-{layer.kind.name}", consumer, weight, bias, bypass=node,
-                replacement=norm.x, remove=norm.nodes)
+                replacement=norm.x, remove=norm.nodes, exact=exact)
 
 
 def apply_plan(gm: fx.GraphModule, modules: "ModuleIndex", plan: Plan) -> Fold:
@@ -547,6 +589,8 @@ def apply_plan(gm: fx.GraphModule, modules: "ModuleIndex", plan: Plan) -> Fold:
             layer.bias = nn.Parameter(plan.bias, requires_grad=layer.weight.requires_grad)
         else:
             layer.bias.copy_(plan.bias)
+    if plan.exact is not None:
+        modules.set_exact(layer, *plan.exact)
     plan.bypass.replace_all_uses_with(plan.replacement)
     for node in plan.remove:
         if node.users:  # a constant the normalization computed may feed something else too
@@ -609,7 +653,7 @@ def fold_sequential(root: nn.Module, example_inputs, report: FoldReport) -> None
             if observed is not None and len(observed) != 1:
                 continue  # called with inputs of several ranks
             rank = next(iter(observed)) if observed else None
-            if check_after(layer, affine, rank, "") or _hooked(module) or _hooked(norm):
+            if check_after(layer, affine, rank, "") or hook_reason(module) or hook_reason(norm):
                 continue
             try:
                 new_w, new_b = weights_after(layer, affine)

@@ -44,6 +44,11 @@ SKIP_CODES = {
     "not-traced": "neither torch.fx nor torch.export could trace the forward; only nn.Sequential pairs fold",
     "statistics-read": "the saved mean/variance outputs of the batch-norm call are used",
     "needs-graph-module": "the fold is proven on the trace but can not be written into the user's own module",
+    # branch merges (bnfold.torch.merge): Skips with op_type "merge", named after the branches
+    "merge-refused": "the summed branches are not one convolution exactly (kernels, pads, strides, dilations, "
+                     "channels or ranks do not line up, or torch can not pad the result that way)",
+    "merge-costlier": "the merged convolution would cost more multiply-adds than the branches (e.g. a dense 1x1 "
+                      "summed with a depthwise 3x3)",
 }
 
 
@@ -264,23 +269,36 @@ class Plan:
     bypass: object = None
     replacement: object = None
     remove: list = field(default_factory=list)
+    exact: tuple | None = None  # the float64 (weight, bias) the cast ones came from, for merges made later
+
+
+def exact_after(layer: Layer, affine: Affine, exact=None) -> tuple[np.ndarray, np.ndarray]:
+    """New float64 (weight, bias) for ``affine`` applied to the layer's output; FoldRefused when not exact.
+    ``exact``: the layer's weight and bias in float64 when an earlier fold or merge computed them (else its own)."""
+    groups = layer.groups if layer.kind.groups_after else 1
+    weight, bias = exact if exact is not None else (numpy64(layer.weight),
+                                                    None if layer.bias is None else numpy64(layer.bias))
+    return absorb_after(weight, bias, affine.s, affine.t, axis=layer.kind.out_axis, groups=groups)
+
+
+def exact_before(layer: Layer, s: np.ndarray, t: np.ndarray, exact=None) -> tuple[np.ndarray, np.ndarray]:
+    """New float64 (weight, bias) for ``s*x + t`` applied to the layer's input (exact only without padding)."""
+    groups = layer.groups if layer.kind.groups_before else 1
+    weight, bias = exact if exact is not None else (numpy64(layer.weight),
+                                                    None if layer.bias is None else numpy64(layer.bias))
+    return absorb_before(weight, bias, s, t, in_axis=layer.kind.in_axis, out_axis=layer.kind.out_axis,
+                         groups=groups)
 
 
 def weights_after(layer: Layer, affine: Affine) -> tuple[torch.Tensor, torch.Tensor]:
     """New (weight, bias) for ``affine`` applied to the layer's output; FoldRefused when not exact."""
-    groups = layer.groups if layer.kind.groups_after else 1
-    bias = None if layer.bias is None else numpy64(layer.bias)
-    new_w, new_b = absorb_after(numpy64(layer.weight), bias, affine.s, affine.t, axis=layer.kind.out_axis,
-                                groups=groups)
+    new_w, new_b = exact_after(layer, affine)
     return to_torch(new_w, layer.weight), to_torch(new_b, layer.weight)
 
 
 def weights_before(layer: Layer, s: np.ndarray, t: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """New (weight, bias) for ``s*x + t`` applied to the layer's input (exact only without padding)."""
-    groups = layer.groups if layer.kind.groups_before else 1
-    bias = None if layer.bias is None else numpy64(layer.bias)
-    new_w, new_b = absorb_before(numpy64(layer.weight), bias, s, t, in_axis=layer.kind.in_axis,
-                                 out_axis=layer.kind.out_axis, groups=groups)
+    new_w, new_b = exact_before(layer, s, t)
     return to_torch(new_w, layer.weight), to_torch(new_b, layer.weight)
 
 
@@ -352,7 +370,7 @@ def _is_op(node, ops) -> bool:
         len(node.args) == 2 and not node.kwargs
 
 
-def _constant(node, tensor_of, seen: dict, depth: int = 0):
+def constant_value(node, tensor_of, seen: dict, depth: int = 0):
     """The value of a node computed from parameters, buffers and literals only (evaluated here), else None.
     Constants of a normalization are a few operations deep: deeper chains are not looked into."""
     import torch.fx as fx
@@ -365,7 +383,7 @@ def _constant(node, tensor_of, seen: dict, depth: int = 0):
     if node.op == "get_attr":
         value = tensor_of(node)
     elif node.op in ("call_function", "call_method") and depth < 32:
-        args = [_constant(a, tensor_of, seen, depth + 1) if isinstance(a, fx.Node) else a for a in node.args]
+        args = [constant_value(a, tensor_of, seen, depth + 1) if isinstance(a, fx.Node) else a for a in node.args]
         if not any(isinstance(a, fx.Node) and seen.get(a) is None for a in node.args) and \
                 not any(isinstance(v, fx.Node) for v in node.kwargs.values()):
             try:
@@ -409,7 +427,7 @@ def frozen_affine(node, tensor_of):
             if owner is None:
                 continue
             seen: dict = {}
-            scale, shift = _constant(scale_node, tensor_of, seen), _constant(shift_node, tensor_of, seen)
+            scale, shift = constant_value(scale_node, tensor_of, seen), constant_value(shift_node, tensor_of, seen)
             if not (isinstance(scale, torch.Tensor) and isinstance(shift, torch.Tensor)) or scale.dim() < 2:
                 continue
             channels = scale.shape[1]

@@ -51,7 +51,7 @@ def fold_own_class(module: nn.Module, example_inputs, *, inplace: bool) -> tuple
     if inplace:
         _copy_weights(trial, target, {f.into for f in report.folded})
     for name, replacement in replacements.items():
-        _set_submodule(target, name, replacement)
+        set_submodule(target, name, replacement)
     target.eval()
     _prove(target, graph_module, example_inputs, report)
     return target, report
@@ -116,9 +116,9 @@ def _from_aten_graph(module: nn.Module, example_inputs, inplace: bool):
             else:
                 layer.bias.copy_(bias)
     for name, replacement in replacements.items():
-        _set_submodule(target, name, replacement)
+        set_submodule(target, name, replacement)
     target.eval()
-    if not _same_outputs(target, graph_module, example_inputs):
+    if not same_outputs(target, graph_module, example_inputs):
         raise RuntimeError("bnfold: the module written in its own class does not compute what the folded ATen "
                            "graph computes")
     return target, report
@@ -228,7 +228,7 @@ def _aten_replacement(root: nn.Module, gm: fx.GraphModule, name: str, report: Fo
     return modules[0] if len(modules) == 1 else nn.Sequential(*modules)
 
 
-def _same_outputs(module: nn.Module, graph_module: nn.Module, example_inputs) -> bool:
+def same_outputs(module: nn.Module, graph_module: nn.Module, example_inputs) -> bool:
     outputs = []
     for candidate in (module, graph_module):
         with torch.no_grad():
@@ -293,7 +293,7 @@ def _replacement(root: nn.Module, gm: fx.GraphModule, name: str) -> nn.Module | 
     return modules[0] if len(modules) == 1 else nn.Sequential(*modules)
 
 
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     owner_path, _, leaf = name.rpartition(".")
     owner = root.get_submodule(owner_path) if owner_path else root
     setattr(owner, leaf, module)
@@ -321,7 +321,7 @@ def _prove(module: nn.Module, graph_module: fx.GraphModule, example_inputs, repo
     if left != report.bn_after:
         raise RuntimeError(f"bnfold: the module written in its own class runs {left} batch norms, the folded "
                            f"graph {report.bn_after}")
-    if example_inputs is not None and not _same_outputs(module, graph_module, example_inputs):
+    if example_inputs is not None and not same_outputs(module, graph_module, example_inputs):
         raise RuntimeError("bnfold: the module written in its own class does not compute what the folded graph "
                            "computes")
 

@@ -1,0 +1,639 @@
+"""Structural reparameterization on a traced PyTorch module: linear branches merged into one convolution.
+
+Runs on the torch.fx graph after the batch norms are folded (:func:`bnfold.torch.fold.fold_graph`), or on
+torch.export's ATen graph for modules torch.fx can not trace (``aten.conv*``, ``aten.avg_pool*``,
+``aten.batch_norm`` and ``aten.add`` nodes; the merged convolution is an ``nn.ConvNd`` call there too), to a fixpoint:
+
+* ``merge-branches``: an addition (a tree of ``+``/``torch.add``) whose terms read the same tensor, each a
+  convolution (``nn.ConvNd`` or ``F.convNd`` on constant weights), a batch norm left alone in its branch, an average
+  pool that equals a convolution, or that tensor itself, becomes one convolution (RepVGG, MobileOne, ACNet, DBB);
+* ``merge-sequential``: two such ops in sequence, the first read by nothing else, become one where exact (DBB's
+  1×1 then k×k, a pool then its batch norm).
+
+The math is :mod:`bnfold.reparam`'s (float64, cast once to the layer's dtype); each merge is exact or refused with
+its reason. A merge is made only when the merged convolution costs no more multiply-adds per output than the ops
+it replaces, or when a sequential merge's result is then merged into a sibling branch that pays for it (DBB's
+1×1 then average pool, summed with a k×k). Every op merged is a ``Fold`` record with rule ``merge-branches`` or
+``merge-sequential`` (``bn``: the op's module or node name; ``into``: the new convolution, one per merge); a block that
+looks mergeable but is not merged is a ``Skip`` with a ``merge-*`` code and ``op_type`` ``"merge"``.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from ..affine import FoldRefused
+from ..reparam import ConvBranch, MergeRefused, affine_branch, avgpool_branch, conv_branch, identity_branch
+from ..reparam import merge_parallel, merge_sequential
+from ..report import Fold, FoldReport, Skip
+from .fold import ModuleIndex, attribute_tensor, hook_reason, module_affine, passes_input_on, runs_torch_forward
+from .fold import single_tensor_arg, value_users
+from .ops import Affine, constant_value, numpy64, to_torch
+
+_aten = torch.ops.aten
+_ADD = {operator.add, torch.add, _aten.add.Tensor}
+# Convolutions called as functions (torch.fx) or ATen ops (torch.export), all (input, weight, bias, stride, padding,
+# dilation, groups), by spatial rank.
+_CONV_FUNCTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3, torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3,
+                   _aten.conv1d.default: 1, _aten.conv2d.default: 2, _aten.conv3d.default: 3,
+                   _aten.conv1d.padding: 1, _aten.conv2d.padding: 2, _aten.conv3d.padding: 3}
+# ATen average pools: (input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override).
+_ATEN_POOLS = {_aten.avg_pool1d.default: 1, _aten.avg_pool2d.default: 2, _aten.avg_pool3d.default: 3}
+_ATEN_POOL_SIGNATURE = inspect.Signature([inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=d)
+                                          for n, d in (("input", inspect.Parameter.empty),
+                                                       ("kernel_size", inspect.Parameter.empty), ("stride", ()),
+                                                       ("padding", 0), ("ceil_mode", False),
+                                                       ("count_include_pad", True), ("divisor_override", None))])
+_CONV_SIGNATURE = inspect.Signature([inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=d)
+                                     for n, d in (("input", inspect.Parameter.empty),
+                                                  ("weight", inspect.Parameter.empty), ("bias", None), ("stride", 1),
+                                                  ("padding", 0), ("dilation", 1), ("groups", 1))])
+_POOLS = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}
+
+
+@dataclass
+class LinearOp:
+    """One op a merge can take: ``node`` computes it from ``x`` (``node`` None: the identity, ``x`` itself).
+    ``kind``: "conv", "bn", "pool" or "identity"; ``build(channels, spatial_rank)`` gives its ConvBranch (or raises
+    MergeRefused); ``like``: a tensor whose dtype and device the merged weights take."""
+
+    node: fx.Node | None
+    x: fx.Node
+    name: str
+    kind: str
+    build: object
+    like: torch.Tensor | None = None
+    in_channels: int | None = None
+    out_channels: int | None = None
+    spatial_rank: int | None = None
+
+
+def _tuple(value, rank: int) -> tuple[int, ...]:
+    return tuple(int(v) for v in value) if isinstance(value, (tuple, list)) else (int(value),) * rank
+
+
+def _conv_pads(padding, kernel, dilation, rank: int) -> list[int]:
+    """torch's ``padding`` (ints or "valid"/"same") as ONNX pads (begins, then ends)."""
+    if padding == "valid":
+        return [0] * 2 * rank
+    if padding == "same":  # torch puts the odd one at the end
+        total = [d * (k - 1) for d, k in zip(dilation, kernel)]
+        return [t // 2 for t in total] + [t - t // 2 for t in total]
+    pads = _tuple(padding, rank)
+    return list(pads) * 2
+
+
+def _conv_op(node, x, name, weight, bias, stride, padding, dilation, groups, exact=None) -> LinearOp:
+    rank = weight.dim() - 2
+    stride, dilation = _tuple(stride, rank), _tuple(dilation, rank)
+    pads = _conv_pads(padding, weight.shape[2:], dilation, rank)
+    def build(channels, spatial_rank):
+        w64, b64 = exact if exact is not None else (numpy64(weight), None if bias is None else numpy64(bias))
+        return conv_branch(w64, b64, groups=int(groups), strides=stride, dilations=dilation, pads=pads)
+
+    return LinearOp(node, x, name, "conv", build, weight, weight.shape[1] * int(groups), weight.shape[0], rank)
+
+
+def linear_op(gm: fx.GraphModule, modules: ModuleIndex, node) -> LinearOp | None:
+    """The op ``node`` computes, if a merge can take it, else None."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "call_module" and node.target in modules:
+        module, x = modules[node.target], single_tensor_arg(node)
+        if x is None or hook_reason(module) or module.training:
+            return None
+        if isinstance(module, nn.modules.conv._ConvNd):
+            if module.transposed or module.padding_mode != "zeros" or not runs_torch_forward(module):
+                return None
+            return _conv_op(node, x, node.target, module.weight, module.bias, module.stride, module.padding,
+                            module.dilation, module.groups, modules.exact_of(module))
+        pool_rank = next((r for cls, r in _POOLS.items() if type(module) is cls), None)
+        if pool_rank is not None and getattr(module, "divisor_override", None) is None:
+            return _pool_op(node, x, node.target, pool_rank, module.kernel_size, module.stride, module.padding,
+                            module.ceil_mode, module.count_include_pad)
+        affine = module_affine(module)
+        if isinstance(affine, Affine) and runs_torch_forward(module):
+            return _bn_op(node, x, node.target, affine)
+        return None
+    if node.op == "call_function" and node.target in _ATEN_POOLS:
+        return _aten_pool_op(node)
+    if node.op == "call_function" and node.target is _aten.batch_norm.default:
+        return _aten_bn_op(gm, node)
+    if node.op == "call_function" and node.target in _CONV_FUNCTIONS:
+        try:
+            bound = _CONV_SIGNATURE.bind(*node.args, **node.kwargs)
+        except TypeError:
+            return None
+        a = bound.arguments
+        if not isinstance(a["input"], fx.Node):
+            return None
+        seen: dict = {}
+        tensor_of = lambda n: attribute_tensor(gm, n)  # noqa: E731
+        weight = constant_value(a["weight"], tensor_of, seen)
+        bias = constant_value(a.get("bias"), tensor_of, seen) if a.get("bias") is not None else None
+        if not isinstance(weight, torch.Tensor) or (a.get("bias") is not None and not isinstance(bias, torch.Tensor)):
+            return None
+        if weight.dim() != _CONV_FUNCTIONS[node.target] + 2:
+            return None
+        return _conv_op(node, a["input"], node.name, weight, bias, a.get("stride", 1), a.get("padding", 0),
+                        a.get("dilation", 1), a.get("groups", 1))
+    return None
+
+
+def _pool_op(node, x, name, rank, kernel, stride, padding, ceil_mode, count_include_pad) -> LinearOp:
+    kernel = _tuple(kernel, rank)
+    stride = _tuple(stride if stride else kernel, rank)  # ATen writes "as the kernel" as []
+    pads = list(_tuple(padding, rank)) * 2
+
+    def build(channels, spatial_rank):
+        if channels is None:
+            raise MergeRefused("the average pool's channel count is not known from a neighbouring op")
+        return avgpool_branch(channels, kernel, strides=stride, pads=pads, count_include_pad=bool(count_include_pad),
+                              ceil_mode=bool(ceil_mode))
+
+    return LinearOp(node, x, name, "pool", build, spatial_rank=rank)
+
+
+def _aten_pool_op(node) -> LinearOp | None:
+    try:
+        bound = _ATEN_POOL_SIGNATURE.bind(*node.args, **node.kwargs)
+    except TypeError:
+        return None
+    a = bound.arguments
+    if not isinstance(a["input"], fx.Node) or a.get("divisor_override") is not None:
+        return None
+    return _pool_op(node, a["input"], node.name, _ATEN_POOLS[node.target], a["kernel_size"], a.get("stride"),
+                    a.get("padding", 0), a.get("ceil_mode", False), a.get("count_include_pad", True))
+
+
+def _aten_bn_op(gm, node) -> LinearOp | None:
+    """``aten.batch_norm`` in inference mode on constant tensors (x, weight, bias, mean, var, training, momentum,
+    eps, cudnn_enabled)."""
+    from .export import module_path
+    from .ops import affine_from_stats
+
+    args = list(node.args)
+    if len(args) < 8 or node.kwargs or args[5] is not False or not isinstance(args[0], fx.Node):
+        return None
+    tensors = [attribute_tensor(gm, a) if a is not None else None for a in args[1:5]]
+    if any(t is None for t in tensors[2:]) or any(a is not None and t is None for a, t in zip(args[1:3], tensors)):
+        return None
+    affine = affine_from_stats(*tensors, float(args[7]))
+    return _bn_op(node, args[0], module_path(node), affine) if isinstance(affine, Affine) else None
+
+
+def _bn_op(node, x, name, affine: Affine) -> LinearOp:
+    channels = affine.s.shape[0]
+    meta = node.meta.get("tensor_meta")
+    value = node.meta.get("val")  # torch.export's
+    shape = getattr(meta, "shape", None) if meta is not None else getattr(value, "shape", None)
+    ranks = (len(shape),) if shape is not None else affine.ranks
+    spatial = ranks[0] - 2 if ranks is not None and len(ranks) == 1 and ranks[0] >= 3 else None
+
+    def build(c, spatial_rank):
+        if spatial is None or spatial != spatial_rank:
+            raise MergeRefused(f"can not prove the batch norm '{name}' normalizes a rank-{spatial_rank + 2} tensor")
+        return affine_branch(affine.s, affine.t, spatial_rank)
+
+    return LinearOp(node, x, name, "bn", build, None, channels, channels, spatial)
+
+
+def _identity(x: fx.Node) -> LinearOp:
+    return LinearOp(None, x, x.name, "identity", lambda c, r: identity_branch(c, r))
+
+
+# ---- costs ----------------------------------------------------------------------------------------------------
+
+def _cost(branch: ConvBranch) -> int:
+    """Multiply-adds per output position (an identity or batch norm still reads each value once)."""
+    return int(branch.weight.size)
+
+
+# ---- the pass -------------------------------------------------------------------------------------------------
+
+def merge_graph(gm: fx.GraphModule, report: FoldReport, provenance: dict | None = None,
+                exact: dict | None = None) -> None:
+    """Merge linear branches of a traced (and batch-norm-folded) module in place, to a fixpoint. ``provenance``:
+    filled with the ops of the traced module each new convolution absorbed (name -> [Source]); ``exact``: the
+    float64 weights of the layers the folds wrote (``fold_graph``'s), merged from instead of their cast."""
+    modules = ModuleIndex(gm)
+    if exact is not None:
+        modules.exact = exact
+    modules.provenance = {} if provenance is None else provenance
+    modules.tried = set()  # sequential pairs found not to merge: not computed again in later rounds
+    modules.erased = set()  # nodes erased by merges of the current round
+    refused: dict[str, Skip] = {}
+    for node in list(gm.graph.nodes):  # eval-mode Identity/Dropout calls stand between branches and their sum
+        if passes_input_on(modules, node):
+            node.replace_all_uses_with(node.args[0])
+            _erase(gm, modules, [node])
+    while True:
+        changed = False
+        modules.erased.clear()
+        for node in list(gm.graph.nodes):
+            if node in modules.erased or not node.users:
+                continue
+            if _is_add(node) and not _inner_add(node):
+                changed |= _merge_parallel_at(gm, modules, node, report, refused)
+            elif node.op in ("call_module", "call_function"):
+                changed |= _merge_sequential_at(gm, modules, node, report)
+        if not changed:
+            break
+    report.skipped.extend(refused.values())
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+
+
+def _is_add(node) -> bool:
+    if not isinstance(node, fx.Node) or node.kwargs or len(node.args) != 2:
+        return False
+    return (node.op == "call_function" and node.target in _ADD) or (node.op == "call_method" and
+                                                                     node.target == "add")
+
+
+def _inner_add(node: fx.Node) -> bool:
+    users = list(node.users)
+    return len(users) == 1 and _is_add(users[0])
+
+
+def _tree(root: fx.Node) -> tuple[list[fx.Node], list]:
+    """The adds of the tree under ``root`` (each inner one read by its parent only) and its terms."""
+    adds, terms, stack = [], [], [root]
+    while stack:
+        node = stack.pop()
+        if _is_add(node) and (node is root or len(node.users) == 1):
+            adds.append(node)
+            stack.extend(reversed(node.args))
+        else:
+            terms.append(node)
+    return adds, terms
+
+
+def _term_op(gm, modules, term, adds: list[fx.Node]) -> LinearOp:
+    """A term as an op of what it reads (when nothing outside the tree reads the op's output), else the identity."""
+    if len(term.users) == 1 and next(iter(term.users)) in adds and len(value_users(term)) == 1:
+        op = linear_op(gm, modules, term)
+        if op is not None and _owned(modules, op):
+            return op
+    return _identity(term)
+
+
+def _owned(modules: ModuleIndex, op: LinearOp) -> bool:
+    """The op's module runs only at this call (else it stays anyway and merging it saves nothing)."""
+    if op.node is None or op.node.op != "call_module":
+        return True
+    return modules.calls[id(modules[op.node.target])] == 1
+
+
+def _shape_of(ops: list[LinearOp]) -> tuple[int | None, int | None, int | None]:
+    """(in channels, out channels, spatial rank) the ops agree on, from those that know them."""
+    c_in = next((o.in_channels for o in ops if o.in_channels is not None), None)
+    c_out = next((o.out_channels for o in ops if o.out_channels is not None), None)
+    rank = next((o.spatial_rank for o in ops if o.kind == "conv"), None)
+    if rank is None:
+        rank = next((o.spatial_rank for o in ops if o.spatial_rank is not None), None)
+    return c_in, c_out, rank
+
+
+def _branches(ops: list[LinearOp]) -> list[ConvBranch]:
+    c_in, c_out, rank = _shape_of(ops)
+    if rank is None:
+        raise MergeRefused("the spatial rank is not known")
+    return [op.build(c_in if op.kind != "conv" else None, rank) for op in ops]
+
+
+def _merge_parallel_at(gm, modules, root: fx.Node, report: FoldReport, refused: dict) -> bool:
+    adds, terms = _tree(root)
+    if len(terms) < 2 or not all(isinstance(t, fx.Node) for t in terms):
+        return False
+    ops = [_term_op(gm, modules, t, adds) for t in terms]
+    groups: dict[fx.Node, list[int]] = {}
+    for i, op in enumerate(ops):
+        groups.setdefault(op.x, []).append(i)
+    for x, members in groups.items():
+        group = [ops[i] for i in members]
+        if len(group) < 2 or not any(op.kind == "conv" for op in group):
+            continue
+        label = " + ".join(op.name for op in group)
+        if label in refused:
+            continue  # the same ops refused in an earlier round
+        try:
+            branches = _branches(group)
+            merged = merge_parallel(branches)
+            if _cost(merged) > sum(_cost(b) for b in branches):
+                refused[label] = Skip(label, f"the merged convolution ({list(merged.weight.shape)}) costs more "
+                                             "than the branches", op_type="merge", code="merge-costlier")
+                continue
+            conv = _conv_module(merged, next(op.like for op in group if op.like is not None))
+        except MergeRefused as exc:
+            refused[label] = Skip(label, str(exc), op_type="merge", code="merge-refused")
+            continue
+        except FoldRefused as exc:  # the merged weights overflow the dtype
+            refused[label] = Skip(label, str(exc), op_type="merge", code="overflow")
+            continue
+        refused.pop(label, None)
+        name = _fresh_name(modules, _merged_name(group))
+        gm.add_submodule(name, conv)
+        modules[name] = conv
+        modules.calls[id(conv)] = 1
+        modules.set_exact(conv, merged.weight, merged.bias)
+        rest = [terms[i] for i in range(len(terms)) if i not in members]
+        with gm.graph.inserting_before(root):
+            total = gm.graph.call_module(name, (x,))
+            if not rest:
+                total.meta = dict(root.meta)
+            for term in rest:
+                total = gm.graph.call_function(operator.add, (total, term))
+        root.replace_all_uses_with(total)
+        _erase(gm, modules, adds + [op.node for op in group if op.node is not None])
+        _record(report, group, name, "merge-branches")
+        modules.provenance[name] = [src for op in group for src in _sources(op, modules.provenance)]
+        return True
+    return False
+
+
+def _merge_sequential_at(gm, modules, node: fx.Node, report: FoldReport) -> bool:
+    second = linear_op(gm, modules, node)
+    if second is None or second.kind == "identity" or not _owned(modules, second):
+        return False
+    first = linear_op(gm, modules, second.x)
+    if first is None or len(second.x.users) != 1 or len(value_users(second.x)) != 1 or not _owned(modules, first):
+        return False
+    if "conv" not in (first.kind, second.kind) and "pool" not in (first.kind, second.kind):
+        return False  # two batch norms: merging them would make a convolution where there was none
+    # pairs that did not merge are not computed again while the addition they feed (if any) stays the same
+    key = (first.node, node, tuple(_tree_of(node)[1]))
+    if key in modules.tried:
+        return False
+    modules.tried.add(key)
+    try:
+        between = first.out_channels if first.out_channels is not None else second.in_channels
+        rank = next((o.spatial_rank for o in (first, second) if o.spatial_rank is not None), None)
+        if rank is None:
+            return False
+        a = first.build(first.in_channels if first.kind == "conv" else between, rank)
+        b = second.build(between, rank)
+        merged = merge_sequential(a, b)
+    except MergeRefused:
+        return False  # sequential pairs are everywhere in a network; only a made merge is news
+    spent = _cost(a) * math.prod(b.strides) + _cost(b)
+    if _cost(merged) > spent and not _pays_off(gm, modules, node, first.x, merged, spent):
+        return False
+    like = first.like if first.like is not None else second.like
+    if like is None:
+        like = next((p for p in gm.parameters()), torch.empty(0))
+    try:
+        conv = _conv_module(merged, like)
+    except FoldRefused:  # asymmetric pads, or the merged weights overflow the dtype
+        return False
+    name = _fresh_name(modules, _merged_name([first, second]))
+    gm.add_submodule(name, conv)
+    modules[name] = conv
+    modules.calls[id(conv)] = 1
+    modules.set_exact(conv, merged.weight, merged.bias)
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_module(name, (first.x,))
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    _erase(gm, modules, [node, first.node])
+    _record(report, [first, second], name, "merge-sequential")
+    modules.provenance[name] = [src for op in (first, second) for src in _sources(op, modules.provenance)]
+    return True
+
+
+def _tree_of(node: fx.Node) -> tuple[list[fx.Node], list]:
+    """The addition tree ``node`` is a term of (its adds and terms), or two empty lists."""
+    users = list(node.users)
+    if len(users) != 1 or not _is_add(users[0]):
+        return [], []
+    root = users[0]
+    while _inner_add(root):
+        root = next(iter(root.users))
+    return _tree(root)
+
+
+def _pays_off(gm, modules, node: fx.Node, x: fx.Node, merged: ConvBranch, spent: int) -> bool:
+    """Whether a costlier sequential merge is then merged into a sibling convolution of an addition (reading the
+    same input) for no more than the ops it replaces cost."""
+    adds, terms = _tree_of(node)
+    for term in terms:
+        if term is node or not isinstance(term, fx.Node):
+            continue
+        op = _term_op(gm, modules, term, adds)
+        if op.kind != "conv" or op.x is not x:
+            continue
+        try:
+            sibling = op.build(None, merged.spatial_rank)
+            if _cost(merge_parallel([sibling, merged])) <= _cost(sibling) + spent:
+                return True
+        except MergeRefused:
+            continue
+    return False
+
+
+@dataclass(frozen=True)
+class Source:
+    """An op of the traced module that a merged convolution absorbed: its node, the tensor it read, its kind, and
+    the module whose call it is (a functional call: the innermost module that made it; None for an identity)."""
+
+    node: fx.Node | None
+    x: fx.Node
+    kind: str
+    path: str | None
+
+
+def _sources(op: LinearOp, provenance: dict) -> list[Source]:
+    node = op.node
+    if node is not None and node.op == "call_module" and node.target in provenance:
+        return provenance[node.target]  # a convolution an earlier merge made
+    if node is None:
+        return [Source(None, op.x, op.kind, None)]
+    if node.op == "call_module":
+        return [Source(node, op.x, op.kind, str(node.target))]
+    stack = node.meta.get("nn_module_stack") or {}
+    owner = list(stack.values())[-1][0] if stack else None
+    return [Source(node, op.x, op.kind, owner)]
+
+
+def _record(report: FoldReport, ops: list[LinearOp], into: str, rule: str) -> None:
+    """One Fold per op merged into ``into`` (an identity removes nothing: no record). Batch norms merged away are
+    no longer left: their Skips go, ``bn_after`` counts them out."""
+    for op in ops:
+        if op.kind != "identity":
+            report.folded.append(Fold(op.name, into, rule))
+        if op.kind != "bn":
+            continue
+        before = len(report.skipped)
+        report.skipped = [s for s in report.skipped if s.bn != op.name]
+        report.bn_after -= before - len(report.skipped)
+
+
+def _conv_module(branch: ConvBranch, like: torch.Tensor) -> nn.Module:
+    """A torch ConvNd holding the merged kernel (rounded once to ``like``'s dtype)."""
+    if branch.pads_begin != branch.pads_end:
+        raise MergeRefused(f"the merged convolution pads {list(branch.pads_begin)} before and "
+                           f"{list(branch.pads_end)} after: torch's ConvNd pads alike on both sides")
+    cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}.get(branch.spatial_rank)
+    if cls is None:
+        raise MergeRefused(f"{branch.spatial_rank} spatial axes: no torch convolution")
+    conv = cls(branch.in_channels, branch.out_channels, branch.kernel_shape, stride=branch.strides,
+               padding=branch.pads_begin, dilation=branch.dilations, groups=branch.groups, bias=True,
+               device="meta")
+    conv.weight = nn.Parameter(to_torch(branch.weight, like))
+    conv.bias = nn.Parameter(to_torch(branch.bias, like))
+    return conv.eval()
+
+
+def _merged_name(ops: list[LinearOp]) -> str:
+    first = next((op.name for op in ops if op.kind == "conv"), ops[0].name)
+    return first.replace(".", "_") + "_merged"
+
+
+def _fresh_name(modules: ModuleIndex, base: str) -> str:
+    name, i = base, 0
+    while name in modules:
+        i += 1
+        name = f"{base}_{i}"
+    return name
+
+
+def _erase(gm: fx.GraphModule, modules: ModuleIndex, nodes: list[fx.Node]) -> None:
+    """Erase the replaced nodes, then whatever constant computation only they read (a functional conv's weight)."""
+    work = list(nodes)
+    while work:
+        node = work.pop(0)
+        if node in modules.erased or node.users or node.op in ("placeholder", "output"):
+            continue
+        if node.op == "call_module" and node.target in modules:
+            modules.calls[id(modules[node.target])] -= 1
+        inputs = [a for a in node.all_input_nodes]
+        gm.graph.erase_node(node)
+        modules.erased.add(node)
+        work.extend(a for a in inputs if _constant_node(a))
+
+
+def _constant_node(node: fx.Node) -> bool:
+    if node.op == "get_attr":
+        return True
+    return node.op in ("call_function", "call_method") and all(_constant_node(a) for a in node.all_input_nodes)
+
+
+def merged_count(report: FoldReport) -> int:
+    """The merges a report records (one merged convolution each)."""
+    return len({f.into for f in report.folded if f.rule.startswith("merge-")})
+
+
+class Zero(nn.Module):
+    """A branch merged into another one: adds nothing (a zero the sum broadcasts), as a deploy form drops it."""
+
+    def forward(self, x):
+        return x.new_zeros(())
+
+
+def write_merges(module: nn.Module, example_inputs, report: FoldReport) -> None:
+    """For a ``keep_class=True`` result: write each merge the trace of ``module`` proves into the module itself, the
+    way a block's own ``reparameterize()`` does: one absorbed convolution module (the host, reading the block's
+    input) becomes the merged convolution, the first module of every other branch a :class:`Zero`, the rest of
+    each branch ``nn.Identity``. A merge the module can not express that way (a term that is the input itself, a
+    module called elsewhere or computing more) is a Skip with code ``needs-graph-module``. The written module is
+    checked against the merged graph on ``example_inputs`` (without them nothing is written)."""
+    from .fold import copy_module, count_normalizations, trace
+    from .own import same_outputs, set_submodule
+
+    graph_module = trace(copy_module(module).eval())
+    if isinstance(graph_module, str):
+        return
+    calls: dict[str, int] = {}
+    owners: dict[str, list[fx.Node]] = {}  # module path -> the computing nodes its forward made
+    for node in graph_module.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+        if node.op in ("call_function", "call_method", "call_module") and not _constant_node(node):
+            for path, _ in (node.meta.get("nn_module_stack") or {}).values():
+                owners.setdefault(path, []).append(node)
+    registered: dict[int, int] = {}
+    for _, m in module.named_modules(remove_duplicate=False):
+        registered[id(m)] = registered.get(id(m), 0) + 1
+    trial, provenance = FoldReport(), {}
+    merge_graph(graph_module, trial, provenance)
+    finals = [n for n in graph_module.graph.nodes if n.op == "call_module" and n.target in provenance]
+    written: list[tuple[str, list[Source], Source, list[tuple[str, nn.Module]]]] = []
+    for node in finals:
+        sources = provenance[node.target]
+        rule = next(f.rule for f in trial.folded if f.into == node.target)
+        label = " + ".join(src.path or src.x.name for src in sources)
+        found = _assignment(module, graph_module, node, sources, calls, owners, registered)
+        if isinstance(found, str) or example_inputs is None:
+            why = found if isinstance(found, str) else "no example_inputs to check the written module with"
+            report.skipped.append(Skip(label, f"the {rule} merge is proven on the trace, but not written into the "
+                                              f"module's own class: {why}", op_type="merge",
+                                       code="needs-graph-module"))
+            continue
+        host, assignment = found
+        written.append((rule, sources, host, assignment))
+    if not written:
+        return
+    candidate = copy_module(module)
+    for _, _, _, assignment in written:
+        for path, replacement in assignment:
+            set_submodule(candidate, path, replacement)
+    if not same_outputs(candidate.eval(), graph_module, example_inputs):
+        raise RuntimeError("bnfold: the merges written into the module's own class do not compute what the merged "
+                           "graph computes")
+    for rule, sources, host, assignment in written:
+        for path, replacement in assignment:
+            set_submodule(module, path, replacement)
+        for src in sources:
+            if src is host:
+                continue
+            report.folded.append(Fold(src.path, host.path, rule))
+            if src.kind == "bn":
+                before = len(report.skipped)
+                report.skipped = [s for s in report.skipped if s.bn != src.path]
+                report.bn_after -= before - len(report.skipped)
+    module.eval()
+    retraced = trace(module)
+    if not isinstance(retraced, str) and count_normalizations(retraced) != report.bn_after:
+        raise RuntimeError("bnfold: the module with merges written runs another number of batch norms than the "
+                           "report says")
+
+
+def _assignment(module, graph_module, node, sources: list[Source], calls, owners, registered):
+    """(host source, [(module path, replacement)]) writing the merged convolution ``node`` into ``module``, or why
+    the module can not express it."""
+    x = node.args[0]
+    for src in sources:
+        if src.path is None:
+            return "a term of the sum is the input itself, not a module's output"
+        try:
+            owned = module.get_submodule(src.path)
+        except AttributeError:
+            return f"no module named '{src.path}'"
+        if registered.get(id(owned), 0) != 1:
+            return f"'{src.path}' is registered under several names"
+        if src.node.op == "call_module":
+            if calls.get(src.path) != 1:
+                return f"'{src.path}' is called elsewhere too"
+        elif owners.get(src.path) != [src.node]:
+            return f"'{src.path}' computes more than the {src.kind}"
+    host = next((src for src in sources if src.kind == "conv" and src.x is x), None)
+    if host is None:
+        return "no convolution of the block reads its input"
+    merged = copy.deepcopy(graph_module.get_submodule(node.target))
+    assignment = [(host.path, merged)]
+    for src in sources:
+        if src is not host:
+            assignment.append((src.path, Zero() if src.x is x else nn.Identity()))
+    return host, assignment
+
+

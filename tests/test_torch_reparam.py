@@ -1,0 +1,318 @@
+"""fold_module merges linear branches (bnfold.torch.merge) on RepVGG-, MobileOne-, ACNet- and DBB-style models.
+
+The yardstick is each block's own deploy form (tests/reparam_models.py: the authors' ``reparameterize()``, written
+from the papers): bnfold's result runs no more batch norms and convolutions than it (counted at the dispatcher),
+and its error against the float64 original is within 3x of the authors' own merge's error.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+from bnfold.torch import fold_module  # noqa: E402
+from bnfold.torch.merge import merged_count  # noqa: E402
+from bnfold.torch.ops import SKIP_CODES  # noqa: E402
+
+try:
+    import reparam_models as R
+    from torch_models import assert_unchanged, count_bn_dispatched, reference, snapshot
+except ImportError:  # pragma: no cover - tests/ is a package
+    from tests import reparam_models as R
+    from tests.torch_models import assert_unchanged, count_bn_dispatched, reference, snapshot
+
+
+def dispatched(module: nn.Module, *inputs: torch.Tensor) -> dict[str, int]:
+    """ATen ops one forward runs, by name, counted at the dispatcher (every nn.ConvNd/F.convNd is one
+    ``convolution``, every average pool one ``avg_pool*``)."""
+    counts: dict[str, int] = {}
+
+    class Counter(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            counts[name] = counts.get(name, 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Counter():
+        module(*inputs)
+    return counts
+
+
+def convs(module, *inputs) -> int:
+    return dispatched(module, *inputs).get("convolution", 0)
+
+
+def pools(module, *inputs) -> int:
+    return sum(n for name, n in dispatched(module, *inputs).items() if name.startswith("avg_pool"))
+
+
+def relative_error(module, ref, *inputs) -> float:
+    with torch.no_grad():
+        out = module(*inputs).double()
+    return ((out - ref).abs().max() / ref.abs().max()).item()
+
+
+MODELS = {
+    **R.MODELS,
+    "mobileone-1-branch": lambda: R.mobileone_net(1),
+    "repvgg-5x5": lambda: nn.Sequential(R.RepVggBlock(3, 8, kernel_size=5), R.RepVggBlock(8, 8, kernel_size=5),
+                                        R.Head(8)),
+    "dbb-depthwise": lambda: nn.Sequential(R.DiverseBranchBlock(3, 12, 3, 1), R.DiverseBranchBlock(12, 12, 3, 2, 12),
+                                           R.Head(12)),
+}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_merged_like_the_authors_deploy_form(name):
+    model = R.realistic(MODELS[name](), seed=3)
+    deploy = R.reparameterize_model(model)
+    x = torch.randn(8, 3, 24, 24, generator=torch.Generator().manual_seed(5))
+    snap = snapshot(model)
+    folded, report = fold_module(model, (x,))
+    assert_unchanged(model, snap)
+    # no more batch norms and convolutions than the authors' deploy form, no average pool left
+    assert count_bn_dispatched(folded, x) == report.bn_after == count_bn_dispatched(deploy, x) == 0
+    assert convs(folded, x) <= convs(deploy, x), report.to_dict()
+    assert pools(folded, x) == pools(deploy, x) == 0
+    assert merged_count(report) > 0 and not report.skipped, report.to_dict()
+    # error vs the float64 original within 3x of the authors' own merge (floored at one float32 rounding)
+    ref = reference(model, x)
+    mine, theirs = relative_error(folded, ref, x), relative_error(deploy, ref, x)
+    assert mine <= 3 * max(theirs, 2.0 ** -24), (mine, theirs)
+    # on inputs it never saw
+    x2 = torch.randn(3, 3, 31, 29, generator=torch.Generator().manual_seed(6)) * 2 + 0.5
+    ref2 = reference(model, x2)
+    assert relative_error(folded, ref2, x2) <= 3 * max(relative_error(deploy, ref2, x2), 2.0 ** -24)
+
+
+def test_deterministic_and_idempotent():
+    model = R.realistic(R.dbb_net(), seed=4)
+    x = torch.randn(2, 3, 20, 20, generator=torch.Generator().manual_seed(1))
+    first, report = fold_module(model, (x,))
+    second, _ = fold_module(model, (x,))
+    a, b = first.state_dict(), second.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    again, again_report = fold_module(first, (x,))
+    assert merged_count(again_report) == 0 and not again_report.folded
+    with torch.no_grad():
+        assert torch.equal(again(x), first(x))
+
+
+class Branches(nn.Module):
+    """Branches summed over one input, as given: for the merges a block does not fit."""
+
+    def __init__(self, *branches: nn.Module, extra: bool = False):
+        super().__init__()
+        self.branches = nn.ModuleList(branches)
+        self.extra = extra
+
+    def forward(self, x, z=None):
+        y = self.branches[0](x)
+        for branch in self.branches[1:]:
+            y = y + branch(x)
+        return y + z if self.extra else y
+
+
+def check(model, *inputs, rtol=1e-5):
+    model = R.realistic(model, seed=9)
+    snap = snapshot(model)
+    folded, report = fold_module(model, inputs)
+    assert_unchanged(model, snap)
+    ref = reference(model, *inputs)
+    assert relative_error(folded, ref, *inputs) <= rtol
+    for skip in report.skipped:
+        assert skip.code in SKIP_CODES
+    return folded, report
+
+
+def test_an_addend_from_elsewhere_stays():
+    model = Branches(R.conv_bn(4, 4, 3, padding=1), R.conv_bn(4, 4, 1), nn.BatchNorm2d(4), extra=True)
+    x, z = torch.randn(2, 4, 9, 9), torch.randn(2, 4, 9, 9)
+    folded, report = check(model, x, z)
+    assert convs(folded, x, z) == 1 and count_bn_dispatched(folded, x, z) == 0
+    assert merged_count(report) == 1
+
+
+def test_kernels_that_do_not_nest_are_refused():
+    """1x3 + 3x1 without a 3x3 branch: no branch's kernel holds the other (and a 3x3 would cost more)."""
+    model = Branches(R.conv_bn(4, 4, (1, 3), padding=(0, 1)), R.conv_bn(4, 4, (3, 1), padding=(1, 0)))
+    x = torch.randn(2, 4, 7, 7)
+    folded, report = check(model, x)
+    assert convs(folded, x) == 2 and merged_count(report) == 0
+    assert [s.code for s in report.skipped] == ["merge-refused"]
+    assert report.skipped[0].op_type == "merge" and "contains" in report.skipped[0].reason
+
+
+def test_a_costlier_merge_is_not_made():
+    """A dense 1x1 summed with a depthwise 3x3 would become a dense 3x3: nine times the 1x1's work."""
+    model = Branches(R.conv_bn(16, 16, 3, padding=1, groups=16), R.conv_bn(16, 16, 1))
+    x = torch.randn(2, 16, 8, 8)
+    folded, report = check(model, x)
+    assert convs(folded, x) == 2 and [s.code for s in report.skipped] == ["merge-costlier"]
+
+
+def test_avgpool_without_counted_padding_is_refused():
+    """Border windows of a padded pool that does not count the padding divide by fewer values: not a conv."""
+    model = Branches(R.conv_bn(4, 4, 3, padding=1, groups=4), nn.AvgPool2d(3, 1, 1, count_include_pad=False))
+    x = torch.randn(2, 4, 6, 6)
+    folded, report = check(model, x)
+    assert pools(folded, x) == 1 and [s.code for s in report.skipped] == ["merge-refused"]
+    exact = Branches(R.conv_bn(4, 4, 3, padding=1, groups=4), nn.AvgPool2d(3, 1, 1))  # count_include_pad=True
+    folded, report = check(exact, x)
+    assert pools(folded, x) == 0 and convs(folded, x) == 1 and merged_count(report) == 1
+
+
+class OneThenK(nn.Module):
+    def __init__(self, bias: bool):
+        super().__init__()
+        self.first = nn.Conv2d(4, 6, 1, bias=bias)
+        self.second = nn.Conv2d(6, 5, 3, padding=1)
+
+    def forward(self, x):
+        return torch.relu(self.second(self.first(x)))
+
+
+def test_sequential_merge_only_where_exact():
+    x = torch.randn(2, 4, 7, 8)
+    folded, report = check(OneThenK(bias=False), x)
+    assert convs(folded, x) == 1 and {f.rule for f in report.folded} == {"merge-sequential"}
+    # a bias under the second conv's zero padding: the merged conv would read the bias there, not zero
+    folded, report = check(OneThenK(bias=True), x)
+    assert convs(folded, x) == 2 and merged_count(report) == 0
+
+
+def test_a_conv_that_runs_elsewhere_is_not_merged():
+    shared = R.conv_bn(4, 4, 3, padding=1)
+    model = nn.Sequential(Branches(shared, R.conv_bn(4, 4, 1)), nn.ReLU(), Branches(shared))
+    x = torch.randn(2, 4, 6, 6)
+    folded, report = check(model, x)
+    with torch.no_grad():
+        assert relative_error(folded, reference(model, x), x) <= 1e-5
+
+
+def test_merge_false_leaves_the_branches():
+    model = R.realistic(R.repvgg_net(), seed=2)
+    x = torch.randn(2, 3, 16, 16)
+    folded, report = fold_module(model, (x,), merge=False)
+    assert merged_count(report) == 0 and count_bn_dispatched(folded, x) == report.bn_after == 3  # identity BNs
+    assert relative_error(folded, reference(model, x), x) <= 1e-5
+
+
+@pytest.mark.parametrize("name", list(R.MODELS))
+def test_keep_class_writes_the_merges_into_the_blocks(name):
+    model = R.realistic(R.MODELS[name](), seed=7)
+    deploy = R.reparameterize_model(model)
+    x = torch.randn(4, 3, 24, 24, generator=torch.Generator().manual_seed(8))
+    snap = snapshot(model)
+    own, report = fold_module(model, (x,), keep_class=True)
+    assert_unchanged(model, snap)
+    assert type(own) is type(model) and not isinstance(own, torch.fx.GraphModule)
+    assert all(type(a) is type(b) for a, b in zip(own, model))  # every block keeps its class
+    assert count_bn_dispatched(own, x) == report.bn_after == 0 and not report.skipped, report.to_dict()
+    assert convs(own, x) <= convs(deploy, x) and pools(own, x) == 0
+    ref = reference(model, x)
+    assert relative_error(own, ref, x) <= 3 * max(relative_error(deploy, ref, x), 2.0 ** -24)
+    assert {f.rule for f in report.folded} >= {"merge-branches"}
+
+
+class TwoBranch(nn.Module):
+    def __init__(self, deploy: bool = False):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 6, 3, padding=1, bias=deploy)
+        if not deploy:
+            self.bn = nn.BatchNorm2d(6)
+            self.conv1 = nn.Conv2d(4, 6, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(6)
+        self.deploy = deploy
+
+    def forward(self, x):
+        if self.deploy:
+            return torch.relu(self.conv(x))
+        return torch.relu(self.bn(self.conv(x)) + self.bn1(self.conv1(x)))
+
+
+def test_keep_class_state_dict_loads_into_the_deploy_definition():
+    model = R.realistic(TwoBranch(), seed=3)
+    x = torch.randn(2, 4, 9, 9)
+    own, report = fold_module(model, (x,), keep_class=True)
+    deploy = TwoBranch(deploy=True).eval()
+    deploy.load_state_dict(own.state_dict())  # strict: the same keys, nothing left over
+    ref = reference(model, x)
+    assert relative_error(deploy, ref, x) <= 1e-5 and relative_error(own, ref, x) <= 1e-5
+
+
+class PlusInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x) + x
+
+
+def test_keep_class_says_why_a_merge_is_not_written():
+    """``conv(x) + x``: the graph merges the identity into the conv, the class has no module to make zero."""
+    model = R.realistic(PlusInput(), seed=1)
+    x = torch.randn(2, 4, 6, 6)
+    folded, report = fold_module(model, (x,))
+    assert convs(folded, x) == 1 and merged_count(report) == 1
+    own, report = fold_module(model, (x,), keep_class=True)
+    assert type(own) is PlusInput and isinstance(own.conv, nn.Conv2d)
+    [skip] = report.skipped
+    assert skip.code == "needs-graph-module" and skip.op_type == "merge" and "input itself" in skip.reason
+    assert relative_error(own, reference(model, x), x) <= 1e-5
+    _, report = fold_module(model, keep_class=True)  # without example inputs nothing is written
+    assert [s.code for s in report.skipped] == ["needs-graph-module"]
+
+
+def test_merged_kernel_is_rounded_once():
+    """The merged kernel and bias are the float64 merge rounded once to float32: within half a float32 spacing of
+    the block's own merge computed in float64 (folding into float32 weights first, then merging, is not)."""
+    import copy
+
+    import numpy as np
+
+    block = R.realistic(nn.Sequential(R.RepVggBlock(8, 8), R.MobileOneBlock(8, 8), R.ACBlock(8, 8)), seed=11)
+    x = torch.randn(2, 8, 10, 10)
+    folded, _ = fold_module(block, (x,))
+    merged = [m for m in folded.modules() if isinstance(m, nn.Conv2d)]
+    assert len(merged) == 3
+    with torch.no_grad():
+        wide = copy.deepcopy(block).double()
+        references = [block.kernel_bias() for block in wide]
+    for conv, (kernel, bias) in zip(merged, references):
+        for mine, ref in ((conv.weight, kernel), (conv.bias, bias)):
+            ref = ref.numpy()
+            half_spacing = np.spacing(np.abs(ref).astype(np.float32)).astype(np.float64) / 2
+            assert np.all(np.abs(mine.detach().double().numpy() - ref) <= half_spacing * (1 + 1e-6) + 1e-300)
+
+
+class Untraceable(nn.Module):
+    """Reads a size in Python control flow: torch.fx can not trace it, fold_module works on torch.export's graph."""
+
+    def __init__(self, body: nn.Module):
+        super().__init__()
+        self.body = body
+
+    def forward(self, x):
+        if x.shape[-1] > 10_000:
+            x = x[..., :10_000]
+        return self.body(x)
+
+
+@pytest.mark.parametrize("name", list(R.MODELS))
+def test_merged_on_the_aten_graph_too(name):
+    model = R.realistic(Untraceable(R.MODELS[name]()), seed=12)
+    deploy = R.reparameterize_model(model)
+    x = torch.randn(4, 3, 24, 24, generator=torch.Generator().manual_seed(13))
+    snap = snapshot(model)
+    folded, report = fold_module(model, (x,))
+    assert_unchanged(model, snap)
+    assert any("torch.export" in note for note in report.notes), report.notes
+    assert count_bn_dispatched(folded, x) == report.bn_after == 0 and not report.skipped, report.to_dict()
+    assert convs(folded, x) <= convs(deploy, x) and pools(folded, x) == 0
+    ref = reference(model, x)
+    assert relative_error(folded, ref, x) <= 3 * max(relative_error(deploy, ref, x), 2.0 ** -24)
