@@ -121,10 +121,9 @@ def fold_and_check(model: nn.Module, inputs, *, example: bool = True, rtol: floa
         # the report's counts agree with the module
         assert report.bn_before == len(names_before)
         assert report.bn_after == count_bn_used(folded), report.to_dict()
-        # every BN of the original is accounted for, under its qualified name
-        # (merge records name every op merged: only the batch norms among them count here)
-        accounted = {f.bn for f in report.folded if not f.rule.startswith("merge-") or f.bn in names_before}
-        accounted |= {s.bn for s in report.skipped if s.op_type != "merge"}
+        # every BN of the original is accounted for, under its qualified name (a BN a merge absorbed is a fold by
+        # the merge's rule; merges themselves are in report.merged)
+        accounted = {f.bn for f in report.folded} | {s.bn for s in report.skipped}
         assert accounted == set(names_before), report.to_dict()
     # checked last so that a failure here does not hide the numerics above
     training = [n for n, m in folded.named_modules() if m.training]
@@ -436,7 +435,8 @@ def test_bn_output_with_other_users_keeps_the_bn():
     assert report.bn_after == 1  # the second user needs the BN output
     # conv(z) + z is one 1x1 conv of z, and the BN then folds into it (bnfold.torch.merge)
     folded, report = fold_and_check(model, [input_for(2, 4)])
-    assert report.bn_after == 0 and {f.rule for f in report.folded} == {"merge-branches", "merge-sequential"}
+    assert report.bn_after == 0 and {m.rule for m in report.merged} == {"merge-branches", "merge-sequential"}
+    assert [f.rule for f in report.folded] == ["merge-sequential"]  # the BN went with the sequential merge
 
 
 def test_conv_called_twice_keeps_original_weights_for_the_other_call():
@@ -1110,9 +1110,7 @@ def test_every_computed_batch_norm_is_counted_and_folded(name, keep_class):
     assert report.bn_before == count_bn_dispatched(model, x) > 0
     assert report.bn_after == count_bn_dispatched(folded, x) == (left_own if keep_class else left), \
         report.to_dict()
-    names = bn_names(model)  # merge records (bnfold.torch.merge) name other ops too: one record per batch norm
-    bn_folds = [f for f in report.folded if not f.rule.startswith("merge-") or f.bn in names]
-    assert len(bn_folds) + len([s for s in report.skipped if s.op_type != "merge"]) == report.bn_before
+    assert len(report.folded) + len(report.skipped) == report.bn_before  # merges are in report.merged
     if keep_class:
         assert type(folded) is type(model)
         assert not isinstance(folded, torch.fx.GraphModule)

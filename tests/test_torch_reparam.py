@@ -123,7 +123,7 @@ def check(model, *inputs, rtol=1e-5):
     assert_unchanged(model, snap)
     ref = reference(model, *inputs)
     assert relative_error(folded, ref, *inputs) <= rtol
-    for skip in report.skipped:
+    for skip in report.skipped + report.not_merged:
         assert skip.code in SKIP_CODES
     return folded, report
 
@@ -142,8 +142,8 @@ def test_kernels_that_do_not_nest_are_refused():
     x = torch.randn(2, 4, 7, 7)
     folded, report = check(model, x)
     assert convs(folded, x) == 2 and merged_count(report) == 0
-    assert [s.code for s in report.skipped] == ["merge-refused"]
-    assert report.skipped[0].op_type == "merge" and "contains" in report.skipped[0].reason
+    assert [s.code for s in report.not_merged] == ["merge-refused"] and not report.skipped
+    assert report.not_merged[0].op_type == "merge" and "contains" in report.not_merged[0].reason
 
 
 def test_a_costlier_merge_is_not_made():
@@ -151,7 +151,7 @@ def test_a_costlier_merge_is_not_made():
     model = Branches(R.conv_bn(16, 16, 3, padding=1, groups=16), R.conv_bn(16, 16, 1))
     x = torch.randn(2, 16, 8, 8)
     folded, report = check(model, x)
-    assert convs(folded, x) == 2 and [s.code for s in report.skipped] == ["merge-costlier"]
+    assert convs(folded, x) == 2 and [s.code for s in report.not_merged] == ["merge-costlier"]
 
 
 def test_avgpool_without_counted_padding_is_refused():
@@ -159,7 +159,7 @@ def test_avgpool_without_counted_padding_is_refused():
     model = Branches(R.conv_bn(4, 4, 3, padding=1, groups=4), nn.AvgPool2d(3, 1, 1, count_include_pad=False))
     x = torch.randn(2, 4, 6, 6)
     folded, report = check(model, x)
-    assert pools(folded, x) == 1 and [s.code for s in report.skipped] == ["merge-refused"]
+    assert pools(folded, x) == 1 and [s.code for s in report.not_merged] == ["merge-refused"]
     exact = Branches(R.conv_bn(4, 4, 3, padding=1, groups=4), nn.AvgPool2d(3, 1, 1))  # count_include_pad=True
     folded, report = check(exact, x)
     assert pools(folded, x) == 0 and convs(folded, x) == 1 and merged_count(report) == 1
@@ -178,7 +178,7 @@ class OneThenK(nn.Module):
 def test_sequential_merge_only_where_exact():
     x = torch.randn(2, 4, 7, 8)
     folded, report = check(OneThenK(bias=False), x)
-    assert convs(folded, x) == 1 and {f.rule for f in report.folded} == {"merge-sequential"}
+    assert convs(folded, x) == 1 and {m.rule for m in report.merged} == {"merge-sequential"}
     # a bias under the second conv's zero padding: the merged conv would read the bias there, not zero
     folded, report = check(OneThenK(bias=True), x)
     assert convs(folded, x) == 2 and merged_count(report) == 0
@@ -215,7 +215,7 @@ def test_keep_class_writes_the_merges_into_the_blocks(name):
     assert convs(own, x) <= convs(deploy, x) and pools(own, x) == 0
     ref = reference(model, x)
     assert relative_error(own, ref, x) <= 3 * max(relative_error(deploy, ref, x), 2.0 ** -24)
-    assert {f.rule for f in report.folded} >= {"merge-branches"}
+    assert {m.rule for m in report.merged} >= {"merge-branches"}
 
 
 class TwoBranch(nn.Module):
@@ -261,11 +261,12 @@ def test_keep_class_says_why_a_merge_is_not_written():
     assert convs(folded, x) == 1 and merged_count(report) == 1
     own, report = fold_module(model, (x,), keep_class=True)
     assert type(own) is PlusInput and isinstance(own.conv, nn.Conv2d)
-    [skip] = report.skipped
+    [skip] = report.not_merged
+    assert not report.skipped
     assert skip.code == "needs-graph-module" and skip.op_type == "merge" and "input itself" in skip.reason
     assert relative_error(own, reference(model, x), x) <= 1e-5
     _, report = fold_module(model, keep_class=True)  # without example inputs nothing is written
-    assert [s.code for s in report.skipped] == ["needs-graph-module"]
+    assert [s.code for s in report.not_merged] == ["needs-graph-module"]
 
 
 def test_merged_kernel_is_rounded_once():

@@ -13,9 +13,10 @@ torch.export's ATen graph for modules torch.fx can not trace (``aten.conv*``, ``
 The math is :mod:`bnfold.reparam`'s (float64, cast once to the layer's dtype); each merge is exact or refused with
 its reason. A merge is made only when the merged convolution costs no more multiply-adds per output than the ops
 it replaces, or when a sequential merge's result is then merged into a sibling branch that pays for it (DBB's
-1×1 then average pool, summed with a k×k). Every op merged is a ``Fold`` record with rule ``merge-branches`` or
-``merge-sequential`` (``bn``: the op's module or node name; ``into``: the new convolution, one per merge); a block that
-looks mergeable but is not merged is a ``Skip`` with a ``merge-*`` code and ``op_type`` ``"merge"``.
+1×1 then average pool, summed with a k×k). Each merge is a :class:`~bnfold.report.Merge` in ``report.merged`` (rule
+``merge-branches`` or ``merge-sequential``; ``into``: the new convolution; ``removed``: the ops it replaced), as on the
+ONNX side, and each batch norm it absorbed is also a ``Fold`` by the merge's rule; a block that looks mergeable but
+is not merged is a ``Skip`` in ``report.not_merged`` with a ``merge-*`` code and ``op_type`` ``"merge"``.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from torch import nn
 from ..affine import FoldRefused
 from ..reparam import ConvBranch, MergeRefused, affine_branch, avgpool_branch, conv_branch, identity_branch
 from ..reparam import merge_parallel, merge_sequential
-from ..report import Fold, FoldReport, Skip
+from ..report import FoldReport, Merge, Skip
 from .fold import ModuleIndex, attribute_tensor, hook_reason, module_affine, passes_input_on, runs_torch_forward
 from .fold import single_tensor_arg, value_users
 from .ops import Affine, constant_value, numpy64, to_torch
@@ -248,7 +249,7 @@ def merge_graph(gm: fx.GraphModule, report: FoldReport, provenance: dict | None 
                 changed |= _merge_sequential_at(gm, modules, node, report)
         if not changed:
             break
-    report.skipped.extend(refused.values())
+    report.not_merged.extend(refused.values())
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()
@@ -466,16 +467,20 @@ def _sources(op: LinearOp, provenance: dict) -> list[Source]:
 
 
 def _record(report: FoldReport, ops: list[LinearOp], into: str, rule: str) -> None:
-    """One Fold per op merged into ``into`` (an identity removes nothing: no record). Batch norms merged away are
-    no longer left: their Skips go, ``bn_after`` counts them out."""
-    for op in ops:
-        if op.kind != "identity":
-            report.folded.append(Fold(op.name, into, rule))
-        if op.kind != "bn":
-            continue
-        before = len(report.skipped)
-        report.skipped = [s for s in report.skipped if s.bn != op.name]
-        report.bn_after -= before - len(report.skipped)
+    """One Merge record per merged convolution, naming the ops it replaced (an identity term removes nothing), as
+    the ONNX side records it; batch norms merged away are folds by the merge's rule too."""
+    merge = Merge(rule, into, tuple(op.name for op in ops if op.kind != "identity"),
+                  absorbed=tuple(op.name for op in ops if op.kind == "bn"))
+    _add_merge(report, merge)
+
+
+def _add_merge(report: FoldReport, merge: Merge) -> None:
+    """Record ``merge``: its batch norms are no longer left (their Skips go, ``bn_after`` counts them out)."""
+    report.merged.append(merge)
+    report.folded.extend(merge.folds())
+    before = len(report.skipped)
+    report.skipped = [s for s in report.skipped if s.bn not in merge.absorbed]
+    report.bn_after -= before - len(report.skipped)
 
 
 def _conv_module(branch: ConvBranch, like: torch.Tensor) -> nn.Module:
@@ -530,7 +535,7 @@ def _constant_node(node: fx.Node) -> bool:
 
 def merged_count(report: FoldReport) -> int:
     """The merges a report records (one merged convolution each)."""
-    return len({f.into for f in report.folded if f.rule.startswith("merge-")})
+    return len(report.merged)
 
 
 class Zero(nn.Module):
@@ -570,14 +575,14 @@ def write_merges(module: nn.Module, example_inputs, report: FoldReport) -> None:
     written: list[tuple[str, list[Source], Source, list[tuple[str, nn.Module]]]] = []
     for node in finals:
         sources = provenance[node.target]
-        rule = next(f.rule for f in trial.folded if f.into == node.target)
+        rule = next(m.rule for m in trial.merged if m.into == node.target)
         label = " + ".join(src.path or src.x.name for src in sources)
         found = _assignment(module, graph_module, node, sources, calls, owners, registered)
         if isinstance(found, str) or example_inputs is None:
             why = found if isinstance(found, str) else "no example_inputs to check the written module with"
-            report.skipped.append(Skip(label, f"the {rule} merge is proven on the trace, but not written into the "
-                                              f"module's own class: {why}", op_type="merge",
-                                       code="needs-graph-module"))
+            report.not_merged.append(Skip(label, f"the {rule} merge is proven on the trace, but not written into "
+                                                 f"the module's own class: {why}", op_type="merge",
+                                          code="needs-graph-module"))
             continue
         host, assignment = found
         written.append((rule, sources, host, assignment))
@@ -593,14 +598,9 @@ def write_merges(module: nn.Module, example_inputs, report: FoldReport) -> None:
     for rule, sources, host, assignment in written:
         for path, replacement in assignment:
             set_submodule(module, path, replacement)
-        for src in sources:
-            if src is host:
-                continue
-            report.folded.append(Fold(src.path, host.path, rule))
-            if src.kind == "bn":
-                before = len(report.skipped)
-                report.skipped = [s for s in report.skipped if s.bn != src.path]
-                report.bn_after -= before - len(report.skipped)
+        others = [src for src in sources if src is not host]
+        _add_merge(report, Merge(rule, host.path, tuple(src.path for src in others),
+                                 absorbed=tuple(src.path for src in others if src.kind == "bn")))
     module.eval()
     retraced = trace(module)
     if not isinstance(retraced, str) and count_normalizations(retraced) != report.bn_after:
