@@ -405,12 +405,10 @@ def _merge_dense_branches(g: GraphIndex, root: onnx.NodeProto, terms, inner) -> 
     survivor = gemms[0] if gemms else nodes[0]
     if survivor.op_type == "MatMul" and np.any(merged.bias != 0):
         return Refusal("no-bias-carrier", "the merged bias needs a Gemm, and no branch is one")
-    dtype = g.constant(survivor.input[1])[0].dtype
-    try:
-        weight = cast_checked(merged.weight, dtype)
-        bias = cast_checked(merged.bias, dtype, "merged bias")
-    except FoldRefused as exc:
-        return _inexact(exc)
+    cast = _cast_to_weight_dtype(g, survivor, merged)
+    if isinstance(cast, Refusal):
+        return cast
+    weight, bias = cast
     edits = [WriteTensor(survivor, 1, weight)]
     if survivor.op_type == "Gemm":
         edits.append(WriteTensor(survivor, 2, bias))
@@ -440,16 +438,23 @@ def _merge_sequence(g: GraphIndex, conv: onnx.NodeProto) -> MergePlan | Refusal 
     return _conv_plan(g, MERGE_SEQUENTIAL, conv, conv, merged, x, nodes[:-1], None)
 
 
+def _cast_to_weight_dtype(g: GraphIndex, survivor: onnx.NodeProto, merged) -> tuple | Refusal:
+    """The merged weight and bias cast once (overflow checked) to the dtype of ``survivor``'s weight."""
+    dtype = g.constant(survivor.input[1])[0].dtype
+    try:
+        return cast_checked(merged.weight, dtype), cast_checked(merged.bias, dtype, "merged bias")
+    except FoldRefused as exc:
+        return _inexact(exc)
+
+
 def _conv_plan(g: GraphIndex, rule: str, source: onnx.NodeProto, survivor: onnx.NodeProto, merged: ConvBranch,
                x: str, remove: list[onnx.NodeProto], output: str | None) -> MergePlan | Refusal:
     """The plan that makes ``survivor`` the merged Conv reading ``x`` (and producing ``output``); the values are
     cast (checked) to the survivor's weight dtype here, so a refusal edits nothing."""
-    dtype = g.constant(survivor.input[1])[0].dtype
-    try:
-        weight = cast_checked(merged.weight, dtype)
-        bias = cast_checked(merged.bias, dtype, "merged bias")
-    except FoldRefused as exc:
-        return _inexact(exc)
+    cast = _cast_to_weight_dtype(g, survivor, merged)
+    if isinstance(cast, Refusal):
+        return cast
+    weight, bias = cast
     edits = [RenameInput(survivor, survivor.input[0], x)] if survivor.input[0] != x else []
     edits += [WriteTensor(survivor, 2, bias), WriteTensor(survivor, 1, weight), RemoveAttribute(survivor, "auto_pad"),
               SetAttribute(survivor, "group", merged.groups),

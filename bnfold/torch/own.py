@@ -191,12 +191,9 @@ def _aten_replacement(root: nn.Module, gm: fx.GraphModule, name: str, report: Fo
     """What replaces batch norm module ``name`` after its folds on the ATen graph, or why nothing can."""
     from .fold import is_frozen_batchnorm, module_affine, runs_torch_forward
 
-    try:
-        original = root.get_submodule(name)
-    except AttributeError:
-        return f"no module named '{name}' computes it"
-    if sum(m is original for _, m in root.named_modules(remove_duplicate=False)) != 1:
-        return f"'{name}' is registered under several names"
+    original = _registered_once(root, name)
+    if isinstance(original, str):
+        return original
     if any(s.bn == name for s in report.skipped):
         return f"'{name}' is also called where it is not folded"
     if module_affine(original) is not None and (runs_torch_forward(original) or is_frozen_batchnorm(original)):
@@ -264,14 +261,23 @@ def _without_checks(nodes: list[fx.Node]) -> list[fx.Node]:
     return [n for n in nodes if n not in dropped]
 
 
-def _replacement(root: nn.Module, gm: fx.GraphModule, name: str) -> nn.Module | str:
-    """What replaces batch norm ``name`` in the user's module, or why nothing can."""
+def _registered_once(root: nn.Module, name: str) -> nn.Module | str:
+    """The submodule ``name`` if the user's module registers it under that one name only, or why not: a module
+    registered twice would be replaced at both places."""
     try:
-        original = root.get_submodule(name)
+        module = root.get_submodule(name)
     except AttributeError:
         return f"no module named '{name}' computes it"
-    if sum(m is original for _, m in root.named_modules(remove_duplicate=False)) != 1:
+    if sum(m is module for _, m in root.named_modules(remove_duplicate=False)) != 1:
         return f"'{name}' is registered under several names"
+    return module
+
+
+def _replacement(root: nn.Module, gm: fx.GraphModule, name: str) -> nn.Module | str:
+    """What replaces batch norm ``name`` in the user's module, or why nothing can."""
+    original = _registered_once(root, name)
+    if isinstance(original, str):
+        return original
     remaining = _without_checks(_owner_nodes(gm, name))
     if any(n.op == "call_module" and n.target == name for n in remaining):
         return f"'{name}' is also called where it is not folded"
