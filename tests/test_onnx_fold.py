@@ -113,6 +113,27 @@ def test_conv_bn_bias_from_constant_subgraph():
     assert not any(t.name.endswith("_bnfold") for t in folded.graph.initializer)
 
 
+def test_conv_bn_bias_from_exporter_chain_with_shared_fill():
+    """The exporter's exact chain, ``Expand(CastLike(fill, x), Expand(Shape(W, end=1), [1]))``, with one fill
+    Constant shared by two Convs (as torch.onnx emits it), which the engine recognises without the generic
+    evaluator. A non-zero float64 fill makes its value matter: both Convs match the float64 reference."""
+    net = Net(seed=13, opset=18)
+    x = net.input("x", [2, 3, 6, 6])
+    fill = net.constant(np.array(0.25, dtype=np.float64))
+
+    def conv_bn(inp: str, w: str, c_in: int, c_out: int, out: str) -> str:
+        count = net.node("Expand", [net.node("Shape", [w], start=0, end=1), net.constant(np.array([1], np.int64))])
+        bias = net.node("Expand", [net.node("CastLike", [fill, inp]), count])
+        return net.bn(net.node("Conv", [inp, w, bias], pads=[1, 1, 1, 1]), c_out, out)
+
+    h = conv_bn(x, net.weight("W1", [4, 3, 3, 3]), 3, 4, "h")
+    conv_bn(h, net.weight("W2", [5, 4, 3, 3]), 4, 5, "y")
+    net.output("y")
+    folded, report = fold_and_check(net.model(), rules=["conv-bn"])
+    assert [n.op_type for n in folded.graph.node] == ["Conv", "Conv"], [n.op_type for n in folded.graph.node]
+    assert len(report.folded) == 2
+
+
 def test_conv_bn_computed_bias_read_elsewhere_gets_a_new_name():
     """A computed bias that another node also reads stays for that reader; the folded Conv gets its own."""
     def build(dynamo: bool):

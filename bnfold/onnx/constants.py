@@ -38,7 +38,69 @@ class ConstantEvaluator:
         known = self._known(name)
         if known is not None:
             return known
+        chain = self._zero_bias_chain(name)
+        if chain is not None:
+            return self._evaluate_chain(chain, name)
         return self._compute(name)
+
+    def _zero_bias_chain(self, name: str) -> list[tuple[onnx.NodeProto, str, list]] | None:
+        """The exporter's zero bias of a bias-less Conv, ``Expand(CastLike(Constant, x), Expand(Shape(W),
+        Constant))`` with W an initializer and x a run-time value of known dtype, as its nodes in evaluation order,
+        each with its output and its inputs as :meth:`_compute` would pass them; None for anything else.
+
+        Recognising it costs a few lookups, where the generic walk (a quarter of a small model's fold) looks up
+        every input's producer and stand-in; the values come from the same :meth:`_evaluate`, so they are
+        identical."""
+        producer, inputs_of = self.producer, self._inputs_of
+        expand = producer[name]
+        if expand.op_type != "Expand":
+            return None
+        inputs = inputs_of[id(expand)]
+        if len(inputs) != 2:
+            return None
+        cast_like, count = producer.get(inputs[0]), producer.get(inputs[1])
+        if cast_like is None or count is None or cast_like.op_type != "CastLike" or count.op_type != "Expand":
+            return None
+        if len(inputs_of[id(cast_like)]) != 2 or len(inputs_of[id(count)]) != 2:
+            return None
+        (fill, x), (shape_out, one) = inputs_of[id(cast_like)], inputs_of[id(count)]
+        fill_node, shape, one_node = producer.get(fill), producer.get(shape_out), producer.get(one)
+        if fill_node is None or shape is None or one_node is None or fill_node.op_type != "Constant" \
+                or one_node.op_type != "Constant" or shape.op_type != "Shape" or x not in self._runtime:
+            return None
+        weight = inputs_of[id(shape)]
+        if len(weight) != 1 or weight[0] not in self.initializers or weight[0] in self._constants:
+            return None
+        nodes = (shape, one_node, count, fill_node, cast_like, expand)
+        for node in nodes:
+            outputs = self._outputs_of[id(node)]
+            if node.domain not in ("", "ai.onnx") or len(outputs) != 1 or outputs[0] in self._not_constant \
+                    or outputs[0] in self._runtime:
+                return None
+        stand_in = self._stand_in(cast_like, 1)
+        if stand_in is None:
+            return None
+        dims = _ShapeOnly(tuple(self.initializers[weight[0]].dims))
+        # A string input is the output of an earlier node of the chain, read from the cache when its turn comes.
+        return [(shape, shape_out, [dims]), (one_node, one, []), (count, inputs[1], [shape_out, one]),
+                (fill_node, fill, []), (cast_like, inputs[0], [fill, stand_in]), (expand, name, inputs[:])]
+
+    def _evaluate_chain(self, chain: list[tuple[onnx.NodeProto, str, list]], name: str
+                        ) -> tuple[np.ndarray | None, str]:
+        """Evaluate a chain found by :meth:`_zero_bias_chain` node by node (string inputs are earlier outputs); a
+        node whose value is cached (the exporter shares the zero Constant) is not evaluated again, as in
+        :meth:`_compute`. A node that can not be evaluated is recorded as :meth:`_compute` records it, which then
+        finishes the walk, so the answer and every cached reason are the generic ones."""
+        constants = self._constants
+        for node, out, values in chain:
+            if out in constants:
+                continue
+            values = [constants[v] if type(v) is str else v for v in values]
+            value, reason = self._evaluate(node, out, values)
+            if value is None:
+                self._not_constant[out] = reason
+                return self._compute(name)
+        return constants[name], ""
 
     def _compute(self, name: str) -> tuple[np.ndarray | None, str]:
         """Evaluate the producer of ``name`` after its inputs, bottom-up with an explicit stack: a deep graph must
