@@ -199,9 +199,6 @@ def _fold_onnx(source, output, stream, skip, verify, providers, input_shapes, at
         if external_data and stream is not None and write:
             raise InputError(f"{source}: a model with external data cannot be written to a stream; give a file")
         seconds["load"] = time.perf_counter() - start
-        invalid = invalid_statistics(original, lazy_source.read if lazy_source is not None else None)
-        if invalid:
-            verify = False  # nothing to compare: the original itself computes garbage
         from_files = verify and not simplify and (external_data or
                                                   estimated_size(original) >= VERIFY_FROM_FILES_FROM)
         start = time.perf_counter()
@@ -221,6 +218,13 @@ def _fold_onnx(source, output, stream, skip, verify, providers, input_shapes, at
         log(f"{source}: {len(report.folded)} folds, BatchNormalization {report.bn_before} -> {report.bn_after}")
         if report.merged:
             log(f"{source}: {len(report.merged)} branch merges")
+        # The fold's BatchNorm reader refuses NaN/inf parameters and negative variances, so a BN with invalid
+        # statistics is always among those left, with its original parameters: only then is there one to find
+        # (checking every BN of a clean model would cost as much as the fold).
+        invalid = invalid_statistics(folded, lazy_source.read if lazy_source is not None else None) \
+            if report.skipped else []
+        if invalid:  # the original itself computes garbage: nothing to verify, nothing to write
+            return FoldResult(source, output, report, None, invalid, seconds=seconds)
 
         def save(path: Path) -> None:
             save_model(folded, path, external_data=external_data or None, replacements=pending,

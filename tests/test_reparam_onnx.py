@@ -400,3 +400,29 @@ def test_the_repvgg_sample_merges_to_its_deploy_form():
     merged, report = merge_and_check(model, 4)
     assert count_ops(merged.graph, "BatchNormalization") == 0 and report.bn_after == 0
     assert {m.rule for m in report.merged} == {"merge-branches"}
+
+
+@pytest.mark.parametrize("which", [0, 2])  # the BN after the grouped conv; the lone BN identity branch
+def test_a_branch_bn_with_invalid_statistics_is_neither_merged_nor_written(tmp_path, which):
+    """The merge reads BNs with the fold's reader: a negative variance stops the merge, stays in the model, and
+    ``bnfold MODEL`` reports it as invalid statistics (exit 1, nothing written)."""
+    import subprocess
+    import sys
+
+    from onnx import numpy_helper
+
+    model = branch_block(False)
+    bn = [n for n in model.graph.node if n.op_type == "BatchNormalization"][which]
+    var = next(t for t in model.graph.initializer if t.name == bn.input[4])
+    values = numpy_helper.to_array(var).copy()
+    values[1] = -0.5
+    var.CopyFrom(numpy_helper.from_array(values, var.name))
+    merged, report = bnfold.fold_onnx(model)
+    assert bn.input[4] in {i for n in merged.graph.node if n.op_type == "BatchNormalization" for i in n.input}
+    source = tmp_path / "block.onnx"
+    onnx.save(model, source)
+    proc = subprocess.run([sys.executable, "-m", "bnfold", str(source), str(tmp_path / "out.onnx")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "negative-variance" in proc.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["block.onnx"]
