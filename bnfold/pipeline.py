@@ -231,7 +231,7 @@ def _fold_onnx(source, output, stream, skip, verify, providers, input_shapes, at
                        source=lazy_source)
 
         if from_files:
-            return _verify_from_files(source, output, stream, save, report, invalid, seconds, write, log,
+            return _verify_from_files(source, output, stream, save, report, seconds, write, log,
                                       dict(providers=providers, input_shapes=input_shapes or None, data=data,
                                            atol=atol, rtol=rtol, seed=seed))
         verification = None
@@ -244,7 +244,7 @@ def _fold_onnx(source, output, stream, skip, verify, providers, input_shapes, at
                                       data=data, atol=atol, rtol=rtol, seed=seed)
             seconds["verify"] = time.perf_counter() - start
             require_providers(verification, providers)
-        result = FoldResult(source, output, report, verification, invalid, seconds=seconds)
+        result = FoldResult(source, output, report, verification, seconds=seconds)
         if write and result.passed:
             start = time.perf_counter()
             _write(save, output, stream)
@@ -257,7 +257,7 @@ def _fold_onnx(source, output, stream, skip, verify, providers, input_shapes, at
 
 
 def _verify_from_files(source: Path, output: Path | None, stream: "IO[bytes] | None",
-                       save: Callable[[Path], None], report: FoldReport, invalid: list, seconds: dict[str, float],
+                       save: Callable[[Path], None], report: FoldReport, seconds: dict[str, float],
                        write: bool, log: Log, options: dict) -> FoldResult:
     """Save the folded model to a private directory (beside ``output`` when it is written there, so that the
     result is renamed into place), verify the two files, then move or copy the result out, or delete it: memory
@@ -279,7 +279,7 @@ def _verify_from_files(source: Path, output: Path | None, stream: "IO[bytes] | N
         verification = run_verify(source, staged, **options)
         seconds["verify"] = time.perf_counter() - start
         require_providers(verification, options["providers"])
-        result = FoldResult(source, output, report, verification, invalid, seconds=seconds)
+        result = FoldResult(source, output, report, verification, seconds=seconds)
         if write and result.passed:
             start = time.perf_counter()
             if stream is None:
