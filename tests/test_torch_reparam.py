@@ -317,3 +317,103 @@ def test_merged_on_the_aten_graph_too(name):
     assert convs(folded, x) <= convs(deploy, x) and pools(folded, x) == 0
     ref = reference(model, x)
     assert relative_error(folded, ref, x) <= 3 * max(relative_error(deploy, ref, x), 2.0 ** -24)
+
+
+# ---- one rounding per merged weight, for 16-bit models, on every path -------------------------------------------
+
+def bn_affine64(bn: nn.BatchNorm2d):
+    """A BatchNorm's (scale, shift) in float64 numpy, from its own parameters."""
+    import numpy as np
+
+    gamma, beta, mean, var = (p.detach().double().numpy() for p in (bn.weight, bn.bias, bn.running_mean,
+                                                                     bn.running_var))
+    scale = gamma / np.sqrt(var + bn.eps)
+    return scale, beta - mean * scale
+
+
+def reference_merge64(block):
+    """The float64 numpy merge of a RepVGG or MobileOne block's ORIGINAL parameters (written here from the papers,
+    independent of bnfold): each conv+BN branch's kernel scaled by its BN and centred in the k x k kernel, the
+    BN-only branch as a kernel with its scale at the centre of its channel, the shifts summed."""
+    import numpy as np
+
+    if isinstance(block, R.RepVggBlock):
+        branches, identity = [block.conv_kxk, block.conv_1x1], block.identity
+    else:
+        branches = list(block.conv_kxk) + ([block.conv_scale] if block.conv_scale is not None else [])
+        identity = block.skip
+    per_group = block.c_in // block.groups
+    kernel = np.zeros((block.c_out, per_group, block.k, block.k))
+    bias = np.zeros(block.c_out)
+    for branch in branches:
+        weight = branch.conv.weight.detach().double().numpy()
+        scale, shift = bn_affine64(branch.bn)
+        kh, kw = weight.shape[2:]
+        top, left = (block.k - kh) // 2, (block.k - kw) // 2
+        kernel[:, :, top:top + kh, left:left + kw] += weight * scale[:, None, None, None]
+        bias += shift
+    if identity is not None:
+        scale, shift = bn_affine64(identity)
+        channels = np.arange(block.c_out)
+        kernel[channels, channels % per_group, block.k // 2, block.k // 2] += scale
+        bias += shift
+    return kernel, bias
+
+
+def rounded_once(values, dtype: torch.dtype) -> torch.Tensor:
+    """float64 values rounded ONCE to ``dtype`` (numpy/ml_dtypes convert directly; torch's own cast from float64
+    goes through float32 and can round twice)."""
+    import ml_dtypes
+    import numpy as np
+
+    if dtype == torch.bfloat16:
+        return torch.from_numpy(values.astype(ml_dtypes.bfloat16).astype(np.float32)).to(dtype)
+    return torch.from_numpy(values.astype(np.float16))
+
+
+def convs_called(module: nn.Module, *inputs) -> list[nn.Conv2d]:
+    """The nn.Conv2d modules one forward calls, in call order (a merged convolution is one on every path)."""
+    called: list[nn.Conv2d] = []
+    hooks = [m.register_forward_hook(lambda m, args, out: called.append(m)) for m in module.modules()
+             if isinstance(m, nn.Conv2d)]
+    try:
+        with torch.no_grad():
+            module(*inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return called
+
+
+_UNIT_ROUNDOFF = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
+
+
+@pytest.mark.parametrize("path", ["fx", "aten", "keep_class"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_16bit_merges_are_rounded_once(dtype, path):
+    """Every merged kernel and bias equals the float64 merge of the original parameters rounded once to the model's
+    dtype: folding each branch into 16-bit weights first, then merging, rounds twice (off by one 16-bit ulp in many
+    places), on the torch.fx path, on torch.export's ATen graph and when the merges are written into the blocks."""
+    blocks = nn.Sequential(R.RepVggBlock(8, 8), R.MobileOneBlock(8, 8), R.RepVggBlock(8, 16, stride=2, groups=2),
+                           R.MobileOneBlock(16, 16, groups=16))
+    model = R.realistic(blocks, seed=21).to(dtype)
+    x = torch.randn(2, 8, 12, 12, generator=torch.Generator().manual_seed(22)).to(dtype)
+    snap = snapshot(model)
+    subject = Untraceable(model).eval() if path == "aten" else model
+    folded, report = fold_module(subject, (x,), keep_class=path == "keep_class")
+    assert_unchanged(model, snap)
+    assert count_bn_dispatched(folded, x) == report.bn_after == 0, report.to_dict()
+    if path == "aten":
+        assert any("torch.export" in note for note in report.notes), report.notes
+    merged = convs_called(folded, x)
+    assert len(merged) == len(blocks) == convs(folded, x)
+    for block, conv in zip(blocks, merged):
+        kernel, bias = reference_merge64(block)
+        assert conv.weight.dtype == dtype and conv.bias.dtype == dtype
+        assert torch.equal(conv.weight.detach(), rounded_once(kernel, dtype)), f"{type(block).__name__} kernel"
+        assert torch.equal(conv.bias.detach(), rounded_once(bias, dtype)), f"{type(block).__name__} bias"
+    # the authors' merge, run on the 16-bit model as its reparameterize() does, is the yardstick
+    deploy = R.reparameterize_model(model).to(dtype)
+    ref = reference(model, x)
+    mine, theirs = relative_error(folded, ref, x), relative_error(deploy, ref, x)
+    assert mine <= 3 * max(theirs, _UNIT_ROUNDOFF[dtype]), (mine, theirs)

@@ -29,8 +29,8 @@ from torch import nn
 from ..affine import FoldRefused
 from ..errors import InputError, first_line, require_file
 from ..report import Fold, FoldReport, Skip
-from .ops import (ATEN_BATCHNORM, Affine, Plan, Refusal, affine_from_stats, aten_layer, before_scales, check_after,
-                  first_refusal, frozen_affine, refusal_of, weights_after, weights_before)
+from .ops import (ATEN_BATCHNORM, Affine, ExactWeights, Plan, Refusal, affine_from_stats, aten_layer, before_scales,
+                  check_after, exact_after, exact_before, first_refusal, frozen_affine, refusal_of, to_torch)
 
 aten = torch.ops.aten
 
@@ -81,18 +81,22 @@ def fold_exported(program) -> tuple["torch.export.ExportedProgram", FoldReport]:
     return folded, report
 
 
-def fold_aten_graph(gm: fx.GraphModule, report: FoldReport, *, keep=frozenset(), applied=None) -> None:
+def fold_aten_graph(gm: fx.GraphModule, report: FoldReport, *, keep=frozenset(), applied=None,
+                    exact: ExactWeights | None = None) -> None:
     """Fold every batch-norm call of an ATen-level GraphModule in place, as far as it folds exactly. ``keep``: names
-    of batch norms to leave (Skip code ``needs-graph-module``); ``applied``: a list that receives the plans made."""
+    of batch norms to leave (Skip code ``needs-graph-module``); ``applied``: a list that receives the plans made;
+    ``exact``: the float64 weights of the layers folded (a second fold into a layer, and the merges of
+    :func:`bnfold.torch.merge.merge_graph`, start from them)."""
+    exact = ExactWeights() if exact is None else exact
     batchnorms = [n for n in gm.graph.nodes if is_batchnorm_call(n) or _frozen(gm, n) is not None]
     report.bn_before += len(batchnorms)
     for node in batchnorms:
-        outcome = _plan(gm, node)
+        outcome = _plan(gm, node, exact)
         if isinstance(outcome, Plan) and outcome.bn in keep:
             outcome = Refusal("needs-graph-module", "folding it is proven on the trace, but it can not be written "
                                                     "into the module's own class")
         if isinstance(outcome, Plan):
-            report.folded.append(apply_plan(gm, outcome))
+            report.folded.append(apply_plan(gm, outcome, exact))
             if applied is not None:
                 applied.append(outcome)
         else:
@@ -119,10 +123,10 @@ class _FunctionalBatchNorm(nn.Module):
 
 
 def fold_module_exported(module: nn.Module, example_inputs, report: FoldReport, *, keep=frozenset(),
-                         applied=None) -> nn.Module | None:
+                         applied=None, exact: ExactWeights | None = None) -> nn.Module | None:
     """Export ``module`` on ``example_inputs`` (every dimension dynamic where the forward allows it) and fold the
-    ATen graph (``keep``, ``applied``: as for :func:`fold_aten_graph`); the folded module, or None (with a note in
-    the report) when torch.export can not trace it."""
+    ATen graph (``keep``, ``applied``, ``exact``: as for :func:`fold_aten_graph`); the folded module, or None (with
+    a note in the report) when torch.export can not trace it."""
     from .fold import copy_module, is_frozen_batchnorm, module_affine
 
     frozen = [name for name, m in module.named_modules() if name and is_frozen_batchnorm(m)
@@ -149,7 +153,7 @@ def fold_module_exported(module: nn.Module, example_inputs, report: FoldReport, 
         report.notes.append(f"torch.export could not trace the module either ({errors[-1]})")
         return None
     gm = program.module()
-    fold_aten_graph(gm, report, keep=keep, applied=applied)
+    fold_aten_graph(gm, report, keep=keep, applied=applied, exact=exact)
     for m in gm.modules():  # the graph was exported in eval mode; its eval() refuses to run, so say it directly
         m.training = False
     report.notes.append("the result is torch.export's module: it accepts the input shapes the export allowed "
@@ -231,14 +235,14 @@ def _batchnorm_call(gm: fx.GraphModule, node: fx.Node) -> tuple[Affine | Refusal
     return affine_from_stats(tensors[0], tensors[1], tensors[2], tensors[3], float(args[eps_i])), x, output
 
 
-def _plan(gm: fx.GraphModule, node: fx.Node) -> Plan | Refusal:
+def _plan(gm: fx.GraphModule, node: fx.Node, exact: ExactWeights) -> Plan | Refusal:
     affine, x, output, nodes = _normalization(gm, node)
     if isinstance(affine, Refusal):
         return affine
-    after = _plan_after(gm, node, affine, x, output, nodes)
+    after = _plan_after(gm, node, affine, x, output, nodes, exact)
     if isinstance(after, Plan):
         return after
-    before = _plan_before(gm, node, affine, x, output, nodes)
+    before = _plan_before(gm, node, affine, x, output, nodes, exact)
     return before if isinstance(before, Plan) else first_refusal(after, before)
 
 
@@ -246,7 +250,8 @@ def _layer(gm, node):
     return aten_layer(node, lambda arg: _tensor(gm, arg)) if isinstance(node, fx.Node) else None
 
 
-def _plan_after(gm, bn: fx.Node, affine: Affine, x, output: fx.Node, nodes: list) -> Plan | Refusal | None:
+def _plan_after(gm, bn: fx.Node, affine: Affine, x, output: fx.Node, nodes: list, exact: ExactWeights
+                ) -> Plan | Refusal | None:
     layer = _layer(gm, x)
     if layer is None or isinstance(layer, Refusal):
         return layer
@@ -259,14 +264,16 @@ def _plan_after(gm, bn: fx.Node, affine: Affine, x, output: fx.Node, nodes: list
     if refusal:
         return refusal
     try:
-        weight, bias = weights_after(layer, affine)
+        values = exact_after(layer, affine, exact.of(layer.weight, layer.bias))
+        weight, bias = to_torch(values[0], layer.weight), to_torch(values[1], layer.weight)
     except FoldRefused as exc:
         return refusal_of(exc, statistics=False)
     return Plan(module_path(bn), module_path(x), f"{layer.kind.name}-bn", x, weight, bias, bypass=output,
-                replacement=x, remove=nodes)
+                replacement=x, remove=nodes, exact=values)
 
 
-def _plan_before(gm, bn: fx.Node, affine: Affine, x, output: fx.Node, nodes: list) -> Plan | Refusal | None:
+def _plan_before(gm, bn: fx.Node, affine: Affine, x, output: fx.Node, nodes: list, exact: ExactWeights
+                 ) -> Plan | Refusal | None:
     readers = _value_users(output)
     if len(readers) != 1:
         return None
@@ -284,17 +291,20 @@ def _plan_before(gm, bn: fx.Node, affine: Affine, x, output: fx.Node, nodes: lis
     if isinstance(scales, Refusal):
         return scales
     try:
-        weight, bias = weights_before(layer, *scales)
+        values = exact_before(layer, *scales, exact.of(layer.weight, layer.bias))
+        weight, bias = to_torch(values[0], layer.weight), to_torch(values[1], layer.weight)
     except FoldRefused as exc:
         return refusal_of(exc, statistics=False)
     return Plan(module_path(bn), module_path(consumer), f"bn-{layer.kind.name}", consumer, weight, bias,
-                bypass=output, replacement=x, remove=nodes)
+                bypass=output, replacement=x, remove=nodes, exact=values)
 
 
-def apply_plan(gm: fx.GraphModule, plan: Plan) -> Fold:
-    """Give the plan's layer call its new tensors, route the bypassed output to the replacement, drop the batch
-    norm's nodes."""
-    _set_params(gm, plan.layer, plan.weight, plan.bias)
+def apply_plan(gm: fx.GraphModule, plan: Plan, exact: ExactWeights | None = None) -> Fold:
+    """Give the plan's layer call its new tensors (their float64 values into ``exact``), route the bypassed output to
+    the replacement, drop the batch norm's nodes."""
+    weight, bias = _set_params(gm, plan.layer, plan.weight, plan.bias)
+    if exact is not None and plan.exact is not None:
+        exact.keep(_layer(gm, plan.layer).kind, weight, bias, plan.exact)
     plan.bypass.replace_all_uses_with(plan.replacement)
     for dead in plan.remove:
         if not dead.users:  # a constant the normalization computed may feed something else too
@@ -302,25 +312,31 @@ def apply_plan(gm: fx.GraphModule, plan: Plan) -> Fold:
     return Fold(plan.bn, plan.into, plan.rule)
 
 
-def _set_params(gm: fx.GraphModule, call: fx.Node, weight: torch.Tensor, bias: torch.Tensor) -> None:
-    """Give this call its folded weight and bias. A tensor only this call reads is replaced under its own name;
-    a shared one (or a missing bias) becomes a new parameter next to the weight, so other readers keep theirs."""
+def _set_params(gm: fx.GraphModule, call: fx.Node, weight: torch.Tensor, bias: torch.Tensor
+                ) -> tuple[nn.Parameter, nn.Parameter]:
+    """Give this call its folded weight and bias (returned, as the parameters the call now reads). A tensor only
+    this call reads is replaced under its own name; a shared one (or a missing bias) becomes a new parameter next
+    to the weight, so other readers keep theirs."""
     args = list(call.args) + [None] * max(0, 3 - len(call.args))
     weight_node = args[1]
     owner_path = weight_node.target.rpartition(".")[0]
+    written = []
     for slot, value, leaf in ((1, weight, "weight"), (2, bias, "bias")):
         node = args[slot]
+        parameter = nn.Parameter(value, requires_grad=False)
+        written.append(parameter)
         if isinstance(node, fx.Node) and node.op == "get_attr" and len(node.users) == 1 and \
                 sum(n.op == "get_attr" and n.target == node.target for n in gm.graph.nodes) == 1:
             path, _, name = node.target.rpartition(".")
-            setattr(gm.get_submodule(path) if path else gm, name, nn.Parameter(value, requires_grad=False))
+            setattr(gm.get_submodule(path) if path else gm, name, parameter)
             continue
         owner = gm.get_submodule(owner_path) if owner_path else gm
         name = _unique_attr(owner, leaf if node is None else f"{leaf}_bnfold")
-        owner.register_parameter(name, nn.Parameter(value, requires_grad=False))
+        owner.register_parameter(name, parameter)
         with gm.graph.inserting_before(call):
             args[slot] = gm.graph.get_attr(f"{owner_path}.{name}" if owner_path else name)
     call.args = tuple(args)
+    return written[0], written[1]
 
 
 def _unique_attr(owner: nn.Module, base: str) -> str:

@@ -36,9 +36,9 @@ from torch import nn
 from ..affine import FoldRefused
 from ..errors import InputError, first_line
 from ..report import Fold, FoldReport, Skip
-from .ops import (Affine, Layer, Plan, Refusal, affine_from_stats, before_scales, check_after, first_refusal,
-                  exact_after, exact_before, frozen_affine, module_kind, module_layer, refusal_of, to_torch,
-                  weights_after)
+from .ops import (Affine, ExactWeights, Layer, Plan, Refusal, affine_from_stats, before_scales, check_after,
+                  exact_after, exact_before, first_refusal, frozen_affine, module_kind, module_layer, refusal_of,
+                  to_torch, weights_after)
 
 _BATCHNORM = nn.modules.batchnorm._BatchNorm
 # Ranks of input each BatchNorm class accepts (None: any rank >= 2).
@@ -84,28 +84,29 @@ def fold_module(module: nn.Module, example_inputs=None, *, inplace: bool = False
     if keep_class:
         from .own import fold_own_class
 
-        result, report = fold_own_class(module, example_inputs, inplace=inplace)
+        folded: dict = {}
+        result, report = fold_own_class(module, example_inputs, inplace=inplace, exact=folded)
         if merge:
             from .merge import write_merges
 
-            write_merges(result, example_inputs, report)
+            write_merges(result, example_inputs, report, exact=folded)
         return result, report
     work = module if inplace else copy_module(module)
     work.eval()
     report = FoldReport()
+    exact = ExactWeights()  # float64 weights of the folds, so that each merge rounds once
     graph_module = trace(work)
     if isinstance(graph_module, str):
-        folded, report = _fold_untraceable(work, example_inputs, report, graph_module)
+        folded, report = _fold_untraceable(work, example_inputs, report, graph_module, exact)
         if merge and folded is not work:  # torch.export's ATen graph
             from .export import drop_unused_tensors
             from .merge import merge_graph
 
-            merge_graph(folded, report)
+            merge_graph(folded, report, exact=exact)
             drop_unused_tensors(folded)
         elif merge:
             report.notes.append("branch merges need a graph (torch.fx's or torch.export's): none were made")
         return folded, report
-    exact: dict = {}
     fold_graph(graph_module, example_inputs, report, exact=exact)
     if merge:
         from .merge import merge_graph
@@ -141,11 +142,11 @@ def trace(module: nn.Module) -> fx.GraphModule | str:
 
 
 def fold_graph(graph_module: fx.GraphModule, example_inputs, report: FoldReport, *, keep=frozenset(),
-               own_class: bool = False, exact: dict | None = None) -> None:
+               own_class: bool = False, exact: ExactWeights | None = None) -> None:
     """Fold the batch norms of a traced module in place. ``keep``: names of batch norms to leave, and with
     ``own_class`` folds into a layer that runs elsewhere too (which would need a copy of it) are not made either;
-    both are Skips with code ``needs-graph-module``. ``exact``: a dict that receives the float64 weights of the
-    folded layers (for :func:`bnfold.torch.merge.merge_graph`)."""
+    both are Skips with code ``needs-graph-module``. ``exact``: receives the float64 weights of the folded layers
+    (for :func:`bnfold.torch.merge.merge_graph`)."""
     if example_inputs is not None:
         from torch.fx.passes.shape_prop import ShapeProp
 
@@ -157,11 +158,11 @@ def fold_graph(graph_module: fx.GraphModule, example_inputs, report: FoldReport,
     graph_module.recompile()
 
 
-def _fold_untraceable(work: nn.Module, example_inputs, report: FoldReport, why: str):
+def _fold_untraceable(work: nn.Module, example_inputs, report: FoldReport, why: str, exact: ExactWeights):
     if example_inputs is not None:
         from .export import fold_module_exported
 
-        folded = fold_module_exported(work, example_inputs, report)
+        folded = fold_module_exported(work, example_inputs, report, exact=exact)
         if folded is not None:
             report.notes.insert(0, f"torch.fx could not trace the module ({why}); folded on torch.export's ATen "
                                    "graph instead")
@@ -358,7 +359,7 @@ class ModuleIndex(dict):
         self.registered = Counter(id(m) for _, m in gm.named_modules(remove_duplicate=False))
         self.param_refs = Counter(id(p) for _, p in gm.named_parameters(remove_duplicate=False))
         self.calls = Counter(id(self[n.target]) for n in gm.graph.nodes if n.op == "call_module" and n.target in self)
-        self.exact: dict[int, tuple] = {}  # id(layer) -> (layer, float64 weight, float64 bias) of folds made
+        self.exact = ExactWeights()  # the float64 weights of folds and merges made
         self.read_under = set()  # module paths under which a get_attr reads a tensor
         for n in gm.graph.nodes:
             if n.op == "get_attr":
@@ -369,14 +370,14 @@ class ModuleIndex(dict):
     def exact_of(self, layer: nn.Module) -> tuple | None:
         """The float64 (weight, bias) a fold or merge computed for ``layer`` (whose weights are their cast), or
         None: later folds and merges start from them, so that every result is rounded once."""
-        entry = self.exact.get(id(layer))
-        return entry[1:] if entry is not None and entry[0] is layer else None
+        return self.exact.of(layer.weight, layer.bias)
 
     def set_exact(self, layer: nn.Module, weight, bias) -> None:
-        self.exact[id(layer)] = (layer, weight, bias)  # the layer is kept: its id is not reused meanwhile
+        self.exact.keep(module_kind(layer), layer.weight, layer.bias, (weight, bias))
 
 
-def _fold_graph(gm: fx.GraphModule, report: FoldReport, keep, own_class: bool, exact: dict | None) -> None:
+def _fold_graph(gm: fx.GraphModule, report: FoldReport, keep, own_class: bool,
+                exact: ExactWeights | None) -> None:
     modules = ModuleIndex(gm)
     if exact is not None:
         modules.exact = exact

@@ -38,7 +38,7 @@ from ..reparam import merge_parallel, merge_sequential
 from ..report import FoldReport, Merge, Skip
 from .fold import ModuleIndex, attribute_tensor, hook_reason, module_affine, passes_input_on, runs_torch_forward
 from .fold import single_tensor_arg, value_users
-from .ops import Affine, constant_value, numpy64, to_torch
+from .ops import Affine, ExactWeights, constant_value, numpy64, to_torch
 
 _aten = torch.ops.aten
 _ADD = {operator.add, torch.add, _aten.add.Tensor}
@@ -146,7 +146,7 @@ def linear_op(gm: fx.GraphModule, modules: ModuleIndex, node) -> LinearOp | None
         if weight.dim() != _CONV_FUNCTIONS[node.target] + 2:
             return None
         return _conv_op(node, a["input"], node.name, weight, bias, a.get("stride", 1), a.get("padding", 0),
-                        a.get("dilation", 1), a.get("groups", 1))
+                        a.get("dilation", 1), a.get("groups", 1), modules.exact.of(weight, bias))
     return None
 
 
@@ -222,7 +222,7 @@ def _cost(branch: ConvBranch) -> int:
 # ---- the pass -------------------------------------------------------------------------------------------------
 
 def merge_graph(gm: fx.GraphModule, report: FoldReport, provenance: dict | None = None,
-                exact: dict | None = None) -> None:
+                exact: ExactWeights | None = None) -> None:
     """Merge linear branches of a traced (and batch-norm-folded) module in place, to a fixpoint. ``provenance``:
     filled with the ops of the traced module each new convolution absorbed (name -> [Source]); ``exact``: the
     float64 weights of the layers the folds wrote (``fold_graph``'s), merged from instead of their cast."""
@@ -545,17 +545,20 @@ class Zero(nn.Module):
         return x.new_zeros(())
 
 
-def write_merges(module: nn.Module, example_inputs, report: FoldReport) -> None:
+def write_merges(module: nn.Module, example_inputs, report: FoldReport, exact: dict | None = None) -> None:
     """For a ``keep_class=True`` result: write each merge the trace of ``module`` proves into the module itself, the
     way a block's own ``reparameterize()`` does: one absorbed convolution module (the host, reading the block's
     input) becomes the merged convolution, the first module of every other branch a :class:`Zero`, the rest of
     each branch ``nn.Identity``. A merge the module can not express that way (a term that is the input itself, a
     module called elsewhere or computing more) is a Skip with code ``needs-graph-module``. The written module is
-    checked against the merged graph on ``example_inputs`` (without them nothing is written)."""
+    checked against the merged graph on ``example_inputs`` (without them nothing is written). ``exact``: the float64
+    (weight, bias) of layers the folds wrote, by module path (:func:`bnfold.torch.own.fold_own_class`'s), merged
+    from instead of their cast."""
     from .fold import copy_module, count_normalizations, trace
     from .own import same_outputs, set_submodule
 
-    graph_module = trace(copy_module(module).eval())
+    copied = copy_module(module).eval()
+    graph_module = trace(copied)
     if isinstance(graph_module, str):
         return
     calls: dict[str, int] = {}
@@ -570,7 +573,7 @@ def write_merges(module: nn.Module, example_inputs, report: FoldReport) -> None:
     for _, m in module.named_modules(remove_duplicate=False):
         registered[id(m)] = registered.get(id(m), 0) + 1
     trial, provenance = FoldReport(), {}
-    merge_graph(graph_module, trial, provenance)
+    merge_graph(graph_module, trial, provenance, exact=ExactWeights.at_paths(copied, exact or {}))
     finals = [n for n in graph_module.graph.nodes if n.op == "call_module" and n.target in provenance]
     written: list[tuple[str, list[Source], Source, list[tuple[str, nn.Module]]]] = []
     for node in finals:

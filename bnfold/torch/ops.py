@@ -272,6 +272,55 @@ class Plan:
     exact: tuple | None = None  # the float64 (weight, bias) the cast ones came from, for merges made later
 
 
+class ExactWeights:
+    """The float64 (weight, bias) that folds and merges computed, by the weight tensor they were rounded into. A
+    later fold into the same layer, or a merge that reads it, starts from them, so every result is rounded once
+    (two roundings cost up to one ulp: a real error in 16-bit floats). Shared by the torch.fx pass (a module's
+    weight), the ATen pass (the parameter a ``get_attr`` reads) and the merges (:mod:`bnfold.torch.merge`).
+
+    Memory: a float64 copy is 2x a float32 tensor and 4x a 16-bit one, so copies are kept only for convolutions
+    (the only layers a merge reads; a Linear or ConvTranspose folded twice rounds twice) narrower than float64
+    (whose cast is the value itself). An entry holds its tensors: their ids are not reused while it lives."""
+
+    def __init__(self):
+        self._entries: dict[int, tuple] = {}  # id(weight) -> (weight, bias, float64 weight, float64 bias)
+
+    def of(self, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray] | None:
+        """The float64 (weight, bias) that ``weight`` and ``bias`` are the cast of, or None."""
+        entry = self._entries.get(id(weight))
+        if entry is None or entry[0] is not weight or entry[1] is not bias:
+            return None
+        return entry[2], entry[3]
+
+    def keep(self, kind: Kind, weight: torch.Tensor, bias: torch.Tensor, exact: tuple) -> None:
+        """Remember that ``weight`` and ``bias`` are the cast of ``exact`` (where a later step may read it)."""
+        if kind.name == "conv" and weight.dtype != torch.float64:
+            self._entries[id(weight)] = (weight, bias, *exact)
+        else:
+            self._entries.pop(id(weight), None)
+
+    def by_path(self, root: nn.Module) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """The float64 values of ``root``'s layers, by module path (to carry them into a copy of ``root``)."""
+        found = {}
+        for path, module in root.named_modules():
+            weight = getattr(module, "weight", None)
+            if isinstance(weight, torch.Tensor):
+                values = self.of(weight, getattr(module, "bias", None))
+                if values is not None:
+                    found[path] = values
+        return found
+
+    @classmethod
+    def at_paths(cls, root: nn.Module, values: dict[str, tuple]) -> "ExactWeights":
+        """Float64 values of :meth:`by_path` for the same layers of ``root`` (a copy, or the module they were
+        written into)."""
+        exact = cls()
+        for path, pair in values.items():
+            module = root.get_submodule(path)
+            exact.keep(module_kind(module), module.weight, module.bias, pair)
+        return exact
+
+
 def exact_after(layer: Layer, affine: Affine, exact=None) -> tuple[np.ndarray, np.ndarray]:
     """New float64 (weight, bias) for ``affine`` applied to the layer's output; FoldRefused when not exact.
     ``exact``: the layer's weight and bias in float64 when an earlier fold or merge computed them (else its own)."""

@@ -24,16 +24,22 @@ from torch import nn
 
 from ..report import FoldReport
 from .fold import copy_module, fold_graph, fold_sequential, run_example, trace
+from .ops import ExactWeights
 
-def fold_own_class(module: nn.Module, example_inputs, *, inplace: bool) -> tuple[nn.Module, FoldReport]:
+
+def fold_own_class(module: nn.Module, example_inputs, *, inplace: bool, exact: dict | None = None
+                   ) -> tuple[nn.Module, FoldReport]:
+    """The folded module in its own class, and the report. ``exact``: a dict that receives the float64 (weight,
+    bias) of the layers folded on the torch.fx trace, by module path (their weights are the cast of them), for the
+    merges :func:`bnfold.torch.merge.write_merges` makes next."""
     keep: set[str] = set()
     while True:  # each round keeps more batch norms, of finitely many: in practice the second is the last
         trial = copy_module(module).eval()
         graph_module = trace(trial)
         if isinstance(graph_module, str):
             return _untraceable(module, example_inputs, inplace, graph_module)
-        report = FoldReport()
-        fold_graph(graph_module, example_inputs, report, keep=frozenset(keep), own_class=True)
+        report, folded = FoldReport(), ExactWeights()
+        fold_graph(graph_module, example_inputs, report, keep=frozenset(keep), own_class=True, exact=folded)
         replacements = {}
         problems = set()
         for fold in report.folded:
@@ -47,6 +53,8 @@ def fold_own_class(module: nn.Module, example_inputs, *, inplace: bool) -> tuple
         if not problems:
             break
         _keep_more(keep, problems)
+    if exact is not None:
+        exact.update(folded.by_path(trial))  # the same paths in the user's module when inplace
     target = module if inplace else trial
     if inplace:
         _copy_weights(trial, target, {f.into for f in report.folded})
