@@ -14,7 +14,7 @@ from torch import nn  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from bnfold.torch import fold_module  # noqa: E402
-from bnfold.torch.merge import merged_count  # noqa: E402
+from bnfold.torch.merge import Zero, merged_count  # noqa: E402
 from bnfold.torch.ops import SKIP_CODES  # noqa: E402
 
 try:
@@ -216,6 +216,12 @@ def test_keep_class_writes_the_merges_into_the_blocks(name):
     ref = reference(model, x)
     assert relative_error(own, ref, x) <= 3 * max(relative_error(deploy, ref, x), 2.0 ** -24)
     assert {m.rule for m in report.merged} >= {"merge-branches"}
+    # each merge sits where the authors' reparameterize() puts it (the block's empty ``reparam_conv``), the branches
+    # are gone: the state dict loads (strictly) into their deploy form, which then computes what bnfold's does
+    assert all(m.into.endswith(".reparam_conv") for m in report.merged), [m.into for m in report.merged]
+    deploy.load_state_dict(own.state_dict())
+    with torch.no_grad():
+        assert torch.equal(deploy(x), own(x))
 
 
 class TwoBranch(nn.Module):
@@ -242,6 +248,64 @@ def test_keep_class_state_dict_loads_into_the_deploy_definition():
     deploy.load_state_dict(own.state_dict())  # strict: the same keys, nothing left over
     ref = reference(model, x)
     assert relative_error(deploy, ref, x) <= 1e-5 and relative_error(own, ref, x) <= 1e-5
+
+
+class FlagSwitched(nn.Module):
+    """Has timm's ``reparam_conv`` slot, but its forward switches on a flag: filling the slot changes nothing."""
+
+    def __init__(self, inference_mode: bool = False):
+        super().__init__()
+        self.inference_mode = inference_mode
+        self.reparam_conv = nn.Conv2d(4, 6, 3, padding=1) if inference_mode else None
+        if not inference_mode:
+            self.conv = R.conv_bn(4, 6, 3, padding=1)
+            self.conv1 = R.conv_bn(4, 6, 1)
+
+    def forward(self, x):
+        if self.inference_mode:
+            return torch.relu(self.reparam_conv(x))
+        return torch.relu(self.conv(x) + self.conv1(x))
+
+
+class HasattrSwitched(nn.Module):
+    """The RepVGG reference code's way: ``rbr_reparam`` exists only in the deploy form, and its forward asks."""
+
+    def __init__(self, deploy: bool = False):
+        super().__init__()
+        if deploy:
+            self.rbr_reparam = nn.Conv2d(4, 4, 3, padding=1)
+        else:
+            self.rbr_dense = R.conv_bn(4, 4, 3, padding=1)
+            self.rbr_1x1 = R.conv_bn(4, 4, 1)
+            self.rbr_identity = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        if hasattr(self, "rbr_reparam"):
+            return torch.relu(self.rbr_reparam(x))
+        return torch.relu(self.rbr_dense(x) + self.rbr_1x1(x) + self.rbr_identity(x))
+
+
+def test_keep_class_fills_the_reference_codes_deploy_slot():
+    model = R.realistic(nn.Sequential(HasattrSwitched(), HasattrSwitched()), seed=4)
+    x = torch.randn(2, 4, 9, 9)
+    own, report = fold_module(model, (x,), keep_class=True)
+    assert [m.into for m in report.merged] == ["0.rbr_reparam", "1.rbr_reparam"] and not report.not_merged
+    assert count_bn_dispatched(own, x) == report.bn_after == 0 and convs(own, x) == 2
+    deploy = nn.Sequential(HasattrSwitched(deploy=True), HasattrSwitched(deploy=True)).eval()
+    deploy.load_state_dict(own.state_dict())
+    ref = reference(model, x)
+    assert relative_error(deploy, ref, x) <= 1e-5 and relative_error(own, ref, x) <= 1e-5
+
+
+def test_keep_class_keeps_the_host_name_when_the_slot_does_not_switch_the_forward():
+    """A ``reparam_conv`` slot the forward does not switch on (it asks a flag): filling it and deleting the branches
+    would break the module, the check finds that, and the merge goes into the host convolution's place."""
+    model = R.realistic(FlagSwitched(), seed=5)
+    x = torch.randn(2, 4, 9, 9)
+    own, report = fold_module(model, (x,), keep_class=True)
+    assert [m.into for m in report.merged] == ["conv.conv"] and own.reparam_conv is None
+    assert isinstance(own.conv1.conv, Zero) and convs(own, x) == 1 and count_bn_dispatched(own, x) == 0
+    assert relative_error(own, reference(model, x), x) <= 1e-5
 
 
 class PlusInput(nn.Module):

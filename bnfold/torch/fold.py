@@ -66,7 +66,8 @@ def fold_module(module: nn.Module, example_inputs=None, *, inplace: bool = False
     ``merge``: after the folds, merge linear branches on the traced graph (:mod:`bnfold.torch.merge`: summed
     Conv/BN/identity/average-pool branches reading one input, and exact Conv sequences, become one Conv), each a
     ``Fold`` with rule ``merge-branches`` or ``merge-sequential``. With ``keep_class=True`` each merge is written into
-    the module as a block's own ``reparameterize()`` would (one branch's conv becomes the merged conv, the other
+    the module as a block's own ``reparameterize()`` would (into the block's empty deploy slot, e.g. timm's
+    ``reparam_conv``, with the branches deleted; without one, one branch's conv becomes the merged conv and the other
     branches zero); one the module can not express is a Skip with code ``needs-graph-module``.
 
     The input module is not modified unless ``inplace=True``. A module in training mode is an error unless

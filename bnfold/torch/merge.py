@@ -547,15 +547,18 @@ class Zero(nn.Module):
 
 def write_merges(module: nn.Module, example_inputs, report: FoldReport, exact: dict | None = None) -> None:
     """For a ``keep_class=True`` result: write each merge the trace of ``module`` proves into the module itself, the
-    way a block's own ``reparameterize()`` does: one absorbed convolution module (the host, reading the block's
-    input) becomes the merged convolution, the first module of every other branch a :class:`Zero`, the rest of
-    each branch ``nn.Identity``. A merge the module can not express that way (a term that is the input itself, a
+    way a block's own ``reparameterize()`` does. Where the block has the authors' empty deploy slot
+    (:data:`DEPLOY_SLOTS`, e.g. timm's ``reparam_conv = None``) and its forward then runs that convolution alone, the
+    merged convolution goes there and the merged branches are deleted, as their ``reparameterize()`` does: the state
+    dict loads into the authors' deploy class. Otherwise one absorbed convolution module (the host, reading the
+    block's input) becomes the merged convolution, the first module of every other branch a :class:`Zero`, the rest
+    of each branch ``nn.Identity``. A merge the module can not express that way (a term that is the input itself, a
     module called elsewhere or computing more) is a Skip with code ``needs-graph-module``. The written module is
     checked against the merged graph on ``example_inputs`` (without them nothing is written). ``exact``: the float64
     (weight, bias) of layers the folds wrote, by module path (:func:`bnfold.torch.own.fold_own_class`'s), merged
     from instead of their cast."""
     from .fold import copy_module, count_normalizations, trace
-    from .own import same_outputs, set_submodule
+    from .own import same_outputs
 
     copied = copy_module(module).eval()
     graph_module = trace(copied)
@@ -575,7 +578,8 @@ def write_merges(module: nn.Module, example_inputs, report: FoldReport, exact: d
     trial, provenance = FoldReport(), {}
     merge_graph(graph_module, trial, provenance, exact=ExactWeights.at_paths(copied, exact or {}))
     finals = [n for n in graph_module.graph.nodes if n.op == "call_module" and n.target in provenance]
-    written: list[tuple[str, list[Source], Source, list[tuple[str, nn.Module]]]] = []
+    written: list[_Writing] = []
+    slots_taken: set[str] = set()
     for node in finals:
         sources = provenance[node.target]
         rule = next(m.rule for m in trial.merged if m.into == node.target)
@@ -588,27 +592,124 @@ def write_merges(module: nn.Module, example_inputs, report: FoldReport, exact: d
                                           code="needs-graph-module"))
             continue
         host, assignment = found
-        written.append((rule, sources, host, assignment))
+        slot = _deploy_slot(module, sources)
+        if slot is not None and slot[0] in slots_taken:
+            slot = None  # one deploy convolution per block: a second merge in it keeps its host's name
+        if slot is not None:
+            slots_taken.add(slot[0])
+        written.append(_Writing(rule, sources, host, assignment[0][1], assignment, slot))
     if not written:
         return
-    candidate = copy_module(module)
-    for _, _, _, assignment in written:
-        for path, replacement in assignment:
-            set_submodule(candidate, path, replacement)
-    if not same_outputs(candidate.eval(), graph_module, example_inputs):
+    candidate = _written_copy(module, written, slots=False)
+    if not same_outputs(candidate, graph_module, example_inputs):
         raise RuntimeError("bnfold: the merges written into the module's own class do not compute what the merged "
                            "graph computes")
-    for rule, sources, host, assignment in written:
-        for path, replacement in assignment:
-            set_submodule(module, path, replacement)
-        others = [src for src in sources if src is not host]
-        _add_merge(report, Merge(rule, host.path, tuple(src.path for src in others),
-                                 absorbed=tuple(src.path for src in others if src.kind == "bn")))
+    slots = bool(slots_taken) and _same_function(_written_copy(module, written, slots=True), candidate,
+                                                 graph_module, example_inputs)
+    for writing in written:
+        _write(module, writing, slots)
+        if slots and writing.slot is not None:
+            into, removed = writing.slot[0], writing.sources
+        else:
+            into, removed = writing.host.path, [src for src in writing.sources if src is not writing.host]
+        _add_merge(report, Merge(writing.rule, into, tuple(src.path for src in removed),
+                                 absorbed=tuple(src.path for src in removed if src.kind == "bn")))
     module.eval()
     retraced = trace(module)
     if not isinstance(retraced, str) and count_normalizations(retraced) != report.bn_after:
         raise RuntimeError("bnfold: the module with merges written runs another number of batch norms than the "
                            "report says")
+
+
+# Where the authors' deploy forms keep a block's merged convolution: timm's RepVGG/MobileOne/FastViT blocks
+# (``self.reparam_conv``, None until ``reparameterize()``), the RepVGG and DBB reference code (``rbr_reparam``,
+# ``dbb_reparam``, absent until then). Their forwards run that convolution alone once it is set.
+DEPLOY_SLOTS = ("reparam_conv", "rbr_reparam", "dbb_reparam")
+
+
+@dataclass
+class _Writing:
+    """One merge to write into the user's module: into its host convolution's place (``assignment``), or, where
+    the block has an empty deploy slot (``slot``: its path, and the block's branch modules to delete), there."""
+
+    rule: str
+    sources: list[Source]
+    host: Source
+    merged: nn.Module
+    assignment: list[tuple[str, nn.Module]]
+    slot: tuple[str, list[str]] | None
+
+
+def _deploy_slot(module: nn.Module, sources: list[Source]) -> tuple[str, list[str]] | None:
+    """(path of the slot, paths of the branch modules to delete) when a module holding every merged op (the
+    innermost such one that has it) has an empty :data:`DEPLOY_SLOTS` attribute its forward reads, and its branches
+    hold no weights but the merged ops'; else None. Writing there gives the state dict keys of the authors' deploy
+    form (``block.reparam_conv.weight``), loadable into their deploy class."""
+    parts = [src.path.split(".") for src in sources]
+    common: list[str] = []
+    for names in zip(*parts):
+        if len(set(names)) != 1:
+            break
+        common.append(names[0])
+    common = common[:min(len(p) for p in parts) - 1]  # the block holds the ops; it is none of them
+    for depth in range(len(common), -1, -1):  # MobileOne's branches sit in a ModuleList inside the block
+        block = module.get_submodule(".".join(common[:depth]))
+        read = getattr(getattr(type(block).forward, "__code__", None), "co_names", ())
+        slot = next((name for name in DEPLOY_SLOTS if name in read and getattr(block, name, None) is None), None)
+        if slot is not None:
+            common = common[:depth]
+            break
+    else:
+        return None
+    prefix = "".join(f"{name}." for name in common)
+    branches = sorted({prefix + p[len(common)] for p in parts})
+    merged_ops = {id(module.get_submodule(src.path)) for src in sources}
+    for branch in branches:
+        for m in module.get_submodule(branch).modules():
+            holds = any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False))
+            if holds and id(m) not in merged_ops:
+                return None
+    return prefix + slot, branches
+
+
+def _write(root: nn.Module, writing: _Writing, slot: bool) -> None:
+    from .own import set_submodule
+
+    if slot and writing.slot is not None:
+        path, branches = writing.slot
+        for branch in branches:
+            owner_path, _, leaf = branch.rpartition(".")
+            delattr(root.get_submodule(owner_path), leaf)
+        set_submodule(root, path, copy.deepcopy(writing.merged))
+        return
+    for path, replacement in writing.assignment:
+        set_submodule(root, path, copy.deepcopy(replacement))
+
+
+def _written_copy(module: nn.Module, written: list[_Writing], *, slots: bool) -> nn.Module:
+    from .fold import copy_module
+
+    candidate = copy_module(module)
+    for writing in written:
+        _write(candidate, writing, slots)
+    return candidate.eval()
+
+
+def _same_function(candidate: nn.Module, written: nn.Module, graph_module, example_inputs) -> bool:
+    """Whether the module with merges in the deploy slots computes what the merged graph computes and runs as many
+    batch norms as the module with merges in their hosts' places (a forward that does not switch on the slot, or
+    fails without the deleted branches, does not)."""
+    from .fold import count_normalizations, trace
+    from .own import same_outputs
+
+    try:
+        if not same_outputs(candidate, graph_module, example_inputs):
+            return False
+    except Exception:
+        return False
+    traced, reference = trace(candidate), trace(written)
+    return not isinstance(traced, str) and not isinstance(reference, str) and \
+        count_normalizations(traced) == count_normalizations(reference)
 
 
 def _assignment(module, graph_module, node, sources: list[Source], calls, owners, registered):
