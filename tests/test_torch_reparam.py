@@ -308,6 +308,44 @@ def test_keep_class_keeps_the_host_name_when_the_slot_does_not_switch_the_forwar
     assert relative_error(own, reference(model, x), x) <= 1e-5
 
 
+class InPlaceSums(nn.Module):
+    """Branches summed the way timm's RepVGG and MobileOne blocks sum them: from a literal ``0`` where a branch is
+    absent, and in place (``out += branch(x)``), which torch.export keeps as ``aten.add_``."""
+
+    def __init__(self, c_in: int, c_out: int, kernel_size: int, skip: bool, scale: bool):
+        super().__init__()
+        self.skip = nn.BatchNorm2d(c_in) if skip else None
+        self.scale = R.conv_bn(c_in, c_out, 1) if scale else None
+        self.convs = nn.ModuleList(R.conv_bn(c_in, c_out, kernel_size, padding=kernel_size // 2) for _ in range(2))
+
+    def forward(self, x):
+        skip_out = 0
+        if self.skip is not None:
+            skip_out = self.skip(x)
+        out = 0
+        if self.scale is not None:
+            out = self.scale(x)
+        for conv in self.convs:
+            out += conv(x)
+        out += skip_out
+        return torch.relu(out)
+
+
+@pytest.mark.parametrize("path", ["fx", "aten", "keep_class"])
+def test_sums_from_zero_and_in_place_are_merged(path):
+    model = R.realistic(nn.Sequential(InPlaceSums(4, 4, 3, skip=True, scale=True),
+                                      InPlaceSums(4, 6, 3, skip=False, scale=True),
+                                      InPlaceSums(6, 8, 1, skip=False, scale=False)), seed=6)
+    x = torch.randn(2, 4, 9, 9)
+    snap = snapshot(model)
+    subject = Untraceable(model).eval() if path == "aten" else model
+    folded, report = fold_module(subject, (x,), keep_class=path == "keep_class")
+    assert_unchanged(model, snap)
+    assert merged_count(report) == 3 and not report.not_merged, report.to_dict()
+    assert convs(folded, x) == 3 and count_bn_dispatched(folded, x) == report.bn_after == 0
+    assert relative_error(folded, reference(model, x), x) <= 1e-5
+
+
 class PlusInput(nn.Module):
     def __init__(self):
         super().__init__()

@@ -4,7 +4,8 @@ Runs on the torch.fx graph after the batch norms are folded (:func:`bnfold.torch
 torch.export's ATen graph for modules torch.fx can not trace (``aten.conv*``, ``aten.avg_pool*``,
 ``aten.batch_norm`` and ``aten.add`` nodes; the merged convolution is an ``nn.ConvNd`` call there too), to a fixpoint:
 
-* ``merge-branches``: an addition (a tree of ``+``/``torch.add``) whose terms read the same tensor, each a
+* ``merge-branches``: an addition (a tree of ``+``/``torch.add``/``+=``; literal zeros added count for nothing)
+  whose terms read the same tensor, each a
   convolution (``nn.ConvNd`` or ``F.convNd`` on constant weights), a batch norm left alone in its branch, an average
   pool that equals a convolution, or that tensor itself, becomes one convolution (RepVGG, MobileOne, ACNet, DBB);
 * ``merge-sequential``: two such ops in sequence, the first read by nothing else, become one where exact (DBB's
@@ -42,6 +43,9 @@ from .ops import Affine, ExactWeights, constant_value, numpy64, to_torch
 
 _aten = torch.ops.aten
 _ADD = {operator.add, torch.add, _aten.add.Tensor}
+# torch.export keeps ``out += y`` (timm's RepVGG and MobileOne blocks sum so) as the in-place ATen add: the same sum,
+# where nothing else reads the tensor it overwrites.
+_ADD_INPLACE = {_aten.add_.Tensor}
 # Convolutions called as functions (torch.fx) or ATen ops (torch.export), all (input, weight, bias, stride, padding,
 # dilation, groups), by spatial rank.
 _CONV_FUNCTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3, torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3,
@@ -258,8 +262,17 @@ def merge_graph(gm: fx.GraphModule, report: FoldReport, provenance: dict | None 
 def _is_add(node) -> bool:
     if not isinstance(node, fx.Node) or node.kwargs or len(node.args) != 2:
         return False
+    if node.op == "call_function" and node.target in _ADD_INPLACE:
+        overwritten = node.args[0]
+        return isinstance(overwritten, fx.Node) and overwritten.op not in ("placeholder", "get_attr") and \
+            len(overwritten.users) == 1
     return (node.op == "call_function" and node.target in _ADD) or (node.op == "call_method" and
                                                                      node.target == "add")
+
+
+def _is_zero(term) -> bool:
+    """A literal 0 added (timm's MobileOne starts its sum from ``0`` where a branch is absent): it adds nothing."""
+    return type(term) in (int, float) and term == 0
 
 
 def _inner_add(node: fx.Node) -> bool:
@@ -268,14 +281,15 @@ def _inner_add(node: fx.Node) -> bool:
 
 
 def _tree(root: fx.Node) -> tuple[list[fx.Node], list]:
-    """The adds of the tree under ``root`` (each inner one read by its parent only) and its terms."""
+    """The adds of the tree under ``root`` (each inner one read by its parent only) and its terms (literal zeros
+    left out)."""
     adds, terms, stack = [], [], [root]
     while stack:
         node = stack.pop()
         if _is_add(node) and (node is root or len(node.users) == 1):
             adds.append(node)
             stack.extend(reversed(node.args))
-        else:
+        elif not _is_zero(node):
             terms.append(node)
     return adds, terms
 
