@@ -174,3 +174,45 @@ def test_fold_exported_skips_carry_codes_and_module_names():
         expected = copy.deepcopy(model).double()(x.double())
     got = folded.module()(x).double()
     assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_two_folds_into_one_conv_round_once(dtype):
+    """BN -> 1x1 Conv -> BN: both batch norms fold into the one conv. The second fold starts from the first's
+    float64 result, not its 16-bit cast: the weights equal a float64 numpy fold of the original parameters, rounded
+    once (numpy/ml_dtypes round float64 directly)."""
+    import ml_dtypes
+    import numpy as np
+
+    generator = torch.Generator().manual_seed(3)
+    model = nn.Sequential(nn.BatchNorm2d(8), nn.Conv2d(8, 6, 1), nn.BatchNorm2d(6))
+    with torch.no_grad():
+        for bn in (model[0], model[2]):
+            c = bn.num_features
+            bn.running_mean.copy_(torch.randn(c, generator=generator) * 0.5)
+            bn.running_var.copy_(torch.rand(c, generator=generator) * 1.5 + 0.3)
+            bn.weight.copy_(torch.rand(c, generator=generator) + 0.5)
+            bn.bias.copy_(torch.randn(c, generator=generator) * 0.3)
+    model = model.to(dtype).eval()
+
+    def affine(bn):
+        gamma, beta, mean, var = (t.detach().double().numpy() for t in (bn.weight, bn.bias, bn.running_mean,
+                                                                         bn.running_var))
+        scale = gamma / np.sqrt(var + bn.eps)
+        return scale, beta - mean * scale
+
+    (s0, t0), (s1, t1) = affine(model[0]), affine(model[2])
+    w = model[1].weight.detach().double().numpy()[:, :, 0, 0]
+    b = model[1].bias.detach().double().numpy()
+    weight = (s1[:, None] * w * s0[None, :])[:, :, None, None]
+    bias = s1 * (w @ t0 + b) + t1
+    to_dtype = ml_dtypes.bfloat16 if dtype == torch.bfloat16 else np.float16
+
+    x = torch.randn(2, 8, 5, 5).to(dtype)
+    folded, report = fold_exported(torch.export.export(model, (x,)))
+    assert report.bn_after == 0 and len(report.folded) == 2
+    state = folded.state_dict
+    for got, want in ((state["1.weight"], weight), (state["1.bias"], bias)):
+        assert got.dtype == dtype
+        expected = torch.from_numpy(want.astype(to_dtype).astype(np.float32)).to(dtype)
+        assert torch.equal(got, expected)

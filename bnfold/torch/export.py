@@ -302,9 +302,11 @@ def _plan_before(gm, bn: fx.Node, affine: Affine, x, output: fx.Node, nodes: lis
 def apply_plan(gm: fx.GraphModule, plan: Plan, exact: ExactWeights | None = None) -> Fold:
     """Give the plan's layer call its new tensors (their float64 values into ``exact``), route the bypassed output to
     the replacement, drop the batch norm's nodes."""
+    replaced = _layer(gm, plan.layer)
     weight, bias = _set_params(gm, plan.layer, plan.weight, plan.bias)
     if exact is not None and plan.exact is not None:
-        exact.keep(_layer(gm, plan.layer).kind, weight, bias, plan.exact)
+        exact.drop(replaced.weight)
+        exact.keep(replaced.kind, weight, bias, plan.exact)
     plan.bypass.replace_all_uses_with(plan.replacement)
     for dead in plan.remove:
         if not dead.users:  # a constant the normalization computed may feed something else too

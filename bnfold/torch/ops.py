@@ -297,7 +297,11 @@ class ExactWeights:
         if kind.name == "conv" and weight.dtype != torch.float64:
             self._entries[id(weight)] = (weight, bias, *exact)
         else:
-            self._entries.pop(id(weight), None)
+            self.drop(weight)
+
+    def drop(self, weight: torch.Tensor) -> None:
+        """Forget ``weight``'s values (it was replaced: the entry would only keep it alive)."""
+        self._entries.pop(id(weight), None)
 
     def by_path(self, root: nn.Module) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """The float64 values of ``root``'s layers, by module path (to carry them into a copy of ``root``)."""
