@@ -490,20 +490,27 @@ def convs_called(module: nn.Module, *inputs) -> list[nn.Conv2d]:
 _UNIT_ROUNDOFF = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
 
 
-@pytest.mark.parametrize("path", ["fx", "aten", "keep_class"])
+@pytest.mark.parametrize("path", ["fx", "aten", "keep_class", "keep_class_inplace"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_16bit_merges_are_rounded_once(dtype, path):
     """Every merged kernel and bias equals the float64 merge of the original parameters rounded once to the model's
     dtype: folding each branch into 16-bit weights first, then merging, rounds twice (off by one 16-bit ulp in many
     places), on the torch.fx path, on torch.export's ATen graph and when the merges are written into the blocks."""
-    blocks = nn.Sequential(R.RepVggBlock(8, 8), R.MobileOneBlock(8, 8), R.RepVggBlock(8, 16, stride=2, groups=2),
-                           R.MobileOneBlock(16, 16, groups=16))
-    model = R.realistic(blocks, seed=21).to(dtype)
+    import copy
+
+    model = R.realistic(nn.Sequential(R.RepVggBlock(8, 8), R.MobileOneBlock(8, 8),
+                                      R.RepVggBlock(8, 16, stride=2, groups=2), R.MobileOneBlock(16, 16, groups=16)),
+                        seed=21).to(dtype)
+    blocks = copy.deepcopy(model)  # the original, whatever happens to ``model``
     x = torch.randn(2, 8, 12, 12, generator=torch.Generator().manual_seed(22)).to(dtype)
     snap = snapshot(model)
     subject = Untraceable(model).eval() if path == "aten" else model
-    folded, report = fold_module(subject, (x,), keep_class=path == "keep_class")
-    assert_unchanged(model, snap)
+    folded, report = fold_module(subject, (x,), keep_class=path.startswith("keep_class"),
+                                 inplace=path == "keep_class_inplace")
+    if path == "keep_class_inplace":
+        assert folded is model
+    else:
+        assert_unchanged(model, snap)
     assert count_bn_dispatched(folded, x) == report.bn_after == 0, report.to_dict()
     if path == "aten":
         assert any("torch.export" in note for note in report.notes), report.notes
@@ -515,7 +522,7 @@ def test_16bit_merges_are_rounded_once(dtype, path):
         assert torch.equal(conv.weight.detach(), rounded_once(kernel, dtype)), f"{type(block).__name__} kernel"
         assert torch.equal(conv.bias.detach(), rounded_once(bias, dtype)), f"{type(block).__name__} bias"
     # the authors' merge, run on the 16-bit model as its reparameterize() does, is the yardstick
-    deploy = R.reparameterize_model(model).to(dtype)
-    ref = reference(model, x)
+    deploy = R.reparameterize_model(blocks).to(dtype)
+    ref = reference(blocks, x)
     mine, theirs = relative_error(folded, ref, x), relative_error(deploy, ref, x)
     assert mine <= 3 * max(theirs, _UNIT_ROUNDOFF[dtype]), (mine, theirs)
