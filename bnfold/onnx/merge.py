@@ -43,6 +43,7 @@ MERGE_RULE_NAMES: tuple[str, ...] = tuple(MERGE_RULES)
 
 
 _CHAIN_OPS = frozenset({"Conv", "BatchNormalization", "AveragePool", "Identity"})
+_DENSE_OPS = frozenset({"Gemm", "MatMul"})
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
@@ -174,13 +175,17 @@ def _chain(g: GraphIndex, name: str, reader: onnx.NodeProto) -> tuple[list[onnx.
     op that is not linear. Readers of only a value's dtype or shape (an exporter's zero-bias chain) do not stop it:
     :func:`_type_readers_go` checks that they go with the merge."""
     nodes = []
+    producer = g.producer
     while True:
-        node = g.producer.get(name)
+        node = producer.get(name)
         if node is None or node.op_type not in _CHAIN_OPS or node.domain not in _DEFAULT_DOMAINS or \
-                not _sole_value_reader(g, name, reader) or not node.input:
+                not _sole_value_reader(g, name, reader):
+            break
+        inputs = g.inputs_of(node)
+        if not inputs:
             break
         nodes.append(node)
-        reader, name = node, node.input[0]
+        reader, name = node, inputs[0]
     nodes.reverse()
     return nodes, name
 
@@ -195,9 +200,12 @@ def _reads_type_only(g: GraphIndex, name: str, node: onnx.NodeProto) -> bool:
 
 def _sole_value_reader(g: GraphIndex, name: str, reader: onnx.NodeProto) -> bool:
     """``reader`` is the one node that reads the values of ``name`` (not a graph output); others read its type."""
-    users = g.consumers.get(name, [])
-    return name not in g.outputs and sum(u is reader for u in users) == 1 and \
-        all(u is reader or _reads_type_only(g, name, u) for u in users)
+    users = g.consumers.get(name, ())
+    if name in g.outputs:
+        return False
+    if len(users) == 1:  # the common case, without the generators below (this runs for every Add and Conv)
+        return users[0] is reader
+    return sum(u is reader for u in users) == 1 and all(u is reader or _reads_type_only(g, name, u) for u in users)
 
 
 def _type_readers_go(g: GraphIndex, vanishing: list[onnx.NodeProto], merged: list[onnx.NodeProto]
@@ -301,27 +309,31 @@ def _chain_macs(g: GraphIndex, nodes, channels, rank) -> int:
 
 def _add_tree(g: GraphIndex, root: onnx.NodeProto) -> tuple[list[str], list[onnx.NodeProto]]:
     """The terms summed by ``root`` and the Add/Sum nodes below it that only feed this sum."""
-    terms, inner, stack = [], [], [(root, list(root.input))]
+    terms, inner, stack = [], [], [(root, g.inputs_of(root))]
+    producers = g.producer
     while stack:
         node, inputs = stack.pop()
         for name in reversed(inputs):
-            producer = g.producer.get(name)
+            producer = producers.get(name)
             if producer is not None and producer.op_type in ("Add", "Sum") and \
                     producer.domain in _DEFAULT_DOMAINS and g.only_consumer(name, node):
                 inner.append(producer)
-                stack.append((producer, list(producer.input)))
+                stack.append((producer, g.inputs_of(producer)))
             else:
                 terms.append((name, node))
     return terms, inner
 
 
 def _merge_branches(g: GraphIndex, root: onnx.NodeProto) -> MergePlan | Refusal | None:
-    if not root.output or not root.output[0] or len(root.input) < 2 or "" in root.input:
+    outputs, inputs = g.outputs_of(root), g.inputs_of(root)
+    if not outputs or not outputs[0] or len(inputs) < 2 or "" in inputs:
         return None
     terms, inner = _add_tree(g, root)
-    dense = _merge_dense_branches(g, root, terms, inner)
-    if dense is not None:
-        return dense
+    producer = g.producer
+    if any(name in producer and producer[name].op_type in _DENSE_OPS for name, _ in terms):
+        dense = _merge_dense_branches(g, root, terms, inner)
+        if dense is not None:
+            return dense
     chains = []
     for name, reader in terms:
         nodes, x = _chain(g, name, reader)
@@ -368,7 +380,7 @@ def _merge_dense_branches(g: GraphIndex, root: onnx.NodeProto, terms, inner) -> 
     nodes, x = [], None
     for name, reader in terms:
         node = g.producer.get(name)
-        if node is not None and node.op_type in ("Gemm", "MatMul") and node.domain in _DEFAULT_DOMAINS and \
+        if node is not None and node.op_type in _DENSE_OPS and node.domain in _DEFAULT_DOMAINS and \
                 g.only_consumer(name, reader) and len(node.input) >= 2:
             if x is not None and node.input[0] != x:
                 return None
@@ -419,9 +431,10 @@ def _merge_dense_branches(g: GraphIndex, root: onnx.NodeProto, terms, inner) -> 
 
 
 def _merge_sequence(g: GraphIndex, conv: onnx.NodeProto) -> MergePlan | Refusal | None:
-    if not conv.input or not conv.output or not conv.output[0]:
+    inputs, outputs = g.inputs_of(conv), g.outputs_of(conv)
+    if not inputs or not outputs or not outputs[0]:
         return None
-    nodes, x = _chain(g, conv.input[0], conv)
+    nodes, x = _chain(g, inputs[0], conv)
     if not nodes:
         return None
     nodes = nodes + [conv]
