@@ -6,13 +6,17 @@ Run it from the repository root::
     python benchmarks/fold_identity.py fold benchmarks/_work/identity/corpus after.json
     python benchmarks/fold_identity.py fold benchmarks/_work/identity/corpus before.json --code /tmp/old-checkout
     python benchmarks/fold_identity.py compare before.json after.json
+    python benchmarks/fold_identity.py fold benchmarks/_work/identity/corpus after.json \
+        --skip merge-branches --skip merge-sequential      # the fold alone, against a version without merges
+    python benchmarks/fold_identity.py compare before.json after.json --bytes-only
 
 ``corpus`` writes the sample models and ``--examples`` fuzz models (tests/fuzz_graphs.fuzz_cases, hypothesis seed
 ``--seed``) as plain .onnx files. ``fold`` folds each one in memory (``fold_onnx``) and file to file
 (``fold_file``) and records the SHA-256 of the folded bytes and of the report (skip reason codes left out, so that
 a version without them compares); ``--code DIR`` runs the bnfold found in DIR instead of the installed one (for
-example ``git archive <commit> | tar -x -C DIR``). ``compare`` prints every model whose bytes or report differ and
-exits 1 if there is one, else 0.
+example ``git archive <commit> | tar -x -C DIR``); ``--skip RULE`` leaves rules out (for example the branch merges,
+to compare the fold with a version that has none). ``compare`` prints every model whose bytes or report differ
+(``--bytes-only``: bytes, for versions whose reports have different keys) and exits 1 if there is one, else 0.
 """
 
 from __future__ import annotations
@@ -59,26 +63,27 @@ def make_corpus(out: Path, examples: int, seed: int) -> None:
     print(f"{count} fuzz models and the samples in {out}")
 
 
-def fold_corpus(corpus: Path, out: Path) -> None:
+def fold_corpus(corpus: Path, out: Path, skip: tuple[str, ...] = ()) -> None:
     import onnx
 
     import bnfold
     from bnfold.onnx.fold import fold_file, fold_onnx
 
     print(f"bnfold from {Path(bnfold.__file__).parent}", file=sys.stderr)
+    options = {"skip": skip} if skip else {}  # a version without the option is called as it always was
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for path in sorted(corpus.glob("*.onnx")):
             entry = {}
             try:
-                model, report = fold_onnx(onnx.load(path))
+                model, report = fold_onnx(onnx.load(path), **options)
                 entry["memory"] = hashlib.sha256(model.SerializeToString()).hexdigest()
                 entry["report"] = _report_hash(report)
             except Exception as exc:  # noqa: BLE001 - a refusal by exception must stay the same too
                 entry["memory"] = f"{type(exc).__name__}: {exc}"
             target = Path(tmp) / "folded.onnx"
             try:
-                report = fold_file(path, target)
+                report = fold_file(path, target, **options)
                 entry["file"] = hashlib.sha256(target.read_bytes()).hexdigest()
                 entry["file_report"] = _report_hash(report)
             except Exception as exc:  # noqa: BLE001
@@ -95,8 +100,11 @@ def _report_hash(report) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
-def compare(before: Path, after: Path) -> int:
+def compare(before: Path, after: Path, bytes_only: bool = False) -> int:
     a, b = json.loads(before.read_text()), json.loads(after.read_text())
+    if bytes_only:
+        a, b = ({name: {k: v for k, v in entry.items() if k in ("memory", "file")} for name, entry in d.items()}
+                for d in (a, b))
     differ = [name for name in sorted(set(a) | set(b)) if a.get(name) != b.get(name)]
     for name in differ:
         print(f"DIFFERS {name}: {a.get(name)} vs {b.get(name)}")
@@ -115,18 +123,20 @@ def main(argv=None) -> int:
     p.add_argument("corpus", type=Path)
     p.add_argument("out", type=Path)
     p.add_argument("--code", help="directory holding the bnfold package to run")
+    p.add_argument("--skip", action="append", default=[], help="a rule to leave out (repeatable)")
     p = sub.add_parser("compare")
     p.add_argument("before", type=Path)
     p.add_argument("after", type=Path)
+    p.add_argument("--bytes-only", action="store_true", help="compare the folded bytes, not the reports")
     args = parser.parse_args(argv)
     if args.command == "corpus":
         make_corpus(args.out, args.examples, args.seed)
     elif args.command == "fold":
         if args.code:
             _use_code(args.code)
-        fold_corpus(args.corpus, args.out)
+        fold_corpus(args.corpus, args.out, tuple(args.skip))
     else:
-        return compare(args.before, args.after)
+        return compare(args.before, args.after, args.bytes_only)
     return 0
 
 

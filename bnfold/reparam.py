@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -177,6 +177,11 @@ def place_kernel(branch: ConvBranch, kernel_shape, pads_begin, pads_end, dilatio
     weight[(slice(None), slice(None)) + tuple(slice(o, o + k) for o, k in zip(offsets, branch.kernel_shape))] = \
         branch.weight
     return ConvBranch(weight, branch.bias, branch.groups, branch.strides, dilations, pads_begin, pads_end)
+
+
+def negated(branch: "ConvBranch | DenseBranch") -> "ConvBranch | DenseBranch":
+    """``-branch(x)``: the weight and bias negated (exact: a sign flip), for a branch that is subtracted."""
+    return replace(branch, weight=-branch.weight, bias=-branch.bias)
 
 
 def merge_parallel(branches: list[ConvBranch]) -> ConvBranch:

@@ -39,6 +39,8 @@ bn                 a BN on whatever comes before (folds or not, depending on the
                    parameters that are overridable graph inputs (refused)
 training_bn        BN with training_mode=1 (opset >= 15; refused)
 per_sample         LayerNormalization (opset 17) or InstanceNormalization: reported as not foldable
+branches           2-4 parallel branches of one tensor (Conv 3/1/asymmetric [-> BN], a lone BN, the tensor itself,
+                   AveragePool [-> BN]; grouped or not) summed by Add, some subtracted by Sub: merge-branches
 act                Relu or Identity
 output / fanout    the running value becomes a graph output, or is also read by a Relu that is one
 =================  ==========================================================================================
@@ -904,9 +906,9 @@ class _Builder:
 
     # ---- anywhere -----------------------------------------------------------------------------------------
     def block_branches(self):
-        """Parallel linear branches of one tensor, summed (RepVGG/MobileOne/ACNet/DBB style): Convs with centred
-        kernels (1, 3 or asymmetric), each with or without its BN, a lone BN, the tensor itself, an AveragePool
-        (padding counted or not). What ``merge-branches`` merges, or refuses with its reason."""
+        """Parallel linear branches of one tensor, summed or subtracted (RepVGG/MobileOne/ACNet/DBB/FastViT style):
+        Convs with centred kernels (1, 3 or asymmetric), each with or without its BN, a lone BN, the tensor itself,
+        an AveragePool (padding counted or not). What ``merge-branches`` merges, or refuses with its reason."""
         c, rank = self.channels, self.rank - 2
         group = self.pick([1, c])
         x = self.node("Relu", [self.cur])  # the shared input: read by every branch
@@ -933,10 +935,12 @@ class _Builder:
                 if self.chance(50):
                     y, _ = self.bn(y, c)
             terms.append(y)
-        self.blocks.append(f"branches[{','.join(kinds)},group={'1' if group == 1 else 'c'}]")
+        ops = ["Sub" if self.chance(25) else "Add" for _ in terms[1:]]  # Sub: FastViT's RepMixer subtracts one
+        self.blocks.append(f"branches[{','.join(kinds)},group={'1' if group == 1 else 'c'}"
+                           f"{',sub' if 'Sub' in ops else ''}]")
         total = terms[0]
-        for term in terms[1:]:
-            total = self.node("Add", [total, term])
+        for op, term in zip(ops, terms[1:]):
+            total = self.node(op, [total, term])
         self.cur = self.node("Relu", [total])
 
     def block_bn(self):

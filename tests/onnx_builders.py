@@ -6,6 +6,9 @@ ORIGINAL model, never with bnfold itself.
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import ml_dtypes
 import numpy as np
 import onnx
@@ -469,3 +472,36 @@ def ort_basic_optimized(model: onnx.ModelProto, directory) -> onnx.ModelProto:
     options.optimized_model_filepath = path
     ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return onnx.load(path)
+
+
+# ---- a small model with external data (tests/test_external.py, tests/test_pipeline.py) -------------------------
+
+def conv_chain(blocks: int = 4, channels: int = 16) -> onnx.ModelProto:
+    """Conv -> BN -> Relu blocks, a Gemm -> BN head, and one weight shared by two Convs (copied, not changed)."""
+    net = Net(seed=11)
+    x = net.input("x", [1, channels, 5, 5])
+    shared = net.weight("shared_w", [channels, channels, 1, 1])
+    for _ in range(blocks):
+        x = net.node("Relu", [net.bn(net.conv(x, channels, channels, [3, 3], pads=[1, 1, 1, 1]), channels)])
+    a = net.bn(net.node("Conv", [x, shared]), channels)
+    b = net.node("Conv", [x, shared])
+    x = net.node("Add", [a, b])
+    flat = net.node("Flatten", [x])
+    w = net.weight("head_w", [8, channels * 25])
+    y = net.bn(net.node("Gemm", [flat, w], transB=1), 8, "y")
+    net.output(y, [1, 8])
+    return net.model()
+
+
+def save_external(model: onnx.ModelProto, path: Path, threshold: int = 1024) -> None:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    onnx.save(copy, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+              location=path.name + ".bin", size_threshold=threshold)
+
+
+def digest(*paths: Path) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.read_bytes())
+    return h.hexdigest()

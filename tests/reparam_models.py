@@ -1,14 +1,15 @@
 """Structurally reparameterizable blocks and small nets, written in this project (timm is not a dependency).
 
-RepVGG, MobileOne, ACNet and Diverse Branch Block (DBB) style blocks, each with its authors' own deploy form: a
-``reparameterize()`` that computes the single conv's kernel and bias from the train-time branches in float32
-torch arithmetic, the way timm's ``RepVggBlock``/``MobileOneBlock`` and the DBB/ACNet reference code do (BN fused
+RepVGG, MobileOne, ACNet, Diverse Branch Block (DBB), RepViT, RepGhost and FastViT style blocks, each with its
+authors' own deploy form: a ``reparameterize()`` that computes the single conv's kernel and bias from the
+train-time branches in float32 torch arithmetic, the way timm's ``RepVggBlock``/``MobileOneBlock`` and the DBB/ACNet reference code do (BN fused
 into each branch, smaller kernels padded to the centre, an identity as a kernel with a 1 at its channel's centre,
 an average pool as a ``1/k²`` kernel, a 1×1 followed by a k×k composed), then replaces the branches by that conv.
 :func:`reparameterize_model` calls it on every block, as ``timm.utils.reparameterize_model`` does.
 
 Written for these tests from the papers' descriptions (RepVGG arXiv:2101.03697, MobileOne arXiv:2206.04040,
-ACNet arXiv:1908.03930, DBB arXiv:2103.13425), not copied. Nothing here imports bnfold.
+ACNet arXiv:1908.03930, DBB arXiv:2103.13425, RepViT arXiv:2307.09283, RepGhost arXiv:2211.06088, FastViT
+arXiv:2303.14189), not copied. Nothing here imports bnfold.
 
 The DBB branches that pad with the BN's output for a zero input (the authors' ``BNAndPadLayer``) are written as
 a 1×1 conv that pads its input by the same amount, then the BN: the border then holds exactly BN(0), the value
@@ -302,6 +303,167 @@ class DiverseBranchBlock(Reparameterizable):
                     padding=self.p, groups=self.groups)
 
 
+# ---- RepViT's RepVGGDW: depthwise 3×3 conv+BN, depthwise 1×1 conv (with bias) and the identity, then a BN ------
+
+class RepVggDw(Reparameterizable):
+    """RepViT's token mixer: ``bn(conv_bn(x) + conv1(x) + x)``; its ``fuse()`` merges the three branches, then
+    fuses the outer BN into the result."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.c = channels
+        self.conv = conv_bn(channels, channels, 3, 1, 1, groups=channels)
+        self.conv1 = nn.Conv2d(channels, channels, 1, 1, 0, groups=channels, bias=True)
+        self.bn = nn.BatchNorm2d(channels)
+        self.reparam_conv = None
+
+    def forward(self, x):
+        if self.reparam_conv is not None:
+            return self.reparam_conv(x)
+        return self.bn(self.conv(x) + self.conv1(x) + x)
+
+    def kernel_bias(self):
+        k, b = fuse_bn(self.conv.conv.weight, self.conv.bn)
+        k = k + pad_to(self.conv1.weight, 3) + identity_kernel(self.c, self.c, 3)
+        b = b + self.conv1.bias
+        scale = self.bn.weight / (self.bn.running_var + self.bn.eps).sqrt()
+        return k * scale.reshape(-1, 1, 1, 1), self.bn.bias + (b - self.bn.running_mean) * scale
+
+    def branch_names(self):
+        return ["conv", "conv1", "bn"]
+
+    def deploy_conv_args(self):
+        return dict(in_channels=self.c, out_channels=self.c, kernel_size=3, padding=1, groups=self.c)
+
+
+class RepVitBlock(nn.Module):
+    """RepViT block (stride 1): the RepVGGDW token mixer, then a residual 1×1 → GELU → 1×1 channel mixer."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.token_mixer = RepVggDw(channels)
+        self.channel_mixer = nn.Sequential(conv_bn(channels, 2 * channels, 1), nn.GELU(),
+                                           conv_bn(2 * channels, channels, 1))
+
+    def forward(self, x):
+        x = self.token_mixer(x)
+        return x + self.channel_mixer(x)
+
+
+# ---- RepGhost: a depthwise 3×3 conv+BN beside a BN of the same input (the "fusion BN"), summed --------------
+
+class RepGhostModule(Reparameterizable):
+    """RepGhost's module: a 1×1 conv+BN+ReLU makes the features; a cheap depthwise 3×3 conv+BN and the fusion BN
+    of those features are summed (re-parameterized into the depthwise conv), then a ReLU."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.c = c_out
+        self.primary_conv = nn.Sequential(conv_bn(c_in, c_out, 1), nn.ReLU())
+        self.cheap_operation = conv_bn(c_out, c_out, 3, 1, 1, groups=c_out)
+        self.fusion_bn = nn.BatchNorm2d(c_out)
+        self.act = nn.ReLU()
+        self.reparam_conv = None
+
+    def forward(self, x):
+        x1 = self.primary_conv(x)
+        if self.reparam_conv is not None:
+            return self.act(self.reparam_conv(x1))
+        return self.act(self.cheap_operation(x1) + self.fusion_bn(x1))
+
+    def kernel_bias(self):
+        k, b = fuse_bn(self.cheap_operation.conv.weight, self.cheap_operation.bn)
+        ki, bi = fuse_bn(identity_kernel(self.c, self.c, 3), self.fusion_bn)
+        return k + ki, b + bi
+
+    def branch_names(self):
+        return ["cheap_operation", "fusion_bn"]
+
+    def deploy_conv_args(self):
+        return dict(in_channels=self.c, out_channels=self.c, kernel_size=3, padding=1, groups=self.c)
+
+
+# ---- FastViT: RepMixer (x + γ·(mixer(x) − norm(x))) and RepCPE (x + depthwise conv(x)) ---------------------
+
+class RepMixer(Reparameterizable):
+    """FastViT's token mixer: ``x + layer_scale * (mixer(x) - norm(x))``, where ``mixer`` is a MobileOne block
+    without activation (depthwise k×k conv+BN, depthwise 1×1 conv+BN, a BN skip) and ``norm`` one with only its BN
+    skip. Its ``reparameterize()`` writes one depthwise conv: identity + γ·(mixer kernel − norm kernel)."""
+
+    def __init__(self, channels: int, kernel_size: int = 3):
+        super().__init__()
+        self.c, self.k = channels, kernel_size
+        self.mixer_kxk = conv_bn(channels, channels, kernel_size, 1, kernel_size // 2, groups=channels)
+        self.mixer_scale = conv_bn(channels, channels, 1, 1, 0, groups=channels)
+        self.mixer_skip = nn.BatchNorm2d(channels)
+        self.norm_skip = nn.BatchNorm2d(channels)
+        self.layer_scale = nn.Parameter(torch.full((channels, 1, 1), 1e-5))
+        self.reparam_conv = None
+
+    def forward(self, x):
+        if self.reparam_conv is not None:
+            return self.reparam_conv(x)
+        mixer = self.mixer_kxk(x) + self.mixer_scale(x) + self.mixer_skip(x)
+        return x + self.layer_scale * (mixer - self.norm_skip(x))
+
+    def kernel_bias(self):
+        identity = identity_kernel(self.c, self.c, self.k)
+        k, b = fuse_bn(self.mixer_kxk.conv.weight, self.mixer_kxk.bn)
+        ks, bs = fuse_bn(self.mixer_scale.conv.weight, self.mixer_scale.bn)
+        ki, bi = fuse_bn(identity, self.mixer_skip)
+        kn, bn = fuse_bn(identity, self.norm_skip)
+        mixer_k, mixer_b = k + pad_to(ks, self.k) + ki, b + bs + bi
+        gamma = self.layer_scale.reshape(-1)
+        return identity + gamma.reshape(-1, 1, 1, 1) * (mixer_k - kn), gamma * (mixer_b - bn)
+
+    def branch_names(self):
+        return ["mixer_kxk", "mixer_scale", "mixer_skip", "norm_skip", "layer_scale"]
+
+    def deploy_conv_args(self):
+        return dict(in_channels=self.c, out_channels=self.c, kernel_size=self.k, padding=self.k // 2,
+                    groups=self.c)
+
+
+class RepCpe(Reparameterizable):
+    """FastViT's conditional positional encoding: ``x + pe(x)`` with ``pe`` a depthwise conv with bias."""
+
+    def __init__(self, channels: int, kernel_size: int = 7):
+        super().__init__()
+        self.c, self.k = channels, kernel_size
+        self.pe = nn.Conv2d(channels, channels, kernel_size, 1, kernel_size // 2, groups=channels, bias=True)
+        self.reparam_conv = None
+
+    def forward(self, x):
+        if self.reparam_conv is not None:
+            return self.reparam_conv(x)
+        return x + self.pe(x)
+
+    def kernel_bias(self):
+        return identity_kernel(self.c, self.c, self.k) + self.pe.weight, self.pe.bias.clone()
+
+    def branch_names(self):
+        return ["pe"]
+
+    def deploy_conv_args(self):
+        return dict(in_channels=self.c, out_channels=self.c, kernel_size=self.k, padding=self.k // 2,
+                    groups=self.c)
+
+
+class FastVitBlock(nn.Module):
+    """RepMixer, then a residual ConvFFN (depthwise 7×7 conv+BN, 1×1, GELU, 1×1) scaled by its layer scale."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.token_mixer = RepMixer(channels)
+        self.ffn = nn.Sequential(conv_bn(channels, channels, 7, 1, 3, groups=channels),
+                                 nn.Conv2d(channels, 2 * channels, 1), nn.GELU(), nn.Conv2d(2 * channels, channels, 1))
+        self.layer_scale = nn.Parameter(torch.full((channels, 1, 1), 1e-5))
+
+    def forward(self, x):
+        x = self.token_mixer(x)
+        return x + self.layer_scale * self.ffn(x)
+
+
 # ---- small nets ------------------------------------------------------------------------------------------
 
 class Head(nn.Module):
@@ -337,7 +499,23 @@ def dbb_net() -> nn.Module:
                          DiverseBranchBlock(32, 32, 5, 1, groups=2), Head(32))
 
 
-MODELS = {"repvgg": repvgg_net, "mobileone": mobileone_net, "acnet": acnet_net, "dbb": dbb_net}
+def repvit_net() -> nn.Module:
+    return nn.Sequential(conv_bn(3, 16, 3, 2, 1), nn.ReLU(), RepVitBlock(16),
+                         conv_bn(16, 32, 3, 2, 1, groups=16), RepVitBlock(32), Head(32))
+
+
+def repghost_net() -> nn.Module:
+    return nn.Sequential(conv_bn(3, 16, 3, 2, 1), nn.ReLU(), RepGhostModule(16, 16), RepGhostModule(16, 32),
+                         Head(32))
+
+
+def fastvit_net() -> nn.Module:
+    return nn.Sequential(MobileOneBlock(3, 16, 3, 2, num_conv_branches=1), FastVitBlock(16), RepCpe(16),
+                         MobileOneBlock(16, 32, 3, 2, num_conv_branches=1), FastVitBlock(32), Head(32))
+
+
+MODELS = {"repvgg": repvgg_net, "mobileone": mobileone_net, "acnet": acnet_net, "dbb": dbb_net,
+          "repvit": repvit_net, "repghost": repghost_net, "fastvit": fastvit_net}
 
 
 def realistic(module: nn.Module, seed: int = 0) -> nn.Module:
@@ -355,6 +533,8 @@ def realistic(module: nn.Module, seed: int = 0) -> nn.Module:
                 m.bias.copy_(torch.randn(c, generator=g) * 0.3)
             elif isinstance(m, IdentityBasedConv1x1):
                 m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 0.1)
+            if isinstance(m, (RepMixer, FastVitBlock)):  # trained layer scales are far from their 1e-5 start
+                m.layer_scale.copy_(torch.rand(m.layer_scale.shape, generator=g) * 0.9 + 0.1)
     return module.eval()
 
 

@@ -22,9 +22,9 @@ from bnfold.report import ExitCode
 from reference import run_reference
 
 try:
-    from test_external import conv_chain, digest, save_external
+    from onnx_builders import conv_chain, digest, save_external
 except ImportError:  # pragma: no cover
-    from tests.test_external import conv_chain, digest, save_external
+    from tests.onnx_builders import conv_chain, digest, save_external
 
 ROOT = Path(__file__).resolve().parents[1]
 MLP = ROOT / "sample_models" / "mlp_bn1d.onnx"

@@ -77,12 +77,16 @@ def test_merged_model_matches_the_authors_deploy_form(family):
     onnx.checker.check_model(merged, full_check=True)
     for op in ("BatchNormalization", "Conv"):
         assert count_ops(merged.graph, op) <= count_ops(deploy.graph, op), (name, op, report.summary_lines())
-    assert count_ops(original.graph, "Conv") > count_ops(deploy.graph, "Conv")  # there was something to merge
+    # there was something to merge (RepGhost's merge takes away a BN branch, not a conv)
+    assert sum(count_ops(original.graph, op) - count_ops(deploy.graph, op) for op in ("Conv", "Add")) > 0
     ours, theirs = relative_error(run(merged, x), reference), relative_error(run(deploy, x), reference)
     assert ours <= 3 * theirs, (name, ours, theirs)
     assert report.merged and {m.rule for m in report.merged} <= {"merge-branches", "merge-sequential"}
     assert report.bn_after == count_ops(merged.graph)
-    assert report.not_merged == [], report.summary_lines()
+    # Every branch sum merged. Convolutions in a row that can not be one (RepViT's strided conv before the padded
+    # depthwise one, FastViT's RepCPE before a padded conv: their deploy forms keep both) are reported, with why.
+    assert all(s.op_type == "Conv" and s.code == "merge-inexact" for s in report.not_merged), report.summary_lines()
+    assert name in ("repvit", "fastvit") or report.not_merged == [], report.summary_lines()
 
 
 def test_merging_is_deterministic_and_idempotent(family):
@@ -101,7 +105,8 @@ def test_skipping_the_merge_rules_leaves_plain_bn_folding(family):
     assert report.merged == []
     assert count_ops(plain.graph, "Conv") == count_ops(original.graph, "Conv")
     merged, _ = bnfold.fold_onnx(original)
-    assert count_ops(merged.graph, "Conv") < count_ops(plain.graph, "Conv")
+    assert sum(count_ops(plain.graph, op) - count_ops(merged.graph, op) for op in ("Conv", "BatchNormalization",
+                                                                                   "Add")) > 0
     assert relative_error(run(plain, x), reference) < 1e-5
 
 
@@ -155,6 +160,26 @@ def test_sequential_bias_under_zero_padding_is_refused_with_the_reason():
     net.output(y)
     _, report = merge_and_check(net.model(), 2)
     assert any("zero padding" in s.reason for s in report.not_merged), report.summary_lines()
+
+
+@pytest.mark.parametrize("layout", ["x+(a-b)", "(x-b)+a", "b-a"])
+def test_subtracted_branches_merge(layout):
+    """FastViT's RepMixer, x + γ·(mixer(x) − norm(x)): a Sub inside the sum subtracts its second input's branch."""
+    net = Net(seed=11)
+    x = net.input("x", [2, 4, 8, 8])
+    h = net.node("Relu", [x])
+    a = net.bn(net.conv(h, 4, 4, (3, 3), bias=False, **conv_attrs(3, 1, group=4)), 4)
+    b = net.bn(h, 4)
+    if layout == "x+(a-b)":
+        total = net.node("Add", [h, net.node("Sub", [a, b])])
+    elif layout == "(x-b)+a":
+        total = net.node("Add", [net.node("Sub", [h, b]), a])
+    else:
+        total = net.node("Sub", [b, a])
+    net.output(net.node("Relu", [total]))
+    merged, report = merge_and_check(net.model(), 1)
+    assert count_ops(merged.graph) == 0 and count_ops(merged.graph, "Sub") == 0, report.summary_lines()
+    assert count_ops(merged.graph, "Add") == 0 and {m.rule for m in report.merged} == {"merge-branches"}
 
 
 def branch_block(use_sum: bool) -> onnx.ModelProto:
@@ -222,8 +247,9 @@ def test_cli_merges_by_default_verifies_and_takes_the_merge_rules_to_skip(tmp_pa
     assert proc.returncode == 2 and "merge-everything" in proc.stderr
 
 
+@pytest.mark.parametrize("combine", ["Add", "Sub"])
 @pytest.mark.parametrize("kinds", [("gemm", "matmul", "identity"), ("matmul", "matmul"), ("gemm", "gemm")])
-def test_fully_connected_branches_merge(kinds):
+def test_fully_connected_branches_merge(kinds, combine):
     net = Net(seed=6)
     x = net.input("x", [3, 6])
     h = net.node("Relu", [x])
@@ -239,7 +265,7 @@ def test_fully_connected_branches_merge(kinds):
             terms.append(h)
     total = terms[0]
     for term in terms[1:]:
-        total = net.node("Add", [total, term])
+        total = net.node(combine, [total, term])
     net.output(net.node("Relu", [total]))
     before = net.model()
     merged, report = merge_and_check(before, 0)
@@ -274,7 +300,7 @@ def test_merged_models_pass_the_verification_of_bnfold(family, tmp_path):
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report["merged"] and report["verify"]["cpu"]["passed"], report
-    assert count_ops(onnx.load(out).graph, "Conv") < count_ops(original.graph, "Conv")
+    assert len(onnx.load(out).graph.node) < len(original.graph.node)
 
 
 def test_bench_ideal_is_the_merged_form(family):

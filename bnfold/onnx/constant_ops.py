@@ -35,6 +35,18 @@ def evaluate(node: onnx.NodeProto, inputs: list[np.ndarray | None], opset: int) 
     return [np.asarray(result)]
 
 
+def evaluate_without_attributes(op: str, inputs: list[np.ndarray], opset: int) -> np.ndarray | None:
+    """:func:`evaluate` for an op that takes no attributes (Expand, CastLike, ...), given by name: the same kernel
+    and answer, without reading the node (the exporter's zero-bias chain runs this for every bias-less Conv)."""
+    if op not in _NO_ATTRIBUTES:
+        return None
+    try:
+        result = _KERNELS[op](inputs, {}, opset)
+    except (ValueError, IndexError, TypeError):
+        return None
+    return None if result is None else np.asarray(result)
+
+
 def attribute_value(attr: onnx.AttributeProto):
     """onnx.helper.get_attribute_value, without its dispatch for the scalar types attributes mostly have."""
     kind = attr.type

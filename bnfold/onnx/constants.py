@@ -9,9 +9,9 @@ import numpy as np
 import onnx
 
 from ..errors import InputError
-from .constant_ops import evaluate
+from .constant_ops import evaluate, evaluate_without_attributes
 from .external import value_of
-from .nodes import OPS_WITH_SUBGRAPHS, get_attr, node_label
+from .nodes import OPS_WITH_SUBGRAPHS, get_attr, get_attrs, node_label
 from .tensors import RAW_FLOAT_DTYPES, constant_node_value, tensor_to_array
 
 # Ops whose output is not a function of their inputs: never evaluated as constants.
@@ -91,11 +91,24 @@ class ConstantEvaluator:
         node whose value is cached (the exporter shares the zero Constant) is not evaluated again, as in
         :meth:`_compute`. A node that can not be evaluated is recorded as :meth:`_compute` records it, which then
         finishes the walk, so the answer and every cached reason are the generic ones."""
-        constants = self._constants
+        constants, opset = self._constants, self.ctx.opset
         for node, out, values in chain:
             if out in constants:
                 continue
             values = [constants[v] if type(v) is str else v for v in values]
+            # The chain's four ops by hand (what _evaluate computes for them, without its generic dispatch); any
+            # other outcome (an odd Constant, a kernel that declines, a huge value) takes the generic path.
+            op = node.op_type
+            if op == "Shape":
+                a = get_attrs(node, start=0, end=None)
+                value = np.array(values[0].shape[a["start"]:a["end"]], dtype=np.int64)
+            elif op == "Constant":
+                value = constant_node_value(node)
+            else:
+                value = evaluate_without_attributes(op, values, opset)
+            if value is not None and value.size <= MAX_EVAL_ELEMENTS:
+                constants[out] = value
+                continue
             value, reason = self._evaluate(node, out, values)
             if value is None:
                 self._not_constant[out] = reason

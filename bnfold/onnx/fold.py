@@ -65,10 +65,11 @@ def fold_model(model: onnx.ModelProto, rules: list[Rule],
     # Overflow and invalid values are checked for where they matter (a fold with them is refused); one errstate
     # for the whole pass, because entering one costs more than most of the small array operations it covers.
     with np.errstate(all="ignore"):
-        main = GraphIndex(model.graph, ctx, watch=_watched_ops(rules))
+        watch = _watched_ops(rules, merges)
+        main = GraphIndex(model.graph, ctx, watch=watch)
         _fold_graph(main, rules, report, batched)
         if merges:
-            main = _merge_and_refold(model, ctx, main, rules, merges, report, batched)
+            main = _merge_and_refold(model, ctx, main, rules, merges, report, batched, watch)
     for function in model.functions:
         for node in function.node:
             if node.op_type == "BatchNormalization":
@@ -88,7 +89,8 @@ def fold_model(model: onnx.ModelProto, rules: list[Rule],
 
 
 def _merge_and_refold(model: onnx.ModelProto, ctx: ModelContext, index: GraphIndex, rules: list[Rule],
-                      merges: "list[MergeRule]", report: FoldReport, batched: bool) -> GraphIndex:
+                      merges: "list[MergeRule]", report: FoldReport, batched: bool, watch: frozenset[str]
+                      ) -> GraphIndex:
     """Merge branches in the main graph, fold what the merges made foldable (a BN after an AveragePool is after a
     Conv once the pool is merged into it), and again, until neither changes anything. Returns the last index.
 
@@ -100,7 +102,7 @@ def _merge_and_refold(model: onnx.ModelProto, ctx: ModelContext, index: GraphInd
             report.not_merged = refused
             break
         again = FoldReport()
-        index = GraphIndex(model.graph, ctx, watch=_watched_ops(rules))
+        index = GraphIndex(model.graph, ctx, watch=watch)
         _fold_graph(index, rules, again, batched)
         report.folded += again.folded
         report.bn_after = again.bn_after
@@ -113,11 +115,15 @@ def _merge_graph(g: GraphIndex, merges: "list[MergeRule]", report: FoldReport, r
     next one reads); True when anything was merged. A BatchNormalization a merge absorbs (a lone BN branch, a BN
     after an AveragePool) is also listed in ``folded``, with the merge's rule. Commits its edits."""
     changed = False
-    for node in list(g.nodes):
-        if g.is_removed(node) or node.domain not in ("", "ai.onnx"):
+    # The index lists the default-domain nodes of the merge rules' source ops as it reads the graph (_watched_ops):
+    # no walk over every node. A node an earlier merge or fold changed is judged by what it is now.
+    sources = frozenset().union(*(rule.sources for rule in merges))
+    for node in list(g.watched):
+        op = node.op_type
+        if op not in sources or g.is_removed(node):
             continue
         for rule in merges:
-            if node.op_type not in rule.sources:
+            if op not in rule.sources:
                 continue
             plan = rule.match(g, node)
             if plan is None:
@@ -130,13 +136,15 @@ def _merge_graph(g: GraphIndex, merges: "list[MergeRule]", report: FoldReport, r
             report.folded += merge.folds()
             changed = True
             break
-    g.commit()
+    if changed:
+        g.commit()
     return changed
 
 
-def _watched_ops(rules: list[Rule]) -> frozenset[str]:
-    """Ops a fold starts from, and the per-sample norms the report names: the index lists them as it reads."""
-    starts = frozenset({"BatchNormalization"}).union(*(rule.sources for rule in rules))  # BNs are always counted
+def _watched_ops(rules: list[Rule], merges: "list[MergeRule]" = ()) -> frozenset[str]:
+    """Ops a fold or merge starts from, and the per-sample norms the report names: the index lists them as it
+    reads."""
+    starts = frozenset({"BatchNormalization"}).union(*(rule.sources for rule in (*rules, *merges)))  # BNs always
     return starts | PER_SAMPLE_NORMS.keys()
 
 
@@ -146,8 +154,13 @@ def _fold_graph(g: GraphIndex, rules: list[Rule], report: FoldReport, batched: b
     # Every node a rule starts from (folds never create new ones; a BN turned into an Add stays the same node),
     # and the per-sample norms to report, as the index found them.
     candidates, per_sample = [], []
+    starts = {"BatchNormalization"}.union(*(rule.sources for rule in rules))  # the index also lists merge sources
     for node in g.watched:
-        (per_sample if node.op_type in PER_SAMPLE_NORMS else candidates).append(node)
+        op = node.op_type
+        if op in starts:
+            candidates.append(node)
+        elif op in PER_SAMPLE_NORMS:
+            per_sample.append(node)
     batchnorms = [n for n in candidates if n.op_type == "BatchNormalization"]
     report.bn_before += len(batchnorms)
     prefetched, ready = {}, {}

@@ -239,10 +239,11 @@ class GraphIndex(ConstantEvaluator, ShapeQueries):
         if tensor is not None and self.only_consumer(old, node) and old not in self.inputs \
                 and (not external or self._serves_external()):
             self.rewritten.add(old)
-            if tuple(tensor.dims) != value.shape:  # its annotations (value_info, graph input) follow at commit
+            dims = tuple(tensor.dims)
+            if dims != value.shape:  # its annotations (value_info, graph input) follow at commit
                 self._new_shapes[old] = value.shape
             store_value(tensor, np.ascontiguousarray(value), self.ctx.replacements if self.parent is None else None,
-                        self.ctx.external)
+                        self.ctx.external, name=old, dims=dims, in_file=external)
             self._constants.pop(old, None)
             return old
         dropped = False

@@ -2,7 +2,7 @@
 
 Two rules, each a name ``--skip`` takes:
 
-* ``merge-branches``: an Add/Sum tree whose terms are linear chains (Conv, BatchNormalization, AveragePool,
+* ``merge-branches``: an Add/Sum/Sub tree whose terms are linear chains (Conv, BatchNormalization, AveragePool,
   Identity) all reading the same tensor, at least one of them a Conv, becomes one Conv (RepVGG, MobileOne, ACNet,
   DBB blocks after their BNs are folded);
 * ``merge-sequential``: a Conv reading a linear chain (Conv, BN, AveragePool, Identity) with nothing non-linear
@@ -25,7 +25,8 @@ import onnx
 
 from ..affine import FoldRefused, cast_checked
 from ..reparam import (ConvBranch, MergeRefused, affine_branch, avgpool_branch, conv_branch, dense_branch,
-                       dense_identity, identity_branch, merge_parallel, merge_parallel_dense, merge_sequential)
+                       dense_identity, identity_branch, merge_parallel, merge_parallel_dense, merge_sequential,
+                       negated)
 from .constants import is_pure_constant_producer
 from .graph import GraphIndex
 from .nodes import get_attrs, node_label
@@ -36,13 +37,16 @@ MERGE_BRANCHES = "merge-branches"
 MERGE_SEQUENTIAL = "merge-sequential"
 #: Summaries by rule name, for the CLI and README; ``--skip NAME`` leaves one out.
 MERGE_RULES: dict[str, str] = {
-    MERGE_BRANCHES: "Add/Sum of Conv/BN/AveragePool/Identity (or Gemm/MatMul) branches reading one tensor -> one op",
+    MERGE_BRANCHES: "Add/Sum/Sub of Conv/BN/AveragePool/Identity (or Gemm/MatMul) branches reading one tensor -> "
+                    "one op",
     MERGE_SEQUENTIAL: "Conv after a Conv/BN/AveragePool chain, nothing non-linear between -> one Conv",
 }
 MERGE_RULE_NAMES: tuple[str, ...] = tuple(MERGE_RULES)
 
 
 _CHAIN_OPS = frozenset({"Conv", "BatchNormalization", "AveragePool", "Identity"})
+_DENSE_OPS = frozenset({"Gemm", "MatMul"})
+_SUM_OPS = frozenset({"Add", "Sum", "Sub"})  # Sub: a + (-1)·b (FastViT's RepMixer subtracts a branch)
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
@@ -58,7 +62,7 @@ class MergeRule:
 
 
 class MergeBranches(MergeRule):
-    name, summary, sources = MERGE_BRANCHES, MERGE_RULES[MERGE_BRANCHES], frozenset({"Add", "Sum"})
+    name, summary, sources = MERGE_BRANCHES, MERGE_RULES[MERGE_BRANCHES], _SUM_OPS
 
     def match(self, g: GraphIndex, node: onnx.NodeProto) -> "MergePlan | Refusal | None":
         return _merge_branches(g, node)
@@ -174,13 +178,17 @@ def _chain(g: GraphIndex, name: str, reader: onnx.NodeProto) -> tuple[list[onnx.
     op that is not linear. Readers of only a value's dtype or shape (an exporter's zero-bias chain) do not stop it:
     :func:`_type_readers_go` checks that they go with the merge."""
     nodes = []
+    producer = g.producer
     while True:
-        node = g.producer.get(name)
+        node = producer.get(name)
         if node is None or node.op_type not in _CHAIN_OPS or node.domain not in _DEFAULT_DOMAINS or \
-                not _sole_value_reader(g, name, reader) or not node.input:
+                not _sole_value_reader(g, name, reader):
+            break
+        inputs = g.inputs_of(node)
+        if not inputs:
             break
         nodes.append(node)
-        reader, name = node, node.input[0]
+        reader, name = node, inputs[0]
     nodes.reverse()
     return nodes, name
 
@@ -195,9 +203,12 @@ def _reads_type_only(g: GraphIndex, name: str, node: onnx.NodeProto) -> bool:
 
 def _sole_value_reader(g: GraphIndex, name: str, reader: onnx.NodeProto) -> bool:
     """``reader`` is the one node that reads the values of ``name`` (not a graph output); others read its type."""
-    users = g.consumers.get(name, [])
-    return name not in g.outputs and sum(u is reader for u in users) == 1 and \
-        all(u is reader or _reads_type_only(g, name, u) for u in users)
+    users = g.consumers.get(name, ())
+    if name in g.outputs:
+        return False
+    if len(users) == 1:  # the common case, without the generators below (this runs for every Add and Conv)
+        return users[0] is reader
+    return sum(u is reader for u in users) == 1 and all(u is reader or _reads_type_only(g, name, u) for u in users)
 
 
 def _type_readers_go(g: GraphIndex, vanishing: list[onnx.NodeProto], merged: list[onnx.NodeProto]
@@ -299,31 +310,41 @@ def _chain_macs(g: GraphIndex, nodes, channels, rank) -> int:
 
 # ---- the two rules ----------------------------------------------------------------------------------------
 
-def _add_tree(g: GraphIndex, root: onnx.NodeProto) -> tuple[list[str], list[onnx.NodeProto]]:
-    """The terms summed by ``root`` and the Add/Sum nodes below it that only feed this sum."""
-    terms, inner, stack = [], [], [(root, list(root.input))]
+def _add_tree(g: GraphIndex, root: onnx.NodeProto) -> tuple[list[tuple[str, onnx.NodeProto, int]],
+                                                           list[onnx.NodeProto]]:
+    """The terms summed by ``root``, each as (name, the node that reads it, sign: -1 where a Sub subtracts it),
+    and the Add/Sum/Sub nodes below it that only feed this sum."""
+    terms, inner, stack = [], [], [(root, 1)]
+    producers = g.producer
     while stack:
-        node, inputs = stack.pop()
-        for name in reversed(inputs):
-            producer = g.producer.get(name)
-            if producer is not None and producer.op_type in ("Add", "Sum") and \
+        node, sign = stack.pop()
+        inputs = g.inputs_of(node)
+        subtracts = node.op_type == "Sub"
+        for slot in range(len(inputs) - 1, -1, -1):
+            name = inputs[slot]
+            term_sign = -sign if subtracts and slot == 1 else sign
+            producer = producers.get(name)
+            if producer is not None and producer.op_type in _SUM_OPS and \
                     producer.domain in _DEFAULT_DOMAINS and g.only_consumer(name, node):
                 inner.append(producer)
-                stack.append((producer, list(producer.input)))
+                stack.append((producer, term_sign))
             else:
-                terms.append((name, node))
+                terms.append((name, node, term_sign))
     return terms, inner
 
 
 def _merge_branches(g: GraphIndex, root: onnx.NodeProto) -> MergePlan | Refusal | None:
-    if not root.output or not root.output[0] or len(root.input) < 2 or "" in root.input:
+    outputs, inputs = g.outputs_of(root), g.inputs_of(root)
+    if not outputs or not outputs[0] or len(inputs) < 2 or "" in inputs:
         return None
     terms, inner = _add_tree(g, root)
-    dense = _merge_dense_branches(g, root, terms, inner)
-    if dense is not None:
-        return dense
+    producer = g.producer
+    if any(name in producer and producer[name].op_type in _DENSE_OPS for name, _, _ in terms):
+        dense = _merge_dense_branches(g, root, terms, inner)
+        if dense is not None:
+            return dense
     chains = []
-    for name, reader in terms:
+    for name, reader, _ in terms:
         nodes, x = _chain(g, name, reader)
         chains.append((nodes, x))
     x = chains[0][1]
@@ -334,7 +355,7 @@ def _merge_branches(g: GraphIndex, root: onnx.NodeProto) -> MergePlan | Refusal 
         return None  # a constant summand, or no Conv to hold the merged kernel
     channels, rank = _input_channels_and_rank(g, x, [nodes for nodes, _ in chains])
     branches, separate = [], 0
-    for nodes, _ in chains:
+    for (nodes, _), (_, _, sign) in zip(chains, terms):
         if nodes:
             branch = _chain_branch(g, nodes, channels, rank)
             if isinstance(branch, Refusal):
@@ -345,7 +366,7 @@ def _merge_branches(g: GraphIndex, root: onnx.NodeProto) -> MergePlan | Refusal 
                 return Refusal("merge-shape-unknown", f"the shape of '{x}', summed as it is, is unknown")
             branch = identity_branch(channels, rank)
             separate += channels
-        branches.append(branch)
+        branches.append(branch if sign > 0 else negated(branch))
     try:
         merged = merge_parallel(branches)
     except MergeRefused as exc:
@@ -365,19 +386,20 @@ def _merge_branches(g: GraphIndex, root: onnx.NodeProto) -> MergePlan | Refusal 
 def _merge_dense_branches(g: GraphIndex, root: onnx.NodeProto, terms, inner) -> MergePlan | Refusal | None:
     """Gemm/MatMul terms (and the input itself) summed, all reading one tensor: one Gemm, or one MatMul when no
     term has a bias. None when the terms are not that."""
-    nodes, x = [], None
-    for name, reader in terms:
+    nodes, signs, x = [], [], None
+    for name, reader, sign in terms:
         node = g.producer.get(name)
-        if node is not None and node.op_type in ("Gemm", "MatMul") and node.domain in _DEFAULT_DOMAINS and \
+        if node is not None and node.op_type in _DENSE_OPS and node.domain in _DEFAULT_DOMAINS and \
                 g.only_consumer(name, reader) and len(node.input) >= 2:
             if x is not None and node.input[0] != x:
                 return None
             x = node.input[0]
             nodes.append(node)
-    if not nodes or any(g.producer.get(name) not in nodes and name != x for name, _ in terms):
+            signs.append(sign)
+    if not nodes or any(g.producer.get(name) not in nodes and name != x for name, _, _ in terms):
         return None  # terms that are neither a fully connected op on the shared input nor that input
     branches = []
-    for node in nodes:
+    for node, sign in zip(nodes, signs):
         label = f"{node.op_type} {node_label(node)}"
         weight, _ = g.constant(node.input[1])
         if weight is None or weight.dtype.kind != "f" or weight.ndim != 2:
@@ -392,11 +414,13 @@ def _merge_dense_branches(g: GraphIndex, root: onnx.NodeProto, terms, inner) -> 
                 if bias is None:
                     return Refusal("bias-not-constant", f"bias of {label} is not constant: {reason}")
         try:
-            branches.append(dense_branch(weight, bias, trans_b=bool(a["transB"]) and node.op_type == "Gemm",
-                                         alpha=a["alpha"] if node.op_type == "Gemm" else 1.0, beta=a["beta"]))
+            branch = dense_branch(weight, bias, trans_b=bool(a["transB"]) and node.op_type == "Gemm",
+                                  alpha=a["alpha"] if node.op_type == "Gemm" else 1.0, beta=a["beta"])
         except MergeRefused as exc:
             return _inexact(exc, f"{label}: ")
-    branches += [dense_identity(branches[0].in_features) for name, _ in terms if name == x]
+        branches.append(branch if sign > 0 else negated(branch))
+    identity = dense_identity(branches[0].in_features)
+    branches += [identity if sign > 0 else negated(identity) for name, _, sign in terms if name == x]
     try:
         merged = merge_parallel_dense(branches)
     except MergeRefused as exc:
@@ -419,9 +443,10 @@ def _merge_dense_branches(g: GraphIndex, root: onnx.NodeProto, terms, inner) -> 
 
 
 def _merge_sequence(g: GraphIndex, conv: onnx.NodeProto) -> MergePlan | Refusal | None:
-    if not conv.input or not conv.output or not conv.output[0]:
+    inputs, outputs = g.inputs_of(conv), g.outputs_of(conv)
+    if not inputs or not outputs or not outputs[0]:
         return None
-    nodes, x = _chain(g, conv.input[0], conv)
+    nodes, x = _chain(g, inputs[0], conv)
     if not nodes:
         return None
     nodes = nodes + [conv]

@@ -97,29 +97,31 @@ Edit = WriteTensor | SetAttribute | RemoveAttribute | SetOpType | MoveOutput | R
 # ---- what a plan read ------------------------------------------------------------------------------------------
 
 @dataclass(slots=True, eq=False)
-class ReadInput:
-    """The plan read input ``slot`` of ``node`` as the tensor ``name`` (``""``: the slot was empty)."""
-
-    node: onnx.NodeProto
-    slot: int
-    name: str
-
-    def holds(self, g: GraphIndex) -> bool:
-        inputs = g.inputs_of(self.node)
-        current = inputs[self.slot] if self.slot < len(inputs) else ""
-        return current == self.name and (not self.name or self.name not in g.rewritten)
-
-
-@dataclass(slots=True, eq=False)
-class SoleReader:
-    """``value`` was produced by ``producer`` and read by ``reader`` alone."""
+class LayerRead:
+    """What a fold into ``layer`` read: ``value`` is produced by ``producer`` (the layer, or the Add holding its
+    bias) and read by ``reader`` alone; the layer's weight (input 1) is ``weight`` and its input ``bias_slot`` is
+    ``bias`` (``""``: the slot was empty; ``bias_slot`` None: the op has no bias input), and neither tensor has been
+    given a new value since."""
 
     value: str
     producer: onnx.NodeProto
     reader: onnx.NodeProto
+    layer: onnx.NodeProto
+    weight: str
+    bias_slot: int | None
+    bias: str
 
     def holds(self, g: GraphIndex) -> bool:
-        return g.producer.get(self.value) is self.producer and g.only_consumer(self.value, self.reader)
+        # one object and one call per plan: the batched path checks this once per prefetched fold
+        if g.producer.get(self.value) is not self.producer or not g.only_consumer(self.value, self.reader):
+            return False
+        inputs, rewritten = g.inputs_of(self.layer), g.rewritten
+        if len(inputs) < 2 or inputs[1] != self.weight or self.weight in rewritten:
+            return False
+        if self.bias_slot is None:
+            return True
+        current = inputs[self.bias_slot] if self.bias_slot < len(inputs) else ""
+        return current == self.bias and (not current or current not in rewritten)
 
 
 @dataclass(slots=True, eq=False)
@@ -134,7 +136,7 @@ class Plan:
     into: str
     edits: list[Edit] = field(default_factory=list)
     remove: list[onnx.NodeProto] = field(default_factory=list)
-    reads: list[ReadInput | SoleReader] = field(default_factory=list)
+    reads: list[LayerRead] = field(default_factory=list)
 
     def holds(self, g: GraphIndex) -> bool:
         """Everything the plan read is still as it was (a plan computed ahead, before earlier folds)."""

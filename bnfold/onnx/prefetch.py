@@ -20,7 +20,7 @@ from .batchnorm import inference_epsilon
 from .graph import GraphIndex
 from .nodes import get_attr, node_label
 from .ops import LINEAR_OPS, batchable
-from .plan import MoveOutput, Plan, ReadInput, SoleReader, WriteTensor
+from .plan import LayerRead, MoveOutput, Plan, WriteTensor
 from .tensors import RAW_FLOAT_DTYPES
 
 
@@ -188,8 +188,7 @@ def prefetch_linear_plans(g: GraphIndex, nodes, affines: dict[int, tuple[np.ndar
             # the edits AfterTarget.plan_edits makes, in its order: bias first, weight, then the output moves
             edits = [] if new_b is None else [WriteTensor(layer, op.bias_slot, new_b)]
             edits += [WriteTensor(layer, 1, new_w), MoveOutput(layer, g.outputs_of(bn)[0])]
-            reads = [SoleReader(x, layer, bn), ReadInput(layer, 1, tensor.name),
-                     ReadInput(layer, op.bias_slot, bias_name)]
+            reads = [LayerRead(x, layer, bn, layer, tensor.name, op.bias_slot, bias_name)]
             plan = Plan(rule_for[layer.op_type], bn, node_label(layer), edits, [bn], reads)
             done[id(bn)] = (plan, s.shape[0])
     return done

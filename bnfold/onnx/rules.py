@@ -27,7 +27,7 @@ from .batchnorm import check_channels, check_parameter_lengths, inference_epsilo
 from .graph import GraphIndex
 from .nodes import get_attr, node_label
 from .ops import LINEAR_OPS, LinearOp, linear_op
-from .plan import (MoveOutput, Plan, ReadInput, Refusal, RenameInput, SetAttribute, SetOpType, SoleReader,
+from .plan import (LayerRead, MoveOutput, Plan, Refusal, RenameInput, SetAttribute, SetOpType,
                    TurnIntoAdd, WriteTensor)
 
 
@@ -193,12 +193,10 @@ class AfterTarget:
             edits.append(MoveOutput(renamed, out_name))
         return edits, norm_kept
 
-    def reads(self) -> list:
-        """What the plan read of the op: its weight and bias inputs (a bias Add is checked by its sole reader)."""
-        reads = [ReadInput(self.node, 1, self.weight.name)]
-        if self.op.bias_slot is not None:
-            reads.append(ReadInput(self.node, self.op.bias_slot, self.bias_name))
-        return reads
+    def read(self, value: str, producer: onnx.NodeProto, reader: onnx.NodeProto) -> LayerRead:
+        """What the plan read: ``value`` (made by ``producer``, the op or its bias Add) read by ``reader`` alone,
+        the op's weight and bias inputs."""
+        return LayerRead(value, producer, reader, self.node, self.weight.name, self.op.bias_slot, self.bias_name)
 
 
 class _Label:
@@ -338,7 +336,7 @@ class FoldAfter(Rule):
         except FoldRefused as exc:
             return _refused(exc)
         return Plan(self.name, norm.node, node_label(target.node), edits, [] if norm_kept else [norm.node],
-                    [SoleReader(norm.x, producer, norm.node)] + target.reads())
+                    [target.read(norm.x, producer, norm.node)])
 
 
 class FoldBefore(Rule):

@@ -66,17 +66,17 @@ def constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
 
 
 def store_value(tensor: onnx.TensorProto, value: np.ndarray, replacements: "dict[str, np.ndarray] | None",
-                external: "ExternalData | None") -> None:
+                external: "ExternalData | None", *, name: str, dims: tuple[int, ...], in_file: bool) -> None:
     """Give the initializer ``tensor`` the new ``value`` (same dtype), keeping its name.
 
     ``replacements``: the main graph's pending new values (None in a subgraph, whose tensors are written at once);
     ``external``: serves the main graph's tensors that stay in external files (a lazily loaded model).
+    ``name``, ``dims``, ``in_file`` (its data is external): the tensor's, as the caller already read them (each
+    protobuf field read costs about as much as the rest of a small fold's write).
     """
-    name = tensor.name
-    if tensor.data_location == onnx.TensorProto.EXTERNAL and tuple(tensor.dims) == value.shape and \
-            onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type) == value.dtype:
+    if in_file and dims == value.shape and onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type) == value.dtype:
         replacements[name] = external.spill(value)  # written out when the model is saved
-    elif RAW_FLOAT_DTYPES.get(tensor.data_type) == value.dtype and tuple(tensor.dims) == value.shape and \
+    elif RAW_FLOAT_DTYPES.get(tensor.data_type) == value.dtype and dims == value.shape and \
             tensor.HasField("raw_data"):
         if replacements is not None:  # same dtype and shape: the bytes are swapped when saved
             replacements[name] = value
