@@ -301,12 +301,13 @@ def test_keep_class_fills_the_reference_codes_deploy_slot():
 
 def test_keep_class_keeps_the_host_name_when_the_slot_does_not_switch_the_forward():
     """A ``reparam_conv`` slot the forward does not switch on (it asks a flag): filling it and deleting the branches
-    would break the module, the check finds that, and the merge goes into the host convolution's place."""
-    model = R.realistic(FlagSwitched(), seed=5)
+    would break the module, the check finds that, and that merge goes into the host convolution's place; the block
+    beside it still gets its deploy slot."""
+    model = R.realistic(nn.Sequential(HasattrSwitched(), FlagSwitched()), seed=5)
     x = torch.randn(2, 4, 9, 9)
     own, report = fold_module(model, (x,), keep_class=True)
-    assert [m.into for m in report.merged] == ["conv.conv"] and own.reparam_conv is None
-    assert isinstance(own.conv1.conv, Zero) and convs(own, x) == 1 and count_bn_dispatched(own, x) == 0
+    assert [m.into for m in report.merged] == ["0.rbr_reparam", "1.conv.conv"] and own[1].reparam_conv is None
+    assert isinstance(own[1].conv1.conv, Zero) and convs(own, x) == 2 and count_bn_dispatched(own, x) == 0
     assert relative_error(own, reference(model, x), x) <= 1e-5
 
 

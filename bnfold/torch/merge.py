@@ -614,15 +614,15 @@ def write_merges(module: nn.Module, example_inputs, report: FoldReport, exact: d
         written.append(_Writing(rule, sources, host, assignment[0][1], assignment, slot))
     if not written:
         return
-    candidate = _written_copy(module, written, slots=False)
+    candidate = _written_copy(module, written, set())
     if not same_outputs(candidate, graph_module, example_inputs):
         raise RuntimeError("bnfold: the merges written into the module's own class do not compute what the merged "
                            "graph computes")
-    slots = bool(slots_taken) and _same_function(_written_copy(module, written, slots=True), candidate,
-                                                 graph_module, example_inputs)
+    slotted = _slots_that_work(module, written, candidate, graph_module, example_inputs)
     for writing in written:
-        _write(module, writing, slots)
-        if slots and writing.slot is not None:
+        slot = id(writing) in slotted
+        _write(module, writing, slot)
+        if slot:
             into, removed = writing.slot[0], writing.sources
         else:
             into, removed = writing.host.path, [src for src in writing.sources if src is not writing.host]
@@ -700,13 +700,30 @@ def _write(root: nn.Module, writing: _Writing, slot: bool) -> None:
         set_submodule(root, path, copy.deepcopy(replacement))
 
 
-def _written_copy(module: nn.Module, written: list[_Writing], *, slots: bool) -> nn.Module:
+def _written_copy(module: nn.Module, written: list[_Writing], slotted: set[int]) -> nn.Module:
+    """A copy of ``module`` with the merges written: those in ``slotted`` (ids) into their deploy slots."""
     from .fold import copy_module
 
     candidate = copy_module(module)
     for writing in written:
-        _write(candidate, writing, slots)
+        _write(candidate, writing, id(writing) in slotted)
     return candidate.eval()
+
+
+def _slots_that_work(module: nn.Module, written: list[_Writing], hosted: nn.Module, graph_module,
+                     example_inputs) -> set[int]:
+    """The merges (ids) written into their deploy slots: all that have one when that checks out (one run, the
+    common case), else each one that checks out beside those before it (a block whose forward does more than its
+    slot, say, keeps its host's name without costing the others theirs)."""
+    slotted = {id(w) for w in written if w.slot is not None}
+    if not slotted or _same_function(_written_copy(module, written, slotted), hosted, graph_module, example_inputs):
+        return slotted
+    chosen: set[int] = set()
+    for writing in written:
+        if id(writing) in slotted and len(slotted) > 1 and _same_function(
+                _written_copy(module, written, chosen | {id(writing)}), hosted, graph_module, example_inputs):
+            chosen.add(id(writing))
+    return chosen
 
 
 def _same_function(candidate: nn.Module, written: nn.Module, graph_module, example_inputs) -> bool:
