@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 
 torch = pytest.importorskip("torch")
+import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
@@ -347,6 +348,61 @@ def test_sums_from_zero_and_in_place_are_merged(path):
     assert merged_count(report) == 3 and not report.not_merged, report.to_dict()
     assert convs(folded, x) == 3 and count_bn_dispatched(folded, x) == report.bn_after == 0
     assert relative_error(folded, reference(model, x), x) <= 1e-5
+
+
+class BatchNormAct(nn.BatchNorm2d):
+    """timm's BatchNormAct2d, reduced: ``F.batch_norm`` on its own statistics, then (here empty) drop and act."""
+
+    def __init__(self, channels: int):
+        super().__init__(channels)
+        self.drop, self.act = nn.Identity(), nn.Identity()
+
+    def forward(self, x):
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        return self.act(self.drop(x))
+
+
+class TimmStyleRepVgg(nn.Module):
+    """A RepVGG block written the way timm writes it: ``reparam_conv`` None until deployed, a BatchNormAct2d-like
+    identity branch (a functional batch norm in the trace), an in-place sum."""
+
+    def __init__(self, channels: int, deploy: bool = False):
+        super().__init__()
+        self.reparam_conv = nn.Conv2d(channels, channels, 3, padding=1) if deploy else None
+        if not deploy:
+            self.identity = BatchNormAct(channels)
+            self.conv_kxk = R.conv_bn(channels, channels, 3, padding=1)
+            self.conv_1x1 = R.conv_bn(channels, channels, 1)
+            self.drop_path = nn.Identity()
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        if self.reparam_conv is not None:
+            return self.act(self.reparam_conv(x))
+        identity = self.identity(x)
+        x = self.conv_1x1(x) + self.conv_kxk(x)
+        x = self.drop_path(x)
+        x += identity
+        return self.act(x)
+
+
+@pytest.mark.parametrize("path", ["fx", "aten", "keep_class"])
+def test_timm_style_blocks_merge_to_their_deploy_form(path):
+    model = R.realistic(nn.Sequential(TimmStyleRepVgg(4), TimmStyleRepVgg(4)), seed=8)
+    x = torch.randn(2, 4, 9, 9)
+    snap = snapshot(model)
+    subject = Untraceable(model).eval() if path == "aten" else model
+    folded, report = fold_module(subject, (x,), keep_class=path == "keep_class")
+    assert_unchanged(model, snap)
+    assert count_bn_dispatched(folded, x) == report.bn_after == 0 and not report.skipped, report.to_dict()
+    assert convs(folded, x) == 2 and merged_count(report) == 2 and not report.not_merged
+    assert relative_error(folded, reference(model, x), x) <= 1e-5
+    if path == "keep_class":
+        assert [m.into for m in report.merged] == ["0.reparam_conv", "1.reparam_conv"]
+        deploy = nn.Sequential(TimmStyleRepVgg(4, deploy=True), TimmStyleRepVgg(4, deploy=True)).eval()
+        deploy.load_state_dict(folded.state_dict())
+        with torch.no_grad():
+            assert torch.equal(deploy(x), folded(x))
 
 
 class PlusInput(nn.Module):

@@ -296,28 +296,37 @@ def _norm_of(gm: fx.GraphModule, modules: dict, node: fx.Node) -> _Norm | None:
             affine = Refusal("rank-unknown", "can not prove the frozen batch norm's input has the rank of its "
                                              "constants (pass example_inputs)")
         return _Norm(node, x, affine, owner or node.name, "frozen batch norm", nodes=nodes)
-    if node.op == "call_function" and node.target in _FUNCTIONAL:
-        try:
-            bound = _FUNCTIONAL[node.target].bind(*node.args, **node.kwargs)
-        except TypeError:
-            return None
-        bound.apply_defaults()
-        a = bound.arguments
-        name, op_type = _functional_name(a.get("running_mean"), node), "batch_norm"
-        if a.get("training") is not False:
-            return _Norm(node, a["input"], Refusal("training-mode", "training=True (or computed): it normalizes by "
-                                                   "batch statistics"), name, op_type)
-        tensors = {k: attribute_tensor(gm, a.get(k)) for k in ("weight", "bias", "running_mean", "running_var")}
-        computed = [k for k in tensors if a.get(k) is not None and tensors[k] is None]
-        if computed or a.get("running_mean") is None or a.get("running_var") is None or \
-                not isinstance(a.get("eps"), (int, float)):
-            what = ", ".join(computed) or "running statistics or eps"
-            return _Norm(node, a["input"], Refusal("non-constant", f"{what} not parameters or buffers"), name,
-                         op_type)
-        affine = affine_from_stats(tensors["weight"], tensors["bias"], tensors["running_mean"],
-                                   tensors["running_var"], float(a["eps"]))
-        return _Norm(node, a["input"], affine, name, op_type)
+    found = functional_norm(gm, node)
+    if found is not None:
+        x, affine, name = found
+        return _Norm(node, x, affine, name, "batch_norm")
     return None
+
+
+def functional_norm(gm: fx.GraphModule, node: fx.Node) -> tuple[object, Affine | Refusal, str] | None:
+    """A functional batch norm call (``F.batch_norm``/``torch.batch_norm``, as timm's ``BatchNormAct2d`` makes) as
+    (its input, its affine or why it is not one, its name), or None when ``node`` is no such call."""
+    if node.op != "call_function" or node.target not in _FUNCTIONAL:
+        return None
+    try:
+        bound = _FUNCTIONAL[node.target].bind(*node.args, **node.kwargs)
+    except TypeError:
+        return None
+    bound.apply_defaults()
+    a = bound.arguments
+    name = _functional_name(a.get("running_mean"), node)
+    if a.get("training") is not False:
+        return a["input"], Refusal("training-mode", "training=True (or computed): it normalizes by batch "
+                                                    "statistics"), name
+    tensors = {k: attribute_tensor(gm, a.get(k)) for k in ("weight", "bias", "running_mean", "running_var")}
+    computed = [k for k in tensors if a.get(k) is not None and tensors[k] is None]
+    if computed or a.get("running_mean") is None or a.get("running_var") is None or \
+            not isinstance(a.get("eps"), (int, float)):
+        what = ", ".join(computed) or "running statistics or eps"
+        return a["input"], Refusal("non-constant", f"{what} not parameters or buffers"), name
+    affine = affine_from_stats(tensors["weight"], tensors["bias"], tensors["running_mean"], tensors["running_var"],
+                               float(a["eps"]))
+    return a["input"], affine, name
 
 
 def _functional_name(running_mean, node: fx.Node) -> str:

@@ -5,9 +5,9 @@ torch.export's ATen graph for modules torch.fx can not trace (``aten.conv*``, ``
 ``aten.batch_norm`` and ``aten.add`` nodes; the merged convolution is an ``nn.ConvNd`` call there too), to a fixpoint:
 
 * ``merge-branches``: an addition (a tree of ``+``/``torch.add``/``+=``; literal zeros added count for nothing)
-  whose terms read the same tensor, each a
-  convolution (``nn.ConvNd`` or ``F.convNd`` on constant weights), a batch norm left alone in its branch, an average
-  pool that equals a convolution, or that tensor itself, becomes one convolution (RepVGG, MobileOne, ACNet, DBB);
+  whose terms read the same tensor, each a convolution (``nn.ConvNd`` or ``F.convNd`` on constant weights), a batch
+  norm left alone in its branch (a module, or ``F.batch_norm`` on constant statistics), an average pool that equals
+  a convolution, or that tensor itself, becomes one convolution (RepVGG, MobileOne, ACNet, DBB);
 * ``merge-sequential``: two such ops in sequence, the first read by nothing else, become one where exact (DBB's
   1×1 then k×k, a pool then its batch norm).
 
@@ -37,8 +37,8 @@ from ..affine import FoldRefused
 from ..reparam import ConvBranch, MergeRefused, affine_branch, avgpool_branch, conv_branch, identity_branch
 from ..reparam import merge_parallel, merge_sequential
 from ..report import FoldReport, Merge, Skip
-from .fold import ModuleIndex, attribute_tensor, hook_reason, module_affine, passes_input_on, runs_torch_forward
-from .fold import single_tensor_arg, value_users
+from .fold import ModuleIndex, attribute_tensor, functional_norm, hook_reason, module_affine, passes_input_on
+from .fold import runs_torch_forward, single_tensor_arg, value_users
 from .ops import Affine, ExactWeights, constant_value, numpy64, to_torch
 
 _aten = torch.ops.aten
@@ -133,6 +133,10 @@ def linear_op(gm: fx.GraphModule, modules: ModuleIndex, node) -> LinearOp | None
         return _aten_pool_op(node)
     if node.op == "call_function" and node.target is _aten.batch_norm.default:
         return _aten_bn_op(gm, node)
+    functional = functional_norm(gm, node)  # F.batch_norm on constant statistics (timm's BatchNormAct2d)
+    if functional is not None:
+        x, affine, name = functional
+        return _bn_op(node, x, name, affine) if isinstance(affine, Affine) and isinstance(x, fx.Node) else None
     if node.op == "call_function" and node.target in _CONV_FUNCTIONS:
         try:
             bound = _CONV_SIGNATURE.bind(*node.args, **node.kwargs)
@@ -571,19 +575,26 @@ def write_merges(module: nn.Module, example_inputs, report: FoldReport, exact: d
     checked against the merged graph on ``example_inputs`` (without them nothing is written). ``exact``: the float64
     (weight, bias) of layers the folds wrote, by module path (:func:`bnfold.torch.own.fold_own_class`'s), merged
     from instead of their cast."""
-    from .fold import copy_module, count_normalizations, trace
+    from .fold import copy_module, count_normalizations, run_example, trace
     from .own import same_outputs
 
     copied = copy_module(module).eval()
     graph_module = trace(copied)
     if isinstance(graph_module, str):
         return
+    if example_inputs is not None:  # ranks, for the batch norms no module type pins (functional ones)
+        from torch.fx.passes.shape_prop import ShapeProp
+
+        with torch.no_grad():
+            run_example(lambda: ShapeProp(graph_module).propagate(*example_inputs))
     calls: dict[str, int] = {}
     owners: dict[str, list[fx.Node]] = {}  # module path -> the computing nodes its forward made
+    graph_modules = dict(graph_module.named_modules())
     for node in graph_module.graph.nodes:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
-        if node.op in ("call_function", "call_method", "call_module") and not _constant_node(node):
+        if node.op in ("call_function", "call_method", "call_module") and not _constant_node(node) and \
+                not passes_input_on(graph_modules, node):  # eval-mode Identity/Dropout compute nothing
             for path, _ in (node.meta.get("nn_module_stack") or {}).values():
                 owners.setdefault(path, []).append(node)
     registered: dict[int, int] = {}
