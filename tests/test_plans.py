@@ -84,13 +84,17 @@ def test_batched_and_per_node_paths_give_identical_bytes_on_fuzz_models(case, sk
     _assert_same_and_coded(case.model, sorted(skip))
 
 
-def test_a_prefetched_plan_is_the_plan_the_rule_makes():
-    net = Net(opset=17, seed=3)
+@pytest.mark.parametrize("dtype,merging", [(np.float32, False), (np.float32, True), (np.float16, True)])
+def test_a_prefetched_plan_is_the_plan_the_rule_makes(dtype, merging):
+    """Also the float64 values a plan keeps for the merges (16-bit floats, merge rules on): the same on both paths."""
+    net = Net(dtype=dtype, opset=17, seed=3)
     x = net.input("x", [2, 3, 5, 5])
     y = net.conv(x, 3, 4, [3, 3], pads=[1, 1, 1, 1])
     net.output(net.bn(y, 4, "y"))
     model = net.model()
-    g = GraphIndex(model.graph, ModelContext(model))
+    ctx = ModelContext(model)
+    ctx.merging = merging
+    g = GraphIndex(model.graph, ctx)
     bn = next(n for n in model.graph.node if n.op_type == "BatchNormalization")
     with np.errstate(all="ignore"):
         affines = prefetch_batchnorm_affines(g, [bn])
@@ -104,6 +108,11 @@ def test_a_prefetched_plan_is_the_plan_the_rule_makes():
         if isinstance(a, WriteTensor):
             assert (a.node, a.slot) == (e.node, e.slot)
             assert a.value.dtype == e.value.dtype and a.value.tobytes() == e.value.tobytes()
+            kept = merging and np.dtype(dtype).itemsize < 4
+            assert (a.exact is not None) == (e.exact is not None) == kept
+            if kept:
+                assert a.exact.dtype == e.exact.dtype == np.float64 and a.exact.tobytes() == e.exact.tobytes()
+                assert a.exact.astype(dtype).tobytes() == a.value.tobytes()  # the value is its one rounding
         else:
             assert (a.node, a.name) == (e.node, e.name)
     assert prefetched.holds(g) and per_node.holds(g)

@@ -426,3 +426,117 @@ def test_a_branch_bn_with_invalid_statistics_is_neither_merged_nor_written(tmp_p
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "negative-variance" in proc.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["block.onnx"]
+
+
+# ---- a merged weight is rounded once -----------------------------------------------------------------------
+
+_EPS = float(np.float32(1e-5))  # BatchNormalization's default epsilon, as the float32 attribute holds it
+
+
+def _affine64(stats: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The float64 per-channel affine of BatchNormalization statistics (independent of bnfold)."""
+    scale, bias, mean, var = (np.asarray(stats[k], np.float64) for k in ("scale", "bias", "mean", "var"))
+    s = scale / np.sqrt(var + _EPS)
+    return s, bias - mean * s
+
+
+def repvgg_block(net: Net, h: str, channels: int, variant: str = "plain", store: Net | None = None
+                 ) -> tuple[str, np.ndarray, np.ndarray]:
+    """A RepVGG block added to ``net`` (3x3 conv+BN, 1x1 conv+BN, BN identity, summed) reading ``h``; returns its
+    output and the float64 kernel and bias of its merge, computed here in numpy from the ORIGINAL weights and
+    statistics. ``store``: where the weights and BN parameters live (an enclosing graph's Net: outer-scope values).
+
+    ``variant``: "plain"; "bn-chain" (the 3x3 branch has two BNs in a row, folded one after the other);
+    "shared-weight" (the 1x1 branch is a second 3x3 reading the same weight initializer, as the soak's case)."""
+    from onnx_builders import bn_stats
+
+    store = store or net
+    dtype = net.dtype
+    w3 = (net.rng.standard_normal((channels, channels, 3, 3)) / 12).astype(dtype)
+    w1 = (net.rng.standard_normal((channels, channels, 1, 1)) / 4).astype(dtype)
+    stats = [bn_stats(net.rng, channels, dtype) for _ in range(4)]
+
+    def bn(x, i):
+        names = [store.init(store.fresh(f"bn_{k}"), stats[i][k]) for k in ("scale", "bias", "mean", "var")]
+        return net.node("BatchNormalization", [x, *names])
+
+    w3_name = store.init(store.fresh("W3_"), w3)
+    a = bn(net.node("Conv", [h, w3_name], **conv_attrs(3, 1)), 0)
+    s, t = _affine64(stats[0])
+    if variant == "bn-chain":
+        a = bn(a, 3)
+        s2, t2 = _affine64(stats[3])
+        s, t = s2 * s, s2 * t + t2
+    kernel = w3.astype(np.float64) * s[:, None, None, None]
+    bias = t
+    if variant == "shared-weight":
+        b = bn(net.node("Conv", [h, w3_name], **conv_attrs(3, 1)), 1)
+        s, t = _affine64(stats[1])
+        kernel = kernel + w3.astype(np.float64) * s[:, None, None, None]
+    else:
+        b = bn(net.node("Conv", [h, store.init(store.fresh("W1_"), w1)], **conv_attrs(1, 0)), 1)
+        s, t = _affine64(stats[1])
+        kernel[:, :, 1:2, 1:2] += w1.astype(np.float64) * s[:, None, None, None]
+    bias = bias + t
+    c = bn(h, 2)
+    s, t = _affine64(stats[2])
+    kernel[np.arange(channels), np.arange(channels), 1, 1] += s
+    bias = bias + t
+    return net.node("Add", [net.node("Add", [a, b]), c]), kernel, bias
+
+
+def repvgg_model(variant: str, dtype=np.float16, channels: int = 16) -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
+    """A RepVGG block (fp16 by default) after a Relu, then a Relu, and the float64 kernel and bias of its merge."""
+    net = Net(dtype=dtype, seed=23)
+    h = net.node("Relu", [net.input("x", [1, channels, 8, 8])])
+    y, kernel, bias = repvgg_block(net, h, channels, variant)
+    net.output(net.node("Relu", [y]))
+    return net.model(), kernel, bias
+
+
+def merged_kernel(graph: onnx.GraphProto) -> tuple[np.ndarray, np.ndarray]:
+    """The weight and bias of the one Conv of ``graph`` (initializers of that graph)."""
+    conv, = [n for n in graph.node if n.op_type == "Conv"]
+    values = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+    return values[conv.input[1]], values[conv.input[2]]
+
+
+def assert_rounded_once(got: np.ndarray, exact: np.ndarray) -> None:
+    want = exact.astype(got.dtype)
+    assert got.tobytes() == want.tobytes(), \
+        f"{int((got != want).sum())} of {got.size} values differ from one rounding of the float64 merge"
+
+
+@pytest.mark.parametrize("variant", ["plain", "bn-chain", "shared-weight"])
+def test_an_fp16_merged_kernel_is_rounded_once_from_the_original_weights(variant):
+    """Folds write each branch's weight rounded to fp16; the merge must sum their float64 values, not those
+    roundings (a second rounding of the sum is off by up to an ulp more, which the 10k soak caught)."""
+    model, kernel, bias = repvgg_model(variant)
+    merged, report = bnfold.fold_onnx(model)
+    assert count_ops(merged.graph, "Conv") == 1 and count_ops(merged.graph) == 0, report.summary_lines()
+    got_w, got_b = merged_kernel(merged.graph)
+    assert got_w.dtype == got_b.dtype == np.float16
+    assert_rounded_once(got_w, kernel)
+    assert_rounded_once(got_b, bias)
+
+
+@pytest.mark.parametrize("dtype,skip,kept", [(np.float16, (), True), (np.float32, (), False),
+                                              (np.float16, ("merge-branches", "merge-sequential"), False)])
+def test_float64_values_are_kept_only_for_16_bit_floats_while_merging(monkeypatch, dtype, skip, kept):
+    """Keeping the float64 value of every folded fp32 weight would double the fold's memory, and fp32's second
+    rounding is an ulp: they are kept only for 16-bit floats, and only while the merge rules run."""
+    from bnfold.onnx.graph import GraphIndex
+
+    recorded = []
+    real = GraphIndex.set_exact
+
+    def spy(self, name, value):
+        recorded.append(value)
+        return real(self, name, value)
+
+    monkeypatch.setattr(GraphIndex, "set_exact", spy)
+    model, _, _ = repvgg_model("bn-chain", dtype)
+    bnfold.fold_onnx(model, skip=skip)
+    assert len(recorded) >= 4  # every written tensor passes through set_exact
+    assert any(v is not None for v in recorded) == kept
+    assert all(v.dtype == np.float64 for v in recorded if v is not None)

@@ -141,6 +141,7 @@ def _read_branch(g: GraphIndex, node: onnx.NodeProto, channels: int | None, rank
         a = get_attrs(node, group=1, strides=None, dilations=None, pads=None, auto_pad="NOTSET")
         strides, dilations = _ints(a["strides"], n, 1), _ints(a["dilations"], n, 1)
         pads = _explicit_pads(a["auto_pad"], weight.shape[2:], strides, dilations, a["pads"])
+        weight, bias = _exact_or(g, node, 1, weight), _exact_or(g, node, 2, bias)
         return conv_branch(weight, bias, groups=int(a["group"]), strides=strides, dilations=dilations, pads=pads)
     if op == "BatchNormalization":
         if rank is None:
@@ -165,6 +166,15 @@ def _read_branch(g: GraphIndex, node: onnx.NodeProto, channels: int | None, rank
         return avgpool_branch(channels, kernel, strides=strides, pads=pads, dilations=dilations,
                               count_include_pad=bool(a["count_include_pad"]), ceil_mode=bool(a["ceil_mode"]))
     raise AssertionError(f"{label} is not an op of a linear chain")  # _chain walks _CHAIN_OPS only
+
+
+def _exact_or(g: GraphIndex, node: onnx.NodeProto, slot: int, value: np.ndarray | None) -> np.ndarray | None:
+    """Input ``slot`` of ``node`` as the float64 value a fold or merge rounded to it, if one was kept, else
+    ``value``: a merge of folded weights then rounds once."""
+    if value is None:
+        return None
+    exact = g.exact_value(node.input[slot])
+    return value if exact is None else exact
 
 
 def _chain(g: GraphIndex, name: str, reader: onnx.NodeProto) -> tuple[list[onnx.NodeProto], str]:
@@ -391,6 +401,7 @@ def _merge_dense_branches(g: GraphIndex, root: onnx.NodeProto, terms, inner) -> 
                 bias, reason = g.constant(node.input[2])
                 if bias is None:
                     return Refusal("bias-not-constant", f"bias of {label} is not constant: {reason}")
+        weight, bias = _exact_or(g, node, 1, weight), _exact_or(g, node, 2, bias)
         try:
             branches.append(dense_branch(weight, bias, trans_b=bool(a["transB"]) and node.op_type == "Gemm",
                                          alpha=a["alpha"] if node.op_type == "Gemm" else 1.0, beta=a["beta"]))
@@ -408,10 +419,10 @@ def _merge_dense_branches(g: GraphIndex, root: onnx.NodeProto, terms, inner) -> 
     cast = _cast_to_weight_dtype(g, survivor, merged)
     if isinstance(cast, Refusal):
         return cast
-    weight, bias = cast
-    edits = [WriteTensor(survivor, 1, weight)]
+    weight, bias, exact_w, exact_b = cast
+    edits = [WriteTensor(survivor, 1, weight, exact_w)]
     if survivor.op_type == "Gemm":
-        edits.append(WriteTensor(survivor, 2, bias))
+        edits.append(WriteTensor(survivor, 2, bias, exact_b))
         edits += [SetAttribute(survivor, name, value) for name, value in (("transB", 0), ("alpha", 1.0), ("beta", 1.0))]
     edits.append(MoveOutput(survivor, root.output[0]))
     return MergePlan(MERGE_BRANCHES, root, node_label(survivor), edits,
@@ -439,12 +450,14 @@ def _merge_sequence(g: GraphIndex, conv: onnx.NodeProto) -> MergePlan | Refusal 
 
 
 def _cast_to_weight_dtype(g: GraphIndex, survivor: onnx.NodeProto, merged) -> tuple | Refusal:
-    """The merged weight and bias cast once (overflow checked) to the dtype of ``survivor``'s weight."""
+    """The merged weight and bias cast once (overflow checked) to the dtype of ``survivor``'s weight, and their
+    float64 values where a later merge should compose from those (else None, None)."""
     dtype = g.constant(survivor.input[1])[0].dtype
     try:
-        return cast_checked(merged.weight, dtype), cast_checked(merged.bias, dtype, "merged bias")
+        cast = cast_checked(merged.weight, dtype), cast_checked(merged.bias, dtype, "merged bias")
     except FoldRefused as exc:
         return _inexact(exc)
+    return cast + ((merged.weight, merged.bias) if g.ctx.exact_wanted(dtype) else (None, None))
 
 
 def _conv_plan(g: GraphIndex, rule: str, source: onnx.NodeProto, survivor: onnx.NodeProto, merged: ConvBranch,
@@ -454,9 +467,10 @@ def _conv_plan(g: GraphIndex, rule: str, source: onnx.NodeProto, survivor: onnx.
     cast = _cast_to_weight_dtype(g, survivor, merged)
     if isinstance(cast, Refusal):
         return cast
-    weight, bias = cast
+    weight, bias, exact_w, exact_b = cast
     edits = [RenameInput(survivor, survivor.input[0], x)] if survivor.input[0] != x else []
-    edits += [WriteTensor(survivor, 2, bias), WriteTensor(survivor, 1, weight), RemoveAttribute(survivor, "auto_pad"),
+    edits += [WriteTensor(survivor, 2, bias, exact_b), WriteTensor(survivor, 1, weight, exact_w),
+              RemoveAttribute(survivor, "auto_pad"),
               SetAttribute(survivor, "group", merged.groups),
               SetAttribute(survivor, "kernel_shape", list(merged.kernel_shape)),
               SetAttribute(survivor, "pads", list(merged.pads)),

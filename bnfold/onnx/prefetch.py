@@ -80,8 +80,8 @@ def _plain_tensor(g: GraphIndex, name: str):
     """The initializer behind ``name`` when its bytes can be read directly, else None."""
     tensor = g.initializers.get(name)
     if tensor is None or name in g.inputs or name in g.rewritten or \
-            (g.parent is None and name in g.ctx.replacements):
-        return None
+            (g.parent is None and name in g.ctx.replacements) or name in g.exact:
+        return None  # (a value with a float64 original: the rules compose from that)
     dtype = RAW_FLOAT_DTYPES.get(tensor.data_type)
     if dtype is None:
         return None
@@ -179,15 +179,21 @@ def prefetch_linear_plans(g: GraphIndex, nodes, affines: dict[int, tuple[np.ndar
         if not raw or len(raw) != math.prod(dims) * dtype.itemsize:
             continue  # values in typed fields, or a size that does not fit: the per-node path reads or refuses
         weight = np.frombuffer(raw, dtype=dtype).reshape(dims)
-        new_w = np.empty(dims, dtype=dtype)
-        np.multiply(weight, channel_multiplier(s, dims, axis, group), out=new_w, dtype=np.float64, casting="unsafe")
+        exact_w = exact_b = None
+        if g.ctx.exact_wanted(dtype):  # kept for the merges (16-bit floats only): the float64 product, then cast
+            exact_w, exact_b = np.multiply(weight, channel_multiplier(s, dims, axis, group), dtype=np.float64), new_b
+            new_w = exact_w.astype(dtype)
+        else:
+            new_w = np.empty(dims, dtype=dtype)
+            np.multiply(weight, channel_multiplier(s, dims, axis, group), out=new_w, dtype=np.float64,
+                        casting="unsafe")
         del weight, raw
         if new_b is not None:
             new_b = new_b.astype(dtype)
         if np.isfinite(new_w).all() and (new_b is None or np.isfinite(new_b).all()):
             # the edits AfterTarget.plan_edits makes, in its order: bias first, weight, then the output moves
-            edits = [] if new_b is None else [WriteTensor(layer, op.bias_slot, new_b)]
-            edits += [WriteTensor(layer, 1, new_w), MoveOutput(layer, g.outputs_of(bn)[0])]
+            edits = [] if new_b is None else [WriteTensor(layer, op.bias_slot, new_b, exact_b)]
+            edits += [WriteTensor(layer, 1, new_w, exact_w), MoveOutput(layer, g.outputs_of(bn)[0])]
             reads = [SoleReader(x, layer, bn), ReadInput(layer, 1, tensor.name),
                      ReadInput(layer, op.bias_slot, bias_name)]
             plan = Plan(rule_for[layer.op_type], bn, node_label(layer), edits, [bn], reads)
