@@ -540,3 +540,89 @@ def test_float64_values_are_kept_only_for_16_bit_floats_while_merging(monkeypatc
     assert len(recorded) >= 4  # every written tensor passes through set_exact
     assert any(v is not None for v in recorded) == kept
     assert all(v.dtype == np.float64 for v in recorded if v is not None)
+
+
+# ---- merges inside subgraphs ----------------------------------------------------------------------------
+
+def if_with_repvgg_branches(dtype, else_weights: str) -> tuple[onnx.ModelProto, dict[str, tuple]]:
+    """``If(cond)`` whose two branches each hold a RepVGG block reading the main graph's ``h`` (an outer value).
+    The then-branch keeps its weights and BN parameters as its own initializers; the else-branch reads them from
+    the main graph (``else_weights="outer"``: outer-scope constants) or has its own under the same names as the
+    then-branch's (``"same-names"``: sibling scopes). Returns the model and each branch's float64 merge."""
+    channels = 8
+    net = Net(dtype=dtype, seed=31)
+    h = net.node("Relu", [net.input("x", [1, channels, 6, 6])], "h")
+    net.inputs.append(onnx.helper.make_tensor_value_info("cond", onnx.TensorProto.BOOL, []))
+    branches, merges = {}, {}
+    for name, outer in (("then", False), ("else", else_weights == "outer")):
+        body = Net(dtype=dtype, seed=32 if name == "else" else 33)
+        body._n = 100  # names apart from the main graph's
+        y, kernel, bias = repvgg_block(body, h, channels, store=net if outer else None)
+        body.node("Relu", [y], f"{name}_y")
+        out = onnx.helper.make_tensor_value_info(f"{name}_y", onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)),
+                                                 [1, channels, 6, 6])
+        branches[f"{name}_branch"] = onnx.helper.make_graph(body.nodes, name, [], [out], body.inits)
+        merges[name] = kernel, bias
+    net.nodes.append(onnx.helper.make_node("If", ["cond"], ["y"], name="If_0", **branches))
+    net.output("y", [1, channels, 6, 6])
+    return net.model(), merges
+
+
+@pytest.mark.parametrize("else_weights", ["outer", "same-names"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_repvgg_blocks_inside_if_branches_are_merged(dtype, else_weights):
+    model, merges = if_with_repvgg_branches(dtype, else_weights)
+    if else_weights == "same-names":
+        then, other = (a.g for a in model.graph.node[-1].attribute)
+        assert [t.name for t in then.initializer] == [t.name for t in other.initializer]
+    onnx.checker.check_model(model, full_check=True)
+    before = model.SerializeToString()
+    merged, report = bnfold.fold_onnx(model)
+    assert model.SerializeToString() == before
+    onnx.checker.check_model(merged, full_check=True)
+    assert {m.graph for m in report.merged} == {"If_0.then_branch", "If_0.else_branch"}, report.summary_lines()
+    assert all(m.rule == "merge-branches" for m in report.merged)
+    assert report.bn_before == 6 and report.bn_after == 0 and report.not_merged == []
+    if_node, = [n for n in merged.graph.node if n.op_type == "If"]
+    bodies = {a.name.split("_")[0]: a.g for a in if_node.attribute}
+    for name, body in bodies.items():
+        assert [n.op_type for n in body.node] == ["Conv", "Relu"], (name, [n.op_type for n in body.node])
+        if dtype == np.float16:  # rounded once, from the original weights, in a subgraph too
+            got_w, got_b = merged_kernel(body)
+            assert_rounded_once(got_w, merges[name][0])
+            assert_rounded_once(got_b, merges[name][1])
+    # the outer weights and BN parameters the else-branch read are gone with the branches that read them
+    assert [t.name for t in merged.graph.initializer] == [], [t.name for t in merged.graph.initializer]
+    tol = 2e-3 if dtype == np.float16 else 1e-5
+    for cond in (True, False):
+        feeds = random_feeds(model, seed=5, cond=np.array(cond))
+        want = run_ref(model, feeds)["y"]
+        for got in (run_ref(merged, feeds)["y"], run_ort(merged, feeds)["y"]):
+            np.testing.assert_allclose(got.astype(np.float64), want, rtol=0, atol=tol * np.abs(want).max())
+    again, again_report = bnfold.fold_onnx(merged)
+    assert not again_report.modified and again.SerializeToString() == merged.SerializeToString()
+
+
+def test_a_merge_refused_inside_a_branch_names_its_graph():
+    net = Net(seed=34)
+    h = net.node("Relu", [net.input("x", [1, 4, 8, 8])], "h")
+    net.inputs.append(onnx.helper.make_tensor_value_info("cond", onnx.TensorProto.BOOL, []))
+    branches = {}
+    for name in ("then", "else"):
+        body = Net(seed=35)
+        body._n = 100
+        a = body.conv(h, 4, 4, (3, 3), **conv_attrs(3, 1))
+        if name == "then":  # a second branch with other dilations: not one convolution
+            y = body.node("Add", [a, body.conv(h, 4, 4, (3, 3), dilations=[2, 2], **conv_attrs(3, 2))], "then_y")
+        else:
+            y = body.node("Relu", [a], "else_y")
+        out = onnx.helper.make_tensor_value_info(y, onnx.TensorProto.FLOAT, [1, 4, 8, 8])
+        branches[f"{name}_branch"] = onnx.helper.make_graph(body.nodes, name, [], [out], body.inits)
+    net.nodes.append(onnx.helper.make_node("If", ["cond"], ["y"], name="If_0", **branches))
+    net.output("y", [1, 4, 8, 8])
+    model = net.model()
+    merged, report = bnfold.fold_onnx(model)
+    assert [(s.code, s.graph) for s in report.not_merged] == [("merge-inexact", "If_0.then_branch")]
+    assert "dilations" in report.not_merged[0].reason
+    assert any(line.endswith("(in If_0.then_branch)") for line in report.summary_lines())
+    assert merged.SerializeToString() == model.SerializeToString()

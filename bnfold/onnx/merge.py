@@ -340,8 +340,9 @@ def _merge_branches(g: GraphIndex, root: onnx.NodeProto) -> MergePlan | Refusal 
     if any(start != x for _, start in chains):
         return None  # the terms read different tensors: a residual sum, not branches of one op
     has_conv = any(n.op_type == "Conv" for nodes, _ in chains for n in nodes)
-    if x in g.initializers or (x not in g.producer and x not in g.inputs) or not has_conv:
-        return None  # a constant summand, or no Conv to hold the merged kernel
+    if not has_conv or x in g.initializers or \
+            (x not in g.producer and x not in g.inputs and g.constant(x)[0] is not None):
+        return None  # no Conv to hold the merged kernel, or a constant summand (an enclosing graph's, in a body)
     channels, rank = _input_channels_and_rank(g, x, [nodes for nodes, _ in chains])
     branches, separate = [], 0
     for nodes, _ in chains:
