@@ -626,3 +626,38 @@ def test_a_merge_refused_inside_a_branch_names_its_graph():
     assert "dilations" in report.not_merged[0].reason
     assert any(line.endswith("(in If_0.then_branch)") for line in report.summary_lines())
     assert merged.SerializeToString() == model.SerializeToString()
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_a_plain_fp16_network_keeps_no_float64_copies(monkeypatch, batched):
+    """Conv -> BN -> Relu blocks can not be merged: no float64 value outlives the plan that computed it (memory stays
+    that of merging off; benchmarks/fold_speed.py measures it), while a RepVGG block keeps its branches' values
+    until they are merged, and its merged Conv (between Relus) none after."""
+    from bnfold.onnx import fold as fold_module
+    from bnfold.onnx.fold import fold_model, select_rules
+    from bnfold.onnx.graph import GraphIndex
+
+    kept = []  # the size of the table after each applied plan that computed float64 values
+    real_forget, real_set = fold_module.forget_unmergeable_exact, GraphIndex.set_exact
+
+    def forget(g, plan):
+        real_forget(g, plan)
+        kept.append(len(g.exact))
+
+    def set_exact(self, name, value):  # the batched path plans these folds ahead, with no float64 values at all
+        real_set(self, name, value)
+        if batched and value is not None:
+            kept.append(len(self.exact))
+
+    monkeypatch.setattr(fold_module, "forget_unmergeable_exact", forget)
+    monkeypatch.setattr(GraphIndex, "set_exact", set_exact)
+    net = Net(dtype=np.float16, seed=36)
+    y = net.input("x", [1, 4, 6, 6])
+    for _ in range(4):
+        y = net.node("Relu", [net.bn(net.conv(y, 4, 4, (3, 3), **conv_attrs(3, 1)), 4)])
+    net.output(y)
+    report = fold_model(net.model(), select_rules(), batched=batched)
+    assert len(report.folded) == 4 and kept == ([] if batched else [0, 0, 0, 0]), kept
+    kept.clear()
+    report = fold_model(repvgg_model("plain")[0], select_rules(), batched=batched)
+    assert report.merged and max(kept) >= 2 and kept[-1] == 0, kept  # the branch convs, then the merged one

@@ -14,7 +14,7 @@ from .external import ExternalData
 from .io import materialize
 from .graph import GraphIndex, ModelContext
 from .nodes import free_names, node_label, subgraphs
-from .merge import MERGE_RULE_NAMES, MERGES, MergeRule
+from .merge import MERGE_RULE_NAMES, MERGES, MergeRule, forget_unmergeable_exact
 from .ops import batchable
 from .plan import Plan, Refusal, apply_plan
 from .prefetch import prefetch_batchnorm_affines, prefetch_linear_plans
@@ -126,6 +126,8 @@ def _merge_graph(g: GraphIndex, merges: "list[MergeRule]", report: FoldReport, r
                 refused.append(Skip(node_label(node), str(plan), op_type=node.op_type, graph=g.path, code=plan.code))
                 break
             merge: Merge = apply_plan(g, plan)
+            if g.exact:
+                forget_unmergeable_exact(g, plan)
             report.merged.append(merge)
             report.folded += merge.folds()
             changed = True
@@ -214,6 +216,8 @@ def _fold_nodes(g: GraphIndex, rules: list[Rule], report: FoldReport, batched: b
             else:
                 continue
             report.folded.append(apply_plan(g, plan))
+            if g.exact:
+                forget_unmergeable_exact(g, plan)
             changed = True
         if not changed:
             break

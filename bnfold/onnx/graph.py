@@ -374,6 +374,8 @@ class GraphIndex(ConstantEvaluator, ShapeQueries):
             if name not in self.inputs or self.ctx.ir_version < 4:
                 self._removed_initializers.add(name)
                 self._constants.pop(name, None)
+                if self.exact:
+                    self.exact.pop(name, None)
             return
         producer = self.producer.get(name)
         if producer is None or name not in self._constants or not is_pure_constant_producer(producer):

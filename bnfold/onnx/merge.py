@@ -29,7 +29,7 @@ from ..reparam import (ConvBranch, MergeRefused, affine_branch, avgpool_branch, 
 from .constants import is_pure_constant_producer
 from .graph import GraphIndex
 from .nodes import get_attrs, node_label
-from .plan import MergePlan, MoveOutput, Refusal, RemoveAttribute, RenameInput, SetAttribute, WriteTensor
+from .plan import MergePlan, MoveOutput, Plan, Refusal, RemoveAttribute, RenameInput, SetAttribute, WriteTensor
 from .rules import batchnorm_affine
 
 MERGE_BRANCHES = "merge-branches"
@@ -44,6 +44,9 @@ MERGE_RULE_NAMES: tuple[str, ...] = tuple(MERGE_RULES)
 
 _CHAIN_OPS = frozenset({"Conv", "BatchNormalization", "AveragePool", "Identity"})
 _DEFAULT_DOMAINS = ("", "ai.onnx")
+_READERS_OF_BRANCHES = _CHAIN_OPS | {"Add", "Sum"}
+# A chain op, or a per-channel Mul/Add/Sub/Div that a fold into the linear op before it replaces by that op.
+_MAY_PRODUCE_A_CHAIN = _CHAIN_OPS | {"Mul", "Add", "Sub", "Div"}
 
 
 class MergeRule:
@@ -72,6 +75,29 @@ class MergeSequential(MergeRule):
 
 
 MERGES: tuple[MergeRule, ...] = (MergeBranches(), MergeSequential())
+
+
+def may_be_merged(g: GraphIndex, node: onnx.NodeProto, output: str | None = None) -> bool:
+    """Whether a merge rule may read ``node``'s weights: a Conv, Gemm or MatMul whose output (``output``: the value
+    it will produce once the fold being planned is made) is summed or read by an op of a linear chain, or a Conv
+    reading the output of such an op or of a normalization that a fold may yet turn into one. (A Conv between two
+    Relus never is.) The fold pass keeps the float64 values of written weights only for such ops."""
+    if node.op_type not in ("Conv", "Gemm", "MatMul") or node.domain not in _DEFAULT_DOMAINS:
+        return False
+    output = g.outputs_of(node)[0] if output is None else output
+    if any(u.op_type in _READERS_OF_BRANCHES for u in g.consumers.get(output, ())):
+        return True
+    producer = g.producer.get(g.inputs_of(node)[0]) if node.op_type == "Conv" else None
+    return producer is not None and producer.op_type in _MAY_PRODUCE_A_CHAIN
+
+
+def forget_unmergeable_exact(g: GraphIndex, plan: Plan) -> None:
+    """After ``plan`` is applied: drop the float64 values it kept (:attr:`WriteTensor.exact`) for ops no merge
+    can read, so that a 16-bit model keeps float64 copies only of the weights a merge may compose (a plain
+    Conv -> BN -> Relu network keeps none)."""
+    for edit in plan.edits:
+        if type(edit) is WriteTensor and edit.exact is not None and not may_be_merged(g, edit.node):
+            g.set_exact(g.inputs_of(edit.node)[edit.slot], None)
 
 
 def _inexact(exc: FoldRefused, context: str = "") -> Refusal:

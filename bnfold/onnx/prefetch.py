@@ -18,6 +18,7 @@ import numpy as np
 from ..affine import bn_to_affine_flat, channel_multiplier
 from .batchnorm import inference_epsilon
 from .graph import GraphIndex
+from .merge import may_be_merged
 from .nodes import get_attr, node_label
 from .ops import LINEAR_OPS, batchable
 from .plan import MoveOutput, Plan, ReadInput, SoleReader, WriteTensor
@@ -135,6 +136,10 @@ def prefetch_linear_plans(g: GraphIndex, nodes, affines: dict[int, tuple[np.ndar
         weight = _plain_tensor(g, inputs[1])
         if weight is None:
             continue
+        if g.ctx.exact_wanted(RAW_FLOAT_DTYPES[weight.data_type]) and may_be_merged(g, layer, g.outputs_of(bn)[0]):
+            # its float64 values are kept for the merges: the per-node path computes them as it applies the fold
+            # (a plan computed ahead would hold them for every layer at once)
+            continue
         dims = tuple(weight.dims)
         if op.weight_rank_reason(len(dims)):
             continue
@@ -179,21 +184,15 @@ def prefetch_linear_plans(g: GraphIndex, nodes, affines: dict[int, tuple[np.ndar
         if not raw or len(raw) != math.prod(dims) * dtype.itemsize:
             continue  # values in typed fields, or a size that does not fit: the per-node path reads or refuses
         weight = np.frombuffer(raw, dtype=dtype).reshape(dims)
-        exact_w = exact_b = None
-        if g.ctx.exact_wanted(dtype):  # kept for the merges (16-bit floats only): the float64 product, then cast
-            exact_w, exact_b = np.multiply(weight, channel_multiplier(s, dims, axis, group), dtype=np.float64), new_b
-            new_w = exact_w.astype(dtype)
-        else:
-            new_w = np.empty(dims, dtype=dtype)
-            np.multiply(weight, channel_multiplier(s, dims, axis, group), out=new_w, dtype=np.float64,
-                        casting="unsafe")
+        new_w = np.empty(dims, dtype=dtype)
+        np.multiply(weight, channel_multiplier(s, dims, axis, group), out=new_w, dtype=np.float64, casting="unsafe")
         del weight, raw
         if new_b is not None:
             new_b = new_b.astype(dtype)
         if np.isfinite(new_w).all() and (new_b is None or np.isfinite(new_b).all()):
             # the edits AfterTarget.plan_edits makes, in its order: bias first, weight, then the output moves
-            edits = [] if new_b is None else [WriteTensor(layer, op.bias_slot, new_b, exact_b)]
-            edits += [WriteTensor(layer, 1, new_w, exact_w), MoveOutput(layer, g.outputs_of(bn)[0])]
+            edits = [] if new_b is None else [WriteTensor(layer, op.bias_slot, new_b)]
+            edits += [WriteTensor(layer, 1, new_w), MoveOutput(layer, g.outputs_of(bn)[0])]
             reads = [SoleReader(x, layer, bn), ReadInput(layer, 1, tensor.name),
                      ReadInput(layer, op.bias_slot, bias_name)]
             plan = Plan(rule_for[layer.op_type], bn, node_label(layer), edits, [bn], reads)
