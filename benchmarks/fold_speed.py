@@ -22,7 +22,9 @@ What it measures, all in one run:
   Interleaved too, after a warm-up each.
 * Peak memory: the end-to-end fold of the main model in a fresh ``python -c`` subprocess that imports everything
   first, reads VmRSS from /proc/self/status, folds, then reads VmHWM; (VmHWM - VmRSS after imports) divided by the
-  file size, bar <= 2.5. The floor is measured the same way for comparison (no bar).
+  file size, bar <= 2.5. The floor is measured the same way for comparison (no bar). The same model in float16
+  folded with the merge rules on and off (skipped): peak memory on / off, bar <= 1.1 (16-bit models keep float64
+  values of folded weights for the merges to round once, only for the weights a merge may read: none here).
 * Correctness, cheaply: the folded file has no BatchNormalization left and exactly 2N nodes (Conv, Relu); and, if
   onnxruntime is importable, a 20-block model gives the same output before and after folding.
 
@@ -62,12 +64,13 @@ CHANNELS, SPATIAL, OPSET = 32, 8, 17
 BAR_TIME_RATIO = 1.5
 BAR_SCALING = 12.0
 BAR_MEMORY = 2.5
+BAR_MEMORY_MERGING = 1.1
 
 
 # ---- the synthetic model ------------------------------------------------------------------------------------
 
-def build_model(blocks: int, seed: int = 0) -> onnx.ModelProto:
-    """``blocks`` x (Conv 3x3 with bias -> BatchNormalization -> Relu), chained."""
+def build_model(blocks: int, seed: int = 0, dtype=np.float32) -> onnx.ModelProto:
+    """``blocks`` x (Conv 3x3 with bias -> BatchNormalization -> Relu), chained (float32, or ``dtype``)."""
     rng = np.random.default_rng(seed)
     c = CHANNELS
     nodes, inits = [], []
@@ -83,7 +86,7 @@ def build_model(blocks: int, seed: int = 0) -> onnx.ModelProto:
         p = f"b{i}"
         for name, arr in ((f"{p}.w", w), (f"{p}.b", b), (f"{p}.gamma", gamma), (f"{p}.beta", beta),
                           (f"{p}.mean", mean), (f"{p}.var", var)):
-            inits.append(numpy_helper.from_array(arr, name))
+            inits.append(numpy_helper.from_array(arr.astype(dtype), name))
         nodes.append(helper.make_node("Conv", [x, f"{p}.w", f"{p}.b"], [f"{p}.conv"], name=f"{p}_conv",
                                       kernel_shape=[3, 3], pads=[1, 1, 1, 1]))
         nodes.append(helper.make_node("BatchNormalization",
@@ -93,18 +96,18 @@ def build_model(blocks: int, seed: int = 0) -> onnx.ModelProto:
         nodes.append(helper.make_node("Relu", [f"{p}.bn"], [y], name=f"{p}_relu"))
         x = y
     shape = [1, c, SPATIAL, SPATIAL]
-    graph = helper.make_graph(nodes, f"chain{blocks}",
-                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, shape)],
-                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, shape)], inits)
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    graph = helper.make_graph(nodes, f"chain{blocks}", [helper.make_tensor_value_info("input", elem, shape)],
+                              [helper.make_tensor_value_info("output", elem, shape)], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
                               producer_name="bnfold-benchmark")
     model.ir_version = 8
     return model
 
 
-def write_model(blocks: int) -> Path:
-    path = WORK / f"chain{blocks}.onnx"
-    model = build_model(blocks)
+def write_model(blocks: int, dtype=np.float32) -> Path:
+    path = WORK / f"chain{blocks}{'' if dtype == np.float32 else '_' + np.dtype(dtype).name}.onnx"
+    model = build_model(blocks, dtype=dtype)
     with open(path, "wb") as f:
         f.write(model.SerializeToString())
     return path
@@ -158,6 +161,8 @@ _MEMORY_SCRIPT = textwrap.dedent("""
     base = status("VmRSS")
     if what == "fold":
         fold_file(src, out)
+    elif what == "fold-without-merges":
+        fold_file(src, out, skip=("merge-branches", "merge-sequential"))
     else:
         model = onnx.load(src)
         onnx.save(model, out)
@@ -238,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("sizes and --repeat must be positive")
 
     WORK.mkdir(parents=True, exist_ok=True)
-    paths: dict[int, Path] = {}
+    paths: dict = {}
     out_fold, out_floor, out_b = WORK / "out_fold.onnx", WORK / "out_floor.onnx", WORK / "out_scaling.onnx"
     try:
         failures = _bench(args, quick, blocks, small, large, repeat, paths, out_fold, out_floor, out_b)
@@ -316,6 +321,15 @@ def _bench(args, quick: bool, blocks: int, small: int, large: int, repeat: int, 
     rows.append(("peak RSS - post-import RSS, floor", f"{_mb(peak_l - base_l)} = {mem_floor:.2f}x file", "", ""))
     rows.append(("peak RSS - post-import RSS, fold", f"{_mb(peak_f - base_f)} = {mem_fold:.2f}x file",
                  f"<= {BAR_MEMORY}", verdict(mem_fold <= BAR_MEMORY)))
+    # A float16 model keeps float64 values of folded weights for the merges to round once; only those a merge may
+    # read (none here), so its fold needs no more memory with the merge rules on than off.
+    path16 = paths["float16"] = write_model(blocks, np.float16)
+    base_m, peak_m = peak_memory("fold", path16, out_fold)
+    base_n, peak_n = peak_memory("fold-without-merges", path16, out_fold)
+    ratio_m = (peak_m - base_m) / (peak_n - base_n)
+    rows.append((f"float16 {blocks} blocks ({_mb(path16.stat().st_size)}): fold memory, merge rules on / off",
+                 f"{_mb(peak_m - base_m)} / {_mb(peak_n - base_n)} = {ratio_m:.2f}x", f"<= {BAR_MEMORY_MERGING}",
+                 verdict(ratio_m <= BAR_MEMORY_MERGING)))
 
     width = max(len(r[0]) for r in rows)
     vwidth = max(len(r[1]) for r in rows)

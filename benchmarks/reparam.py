@@ -1,7 +1,7 @@
 """Branch merging (structural reparameterization): bnfold's ONNX output against the authors' own deploy form.
 
-For each RepVGG-, MobileOne-, ACNet- and DBB-style net of ``tests/reparam_models.py`` (realistic BN statistics,
-seeded), run from the repository root::
+For each RepVGG-, MobileOne-, ACNet-, DBB-, RepViT-, RepGhost- and FastViT-style net of ``tests/reparam_models.py``
+(realistic BN statistics, seeded), run from the repository root::
 
     python benchmarks/reparam.py                 # 1 thread, 128x128 input, 2 s of rounds per family
     python benchmarks/reparam.py --threads 2 --size 224 --min-time 3

@@ -120,7 +120,8 @@ class FoldReport:
                       for m in self.merged]
         if self.not_merged:
             lines.append(f"not merged ({len(self.not_merged)}):")
-            lines += [f"  {s.bn} ({s.op_type}): {s.reason}" for s in self.not_merged]
+            lines += [f"  {s.bn} ({s.op_type}): {s.reason}" + (f"  (in {s.graph})" if s.graph else "")
+                      for s in self.not_merged]
         lines += [f"note: {n}" for n in self.notes]
         return lines
 

@@ -1,15 +1,16 @@
 """Structurally reparameterizable blocks and small nets, written in this project (timm is not a dependency).
 
-RepVGG, MobileOne, ACNet, Diverse Branch Block (DBB), RepViT, RepGhost and FastViT style blocks, each with its
-authors' own deploy form: a ``reparameterize()`` that computes the single conv's kernel and bias from the
-train-time branches in float32 torch arithmetic, the way timm's ``RepVggBlock``/``MobileOneBlock`` and the DBB/ACNet reference code do (BN fused
-into each branch, smaller kernels padded to the centre, an identity as a kernel with a 1 at its channel's centre,
-an average pool as a ``1/k²`` kernel, a 1×1 followed by a k×k composed), then replaces the branches by that conv.
+RepVGG, MobileOne, ACNet, Diverse Branch Block (DBB), RepViT, RepGhost, FastViT and EfficientViT style blocks,
+each with its authors' own deploy form: a ``reparameterize()`` that computes the single conv's kernel and bias from
+the train-time branches in float32 torch arithmetic, the way timm's ``RepVggBlock``/``MobileOneBlock`` and the
+DBB/ACNet reference code do (BN fused into each branch, smaller kernels padded to the centre, an identity as a
+kernel with a 1 at its channel's centre, an average pool as a ``1/k²`` kernel, a 1×1 followed by a k×k composed),
+then replaces the branches by that conv.
 :func:`reparameterize_model` calls it on every block, as ``timm.utils.reparameterize_model`` does.
 
 Written for these tests from the papers' descriptions (RepVGG arXiv:2101.03697, MobileOne arXiv:2206.04040,
 ACNet arXiv:1908.03930, DBB arXiv:2103.13425, RepViT arXiv:2307.09283, RepGhost arXiv:2211.06088, FastViT
-arXiv:2303.14189), not copied. Nothing here imports bnfold.
+arXiv:2303.14189, EfficientViT arXiv:2305.07027), not copied. Nothing here imports bnfold.
 
 The DBB branches that pad with the BN's output for a zero input (the authors' ``BNAndPadLayer``) are written as
 a 1×1 conv that pads its input by the same amount, then the BN: the border then holds exactly BN(0), the value
@@ -464,6 +465,51 @@ class FastVitBlock(nn.Module):
         return x + self.layer_scale * self.ffn(x)
 
 
+# ---- EfficientViT (MSRA): residual depthwise conv+BN, merged with its identity by the authors' fuse() ---------
+
+class ResidualConvBn(Reparameterizable):
+    """EfficientViT's ``Residual(Conv2d_BN(groups=c))``: ``x + bn(dw_conv(x))``; its ``fuse()`` folds the BN and adds
+    the identity to the kernel (one depthwise conv)."""
+
+    def __init__(self, channels: int, kernel_size: int = 3):
+        super().__init__()
+        self.c, self.k = channels, kernel_size
+        self.m = conv_bn(channels, channels, kernel_size, 1, kernel_size // 2, groups=channels)
+        self.reparam_conv = None
+
+    def forward(self, x):
+        if self.reparam_conv is not None:
+            return self.reparam_conv(x)
+        return x + self.m(x)
+
+    def kernel_bias(self):
+        k, b = fuse_bn(self.m.conv.weight, self.m.bn)
+        return k + identity_kernel(self.c, self.c, self.k), b
+
+    def branch_names(self):
+        return ["m"]
+
+    def deploy_conv_args(self):
+        return dict(in_channels=self.c, out_channels=self.c, kernel_size=self.k, padding=self.k // 2,
+                    groups=self.c)
+
+
+class EfficientVitBlock(nn.Module):
+    """EfficientViT's sandwich layout around its attention, here without the attention: residual depthwise
+    conv+BN, a residual FFN (1×1 conv+BN, ReLU, 1×1 conv+BN), residual depthwise conv+BN again."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.dw0 = ResidualConvBn(channels)
+        self.ffn0 = nn.Sequential(conv_bn(channels, 2 * channels, 1), nn.ReLU(), conv_bn(2 * channels, channels, 1))
+        self.dw1 = ResidualConvBn(channels)
+
+    def forward(self, x):
+        x = self.dw0(x)
+        x = x + self.ffn0(x)
+        return self.dw1(x)
+
+
 # ---- small nets ------------------------------------------------------------------------------------------
 
 class Head(nn.Module):
@@ -514,8 +560,13 @@ def fastvit_net() -> nn.Module:
                          MobileOneBlock(16, 32, 3, 2, num_conv_branches=1), FastVitBlock(32), Head(32))
 
 
+def efficientvit_net() -> nn.Module:
+    return nn.Sequential(conv_bn(3, 16, 3, 2, 1), nn.ReLU(), EfficientVitBlock(16), conv_bn(16, 32, 3, 2, 1),
+                         EfficientVitBlock(32), Head(32))
+
+
 MODELS = {"repvgg": repvgg_net, "mobileone": mobileone_net, "acnet": acnet_net, "dbb": dbb_net,
-          "repvit": repvit_net, "repghost": repghost_net, "fastvit": fastvit_net}
+          "repvit": repvit_net, "repghost": repghost_net, "fastvit": fastvit_net, "efficientvit": efficientvit_net}
 
 
 def realistic(module: nn.Module, seed: int = 0) -> nn.Module:

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from bnfold.onnx import fold as fold_module
 from bnfold.onnx.fold import fold_model, select_rules
 from bnfold.onnx.graph import GraphIndex, ModelContext
+from bnfold.onnx.merge import forget_unmergeable_exact
 from bnfold.onnx.plan import MoveOutput, Plan, WriteTensor, apply_plan
 from bnfold.onnx.prefetch import prefetch_batchnorm_affines, prefetch_linear_plans
 from bnfold.onnx.rules import RULE_NAMES, RULES, batchnorm_affine
@@ -84,13 +85,18 @@ def test_batched_and_per_node_paths_give_identical_bytes_on_fuzz_models(case, sk
     _assert_same_and_coded(case.model, sorted(skip))
 
 
-def test_a_prefetched_plan_is_the_plan_the_rule_makes():
-    net = Net(opset=17, seed=3)
+@pytest.mark.parametrize("dtype,merging", [(np.float32, False), (np.float32, True), (np.float16, True)])
+def test_a_prefetched_plan_is_the_plan_the_rule_makes(dtype, merging):
+    """Also for 16-bit floats with merge rules on, where the rule's plan carries the float64 values for merges to
+    compose from: this Conv feeds no merge, so the pass drops them once applied, and the prefetched plan has none."""
+    net = Net(dtype=dtype, opset=17, seed=3)
     x = net.input("x", [2, 3, 5, 5])
     y = net.conv(x, 3, 4, [3, 3], pads=[1, 1, 1, 1])
     net.output(net.bn(y, 4, "y"))
     model = net.model()
-    g = GraphIndex(model.graph, ModelContext(model))
+    ctx = ModelContext(model)
+    ctx.merging = merging
+    g = GraphIndex(model.graph, ctx)
     bn = next(n for n in model.graph.node if n.op_type == "BatchNormalization")
     with np.errstate(all="ignore"):
         affines = prefetch_batchnorm_affines(g, [bn])
@@ -104,6 +110,10 @@ def test_a_prefetched_plan_is_the_plan_the_rule_makes():
         if isinstance(a, WriteTensor):
             assert (a.node, a.slot) == (e.node, e.slot)
             assert a.value.dtype == e.value.dtype and a.value.tobytes() == e.value.tobytes()
+            assert a.exact is None
+            assert (e.exact is not None) == (merging and np.dtype(dtype).itemsize < 4)
+            if e.exact is not None:
+                assert e.exact.dtype == np.float64 and e.exact.astype(dtype).tobytes() == e.value.tobytes()
         else:
             assert (a.node, a.name) == (e.node, e.name)
     assert prefetched.holds(g) and per_node.holds(g)
@@ -111,6 +121,30 @@ def test_a_prefetched_plan_is_the_plan_the_rule_makes():
     assert (fold.bn, fold.into, fold.rule) == (bn.name or f"BatchNormalization({bn.output[0]})", per_node.into,
                                                "conv-bn")
     assert not prefetched.holds(g), "the weight was rewritten: the plan computed ahead no longer holds"
+    forget_unmergeable_exact(g, per_node)  # as the pass does after each plan
+    assert g.exact == {}, "a Conv whose output is the graph's keeps no float64 copy"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_a_layer_a_merge_may_read_is_left_to_the_rules_when_its_float64_values_are_kept(dtype):
+    """fp16 with merge rules on: a Conv -> BN summed with another branch keeps its float64 weights for the merge;
+    the batched path leaves it to the per-node rules (plans computed ahead would hold float64 copies of every
+    layer at once); the plain Conv -> BN -> Relu is still planned ahead. fp32 keeps none: both are."""
+    net = Net(dtype=dtype, opset=17, seed=4)
+    x = net.node("Relu", [net.input("x", [1, 4, 5, 5])])
+    plain = net.node("Relu", [net.bn(net.conv(x, 4, 4, [3, 3], pads=[1, 1, 1, 1]), 4)])
+    branch = net.bn(net.conv(plain, 4, 4, [3, 3], pads=[1, 1, 1, 1]), 4)
+    net.output(net.node("Add", [branch, net.conv(plain, 4, 4, [1, 1])]))
+    model = net.model()
+    ctx = ModelContext(model)
+    ctx.merging = True
+    g = GraphIndex(model.graph, ctx)
+    bns = [n for n in model.graph.node if n.op_type == "BatchNormalization"]
+    with np.errstate(all="ignore"):
+        ready = prefetch_linear_plans(g, bns, prefetch_batchnorm_affines(g, bns), {"Conv": "conv-bn"})
+    assert id(bns[0]) in ready
+    assert (id(bns[1]) in ready) == (dtype == np.float32)
+    _assert_same_and_coded(model)  # the two paths still give the same bytes
 
 
 def test_every_code_in_the_source_is_in_the_readme_table():

@@ -14,7 +14,7 @@ from .external import ExternalData
 from .io import materialize
 from .graph import GraphIndex, ModelContext
 from .nodes import free_names, node_label, subgraphs
-from .merge import MERGE_RULE_NAMES, MERGES, MergeRule
+from .merge import MERGE_RULE_NAMES, MERGES, MergeRule, forget_unmergeable_exact
 from .ops import batchable
 from .plan import Plan, Refusal, apply_plan
 from .prefetch import prefetch_batchnorm_affines, prefetch_linear_plans
@@ -62,14 +62,12 @@ def fold_model(model: onnx.ModelProto, rules: list[Rule],
     ctx = ModelContext(model, external)
     merges = [r for r in rules if isinstance(r, MergeRule)]
     rules = [r for r in rules if not isinstance(r, MergeRule)]
+    ctx.merging = bool(merges)
     # Overflow and invalid values are checked for where they matter (a fold with them is refused); one errstate
     # for the whole pass, because entering one costs more than most of the small array operations it covers.
     with np.errstate(all="ignore"):
-        watch = _watched_ops(rules, merges)
-        main = GraphIndex(model.graph, ctx, watch=watch)
-        _fold_graph(main, rules, report, batched)
-        if merges:
-            main = _merge_and_refold(model, ctx, main, rules, merges, report, batched, watch)
+        main = _fold_graph(GraphIndex(model.graph, ctx, watch=_watched_ops(rules, merges)), rules, merges, report,
+                           batched)
     for function in model.functions:
         for node in function.node:
             if node.op_type == "BatchNormalization":
@@ -88,11 +86,11 @@ def fold_model(model: onnx.ModelProto, rules: list[Rule],
     return report
 
 
-def _merge_and_refold(model: onnx.ModelProto, ctx: ModelContext, index: GraphIndex, rules: list[Rule],
-                      merges: "list[MergeRule]", report: FoldReport, batched: bool, watch: frozenset[str]
-                      ) -> GraphIndex:
-    """Merge branches in the main graph, fold what the merges made foldable (a BN after an AveragePool is after a
-    Conv once the pool is merged into it), and again, until neither changes anything. Returns the last index.
+def _merge_and_refold(index: GraphIndex, rules: list[Rule], merges: "list[MergeRule]", report: FoldReport,
+                      batched: bool) -> GraphIndex:
+    """Merge branches in the graph of ``index``, fold what the merges made foldable (a BN after an AveragePool is
+    after a Conv once the pool is merged into it), and again, until neither changes anything. Returns the last
+    index of the graph. ``report`` is this graph's own (not its subgraphs').
 
     The fold rounds after the first report their folds; the BatchNormalization count left and the reasons are
     those of the last round, which saw the final graph."""
@@ -102,8 +100,9 @@ def _merge_and_refold(model: onnx.ModelProto, ctx: ModelContext, index: GraphInd
             report.not_merged = refused
             break
         again = FoldReport()
-        index = GraphIndex(model.graph, ctx, watch=watch)
-        _fold_graph(index, rules, again, batched)
+        index = GraphIndex(index.graph, index.ctx, parent=index.parent, path=index.path,
+                           watch=_watched_ops(rules, merges), exact=index.exact)
+        _fold_nodes(index, rules, again, batched)
         report.folded += again.folded
         report.bn_after = again.bn_after
         report.skipped = again.skipped
@@ -132,6 +131,8 @@ def _merge_graph(g: GraphIndex, merges: "list[MergeRule]", report: FoldReport, r
                 refused.append(Skip(node_label(node), str(plan), op_type=node.op_type, graph=g.path, code=plan.code))
                 break
             merge: Merge = apply_plan(g, plan)
+            if g.exact:
+                forget_unmergeable_exact(g, plan)
             report.merged.append(merge)
             report.folded += merge.folds()
             changed = True
@@ -148,7 +149,40 @@ def _watched_ops(rules: list[Rule], merges: "list[MergeRule]" = ()) -> frozenset
     return starts | PER_SAMPLE_NORMS.keys()
 
 
-def _fold_graph(g: GraphIndex, rules: list[Rule], report: FoldReport, batched: bool = True) -> None:
+def _fold_graph(g: GraphIndex, rules: list[Rule], merges: "list[MergeRule]", report: FoldReport,
+                batched: bool = True) -> GraphIndex:
+    """Fold the graph of ``g``, merge its branches (folding again what merges make foldable), then do the same in
+    every subgraph (If/Loop/Scan bodies). Returns the graph's last index (a merge round re-indexes it)."""
+    own = FoldReport()
+    _fold_nodes(g, rules, own, batched)
+    if merges:
+        g = _merge_and_refold(g, rules, merges, own, batched)
+    report.bn_before += own.bn_before
+    report.bn_after += own.bn_after
+    report.folded += own.folded
+    report.skipped += own.skipped
+    report.merged += own.merged
+    report.not_merged += own.not_merged
+    for node in g.nodes_with_subgraphs:
+        if g.is_removed(node):
+            continue
+        bodies = list(subgraphs(node))
+        read_before = set().union(*(free_names(b) for _, b in bodies))
+        for attr_name, sub in bodies:
+            path = f"{g.path}/" if g.path else ""
+            _fold_graph(GraphIndex(sub, g.ctx, parent=g, path=f"{path}{node_label(node)}.{attr_name}",
+                                   watch=_watched_ops(rules, merges)), rules, merges, report, batched)
+        # a fold or merge inside may have stopped reading an outer value (BN parameters, a weight now copied
+        # locally, the branches a merge removed)
+        for name in read_before - set().union(*(free_names(b) for _, b in bodies)) - set(node.input):
+            g.drop_use(name, node)
+    g.commit()
+    g.exact.clear()  # the float64 values served this graph's merges and its subgraphs'; they are done
+    return g
+
+
+def _fold_nodes(g: GraphIndex, rules: list[Rule], report: FoldReport, batched: bool = True) -> None:
+    """Fold the normalizations of the graph of ``g`` itself (not its subgraphs) until nothing changes; commits."""
     bn_rules = [r for r in rules if "BatchNormalization" in r.sources]
     affine_rules = [r for r in rules if r.sources & _MUL_ADD]
     # Every node a rule starts from (folds never create new ones; a BN turned into an Add stays the same node),
@@ -194,6 +228,8 @@ def _fold_graph(g: GraphIndex, rules: list[Rule], report: FoldReport, batched: b
             else:
                 continue
             report.folded.append(apply_plan(g, plan))
+            if g.exact:
+                forget_unmergeable_exact(g, plan)
             changed = True
         if not changed:
             break
@@ -203,19 +239,6 @@ def _fold_graph(g: GraphIndex, rules: list[Rule], report: FoldReport, batched: b
         report.skipped.append(Skip(node_label(node), f"not foldable: per-sample statistics ({node.op_type} "
                                    f"{PER_SAMPLE_NORMS[node.op_type]}), no fixed affine exists",
                                    op_type=node.op_type, graph=g.path, code="per-sample-statistics"))
-    g.commit()
-    for node in g.nodes_with_subgraphs:
-        if g.is_removed(node):
-            continue
-        bodies = list(subgraphs(node))
-        read_before = set().union(*(free_names(b) for _, b in bodies))
-        for attr_name, sub in bodies:
-            path = f"{g.path}/" if g.path else ""
-            _fold_graph(GraphIndex(sub, g.ctx, parent=g, path=f"{path}{node_label(node)}.{attr_name}",
-                                   watch=_watched_ops(rules)), rules, report, batched)
-        # a fold inside may have stopped reading an outer value (BN parameters, a weight now copied locally)
-        for name in read_before - set().union(*(free_names(b) for _, b in bodies)) - set(node.input):
-            g.drop_use(name, node)
     g.commit()
 
 

@@ -47,6 +47,17 @@ class ModelContext:
         # New values of main-graph initializers, kept as arrays until saved or materialized: copying each folded
         # weight into the protobuf costs as much again as the fold (see io.write_streamed).
         self.replacements: dict[str, np.ndarray] = {}
+        # Set by the pass when merge rules run: written tensors then keep their float64 values (exact_wanted).
+        self.merging = False
+
+    def exact_wanted(self, dtype) -> bool:
+        """Whether a tensor of ``dtype`` written now keeps its float64 value (before the cast) for the merges.
+
+        A merge sums or composes weights that folds already rounded; rounding that result again is a second
+        rounding. In float32 that is about an ulp, inside verification noise, and keeping a float64 copy of every
+        folded weight would double the fold's memory; in the 16-bit floats (float16, bfloat16) it is not (the
+        fuzz soak found an fp16 model out of tolerance). So: narrower than float32, and only while merging."""
+        return self.merging and np.dtype(dtype).itemsize < 4
 
     def unique_name(self, base: str) -> str:
         if self._names is None:  # built on first need: most folds rewrite tensors in place and name nothing
@@ -94,7 +105,7 @@ class GraphIndex(ConstantEvaluator, ShapeQueries):
     """Producers, consumers and constants of one graph; edits go through its methods."""
 
     def __init__(self, graph: onnx.GraphProto, ctx: ModelContext, parent: "GraphIndex | None" = None,
-                 path: str = "", watch: frozenset[str] = frozenset()):
+                 path: str = "", watch: frozenset[str] = frozenset(), exact: "dict[str, np.ndarray] | None" = None):
         self.graph = graph
         self.ctx = ctx
         self.parent = parent
@@ -123,6 +134,9 @@ class GraphIndex(ConstantEvaluator, ShapeQueries):
         self._watch = watch
         self.removed_names: set[str] = set()  # values that no longer exist (still not to be reused before commit)
         self._new_shapes: dict[str, tuple[int, ...]] = {}  # constants rewritten with a new shape (a branch merge)
+        # The float64 values of tensors written in this graph (ModelContext.exact_wanted), by name; a graph's own
+        # table because sibling subgraphs may use the same names. A new index of the same graph takes it over.
+        self.exact: dict[str, np.ndarray] = {} if exact is None else exact
         self._index(graph)
         if parent is None:
             ctx.set_main_index(self)
@@ -223,6 +237,25 @@ class GraphIndex(ConstantEvaluator, ShapeQueries):
 
     def is_overridable_input(self, name: str) -> bool:
         return name in self.inputs and self.ctx.ir_version >= 4
+
+    def exact_value(self, name: str) -> np.ndarray | None:
+        """The float64 value that the tensor ``name`` holds rounded (a fold or merge wrote it), else None. A name
+        this graph does not define is looked up in the enclosing graphs."""
+        g = self
+        while g is not None:
+            value = g.exact.get(name)
+            if value is not None or name in g.initializers or name in g.producer or name in g.inputs:
+                return value
+            g = g.parent
+        return None
+
+    def set_exact(self, name: str, value: np.ndarray | None) -> None:
+        """Record (or, with None, forget) the float64 value of the tensor ``name`` just written."""
+        if value is None:
+            if self.exact:
+                self.exact.pop(name, None)
+        else:
+            self.exact[name] = value
 
     # ---- edits -------------------------------------------------------------------------------------------
     def write_tensor(self, node: onnx.NodeProto, slot: int, value: np.ndarray, base_name: str | None = None) -> str:
@@ -342,6 +375,8 @@ class GraphIndex(ConstantEvaluator, ShapeQueries):
             if name not in self.inputs or self.ctx.ir_version < 4:
                 self._removed_initializers.add(name)
                 self._constants.pop(name, None)
+                if self.exact:
+                    self.exact.pop(name, None)
             return
         producer = self.producer.get(name)
         if producer is None or name not in self._constants or not is_pure_constant_producer(producer):

@@ -30,7 +30,7 @@ from ..reparam import (ConvBranch, MergeRefused, affine_branch, avgpool_branch, 
 from .constants import is_pure_constant_producer
 from .graph import GraphIndex
 from .nodes import get_attrs, node_label
-from .plan import MergePlan, MoveOutput, Refusal, RemoveAttribute, RenameInput, SetAttribute, WriteTensor
+from .plan import MergePlan, MoveOutput, Plan, Refusal, RemoveAttribute, RenameInput, SetAttribute, WriteTensor
 from .rules import batchnorm_affine
 
 MERGE_BRANCHES = "merge-branches"
@@ -48,6 +48,9 @@ _CHAIN_OPS = frozenset({"Conv", "BatchNormalization", "AveragePool", "Identity"}
 _DENSE_OPS = frozenset({"Gemm", "MatMul"})
 _SUM_OPS = frozenset({"Add", "Sum", "Sub"})  # Sub: a + (-1)·b (FastViT's RepMixer subtracts a branch)
 _DEFAULT_DOMAINS = ("", "ai.onnx")
+_READERS_OF_BRANCHES = _CHAIN_OPS | {"Add", "Sum"}
+# A chain op, or a per-channel Mul/Add/Sub/Div that a fold into the linear op before it replaces by that op.
+_MAY_PRODUCE_A_CHAIN = _CHAIN_OPS | {"Mul", "Add", "Sub", "Div"}
 
 
 class MergeRule:
@@ -76,6 +79,29 @@ class MergeSequential(MergeRule):
 
 
 MERGES: tuple[MergeRule, ...] = (MergeBranches(), MergeSequential())
+
+
+def may_be_merged(g: GraphIndex, node: onnx.NodeProto, output: str | None = None) -> bool:
+    """Whether a merge rule may read ``node``'s weights: a Conv, Gemm or MatMul whose output (``output``: the value
+    it will produce once the fold being planned is made) is summed or read by an op of a linear chain, or a Conv
+    reading the output of such an op or of a normalization that a fold may yet turn into one. (A Conv between two
+    Relus never is.) The fold pass keeps the float64 values of written weights only for such ops."""
+    if node.op_type not in ("Conv", "Gemm", "MatMul") or node.domain not in _DEFAULT_DOMAINS:
+        return False
+    output = g.outputs_of(node)[0] if output is None else output
+    if any(u.op_type in _READERS_OF_BRANCHES for u in g.consumers.get(output, ())):
+        return True
+    producer = g.producer.get(g.inputs_of(node)[0]) if node.op_type == "Conv" else None
+    return producer is not None and producer.op_type in _MAY_PRODUCE_A_CHAIN
+
+
+def forget_unmergeable_exact(g: GraphIndex, plan: Plan) -> None:
+    """After ``plan`` is applied: drop the float64 values it kept (:attr:`WriteTensor.exact`) for ops no merge
+    can read, so that a 16-bit model keeps float64 copies only of the weights a merge may compose (a plain
+    Conv -> BN -> Relu network keeps none)."""
+    for edit in plan.edits:
+        if type(edit) is WriteTensor and edit.exact is not None and not may_be_merged(g, edit.node):
+            g.set_exact(g.inputs_of(edit.node)[edit.slot], None)
 
 
 def _inexact(exc: FoldRefused, context: str = "") -> Refusal:
@@ -145,6 +171,7 @@ def _read_branch(g: GraphIndex, node: onnx.NodeProto, channels: int | None, rank
         a = get_attrs(node, group=1, strides=None, dilations=None, pads=None, auto_pad="NOTSET")
         strides, dilations = _ints(a["strides"], n, 1), _ints(a["dilations"], n, 1)
         pads = _explicit_pads(a["auto_pad"], weight.shape[2:], strides, dilations, a["pads"])
+        weight, bias = _exact_or(g, node, 1, weight), _exact_or(g, node, 2, bias)
         return conv_branch(weight, bias, groups=int(a["group"]), strides=strides, dilations=dilations, pads=pads)
     if op == "BatchNormalization":
         if rank is None:
@@ -169,6 +196,15 @@ def _read_branch(g: GraphIndex, node: onnx.NodeProto, channels: int | None, rank
         return avgpool_branch(channels, kernel, strides=strides, pads=pads, dilations=dilations,
                               count_include_pad=bool(a["count_include_pad"]), ceil_mode=bool(a["ceil_mode"]))
     raise AssertionError(f"{label} is not an op of a linear chain")  # _chain walks _CHAIN_OPS only
+
+
+def _exact_or(g: GraphIndex, node: onnx.NodeProto, slot: int, value: np.ndarray | None) -> np.ndarray | None:
+    """Input ``slot`` of ``node`` as the float64 value a fold or merge rounded to it, if one was kept, else
+    ``value``: a merge of folded weights then rounds once."""
+    if value is None:
+        return None
+    exact = g.exact_value(node.input[slot])
+    return value if exact is None else exact
 
 
 def _chain(g: GraphIndex, name: str, reader: onnx.NodeProto) -> tuple[list[onnx.NodeProto], str]:
@@ -351,8 +387,9 @@ def _merge_branches(g: GraphIndex, root: onnx.NodeProto) -> MergePlan | Refusal 
     if any(start != x for _, start in chains):
         return None  # the terms read different tensors: a residual sum, not branches of one op
     has_conv = any(n.op_type == "Conv" for nodes, _ in chains for n in nodes)
-    if x in g.initializers or (x not in g.producer and x not in g.inputs) or not has_conv:
-        return None  # a constant summand, or no Conv to hold the merged kernel
+    if not has_conv or x in g.initializers or \
+            (x not in g.producer and x not in g.inputs and g.constant(x)[0] is not None):
+        return None  # no Conv to hold the merged kernel, or a constant summand (an enclosing graph's, in a body)
     channels, rank = _input_channels_and_rank(g, x, [nodes for nodes, _ in chains])
     branches, separate = [], 0
     for (nodes, _), (_, _, sign) in zip(chains, terms):
@@ -413,6 +450,7 @@ def _merge_dense_branches(g: GraphIndex, root: onnx.NodeProto, terms, inner) -> 
                 bias, reason = g.constant(node.input[2])
                 if bias is None:
                     return Refusal("bias-not-constant", f"bias of {label} is not constant: {reason}")
+        weight, bias = _exact_or(g, node, 1, weight), _exact_or(g, node, 2, bias)
         try:
             branch = dense_branch(weight, bias, trans_b=bool(a["transB"]) and node.op_type == "Gemm",
                                   alpha=a["alpha"] if node.op_type == "Gemm" else 1.0, beta=a["beta"])
@@ -432,10 +470,10 @@ def _merge_dense_branches(g: GraphIndex, root: onnx.NodeProto, terms, inner) -> 
     cast = _cast_to_weight_dtype(g, survivor, merged)
     if isinstance(cast, Refusal):
         return cast
-    weight, bias = cast
-    edits = [WriteTensor(survivor, 1, weight)]
+    weight, bias, exact_w, exact_b = cast
+    edits = [WriteTensor(survivor, 1, weight, exact_w)]
     if survivor.op_type == "Gemm":
-        edits.append(WriteTensor(survivor, 2, bias))
+        edits.append(WriteTensor(survivor, 2, bias, exact_b))
         edits += [SetAttribute(survivor, name, value) for name, value in (("transB", 0), ("alpha", 1.0), ("beta", 1.0))]
     edits.append(MoveOutput(survivor, root.output[0]))
     return MergePlan(MERGE_BRANCHES, root, node_label(survivor), edits,
@@ -464,12 +502,14 @@ def _merge_sequence(g: GraphIndex, conv: onnx.NodeProto) -> MergePlan | Refusal 
 
 
 def _cast_to_weight_dtype(g: GraphIndex, survivor: onnx.NodeProto, merged) -> tuple | Refusal:
-    """The merged weight and bias cast once (overflow checked) to the dtype of ``survivor``'s weight."""
+    """The merged weight and bias cast once (overflow checked) to the dtype of ``survivor``'s weight, and their
+    float64 values where a later merge should compose from those (else None, None)."""
     dtype = g.constant(survivor.input[1])[0].dtype
     try:
-        return cast_checked(merged.weight, dtype), cast_checked(merged.bias, dtype, "merged bias")
+        cast = cast_checked(merged.weight, dtype), cast_checked(merged.bias, dtype, "merged bias")
     except FoldRefused as exc:
         return _inexact(exc)
+    return cast + ((merged.weight, merged.bias) if g.ctx.exact_wanted(dtype) else (None, None))
 
 
 def _conv_plan(g: GraphIndex, rule: str, source: onnx.NodeProto, survivor: onnx.NodeProto, merged: ConvBranch,
@@ -479,9 +519,10 @@ def _conv_plan(g: GraphIndex, rule: str, source: onnx.NodeProto, survivor: onnx.
     cast = _cast_to_weight_dtype(g, survivor, merged)
     if isinstance(cast, Refusal):
         return cast
-    weight, bias = cast
+    weight, bias, exact_w, exact_b = cast
     edits = [RenameInput(survivor, survivor.input[0], x)] if survivor.input[0] != x else []
-    edits += [WriteTensor(survivor, 2, bias), WriteTensor(survivor, 1, weight), RemoveAttribute(survivor, "auto_pad"),
+    edits += [WriteTensor(survivor, 2, bias, exact_b), WriteTensor(survivor, 1, weight, exact_w),
+              RemoveAttribute(survivor, "auto_pad"),
               SetAttribute(survivor, "group", merged.groups),
               SetAttribute(survivor, "kernel_shape", list(merged.kernel_shape)),
               SetAttribute(survivor, "pads", list(merged.pads)),

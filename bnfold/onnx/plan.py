@@ -37,11 +37,15 @@ class Refusal(str):
 
 @dataclass(slots=True, eq=False)
 class WriteTensor:
-    """Input ``slot`` of ``node`` becomes the constant ``value`` (rewritten in place when nothing else reads it)."""
+    """Input ``slot`` of ``node`` becomes the constant ``value`` (rewritten in place when nothing else reads it).
+
+    ``exact``: the float64 value ``value`` was rounded from, for merges made later to compose from (set only where
+    :meth:`~bnfold.onnx.graph.ModelContext.exact_wanted` says so)."""
 
     node: onnx.NodeProto
     slot: int
     value: np.ndarray
+    exact: np.ndarray | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -163,7 +167,9 @@ def apply_plan(g: GraphIndex, plan: Plan) -> Fold | Merge:
     for edit in plan.edits:
         kind = type(edit)
         if kind is WriteTensor:
-            g.write_tensor(edit.node, edit.slot, edit.value)
+            name = g.write_tensor(edit.node, edit.slot, edit.value)
+            if edit.exact is not None or g.exact:  # (no call at all in the common case: nothing kept)
+                g.set_exact(name, edit.exact)
         elif kind is MoveOutput:
             g.move_output(edit.node, edit.name)
         elif kind is SetAttribute:

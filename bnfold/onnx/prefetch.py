@@ -18,6 +18,7 @@ import numpy as np
 from ..affine import bn_to_affine_flat, channel_multiplier
 from .batchnorm import inference_epsilon
 from .graph import GraphIndex
+from .merge import may_be_merged
 from .nodes import get_attr, node_label
 from .ops import LINEAR_OPS, batchable
 from .plan import LayerRead, MoveOutput, Plan, WriteTensor
@@ -80,8 +81,8 @@ def _plain_tensor(g: GraphIndex, name: str):
     """The initializer behind ``name`` when its bytes can be read directly, else None."""
     tensor = g.initializers.get(name)
     if tensor is None or name in g.inputs or name in g.rewritten or \
-            (g.parent is None and name in g.ctx.replacements):
-        return None
+            (g.parent is None and name in g.ctx.replacements) or name in g.exact:
+        return None  # (a value with a float64 original: the rules compose from that)
     dtype = RAW_FLOAT_DTYPES.get(tensor.data_type)
     if dtype is None:
         return None
@@ -134,6 +135,10 @@ def prefetch_linear_plans(g: GraphIndex, nodes, affines: dict[int, tuple[np.ndar
             continue
         weight = _plain_tensor(g, inputs[1])
         if weight is None:
+            continue
+        if g.ctx.exact_wanted(RAW_FLOAT_DTYPES[weight.data_type]) and may_be_merged(g, layer, g.outputs_of(bn)[0]):
+            # its float64 values are kept for the merges: the per-node path computes them as it applies the fold
+            # (a plan computed ahead would hold them for every layer at once)
             continue
         dims = tuple(weight.dims)
         if op.weight_rank_reason(len(dims)):

@@ -163,6 +163,14 @@ class AfterTarget:
                               "channel-mismatch")
         dtype = self.weight.dtype
         new_w, new_b = absorb_after(self.weight.values, self.bias, s, t, axis=self.axis, groups=self.groups)
+        exact_w = exact_b = None
+        if g.ctx.exact_wanted(dtype):
+            exact_w, exact_b = new_w, new_b
+            earlier_w, earlier_b = g.exact_value(self.weight.name), self._exact_bias(g)
+            if earlier_w is not None or earlier_b is not None:  # the same math on the values before their rounding
+                exact_w, exact_b = absorb_after(self.weight.values if earlier_w is None else earlier_w,
+                                                self.bias if earlier_b is None else earlier_b, s, t,
+                                                axis=self.axis, groups=self.groups)
         new_w = cast_checked(new_w, dtype)
         needs_bias = self.bias is not None or bool(np.any(t != 0))
         new_b = cast_checked(new_b, dtype, "folded bias") if needs_bias else None
@@ -172,14 +180,16 @@ class AfterTarget:
         if new_b is None:
             pass
         elif op.bias_slot is not None:
-            edits.append(WriteTensor(node, op.bias_slot, new_b if op.bias_broadcasts else new_b.reshape(-1)))
+            flat = not op.bias_broadcasts
+            edits.append(WriteTensor(node, op.bias_slot, new_b.reshape(-1) if flat else new_b,
+                                     exact_b.reshape(-1) if flat and exact_b is not None else exact_b))
             if op.bias_scale_attr and get_attr(node, op.bias_scale_attr, 1.0) != 1.0:
                 edits.append(SetAttribute(node, op.bias_scale_attr, 1.0))
         elif self.bias_node is not None:  # MatMul -> Add(const): the Add keeps carrying the bias
             renamed = self.bias_node
-            edits.append(WriteTensor(self.bias_node, self.bias_slot, new_b))
+            edits.append(WriteTensor(self.bias_node, self.bias_slot, new_b, exact_b))
         elif _gemm_allowed(g, dtype):  # a rank-2 MatMul becomes Gemm(x, W, bias): the bias in the same kernel
-            edits += [SetOpType(node, "Gemm"), WriteTensor(node, 2, new_b)]
+            edits += [SetOpType(node, "Gemm"), WriteTensor(node, 2, new_b, exact_b)]
         elif norm is not None:
             edits.append(TurnIntoAdd(norm, self.output, new_b))
             norm_kept, out_name = True, None
@@ -188,10 +198,18 @@ class AfterTarget:
                               "no-bias-carrier")
         # The weight goes last: a computed bias (an exporter's Shape(W) -> Expand chain) may read the weight, and
         # once the new bias has replaced it the weight has one reader left and is rewritten in place, not copied.
-        edits.append(WriteTensor(node, 1, new_w))
+        edits.append(WriteTensor(node, 1, new_w, exact_w))
         if out_name is not None:
             edits.append(MoveOutput(renamed, out_name))
         return edits, norm_kept
+
+    def _exact_bias(self, g: GraphIndex) -> np.ndarray | None:
+        """The float64 value of the bias (scaled as ``self.bias`` is) when an earlier fold or merge wrote it."""
+        name = self.bias_node.input[self.bias_slot] if self.bias_node is not None else self.bias_name
+        exact = g.exact_value(name) if name else None
+        if exact is not None and self.bias_node is None and self.op.bias_scale_attr:
+            exact = exact * float(get_attr(self.node, self.op.bias_scale_attr, 1.0))
+        return exact
 
     def read(self, value: str, producer: onnx.NodeProto, reader: onnx.NodeProto) -> LayerRead:
         """What the plan read: ``value`` (made by ``producer``, the op or its bias Add) read by ``reader`` alone,
@@ -411,30 +429,41 @@ class FoldBefore(Rule):
             return Refusal("channel-mismatch", f"{label} reads {weight.shape[in_axis] * groups} channels, "
                                                f"BatchNormalization has {s.shape[0]}")
         new_w, shift = absorb_before(weight, None, s, t, in_axis=in_axis, out_axis=out_axis, groups=groups)
+        exact_w = exact_shift = None
+        if g.ctx.exact_wanted(weight.dtype):
+            earlier = g.exact_value(consumer.input[1])
+            exact_w, exact_shift = (new_w, shift) if earlier is None else \
+                absorb_before(earlier, None, s, t, in_axis=in_axis, out_axis=out_axis, groups=groups)
         new_w = cast_checked(new_w, weight.dtype)
         if op.bias_slot is None:
-            return _bias_after(g, consumer, weight, new_w, shift)
-        bias = None
+            return _bias_after(g, consumer, weight, new_w, shift, exact_w, exact_shift)
+        bias = exact_bias = None
         if len(consumer.input) > op.bias_slot and consumer.input[op.bias_slot]:
             bias, reason = g.constant(consumer.input[op.bias_slot])
             if bias is None:
                 return Refusal("bias-not-constant", f"bias of {label} is not constant: {reason}")
             if op.bias_broadcasts and (bias.ndim > 2 or (bias.ndim >= 1 and bias.shape[-1] not in (1, shift.shape[0]))):
                 return Refusal("bias-shape", f"bias of {label} has shape {list(bias.shape)}")
+            if exact_w is not None:
+                exact_bias = g.exact_value(consumer.input[op.bias_slot])
         alpha = float(get_attr(consumer, op.output_scale_attr, 1.0)) if op.output_scale_attr else 1.0
         beta = float(get_attr(consumer, op.bias_scale_attr, 1.0)) if op.bias_scale_attr else 1.0
-        # alpha and beta of 1 multiply exactly: an op without them gets bias + shift
-        new_b = alpha * shift if bias is None else beta * np.asarray(bias, np.float64) + alpha * shift
-        new_b = cast_checked(new_b, weight.dtype, "folded bias")
-        edits = [WriteTensor(consumer, 1, new_w), WriteTensor(consumer, op.bias_slot, new_b)]
+
+        def shifted(bias, shift):  # alpha and beta of 1 multiply exactly: an op without them gets bias + shift
+            return alpha * shift if bias is None else beta * np.asarray(bias, np.float64) + alpha * shift
+
+        new_b = cast_checked(shifted(bias, shift), weight.dtype, "folded bias")
+        exact_b = None if exact_w is None else shifted(bias if exact_bias is None else exact_bias, exact_shift)
+        edits = [WriteTensor(consumer, 1, new_w, exact_w), WriteTensor(consumer, op.bias_slot, new_b, exact_b)]
         if beta != 1.0:
             edits.append(SetAttribute(consumer, op.bias_scale_attr, 1.0))
         return edits
 
 
 def _bias_after(g: GraphIndex, consumer: onnx.NodeProto, weight: np.ndarray, new_w: np.ndarray,
-                shift: np.ndarray) -> list | Refusal:
-    """Edits for an op without a bias input: the shift goes into an Add after it, or it becomes Gemm."""
+                shift: np.ndarray, exact_w: np.ndarray | None, exact_shift: np.ndarray | None) -> list | Refusal:
+    """Edits for an op without a bias input: the shift goes into an Add after it, or it becomes Gemm.
+    ``exact_w``, ``exact_shift``: the float64 values to keep beside the rounded ones (None: none kept)."""
     out = consumer.output[0]
     readers = g.consumers.get(out, [])
     if len(readers) == 1 and out not in g.outputs and readers[0].op_type == "Add":
@@ -444,13 +473,18 @@ def _bias_after(g: GraphIndex, consumer: onnx.NodeProto, weight: np.ndarray, new
             if bias.ndim <= 2 and (bias.ndim == 0 or bias.shape[-1] in (1, shift.shape[0])) and \
                     (bias.ndim < 2 or bias.shape[0] == 1):
                 new_b = cast_checked(bias + shift, weight.dtype, "folded bias")
-                return [WriteTensor(consumer, 1, new_w), WriteTensor(add, slot, new_b)]
+                exact_b = None
+                if exact_shift is not None:
+                    earlier = g.exact_value(add.input[slot])
+                    exact_b = (bias if earlier is None else earlier) + exact_shift
+                return [WriteTensor(consumer, 1, new_w, exact_w), WriteTensor(add, slot, new_b, exact_b)]
     if not np.any(shift != 0):
-        return [WriteTensor(consumer, 1, new_w)]
+        return [WriteTensor(consumer, 1, new_w, exact_w)]
     if not _gemm_allowed(g, weight.dtype):
         return Refusal("no-bias-carrier", "the shift needs a bias and this opset's Gemm can not carry one")
     new_b = cast_checked(shift, weight.dtype, "folded bias")
-    return [SetOpType(consumer, "Gemm"), WriteTensor(consumer, 1, new_w), WriteTensor(consumer, 2, new_b)]
+    return [SetOpType(consumer, "Gemm"), WriteTensor(consumer, 1, new_w, exact_w),
+            WriteTensor(consumer, 2, new_b, exact_shift)]
 
 
 def _flatten_keeps_channels(g: GraphIndex, node: onnx.NodeProto, norm: Affine) -> Refusal | None:
