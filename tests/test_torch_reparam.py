@@ -585,3 +585,37 @@ def test_16bit_merges_are_rounded_once(dtype, path):
     ref = reference(blocks, x)
     mine, theirs = relative_error(folded, ref, x), relative_error(deploy, ref, x)
     assert mine <= 3 * max(theirs, _UNIT_ROUNDOFF[dtype]), (mine, theirs)
+
+
+class Bottleneck(nn.Module):
+    """A ResNet bottleneck: its sum adds the block's input to a branch that reads something else, so no merge."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.branch = nn.Sequential(R.conv_bn(channels, channels, 1), nn.ReLU(),
+                                    R.conv_bn(channels, channels, 3, padding=1), nn.ReLU(),
+                                    R.conv_bn(channels, channels, 1))
+
+    def forward(self, x):
+        return torch.relu(self.branch(x) + x)
+
+
+def test_float64_copies_are_kept_only_where_a_merge_may_read_them():
+    """The folds keep the float64 weights a merge may read (branches of one sum, ops in sequence), not those of
+    every folded conv: a ResNet would hold a float64 copy of its weights for nothing."""
+    import copy
+
+    from bnfold.report import FoldReport
+    from bnfold.torch.fold import fold_graph, trace
+    from bnfold.torch.ops import ExactWeights
+
+    def kept(model, x):
+        graph_module, exact = trace(copy.deepcopy(model).eval()), ExactWeights()
+        fold_graph(graph_module, (x,), FoldReport(), exact=exact)
+        return sorted(exact.by_path(graph_module))
+
+    x = torch.randn(2, 8, 6, 6)
+    assert kept(R.realistic(nn.Sequential(Bottleneck(8), Bottleneck(8)), seed=1), x) == []
+    assert kept(R.realistic(R.RepVggBlock(8, 8), seed=1), x) == ["conv_1x1.conv", "conv_kxk.conv"]
+    assert kept(R.realistic(R.ACBlock(8, 8), seed=1), x) == ["hor.conv", "square.conv", "ver.conv"]
+    assert kept(R.realistic(R.RepVggBlock(8, 8), seed=1).to(torch.float64), x.double()) == []  # the cast is exact

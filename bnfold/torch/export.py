@@ -304,13 +304,15 @@ def apply_plan(gm: fx.GraphModule, plan: Plan, exact: ExactWeights | None = None
     the replacement, drop the batch norm's nodes."""
     replaced = _layer(gm, plan.layer)
     weight, bias = _set_params(gm, plan.layer, plan.weight, plan.bias)
-    if exact is not None and plan.exact is not None:
-        exact.drop(replaced.weight)
-        exact.keep(replaced.kind, weight, bias, plan.exact)
     plan.bypass.replace_all_uses_with(plan.replacement)
     for dead in plan.remove:
         if not dead.users:  # a constant the normalization computed may feed something else too
             gm.graph.erase_node(dead)
+    if exact is not None and plan.exact is not None:
+        from .merge import may_be_merged
+
+        exact.drop(replaced.weight)
+        exact.keep(replaced.kind, weight, bias, plan.exact, wanted=may_be_merged(gm, plan.layer))
     return Fold(plan.bn, plan.into, plan.rule)
 
 

@@ -382,8 +382,8 @@ class ModuleIndex(dict):
         None: later folds and merges start from them, so that every result is rounded once."""
         return self.exact.of(layer.weight, layer.bias)
 
-    def set_exact(self, layer: nn.Module, weight, bias) -> None:
-        self.exact.keep(module_kind(layer), layer.weight, layer.bias, (weight, bias))
+    def set_exact(self, layer: nn.Module, weight, bias, wanted: bool = True) -> None:
+        self.exact.keep(module_kind(layer), layer.weight, layer.bias, (weight, bias), wanted)
 
 
 def _fold_graph(gm: fx.GraphModule, report: FoldReport, keep, own_class: bool,
@@ -600,8 +600,6 @@ def apply_plan(gm: fx.GraphModule, modules: "ModuleIndex", plan: Plan) -> Fold:
             layer.bias = nn.Parameter(plan.bias, requires_grad=layer.weight.requires_grad)
         else:
             layer.bias.copy_(plan.bias)
-    if plan.exact is not None:
-        modules.set_exact(layer, *plan.exact)
     plan.bypass.replace_all_uses_with(plan.replacement)
     for node in plan.remove:
         if node.users:  # a constant the normalization computed may feed something else too
@@ -615,6 +613,12 @@ def apply_plan(gm: fx.GraphModule, modules: "ModuleIndex", plan: Plan) -> Fold:
                     if m is module and name:
                         gm.delete_submodule(name)
                         del modules[name]
+    if plan.exact is not None:
+        from .merge import may_be_merged
+
+        modules.set_exact(layer, *plan.exact, wanted=may_be_merged(gm, plan.layer))
+    else:
+        modules.exact.drop(layer.weight)  # its values changed
     return Fold(plan.bn, into, plan.rule)
 
 

@@ -220,6 +220,63 @@ def _identity(x: fx.Node) -> LinearOp:
     return LinearOp(None, x, x.name, "identity", lambda c, r: identity_branch(c, r))
 
 
+def may_be_merged(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether a merge may read the layer ``node`` calls, once the batch norm next to it is folded (so that its
+    float64 weights are worth keeping): it is in sequence with another op a merge takes, or a term of a sum whose
+    other terms read its input (or are that input). An over-estimate costs memory, an under-estimate one more
+    rounding; never a wrong merge."""
+    x = single_tensor_arg(node) if node.op == "call_module" else (node.args[0] if node.args else None)
+    if not isinstance(x, fx.Node):
+        return False
+    if _maybe_linear(gm, x):
+        return True
+    readers, seen = list(node.users), set()
+    while readers:
+        reader = readers.pop()
+        if reader in seen:
+            continue
+        seen.add(reader)
+        if reader.op == "call_module" and passes_input_on(dict(gm.named_modules()), reader):
+            readers.extend(reader.users)  # an eval-mode Identity/Dropout (timm's drop_path) between
+        elif _maybe_linear(gm, reader):
+            return True
+        elif _is_add(reader):
+            root = reader
+            while _inner_add(root):
+                root = next(iter(root.users))
+            others = [t for t in _tree(root)[1] if t is not node and t not in seen]
+            if any(_branch_reads(gm, t, x) for t in others):
+                return True
+    return False
+
+
+def _branch_reads(gm: fx.GraphModule, term, x: fx.Node, depth: int = 6) -> bool:
+    """Whether the branch ending in ``term`` is ``x`` or reads it through ops a merge may take (its batch norms may
+    not be folded yet)."""
+    for _ in range(depth):
+        if not isinstance(term, fx.Node):
+            return False
+        if term is x or x in term.all_input_nodes:
+            return True
+        if not _maybe_linear(gm, term) or not term.args:
+            return False
+        term = term.args[0]
+    return False
+
+
+def _maybe_linear(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node`` may be an op a merge takes (a convolution, batch norm or average pool), by its kind."""
+    if node.op == "call_module":
+        try:
+            module = gm.get_submodule(node.target)
+        except AttributeError:
+            return False
+        return isinstance(module, (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, *_POOLS))
+    return node.op == "call_function" and (node.target in _CONV_FUNCTIONS or node.target in _ATEN_POOLS or
+                                           node.target is _aten.batch_norm.default or
+                                           functional_norm(gm, node) is not None)
+
+
 # ---- costs ----------------------------------------------------------------------------------------------------
 
 def _cost(branch: ConvBranch) -> int:

@@ -278,9 +278,11 @@ class ExactWeights:
     (two roundings cost up to one ulp: a real error in 16-bit floats). Shared by the torch.fx pass (a module's
     weight), the ATen pass (the parameter a ``get_attr`` reads) and the merges (:mod:`bnfold.torch.merge`).
 
-    Memory: a float64 copy is 2x a float32 tensor and 4x a 16-bit one, so copies are kept only for convolutions
-    (the only layers a merge reads; a Linear or ConvTranspose folded twice rounds twice) narrower than float64
-    (whose cast is the value itself). An entry holds its tensors: their ids are not reused while it lives."""
+    Memory: a float64 copy is 2x a float32 tensor and 4x a 16-bit one, so copies are kept only where a merge may
+    read them (``wanted``: :func:`bnfold.torch.merge.may_be_merged`, next to a branch sum or another linear op; a
+    ResNet keeps almost none), for convolutions (the only layers a merge reads) narrower than float64 (whose cast is
+    the value itself). A layer folded twice without being kept (a Linear between two batch norms) rounds twice. An
+    entry holds its tensors: their ids are not reused while it lives."""
 
     def __init__(self):
         self._entries: dict[int, tuple] = {}  # id(weight) -> (weight, bias, float64 weight, float64 bias)
@@ -292,9 +294,10 @@ class ExactWeights:
             return None
         return entry[2], entry[3]
 
-    def keep(self, kind: Kind, weight: torch.Tensor, bias: torch.Tensor, exact: tuple) -> None:
-        """Remember that ``weight`` and ``bias`` are the cast of ``exact`` (where a later step may read it)."""
-        if kind.name == "conv" and weight.dtype != torch.float64:
+    def keep(self, kind: Kind, weight: torch.Tensor, bias: torch.Tensor, exact: tuple, wanted: bool = True) -> None:
+        """Remember that ``weight`` and ``bias`` are the cast of ``exact``, where a merge may read them (``wanted``);
+        else forget what ``weight`` held before (its values changed)."""
+        if wanted and kind.name == "conv" and weight.dtype != torch.float64:
             self._entries[id(weight)] = (weight, bias, *exact)
         else:
             self.drop(weight)
