@@ -25,8 +25,9 @@ import copy
 import inspect
 import math
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -34,7 +35,7 @@ from torch import nn
 
 from ..affine import FoldRefused
 from ..reparam import ConvBranch, MergeRefused, affine_branch, avgpool_branch, conv_branch, identity_branch
-from ..reparam import merge_parallel, merge_sequential
+from ..reparam import merge_parallel, merge_sequential, negated
 from ..report import FoldReport, Merge, Skip
 from .fold import ModuleIndex, attribute_tensor, hook_reason, module_affine, passes_input_on, runs_torch_forward
 from .fold import single_tensor_arg, value_users
@@ -42,6 +43,8 @@ from .ops import Affine, constant_value, numpy64, to_torch
 
 _aten = torch.ops.aten
 _ADD = {operator.add, torch.add, _aten.add.Tensor}
+_SUB = {operator.sub, torch.sub, _aten.sub.Tensor}
+_MUL = {operator.mul, torch.mul, _aten.mul.Tensor}
 # Convolutions called as functions (torch.fx) or ATen ops (torch.export), all (input, weight, bias, stride, padding,
 # dilation, groups), by spatial rank.
 _CONV_FUNCTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3, torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3,
@@ -243,7 +246,7 @@ def merge_graph(gm: fx.GraphModule, report: FoldReport, provenance: dict | None 
         for node in list(gm.graph.nodes):
             if node in modules.erased or not node.users:
                 continue
-            if _is_add(node) and not _inner_add(node):
+            if _is_sum_node(node) and not _inner_add(node):
                 changed |= _merge_parallel_at(gm, modules, node, report, refused)
             elif node.op in ("call_module", "call_function"):
                 changed |= _merge_sequential_at(gm, modules, node, report)
@@ -262,22 +265,113 @@ def _is_add(node) -> bool:
                                                                      node.target == "add")
 
 
+def _is_sub(node) -> bool:
+    if not isinstance(node, fx.Node) or node.kwargs or len(node.args) != 2:
+        return False
+    return (node.op == "call_function" and node.target in _SUB) or (node.op == "call_method" and
+                                                                     node.target == "sub")
+
+
+@dataclass(frozen=True)
+class Factor:
+    """A constant a term of a sum is multiplied by (``c * (...)``): ``value`` (a tensor or a number), ``constant``
+    (the graph's argument that holds it, reused when a term is written again) and ``mul`` (the product's node)."""
+
+    value: object
+    constant: object
+    mul: fx.Node
+
+
+def _scale_of(node) -> tuple[fx.Node, Factor] | None:
+    """``(operand, factor)`` when ``node`` multiplies one tensor by a constant (a parameter or buffer, or a number)
+    that varies along one axis at most (whether that is the channel axis is checked where the rank is known)."""
+    if not isinstance(node, fx.Node) or node.kwargs or len(node.args) != 2 or not (
+            (node.op == "call_function" and node.target in _MUL) or (node.op == "call_method" and
+                                                                     node.target == "mul")):
+        return None
+    gm, seen = node.graph.owning_module, {}
+    for i in (0, 1):
+        constant, operand = node.args[i], node.args[1 - i]
+        if not isinstance(operand, fx.Node) or _constant_node(operand):
+            continue
+        if isinstance(constant, (int, float)) and not isinstance(constant, bool):
+            return operand, Factor(float(constant), constant, node)
+        value = constant_value(constant, lambda n: attribute_tensor(gm, n), seen) if gm is not None else None
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and \
+                sum(size != 1 for size in value.shape) <= 1:
+            return operand, Factor(value, constant, node)
+    return None
+
+
+def _is_sum_node(node) -> bool:
+    """An add, a subtraction or a constant scaling: a node of an addition tree."""
+    return _is_add(node) or _is_sub(node) or _scale_of(node) is not None
+
+
+def _operands(node: fx.Node) -> list[tuple[object, tuple]]:
+    """The operands of a sum node, each with the factors it gets there: ``-1`` for a subtracted one."""
+    if _is_add(node):
+        return [(node.args[0], ()), (node.args[1], ())]
+    if _is_sub(node):
+        return [(node.args[0], ()), (node.args[1], (-1,))]
+    operand, factor = _scale_of(node)
+    return [(operand, (factor,))]
+
+
 def _inner_add(node: fx.Node) -> bool:
+    """Whether ``node`` is read only by a sum node, as one of its (non-constant) operands."""
     users = list(node.users)
-    return len(users) == 1 and _is_add(users[0])
+    return len(users) == 1 and _is_sum_node(users[0]) and any(o is node for o, _ in _operands(users[0]))
 
 
-def _tree(root: fx.Node) -> tuple[list[fx.Node], list]:
-    """The adds of the tree under ``root`` (each inner one read by its parent only) and its terms."""
-    adds, terms, stack = [], [], [root]
+def _tree(root: fx.Node) -> tuple[list[fx.Node], list, list[tuple]]:
+    """The sum nodes of the tree under ``root`` (adds, subtractions and constant scalings, each inner one read by
+    its parent only), its terms, and each term's factors (outermost first; ``-1`` for a subtraction)."""
+    adds, terms, factors, stack = [], [], [], [(root, ())]
     while stack:
-        node = stack.pop()
-        if _is_add(node) and (node is root or len(node.users) == 1):
+        node, outer = stack.pop()
+        if _is_sum_node(node) and (node is root or len(node.users) == 1):
             adds.append(node)
-            stack.extend(reversed(node.args))
+            stack.extend((operand, outer + inner) for operand, inner in reversed(_operands(node)))
         else:
             terms.append(node)
-    return adds, terms
+            factors.append(outer)
+    return adds, terms, factors
+
+
+def _coefficient(factors: tuple, channels: int, spatial_rank: int) -> np.ndarray | None:
+    """The per-channel float64 multiplier of a term with these factors (None: one), or MergeRefused when a
+    constant does not scale whole channels of a rank-``spatial_rank + 2`` (or unbatched) tensor."""
+    total = np.ones(channels)
+    for factor in factors:
+        if factor == -1:
+            total = -total
+            continue
+        value = factor.value
+        if isinstance(value, float):
+            total = total * value
+            continue
+        shape = tuple(value.shape)
+        meta = factor.mul.meta.get("tensor_meta")
+        meta_shape = getattr(meta, "shape", None) if meta is not None else getattr(factor.mul.meta.get("val"),
+                                                                                    "shape", None)
+        out_rank = len(meta_shape) if meta_shape is not None else spatial_rank + 1  # unproven: unbatched too
+        at = len(shape) - spatial_rank - 1  # where the channel axis falls in the constant, batched or not
+        if len(shape) > out_rank or any(size != 1 for j, size in enumerate(shape) if j != at) or \
+                (0 <= at < len(shape) and shape[at] not in (1, channels)):
+            raise MergeRefused(f"the constant of '{factor.mul.name}' (shape {list(shape)}) does not scale whole "
+                               "channels")
+        total = total * numpy64(value).reshape(-1)
+    return None if np.all(total == 1) else total
+
+
+def _scaled(branch: ConvBranch, coefficient: np.ndarray | None) -> ConvBranch:
+    """``coefficient · branch(x)`` per output channel, in float64 (a sign flip is exact)."""
+    if coefficient is None:
+        return branch
+    if np.all(coefficient == -1):
+        return negated(branch)
+    return merge_sequential(branch, affine_branch(coefficient, np.zeros_like(coefficient), branch.spatial_rank))
 
 
 def _term_op(gm, modules, term, adds: list[fx.Node]) -> LinearOp:
@@ -306,15 +400,23 @@ def _shape_of(ops: list[LinearOp]) -> tuple[int | None, int | None, int | None]:
     return c_in, c_out, rank
 
 
-def _branches(ops: list[LinearOp]) -> list[ConvBranch]:
+def _branches(ops: list[LinearOp], factors: list[tuple]) -> tuple[list[ConvBranch], list[np.ndarray | None]]:
+    """The ops as ConvBranches, each multiplied by its factors in the sum, and those per-channel coefficients."""
     c_in, c_out, rank = _shape_of(ops)
     if rank is None:
         raise MergeRefused("the spatial rank is not known")
-    return [op.build(c_in if op.kind != "conv" else None, rank) for op in ops]
+    like = next((op.like for op in ops if op.like is not None), None)
+    for factor in {id(f): f for term in factors for f in term if f != -1}.values():
+        if isinstance(factor.value, torch.Tensor) and like is not None and factor.value.dtype != like.dtype:
+            raise MergeRefused(f"the constant of '{factor.mul.name}' is {factor.value.dtype}, the branches "
+                               f"{like.dtype}: the product is computed in another dtype")
+    branches = [op.build(c_in if op.kind != "conv" else None, rank) for op in ops]
+    coefficients = [_coefficient(f, b.out_channels, rank) for b, f in zip(branches, factors)]
+    return [_scaled(b, c) for b, c in zip(branches, coefficients)], coefficients
 
 
 def _merge_parallel_at(gm, modules, root: fx.Node, report: FoldReport, refused: dict) -> bool:
-    adds, terms = _tree(root)
+    adds, terms, factors = _tree(root)
     if len(terms) < 2 or not all(isinstance(t, fx.Node) for t in terms):
         return False
     ops = [_term_op(gm, modules, t, adds) for t in terms]
@@ -329,7 +431,7 @@ def _merge_parallel_at(gm, modules, root: fx.Node, report: FoldReport, refused: 
         if label in refused:
             continue  # the same ops refused in an earlier round
         try:
-            branches = _branches(group)
+            branches, coefficients = _branches(group, [factors[i] for i in members])
             merged = merge_parallel(branches)
             if _cost(merged) > sum(_cost(b) for b in branches):
                 refused[label] = Skip(label, f"the merged convolution ({list(merged.weight.shape)}) costs more "
@@ -348,19 +450,32 @@ def _merge_parallel_at(gm, modules, root: fx.Node, report: FoldReport, refused: 
         modules[name] = conv
         modules.calls[id(conv)] = 1
         modules.set_exact(conv, merged.weight, merged.bias)
-        rest = [terms[i] for i in range(len(terms)) if i not in members]
+        rest = [i for i in range(len(terms)) if i not in members]
         with gm.graph.inserting_before(root):
             total = gm.graph.call_module(name, (x,))
             if not rest:
                 total.meta = dict(root.meta)
-            for term in rest:
-                total = gm.graph.call_function(operator.add, (total, term))
+            for i in rest:
+                total = _add_term(gm, total, terms[i], factors[i])
         root.replace_all_uses_with(total)
         _erase(gm, modules, adds + [op.node for op in group if op.node is not None])
         _record(report, group, name, "merge-branches")
-        modules.provenance[name] = [src for op in group for src in _sources(op, modules.provenance)]
+        modules.provenance[name] = [src for op, c in zip(group, coefficients)
+                                    for src in _sources(op, modules.provenance, c)]
         return True
     return False
+
+
+def _add_term(gm, total: fx.Node, term: fx.Node, factors: tuple) -> fx.Node:
+    """``total`` plus a term the merge left, with its factors as the sum had them (its constants multiplied in
+    from the innermost, a subtracted term subtracted)."""
+    negative = False
+    for factor in reversed(factors):
+        if factor == -1:
+            negative = not negative
+        else:
+            term = gm.graph.call_function(operator.mul, (factor.constant, term))
+    return gm.graph.call_function(operator.sub if negative else operator.add, (total, term))
 
 
 def _merge_sequential_at(gm, modules, node: fx.Node, report: FoldReport) -> bool:
@@ -412,12 +527,11 @@ def _merge_sequential_at(gm, modules, node: fx.Node, report: FoldReport) -> bool
     return True
 
 
-def _tree_of(node: fx.Node) -> tuple[list[fx.Node], list]:
-    """The addition tree ``node`` is a term of (its adds and terms), or two empty lists."""
-    users = list(node.users)
-    if len(users) != 1 or not _is_add(users[0]):
-        return [], []
-    root = users[0]
+def _tree_of(node: fx.Node) -> tuple[list[fx.Node], list, list]:
+    """The addition tree ``node`` is a term of (its sum nodes, terms and factors), or three empty lists."""
+    if not _inner_add(node):
+        return [], [], []
+    root = next(iter(node.users))
     while _inner_add(root):
         root = next(iter(root.users))
     return _tree(root)
@@ -426,7 +540,7 @@ def _tree_of(node: fx.Node) -> tuple[list[fx.Node], list]:
 def _pays_off(gm, modules, node: fx.Node, x: fx.Node, merged: ConvBranch, spent: int) -> bool:
     """Whether a costlier sequential merge is then merged into a sibling convolution of an addition (reading the
     same input) for no more than the ops it replaces cost."""
-    adds, terms = _tree_of(node)
+    adds, terms, _ = _tree_of(node)
     for term in terms:
         if term is node or not isinstance(term, fx.Node):
             continue
@@ -445,25 +559,30 @@ def _pays_off(gm, modules, node: fx.Node, x: fx.Node, merged: ConvBranch, spent:
 @dataclass(frozen=True)
 class Source:
     """An op of the traced module that a merged convolution absorbed: its node, the tensor it read, its kind, and
-    the module whose call it is (a functional call: the innermost module that made it; None for an identity)."""
+    the module whose call it is (a functional call: the innermost module that made it; None for an identity);
+    ``coefficient``: what the sums it was a term of multiplied it by, per output channel (None: one)."""
 
     node: fx.Node | None
     x: fx.Node
     kind: str
     path: str | None
+    coefficient: np.ndarray | None = field(default=None, compare=False)
 
 
-def _sources(op: LinearOp, provenance: dict) -> list[Source]:
+def _sources(op: LinearOp, provenance: dict, coefficient: np.ndarray | None = None) -> list[Source]:
     node = op.node
-    if node is not None and node.op == "call_module" and node.target in provenance:
-        return provenance[node.target]  # a convolution an earlier merge made
+    if node is not None and node.op == "call_module" and node.target in provenance:  # an earlier merge's conv
+        if coefficient is None:
+            return provenance[node.target]
+        return [replace(src, coefficient=coefficient if src.coefficient is None else src.coefficient * coefficient)
+                for src in provenance[node.target]]
     if node is None:
-        return [Source(None, op.x, op.kind, None)]
+        return [Source(None, op.x, op.kind, None, coefficient)]
     if node.op == "call_module":
-        return [Source(node, op.x, op.kind, str(node.target))]
+        return [Source(node, op.x, op.kind, str(node.target), coefficient)]
     stack = node.meta.get("nn_module_stack") or {}
     owner = list(stack.values())[-1][0] if stack else None
-    return [Source(node, op.x, op.kind, owner)]
+    return [Source(node, op.x, op.kind, owner, coefficient)]
 
 
 def _record(report: FoldReport, ops: list[LinearOp], into: str, rule: str) -> None:
