@@ -56,7 +56,7 @@ def relative_error(module, ref, *inputs) -> float:
 
 
 # The families the PyTorch merge handles so far (RepViT, RepGhost, FastViT: the ONNX side only, for now).
-TORCH_FAMILIES = ["repvgg", "mobileone", "acnet", "dbb"]
+TORCH_FAMILIES = ["repvgg", "mobileone", "acnet", "dbb", "repvit", "repghost", "fastvit"]
 MODELS = {
     **{name: R.MODELS[name] for name in TORCH_FAMILIES},
     "mobileone-1-branch": lambda: R.mobileone_net(1),

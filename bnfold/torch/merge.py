@@ -4,9 +4,12 @@ Runs on the torch.fx graph after the batch norms are folded (:func:`bnfold.torch
 torch.export's ATen graph for modules torch.fx can not trace (``aten.conv*``, ``aten.avg_pool*``,
 ``aten.batch_norm`` and ``aten.add`` nodes; the merged convolution is an ``nn.ConvNd`` call there too), to a fixpoint:
 
-* ``merge-branches``: an addition (a tree of ``+``/``torch.add``) whose terms read the same tensor, each a
-  convolution (``nn.ConvNd`` or ``F.convNd`` on constant weights), a batch norm left alone in its branch, an average
-  pool that equals a convolution, or that tensor itself, becomes one convolution (RepVGG, MobileOne, ACNet, DBB);
+* ``merge-branches``: an addition (a tree of ``+``/``torch.add``, ``-``/``torch.sub`` and products by a constant
+  that scales whole channels, as FastViT's ``x + layer_scale * (mixer(x) - norm(x))``) whose terms read the same
+  tensor, each a convolution (``nn.ConvNd`` or ``F.convNd`` on constant weights), a batch norm left alone in its
+  branch, an average pool that equals a convolution, or that tensor itself, becomes one convolution (RepVGG,
+  MobileOne, ACNet, DBB, RepViT, RepGhost, FastViT); each term's sign and scales are applied to its branch in
+  float64 first;
 * ``merge-sequential``: two such ops in sequence, the first read by nothing else, become one where exact (DBB's
   1×1 then k×k, a pool then its batch norm).
 
@@ -657,6 +660,28 @@ def merged_count(report: FoldReport) -> int:
     return len(report.merged)
 
 
+def _without_identities(conv: nn.Module, exact: dict, identities: list[Source], factor) -> nn.Module:
+    """The convolution that, multiplied by ``factor`` (per output channel; None: one) and added to the input with
+    the identities' coefficients, computes ``conv``: ``(W - Σ cᵢ·I) / factor``, in float64 from the merge's own
+    float64 weights, rounded once."""
+    entry = exact.get(id(conv))
+    weight, bias = (entry[1], entry[2]) if entry is not None and entry[0] is conv else \
+        (numpy64(conv.weight), numpy64(conv.bias))
+    rank = weight.ndim - 2
+    pads = list(_tuple(conv.padding, rank)) * 2
+    branch = conv_branch(weight, bias, groups=conv.groups, strides=conv.stride, dilations=conv.dilation, pads=pads)
+    channels = branch.out_channels
+    added = sum((np.ones(channels) if src.coefficient is None else src.coefficient) for src in identities)
+    if identities:
+        branch = merge_parallel([branch, negated(affine_branch(added, np.zeros(channels), rank))])
+    if factor is not None:
+        if not np.all(np.isfinite(factor)) or np.any(factor == 0):
+            raise MergeRefused("the convolution's branch is multiplied by zero on some channel in the module's "
+                               "forward")
+        branch = _scaled(branch, 1.0 / factor)
+    return _conv_module(branch, conv.weight)
+
+
 class Zero(nn.Module):
     """A branch merged into another one: adds nothing (a zero the sum broadcasts), as a deploy form drops it."""
 
@@ -668,8 +693,11 @@ def write_merges(module: nn.Module, example_inputs, report: FoldReport) -> None:
     """For a ``keep_class=True`` result: write each merge the trace of ``module`` proves into the module itself, the
     way a block's own ``reparameterize()`` does: one absorbed convolution module (the host, reading the block's
     input) becomes the merged convolution, the first module of every other branch a :class:`Zero`, the rest of
-    each branch ``nn.Identity``. A merge the module can not express that way (a term that is the input itself, a
-    module called elsewhere or computing more) is a Skip with code ``needs-graph-module``. The written module is
+    each branch ``nn.Identity``. A term that is the block's input itself stays in its forward, as do the sum's
+    signs and constant scales: the host gets the merged kernel less those identities, over its own factor. A merge
+    the module can not express that way (nothing but the input beside the host, an input term that is not the
+    block's input, a module called elsewhere or computing more) is a Skip with code ``needs-graph-module``. The
+    written module is
     checked against the merged graph on ``example_inputs`` (without them nothing is written)."""
     from .fold import copy_module, count_normalizations, trace
     from .own import same_outputs, set_submodule
@@ -688,15 +716,15 @@ def write_merges(module: nn.Module, example_inputs, report: FoldReport) -> None:
     registered: dict[int, int] = {}
     for _, m in module.named_modules(remove_duplicate=False):
         registered[id(m)] = registered.get(id(m), 0) + 1
-    trial, provenance = FoldReport(), {}
-    merge_graph(graph_module, trial, provenance)
+    trial, provenance, exact = FoldReport(), {}, {}
+    merge_graph(graph_module, trial, provenance, exact)
     finals = [n for n in graph_module.graph.nodes if n.op == "call_module" and n.target in provenance]
     written: list[tuple[str, list[Source], Source, list[tuple[str, nn.Module]]]] = []
     for node in finals:
         sources = provenance[node.target]
-        rule = next(m.rule for m in trial.merged if m.into == node.target)
+        rule = _rule_of(node.target, trial)
         label = " + ".join(src.path or src.x.name for src in sources)
-        found = _assignment(module, graph_module, node, sources, calls, owners, registered)
+        found = _assignment(module, graph_module, node, sources, calls, owners, registered, exact)
         if isinstance(found, str) or example_inputs is None:
             why = found if isinstance(found, str) else "no example_inputs to check the written module with"
             report.not_merged.append(Skip(label, f"the {rule} merge is proven on the trace, but not written into "
@@ -717,7 +745,7 @@ def write_merges(module: nn.Module, example_inputs, report: FoldReport) -> None:
     for rule, sources, host, assignment in written:
         for path, replacement in assignment:
             set_submodule(module, path, replacement)
-        others = [src for src in sources if src is not host]
+        others = [src for src in sources if src is not host and src.path is not None]
         _add_merge(report, Merge(rule, host.path, tuple(src.path for src in others),
                                  absorbed=tuple(src.path for src in others if src.kind == "bn")))
     module.eval()
@@ -727,13 +755,37 @@ def write_merges(module: nn.Module, example_inputs, report: FoldReport) -> None:
                            "report says")
 
 
-def _assignment(module, graph_module, node, sources: list[Source], calls, owners, registered):
+def _rule_of(into: str, trial: FoldReport) -> str:
+    """``merge-branches`` when the convolution ``into`` comes of a branch merge, at any step (a batch norm after
+    the merged sum is a sequential merge after it), else ``merge-sequential``."""
+    records = {m.into: m for m in trial.merged}
+    work, seen = [into], set()
+    while work:
+        name = work.pop()
+        if name in seen or name not in records:
+            continue
+        seen.add(name)
+        if records[name].rule == "merge-branches":
+            return "merge-branches"
+        work.extend(records[name].removed)
+    return "merge-sequential"
+
+
+def _assignment(module, graph_module, node, sources: list[Source], calls, owners, registered, exact: dict):
     """(host source, [(module path, replacement)]) writing the merged convolution ``node`` into ``module``, or why
-    the module can not express it."""
+    the module can not express it. A term that is the input itself stays in the module's forward, with the
+    factors its sum gives it, and so does the host's own factor: the host gets the merged kernel less those
+    identities, divided by its factor (in float64, rounded once)."""
     x = node.args[0]
+    identities = [src for src in sources if src.path is None]
+    if any(src.x is not x for src in identities):
+        return "a term of the sum is the input itself, not a module's output"
+    if len(identities) == len(sources) - 1:
+        return ("the other term of the sum is the input itself, which the module's forward adds anyway: nothing "
+                "to merge into the convolution")
     for src in sources:
         if src.path is None:
-            return "a term of the sum is the input itself, not a module's output"
+            continue
         try:
             owned = module.get_submodule(src.path)
         except AttributeError:
@@ -748,10 +800,17 @@ def _assignment(module, graph_module, node, sources: list[Source], calls, owners
     host = next((src for src in sources if src.kind == "conv" and src.x is x), None)
     if host is None:
         return "no convolution of the block reads its input"
-    merged = copy.deepcopy(graph_module.get_submodule(node.target))
+    merged = graph_module.get_submodule(node.target)
+    if identities or host.coefficient is not None:
+        try:
+            merged = _without_identities(merged, exact, identities, host.coefficient)
+        except (MergeRefused, FoldRefused) as exc:
+            return str(exc)
+    else:
+        merged = copy.deepcopy(merged)
     assignment = [(host.path, merged)]
     for src in sources:
-        if src is not host:
+        if src is not host and src.path is not None:
             assignment.append((src.path, Zero() if src.x is x else nn.Identity()))
     return host, assignment
 
