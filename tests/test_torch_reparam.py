@@ -1,4 +1,5 @@
-"""fold_module merges linear branches (bnfold.torch.merge) on RepVGG-, MobileOne-, ACNet- and DBB-style models.
+"""fold_module merges linear branches (bnfold.torch.merge) on RepVGG-, MobileOne-, ACNet-, DBB-, RepViT-, RepGhost- and
+FastViT-style models.
 
 The yardstick is each block's own deploy form (tests/reparam_models.py: the authors' ``reparameterize()``, written
 from the papers): bnfold's result runs no more batch norms and convolutions than it (counted at the dispatcher),
@@ -55,7 +56,7 @@ def relative_error(module, ref, *inputs) -> float:
     return ((out - ref).abs().max() / ref.abs().max()).item()
 
 
-# The families the PyTorch merge handles so far (RepViT, RepGhost, FastViT: the ONNX side only, for now).
+# The families the PyTorch merge handles (EfficientViT: not written in tests/reparam_models.py yet).
 TORCH_FAMILIES = ["repvgg", "mobileone", "acnet", "dbb", "repvit", "repghost", "fastvit"]
 MODELS = {
     **{name: R.MODELS[name] for name in TORCH_FAMILIES},
@@ -319,3 +320,142 @@ def test_merged_on_the_aten_graph_too(name):
     assert convs(folded, x) <= convs(deploy, x) and pools(folded, x) == 0
     ref = reference(model, x)
     assert relative_error(folded, ref, x) <= 3 * max(relative_error(deploy, ref, x), 2.0 ** -24)
+
+
+# ---- sums with signs and constant scales, and folds the merges make possible -------------------------------
+
+class Mixer(nn.Module):
+    """``x + scale * (conv(x) + conv1(x) - bn(x))``: FastViT's RepMixer with the scale given (None: no product)."""
+
+    def __init__(self, scale=None, channels: int = 4):
+        super().__init__()
+        self.conv = R.conv_bn(channels, channels, 3, padding=1, groups=channels)
+        self.conv1 = R.conv_bn(channels, channels, 1, groups=channels)
+        self.bn = nn.BatchNorm2d(channels)
+        self.scale = None if scale is None else nn.Parameter(scale)
+
+    def forward(self, x):
+        inner = self.conv(x) + self.conv1(x) - self.bn(x)
+        return x + (inner if self.scale is None else self.scale * inner)
+
+
+def test_a_subtracted_branch_is_merged_with_its_sign():
+    x = torch.randn(2, 4, 7, 7)
+    folded, report = check(Mixer(), x)
+    assert convs(folded, x) == 1 and count_bn_dispatched(folded, x) == report.bn_after == 0
+    assert [m.rule for m in report.merged] == ["merge-branches"] and "bn" in report.merged[0].removed
+
+
+@pytest.mark.parametrize("shape", [(4, 1, 1), (1, 4, 1, 1), (1, 1, 1), ()])
+def test_a_per_channel_constant_scale_is_merged(shape):
+    scale = torch.rand(shape, generator=torch.Generator().manual_seed(2)) + 0.1
+    x = torch.randn(2, 4, 7, 7)
+    folded, report = check(Mixer(scale), x)
+    assert convs(folded, x) == 1 and count_bn_dispatched(folded, x) == 0 and merged_count(report) == 1
+    # torch.export's ATen graph (aten.mul.Tensor, aten.sub.Tensor): the same merge
+    aten, report = check(Untraceable(Mixer(scale)), x)
+    assert any("torch.export" in note for note in report.notes)
+    assert convs(aten, x) == 1 and count_bn_dispatched(aten, x) == 0 and merged_count(report) == 1
+
+
+class ScaledNumber(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = R.conv_bn(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return 0.5 * (self.conv(x) - self.bn(x)) + x.mul(2.0)
+
+
+def test_a_scale_by_a_number_is_merged():
+    x = torch.randn(2, 4, 6, 6)
+    folded, report = check(ScaledNumber(), x)
+    assert convs(folded, x) == 1 and count_bn_dispatched(folded, x) == 0 and merged_count(report) == 1
+
+
+@pytest.mark.parametrize("shape, why", [((1, 1, 1, 7), "does not scale whole channels"),
+                                        ((4, 1, 1), "float64")])
+def test_a_scale_that_is_not_per_channel_is_refused(shape, why):
+    """A constant that varies along a spatial axis (or one of another dtype, which changes the product's dtype)
+    is no convolution's scale: the sum under it is left, with the reason."""
+    x = torch.randn(2, 4, 7, 7)
+    scale = torch.rand(shape, generator=torch.Generator().manual_seed(3)) + 0.1
+    model = Mixer(scale.double() if why == "float64" else scale)
+    folded, report = check(model, x)
+    assert convs(folded, x) == 2 and count_bn_dispatched(folded, x) == 1
+    assert [s.code for s in report.not_merged] == ["merge-refused"] and why in report.not_merged[0].reason
+
+
+class ScaledOther(nn.Module):
+    """Branches over ``x`` summed with terms of another input that carry a sign and a scale."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = R.conv_bn(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.gamma = nn.Parameter(torch.rand(1, 4, 1, 1) + 0.5)
+
+    def forward(self, x, z):
+        return self.conv(x) - self.gamma * (z - self.bn(x)) - z
+
+
+def test_terms_left_out_of_the_merge_keep_their_sign_and_scale():
+    x, z = torch.randn(2, 4, 6, 6), torch.randn(2, 4, 6, 6)
+    folded, report = check(ScaledOther(), x, z)
+    assert convs(folded, x, z) == 1 and count_bn_dispatched(folded, x, z) == 0 and merged_count(report) == 1
+
+
+class NormAfterSum(nn.Module):
+    """RepViT's ``bn(conv_bn(x) + conv1(x) + x)`` with the outer batch norm functional (timm's BatchNormAct2d
+    calls ``F.batch_norm`` on its buffers): the merges do not see it, the fold after them does."""
+
+    def __init__(self, channels: int = 4):
+        super().__init__()
+        g = torch.Generator().manual_seed(4)
+        self.conv = R.conv_bn(channels, channels, 3, padding=1, groups=channels)
+        self.conv1 = nn.Conv2d(channels, channels, 1, groups=channels)
+        self.register_buffer("running_mean", torch.randn(channels, generator=g) * 0.5)
+        self.register_buffer("running_var", torch.rand(channels, generator=g) + 0.3)
+        self.weight = nn.Parameter(torch.rand(channels, generator=g) + 0.5)
+        self.bias = nn.Parameter(torch.randn(channels, generator=g) * 0.3)
+
+    def forward(self, x):
+        y = self.conv(x) + self.conv1(x) + x
+        return torch.relu(torch.nn.functional.batch_norm(y, self.running_mean, self.running_var, self.weight,
+                                                         self.bias, False, 0.0, 1e-5))
+
+
+def test_a_batch_norm_after_a_merged_sum_is_folded_after_the_merge():
+    x = torch.randn(2, 4, 7, 7)
+    folded, report = check(NormAfterSum(), x)
+    assert convs(folded, x) == 1 and count_bn_dispatched(folded, x) == report.bn_after == 0 and not report.skipped
+    assert report.bn_before == 2
+    assert [f.rule for f in report.folded if f.rule == "conv-bn"] == ["conv-bn", "conv-bn"]  # conv.bn, then it
+    assert [m.rule for m in report.merged] == ["merge-branches"] and not report.not_merged
+
+
+def test_keep_class_writes_a_scaled_sum_with_the_input_as_a_term():
+    """RepMixer's sum in the module's own class: the host conv holds (merged - identity) / scale, the other
+    branches are zero, the ``x +`` and the product stay in the forward."""
+    scale = torch.rand(4, 1, 1, generator=torch.Generator().manual_seed(5)) + 0.1
+    model = R.realistic(Mixer(scale), seed=6)
+    x = torch.randn(2, 4, 7, 7)
+    own, report = fold_module(model, (x,), keep_class=True)
+    assert type(own) is Mixer and convs(own, x) == 1 and count_bn_dispatched(own, x) == report.bn_after == 0
+    assert [(m.rule, m.into) for m in report.merged] == [("merge-branches", "conv.conv")] and not report.not_merged
+    assert relative_error(own, reference(model, x), x) <= 1e-5
+    # a scale with a zero channel: the host can not hold the merged kernel divided by it
+    zero = R.realistic(Mixer(torch.cat([torch.zeros(1, 1, 1), scale[1:]])), seed=6)
+    own, report = fold_module(zero, (x,), keep_class=True)
+    assert merged_count(report) == 0 and [s.code for s in report.not_merged] == ["needs-graph-module"]
+    assert "zero" in report.not_merged[0].reason
+    assert relative_error(own, reference(zero, x), x) <= 1e-5
+
+
+def test_keep_class_proves_a_batched_scale_from_the_example_inputs():
+    """A ``[1, C, 1, 1]`` scale is per channel only on a rank-4 tensor: the example inputs prove it."""
+    scale = torch.rand(1, 4, 1, 1, generator=torch.Generator().manual_seed(7)) + 0.1
+    model = R.realistic(Mixer(scale), seed=8)
+    x = torch.randn(2, 4, 7, 7)
+    own, report = fold_module(model, (x,), keep_class=True)
+    assert convs(own, x) == 1 and count_bn_dispatched(own, x) == 0 and merged_count(report) == 1
+    assert relative_error(own, reference(model, x), x) <= 1e-5

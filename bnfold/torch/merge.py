@@ -699,12 +699,17 @@ def write_merges(module: nn.Module, example_inputs, report: FoldReport) -> None:
     block's input, a module called elsewhere or computing more) is a Skip with code ``needs-graph-module``. The
     written module is
     checked against the merged graph on ``example_inputs`` (without them nothing is written)."""
-    from .fold import copy_module, count_normalizations, trace
+    from .fold import copy_module, count_normalizations, run_example, trace
     from .own import same_outputs, set_submodule
 
     graph_module = trace(copy_module(module).eval())
     if isinstance(graph_module, str):
         return
+    if example_inputs is not None:  # ranks, which prove where a constant scale's channel axis is
+        from torch.fx.passes.shape_prop import ShapeProp
+
+        with torch.no_grad():
+            run_example(lambda: ShapeProp(graph_module).propagate(*example_inputs))
     calls: dict[str, int] = {}
     owners: dict[str, list[fx.Node]] = {}  # module path -> the computing nodes its forward made
     for node in graph_module.graph.nodes:
