@@ -20,10 +20,10 @@ from bnfold.torch.ops import SKIP_CODES  # noqa: E402
 
 try:
     import reparam_models as R
-    from torch_models import assert_unchanged, count_bn_dispatched, reference, snapshot
+    from torch_models import FrozenBatchNorm2d, assert_unchanged, count_bn_dispatched, reference, snapshot
 except ImportError:  # pragma: no cover - tests/ is a package
     from tests import reparam_models as R
-    from tests.torch_models import assert_unchanged, count_bn_dispatched, reference, snapshot
+    from tests.torch_models import FrozenBatchNorm2d, assert_unchanged, count_bn_dispatched, reference, snapshot
 
 
 def dispatched(module: nn.Module, *inputs: torch.Tensor) -> dict[str, int]:
@@ -91,8 +91,9 @@ def test_merged_like_the_authors_deploy_form(name):
     assert relative_error(folded, ref2, x2) <= 3 * max(relative_error(deploy, ref2, x2), 2.0 ** -24)
 
 
-def test_deterministic_and_idempotent():
-    model = R.realistic(R.dbb_net(), seed=4)
+@pytest.mark.parametrize("name", ["dbb", "fastvit"])
+def test_deterministic_and_idempotent(name):
+    model = R.realistic(R.MODELS[name](), seed=4)
     x = torch.randn(2, 3, 20, 20, generator=torch.Generator().manual_seed(1))
     first, report = fold_module(model, (x,))
     second, _ = fold_module(model, (x,))
@@ -406,27 +407,35 @@ def test_terms_left_out_of_the_merge_keep_their_sign_and_scale():
 
 class NormAfterSum(nn.Module):
     """RepViT's ``bn(conv_bn(x) + conv1(x) + x)`` with the outer batch norm functional (timm's BatchNormAct2d
-    calls ``F.batch_norm`` on its buffers): the merges do not see it, the fold after them does."""
+    calls ``F.batch_norm`` on its buffers) or frozen (buffers and arithmetic, torchvision's FrozenBatchNorm2d):
+    the merges do not see it, the fold after them does."""
 
-    def __init__(self, channels: int = 4):
+    def __init__(self, frozen: bool, channels: int = 4):
         super().__init__()
         g = torch.Generator().manual_seed(4)
         self.conv = R.conv_bn(channels, channels, 3, padding=1, groups=channels)
         self.conv1 = nn.Conv2d(channels, channels, 1, groups=channels)
+        self.frozen = FrozenBatchNorm2d(channels) if frozen else None
         self.register_buffer("running_mean", torch.randn(channels, generator=g) * 0.5)
         self.register_buffer("running_var", torch.rand(channels, generator=g) + 0.3)
         self.weight = nn.Parameter(torch.rand(channels, generator=g) + 0.5)
         self.bias = nn.Parameter(torch.randn(channels, generator=g) * 0.3)
+        if frozen:
+            for name in ("running_mean", "running_var", "weight", "bias"):
+                getattr(self.frozen, name).copy_(getattr(self, name).detach())
 
     def forward(self, x):
         y = self.conv(x) + self.conv1(x) + x
+        if self.frozen is not None:
+            return torch.relu(self.frozen(y))
         return torch.relu(torch.nn.functional.batch_norm(y, self.running_mean, self.running_var, self.weight,
                                                          self.bias, False, 0.0, 1e-5))
 
 
-def test_a_batch_norm_after_a_merged_sum_is_folded_after_the_merge():
+@pytest.mark.parametrize("frozen", [False, True])
+def test_a_batch_norm_after_a_merged_sum_is_folded_after_the_merge(frozen):
     x = torch.randn(2, 4, 7, 7)
-    folded, report = check(NormAfterSum(), x)
+    folded, report = check(NormAfterSum(frozen), x)
     assert convs(folded, x) == 1 and count_bn_dispatched(folded, x) == report.bn_after == 0 and not report.skipped
     assert report.bn_before == 2
     assert [f.rule for f in report.folded if f.rule == "conv-bn"] == ["conv-bn", "conv-bn"]  # conv.bn, then it

@@ -287,19 +287,20 @@ class Factor:
 
 def _scale_of(node) -> tuple[fx.Node, Factor] | None:
     """``(operand, factor)`` when ``node`` multiplies one tensor by a constant (a parameter or buffer, or a number)
-    that varies along one axis at most (whether that is the channel axis is checked where the rank is known)."""
+    that varies along one axis at most (whether that is the channel axis is checked where the rank is known). A
+    constant computed in the forward is not taken: a frozen batch norm's arithmetic is the folds' to take whole."""
     if not isinstance(node, fx.Node) or node.kwargs or len(node.args) != 2 or not (
             (node.op == "call_function" and node.target in _MUL) or (node.op == "call_method" and
                                                                      node.target == "mul")):
         return None
-    gm, seen = node.graph.owning_module, {}
+    gm = node.graph.owning_module
     for i in (0, 1):
         constant, operand = node.args[i], node.args[1 - i]
         if not isinstance(operand, fx.Node) or _constant_node(operand):
             continue
         if isinstance(constant, (int, float)) and not isinstance(constant, bool):
             return operand, Factor(float(constant), constant, node)
-        value = constant_value(constant, lambda n: attribute_tensor(gm, n), seen) if gm is not None else None
+        value = attribute_tensor(gm, constant) if gm is not None else None
         if isinstance(value, torch.Tensor) and value.is_floating_point() and \
                 sum(size != 1 for size in value.shape) <= 1:
             return operand, Factor(value, constant, node)
