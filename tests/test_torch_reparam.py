@@ -374,17 +374,27 @@ def test_a_scale_by_a_number_is_merged():
     assert convs(folded, x) == 1 and count_bn_dispatched(folded, x) == 0 and merged_count(report) == 1
 
 
-@pytest.mark.parametrize("shape, why", [((1, 1, 1, 7), "does not scale whole channels"),
-                                        ((4, 1, 1), "float64")])
-def test_a_scale_that_is_not_per_channel_is_refused(shape, why):
+@pytest.mark.parametrize("shape, dtype, why", [((1, 1, 7, 1), torch.float32, "does not scale whole channels"),
+                                               ((1, 1, 1, 7), torch.float32, None),
+                                               ((4, 1, 1), torch.float64, "float64")])
+def test_a_scale_that_is_not_per_channel_is_not_merged(shape, dtype, why):
     """A constant that varies along a spatial axis (or one of another dtype, which changes the product's dtype)
-    is no convolution's scale: the sum under it is left, with the reason."""
+    is no convolution's scale. Where the graph records the product's shape and dtype (example inputs), the product
+    is a term of its own and the sum under it still merges; without them, the merge through it is refused with
+    the reason (a constant varying along the last axis never scales channels: a term of its own anyway)."""
     x = torch.randn(2, 4, 7, 7)
-    scale = torch.rand(shape, generator=torch.Generator().manual_seed(3)) + 0.1
-    model = Mixer(scale.double() if why == "float64" else scale)
-    folded, report = check(model, x)
-    assert convs(folded, x) == 2 and count_bn_dispatched(folded, x) == 1
-    assert [s.code for s in report.not_merged] == ["merge-refused"] and why in report.not_merged[0].reason
+    scale = (torch.rand(shape, generator=torch.Generator().manual_seed(3)) + 0.1).to(dtype)
+    folded, report = check(Mixer(scale), x)
+    assert convs(folded, x) == 1 and count_bn_dispatched(folded, x) == 0 and merged_count(report) == 1
+    assert not report.not_merged
+    model = R.realistic(Mixer(scale), seed=9)
+    folded, report = fold_module(model)
+    assert relative_error(folded, reference(model, x), x) <= 1e-5
+    if why is None:
+        assert convs(folded, x) == 1 and merged_count(report) == 1 and not report.not_merged
+    else:
+        assert convs(folded, x) == 2 and count_bn_dispatched(folded, x) == 1 and merged_count(report) == 0
+        assert [s.code for s in report.not_merged] == ["merge-refused"] and why in report.not_merged[0].reason
 
 
 class ScaledOther(nn.Module):

@@ -287,8 +287,11 @@ class Factor:
 
 def _scale_of(node) -> tuple[fx.Node, Factor] | None:
     """``(operand, factor)`` when ``node`` multiplies one tensor by a constant (a parameter or buffer, or a number)
-    that varies along one axis at most (whether that is the channel axis is checked where the rank is known). A
-    constant computed in the forward is not taken: a frozen batch norm's arithmetic is the folds' to take whole."""
+    that may scale whole channels: it varies along one axis at most, not the last (a spatial one), and where the
+    graph records the product's shape, along dimension 0 or 1 of it, in its dtype (the channel axis is proven where
+    the convolutions' rank is known, :func:`_coefficient`). Anything else is a term of its own, so that a sum under
+    it still merges. A constant computed in the forward is not taken: a frozen batch norm's arithmetic is the
+    folds' to take whole."""
     if not isinstance(node, fx.Node) or node.kwargs or len(node.args) != 2 or not (
             (node.op == "call_function" and node.target in _MUL) or (node.op == "call_method" and
                                                                      node.target == "mul")):
@@ -301,10 +304,31 @@ def _scale_of(node) -> tuple[fx.Node, Factor] | None:
         if isinstance(constant, (int, float)) and not isinstance(constant, bool):
             return operand, Factor(float(constant), constant, node)
         value = attribute_tensor(gm, constant) if gm is not None else None
-        if isinstance(value, torch.Tensor) and value.is_floating_point() and \
-                sum(size != 1 for size in value.shape) <= 1:
+        if isinstance(value, torch.Tensor) and _may_scale_channels(value, operand, node):
             return operand, Factor(value, constant, node)
     return None
+
+
+def _may_scale_channels(value: torch.Tensor, operand: fx.Node, mul: fx.Node) -> bool:
+    shape = tuple(value.shape)
+    varying = [j for j, size in enumerate(shape) if size != 1]
+    if not value.is_floating_point() or len(varying) > 1 or (shape and shape[-1] != 1):
+        return False
+    out, read = _recorded(mul), _recorded(operand)
+    if read is not None and read.dtype != value.dtype:
+        return False
+    if out is None:
+        return True
+    rank = len(out.shape)
+    return len(shape) <= rank and all(j + rank - len(shape) in (0, 1) for j in varying)
+
+
+def _recorded(node: fx.Node):
+    """The shape and dtype the graph records for ``node`` (shape propagation's, or torch.export's), or None."""
+    meta = node.meta.get("tensor_meta")
+    if meta is None:
+        meta = node.meta.get("val")
+    return meta if hasattr(meta, "shape") and hasattr(meta, "dtype") else None
 
 
 def _is_sum_node(node) -> bool:
@@ -356,10 +380,8 @@ def _coefficient(factors: tuple, channels: int, spatial_rank: int) -> np.ndarray
             total = total * value
             continue
         shape = tuple(value.shape)
-        meta = factor.mul.meta.get("tensor_meta")
-        meta_shape = getattr(meta, "shape", None) if meta is not None else getattr(factor.mul.meta.get("val"),
-                                                                                    "shape", None)
-        out_rank = len(meta_shape) if meta_shape is not None else spatial_rank + 1  # unproven: unbatched too
+        recorded = _recorded(factor.mul)
+        out_rank = len(recorded.shape) if recorded is not None else spatial_rank + 1  # unproven: unbatched too
         at = len(shape) - spatial_rank - 1  # where the channel axis falls in the constant, batched or not
         if len(shape) > out_rank or any(size != 1 for j, size in enumerate(shape) if j != at) or \
                 (0 <= at < len(shape) and shape[at] not in (1, channels)):
@@ -698,8 +720,7 @@ def write_merges(module: nn.Module, example_inputs, report: FoldReport) -> None:
     signs and constant scales: the host gets the merged kernel less those identities, over its own factor. A merge
     the module can not express that way (nothing but the input beside the host, an input term that is not the
     block's input, a module called elsewhere or computing more) is a Skip with code ``needs-graph-module``. The
-    written module is
-    checked against the merged graph on ``example_inputs`` (without them nothing is written)."""
+    written module is checked against the merged graph on ``example_inputs`` (without them nothing is written)."""
     from .fold import copy_module, count_normalizations, run_example, trace
     from .own import same_outputs, set_submodule
 
@@ -785,7 +806,7 @@ def _assignment(module, graph_module, node, sources: list[Source], calls, owners
     x = node.args[0]
     identities = [src for src in sources if src.path is None]
     if any(src.x is not x for src in identities):
-        return "a term of the sum is the input itself, not a module's output"
+        return "a term of the sum is a tensor the block computed, not its input and not a module's output"
     if len(identities) == len(sources) - 1:
         return ("the other term of the sum is the input itself, which the module's forward adds anyway: nothing "
                 "to merge into the convolution")
