@@ -478,3 +478,68 @@ def test_keep_class_proves_a_batched_scale_from_the_example_inputs():
     own, report = fold_module(model, (x,), keep_class=True)
     assert convs(own, x) == 1 and count_bn_dispatched(own, x) == 0 and merged_count(report) == 1
     assert relative_error(own, reference(model, x), x) <= 1e-5
+
+
+class StartsAtZero(nn.Module):
+    """timm's FastViT MobileOneBlock: the sum starts at the number 0 for a branch the block does not have, and the
+    k×k branches are added with ``+=``."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1, groups: int = 1, branches: int = 1,
+                 scale: bool = True):
+        super().__init__()
+        self.identity = nn.BatchNorm2d(c_in) if c_in == c_out and stride == 1 else None
+        self.conv_kxk = nn.ModuleList(R.conv_bn(c_in, c_out, 3, stride, 1, groups) for _ in range(branches))
+        self.conv_scale = R.conv_bn(c_in, c_out, 1, stride, 0, groups) if scale else None
+
+    def forward(self, x):
+        identity_out = 0
+        if self.identity is not None:
+            identity_out = self.identity(x)
+        scale_out = 0
+        if self.conv_scale is not None:
+            scale_out = self.conv_scale(x)
+        out = scale_out + identity_out
+        for branch in self.conv_kxk:
+            out += branch(x)
+        return out
+
+
+class LayerScale2d(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.rand(channels, 1, 1, generator=torch.Generator().manual_seed(channels)) + .1)
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class TimmRepMixer(nn.Module):
+    """timm's RepMixer: ``x + layer_scale(mixer(x) - norm(x))``, ``norm`` a MobileOneBlock with only its BN skip."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.mixer = StartsAtZero(channels, channels, groups=channels)
+        self.norm = StartsAtZero(channels, channels, groups=channels, branches=0, scale=False)
+        self.layer_scale = LayerScale2d(channels)
+
+    def forward(self, x):
+        return x + self.layer_scale(self.mixer(x) - self.norm(x))
+
+
+def timm_style_fastvit() -> nn.Module:
+    return nn.Sequential(StartsAtZero(3, 8, stride=2), nn.GELU(), TimmRepMixer(8), StartsAtZero(8, 8, stride=2),
+                         TimmRepMixer(8), R.Head(8))
+
+
+@pytest.mark.parametrize("how", ["fx", "aten", "keep_class"])
+def test_timm_style_sums_that_start_at_zero_merge(how):
+    model = R.realistic(timm_style_fastvit(), seed=10)
+    if how == "aten":
+        model = Untraceable(model).eval()
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(11))
+    snap = snapshot(model)
+    folded, report = fold_module(model, (x,), keep_class=how == "keep_class")
+    assert_unchanged(model, snap)
+    assert convs(folded, x) == 4 and count_bn_dispatched(folded, x) == report.bn_after == 0, report.to_dict()
+    assert merged_count(report) == 4 and not report.skipped and not report.not_merged
+    assert relative_error(folded, reference(model, x), x) <= 1e-5

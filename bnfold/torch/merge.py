@@ -47,6 +47,8 @@ from .ops import Affine, constant_value, numpy64, to_torch
 _aten = torch.ops.aten
 _ADD = {operator.add, torch.add, _aten.add.Tensor}
 _SUB = {operator.sub, torch.sub, _aten.sub.Tensor}
+# ``out += y`` on torch.export's graph; an add, where nothing else reads the tensor it overwrites
+_INPLACE = {_aten.add_.Tensor: _aten.add.Tensor, _aten.sub_.Tensor: _aten.sub.Tensor}
 _MUL = {operator.mul, torch.mul, _aten.mul.Tensor}
 # Convolutions called as functions (torch.fx) or ATen ops (torch.export), all (input, weight, bias, stride, padding,
 # dilation, groups), by spatial rank.
@@ -264,15 +266,26 @@ def merge_graph(gm: fx.GraphModule, report: FoldReport, provenance: dict | None 
 def _is_add(node) -> bool:
     if not isinstance(node, fx.Node) or node.kwargs or len(node.args) != 2:
         return False
-    return (node.op == "call_function" and node.target in _ADD) or (node.op == "call_method" and
-                                                                     node.target == "add")
+    return (node.op == "call_function" and _out_of_place(node) in _ADD) or (node.op == "call_method" and
+                                                                            node.target == "add")
 
 
 def _is_sub(node) -> bool:
     if not isinstance(node, fx.Node) or node.kwargs or len(node.args) != 2:
         return False
-    return (node.op == "call_function" and node.target in _SUB) or (node.op == "call_method" and
-                                                                     node.target == "sub")
+    return (node.op == "call_function" and _out_of_place(node) in _SUB) or (node.op == "call_method" and
+                                                                            node.target == "sub")
+
+
+def _out_of_place(node: fx.Node):
+    """The call's target, an in-place ATen add or subtraction as its out-of-place twin when the tensor it
+    overwrites is a value computed here that nothing else reads (then writing a new tensor computes the same)."""
+    if node.target not in _INPLACE:
+        return node.target
+    target = node.args[0]
+    if isinstance(target, fx.Node) and target.op in ("call_function", "call_module") and list(target.users) == [node]:
+        return _INPLACE[node.target]
+    return None
 
 
 @dataclass(frozen=True)
@@ -443,12 +456,13 @@ def _branches(ops: list[LinearOp], factors: list[tuple]) -> tuple[list[ConvBranc
 
 def _merge_parallel_at(gm, modules, root: fx.Node, report: FoldReport, refused: dict) -> bool:
     adds, terms, factors = _tree(root)
-    if len(terms) < 2 or not all(isinstance(t, fx.Node) for t in terms):
+    if len(terms) < 2 or not all(isinstance(t, fx.Node) or _is_number(t) for t in terms):
         return False
-    ops = [_term_op(gm, modules, t, adds) for t in terms]
+    ops = [_term_op(gm, modules, t, adds) if isinstance(t, fx.Node) else None for t in terms]
     groups: dict[fx.Node, list[int]] = {}
     for i, op in enumerate(ops):
-        groups.setdefault(op.x, []).append(i)
+        if op is not None:
+            groups.setdefault(op.x, []).append(i)
     for x, members in groups.items():
         group = [ops[i] for i in members]
         if len(group) < 2 or not any(op.kind == "conv" for op in group):
@@ -476,7 +490,7 @@ def _merge_parallel_at(gm, modules, root: fx.Node, report: FoldReport, refused: 
         modules[name] = conv
         modules.calls[id(conv)] = 1
         modules.set_exact(conv, merged.weight, merged.bias)
-        rest = [i for i in range(len(terms)) if i not in members]
+        rest = [i for i in range(len(terms)) if i not in members and not (_is_number(terms[i]) and terms[i] == 0)]
         with gm.graph.inserting_before(root):
             total = gm.graph.call_module(name, (x,))
             if not rest:
@@ -492,9 +506,15 @@ def _merge_parallel_at(gm, modules, root: fx.Node, report: FoldReport, refused: 
     return False
 
 
-def _add_term(gm, total: fx.Node, term: fx.Node, factors: tuple) -> fx.Node:
-    """``total`` plus a term the merge left, with its factors as the sum had them (its constants multiplied in
-    from the innermost, a subtracted term subtracted)."""
+def _is_number(term) -> bool:
+    """A number added in the sum (timm's MobileOneBlock starts it at ``0`` for a branch it does not have)."""
+    return isinstance(term, (int, float)) and not isinstance(term, bool)
+
+
+def _add_term(gm, total: fx.Node, term, factors: tuple) -> fx.Node:
+    """``total`` plus a term the merge left (a tensor or a number), with its factors as the sum had them (its
+    constants multiplied in from the innermost, a subtracted term subtracted). A zero the sum added is dropped by
+    the caller: adding it changes nothing."""
     negative = False
     for factor in reversed(factors):
         if factor == -1:
