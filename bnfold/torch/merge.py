@@ -288,7 +288,7 @@ def _out_of_place(node: fx.Node):
     return None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared by identity: its value is a tensor
 class Factor:
     """A constant a term of a sum is multiplied by (``c * (...)``): ``value`` (a tensor or a number), ``constant``
     (the graph's argument that holds it, reused when a term is written again) and ``mul`` (the product's node)."""
