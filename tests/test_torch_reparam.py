@@ -56,8 +56,7 @@ def relative_error(module, ref, *inputs) -> float:
     return ((out - ref).abs().max() / ref.abs().max()).item()
 
 
-# The families the PyTorch merge handles (EfficientViT: not written in tests/reparam_models.py yet).
-TORCH_FAMILIES = ["repvgg", "mobileone", "acnet", "dbb", "repvit", "repghost", "fastvit"]
+TORCH_FAMILIES = list(R.MODELS)  # every family of tests/reparam_models.py
 MODELS = {
     **{name: R.MODELS[name] for name in TORCH_FAMILIES},
     "mobileone-1-branch": lambda: R.mobileone_net(1),
@@ -219,7 +218,8 @@ def test_keep_class_writes_the_merges_into_the_blocks(name):
     assert convs(own, x) <= convs(deploy, x) and pools(own, x) == 0
     ref = reference(model, x)
     assert relative_error(own, ref, x) <= 3 * max(relative_error(deploy, ref, x), 2.0 ** -24)
-    assert {m.rule for m in report.merged} >= {"merge-branches"}
+    # EfficientViT's sums are x + conv_bn(x): its class keeps the x + (the folded conv is already the merge's conv)
+    assert {m.rule for m in report.merged} >= ({"merge-branches"} if name != "efficientvit" else set())
 
 
 class TwoBranch(nn.Module):
