@@ -5,6 +5,7 @@ Run it from the repository root::
     git archive 5c82f7e | tar -x -C /tmp/base      # the version to compare against (any directory with bnfold/)
     python benchmarks/fold_time_versions.py /tmp/base
     python benchmarks/fold_time_versions.py /tmp/base resnet_small --rounds 60 --calls 10
+    python benchmarks/fold_time_versions.py /tmp/base --skip merge-branches --skip merge-sequential  # fold alone
 
 Each version runs in its own long-lived subprocess (its ``bnfold`` imported from its directory, the editable
 install's import hook removed), so both share the machine's state of the moment. The parent asks them in turn
@@ -42,6 +43,9 @@ _WORKER = textwrap.dedent("""
     import bnfold
     from bnfold.onnx.fold import fold_onnx
     assert bnfold.__file__.startswith(code), bnfold.__file__
+    if len(sys.argv) > 3 and sys.argv[3]:  # rules to skip (this version only): fold_onnx with them left out
+        import functools
+        fold_onnx = functools.partial(fold_onnx, skip=sys.argv[3].split(","))
     models = {}
     for line in sys.stdin:
         name, calls = line.split()
@@ -65,8 +69,8 @@ _WORKER = textwrap.dedent("""
 
 
 class Worker:
-    def __init__(self, code: Path):
-        self.proc = subprocess.Popen([sys.executable, "-c", _WORKER, str(code), str(ROOT / "sample_models")],
+    def __init__(self, code: Path, skip: str = ""):
+        self.proc = subprocess.Popen([sys.executable, "-c", _WORKER, str(code), str(ROOT / "sample_models"), skip],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
     def ask(self, model: str, calls: str) -> str:
@@ -94,8 +98,11 @@ def main() -> int:
     parser.add_argument("models", nargs="*", default=list(MODELS), help=f"sample models [{' '.join(MODELS)}]")
     parser.add_argument("--rounds", type=int, default=40, help="paired rounds per model [40]")
     parser.add_argument("--calls", type=int, default=10, help="folds per version per round; the minimum counts [10]")
+    parser.add_argument("--skip", action="append", default=[],
+                        help="a rule this checkout leaves out (repeatable): e.g. the branch merges, to time the fold "
+                             "alone against a version without them")
     args = parser.parse_args()
-    workers = {"this": Worker(ROOT), "other": Worker(args.other.resolve())}
+    workers = {"this": Worker(ROOT, ",".join(args.skip)), "other": Worker(args.other.resolve())}
     status = 0
     try:
         print(f"this: {ROOT}   other: {args.other.resolve()}   {args.rounds} rounds x {args.calls} calls")

@@ -6,8 +6,8 @@ Run it from the repository root (needs torch: ``pip install ".[torch]"``)::
     python benchmarks/torch_reparam_speed.py --threads 1 --repeat 60
     python benchmarks/torch_reparam_speed.py --models mobileone dbb
 
-What it measures, all in one run, per model (the RepVGG-, MobileOne-, ACNet- and DBB-style nets of
-``tests/reparam_models.py``, with trained-looking statistics from its ``realistic()``; input ``[batch, 3, 64, 64]``
+What it measures, all in one run, per model (the RepVGG-, MobileOne-, ACNet-, DBB-, RepViT-, RepGhost- and
+FastViT-style nets of ``tests/reparam_models.py``, with trained-looking statistics from its ``realistic()``; input ``[batch, 3, 64, 64]``
 float32, eager CPU, timed by ``bnfold.torch.verify.benchmark`` under ``torch.inference_mode()``: warm-up rounds,
 then ``--repeat`` rounds that run the three modules in turn, the order rotating each round; medians compared):
 

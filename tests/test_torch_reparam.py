@@ -1,4 +1,5 @@
-"""fold_module merges linear branches (bnfold.torch.merge) on RepVGG-, MobileOne-, ACNet- and DBB-style models.
+"""fold_module merges linear branches (bnfold.torch.merge) on RepVGG-, MobileOne-, ACNet-, DBB-, RepViT-, RepGhost- and
+FastViT-style models.
 
 The yardstick is each block's own deploy form (tests/reparam_models.py: the authors' ``reparameterize()``, written
 from the papers): bnfold's result runs no more batch norms and convolutions than it (counted at the dispatcher),
@@ -20,10 +21,10 @@ from bnfold.torch.ops import SKIP_CODES  # noqa: E402
 
 try:
     import reparam_models as R
-    from torch_models import assert_unchanged, count_bn_dispatched, reference, snapshot
+    from torch_models import FrozenBatchNorm2d, assert_unchanged, count_bn_dispatched, reference, snapshot
 except ImportError:  # pragma: no cover - tests/ is a package
     from tests import reparam_models as R
-    from tests.torch_models import assert_unchanged, count_bn_dispatched, reference, snapshot
+    from tests.torch_models import FrozenBatchNorm2d, assert_unchanged, count_bn_dispatched, reference, snapshot
 
 
 def dispatched(module: nn.Module, *inputs: torch.Tensor) -> dict[str, int]:
@@ -56,8 +57,7 @@ def relative_error(module, ref, *inputs) -> float:
     return ((out - ref).abs().max() / ref.abs().max()).item()
 
 
-# The families the PyTorch merge handles so far (RepViT, RepGhost, FastViT: the ONNX side only, for now).
-TORCH_FAMILIES = ["repvgg", "mobileone", "acnet", "dbb"]
+TORCH_FAMILIES = list(R.MODELS)  # every family of tests/reparam_models.py
 MODELS = {
     **{name: R.MODELS[name] for name in TORCH_FAMILIES},
     "mobileone-1-branch": lambda: R.mobileone_net(1),
@@ -91,8 +91,9 @@ def test_merged_like_the_authors_deploy_form(name):
     assert relative_error(folded, ref2, x2) <= 3 * max(relative_error(deploy, ref2, x2), 2.0 ** -24)
 
 
-def test_deterministic_and_idempotent():
-    model = R.realistic(R.dbb_net(), seed=4)
+@pytest.mark.parametrize("name", ["dbb", "fastvit"])
+def test_deterministic_and_idempotent(name):
+    model = R.realistic(R.MODELS[name](), seed=4)
     x = torch.randn(2, 3, 20, 20, generator=torch.Generator().manual_seed(1))
     first, report = fold_module(model, (x,))
     second, _ = fold_module(model, (x,))
@@ -218,13 +219,15 @@ def test_keep_class_writes_the_merges_into_the_blocks(name):
     assert convs(own, x) <= convs(deploy, x) and pools(own, x) == 0
     ref = reference(model, x)
     assert relative_error(own, ref, x) <= 3 * max(relative_error(deploy, ref, x), 2.0 ** -24)
-    assert {m.rule for m in report.merged} >= {"merge-branches"}
-    # each merge sits where the authors' reparameterize() puts it (the block's empty ``reparam_conv``), the branches
-    # are gone: the state dict loads (strictly) into their deploy form, which then computes what bnfold's does
-    assert all(m.into.endswith(".reparam_conv") for m in report.merged), [m.into for m in report.merged]
-    deploy.load_state_dict(own.state_dict())
-    with torch.no_grad():
-        assert torch.equal(deploy(x), own(x))
+    # EfficientViT's sums are x + conv_bn(x): its class keeps the x + (the folded conv is already the merge's conv)
+    assert {m.rule for m in report.merged} >= ({"merge-branches"} if name != "efficientvit" else set())
+    if name in ("repvgg", "mobileone", "acnet", "dbb"):  # blocks with timm's empty ``reparam_conv`` slot
+        # each merge sits where the authors' reparameterize() puts it, the branches are gone: the state dict loads
+        # (strictly) into their deploy form, which then computes what bnfold's does
+        assert all(m.into.endswith(".reparam_conv") for m in report.merged), [m.into for m in report.merged]
+        deploy.load_state_dict(own.state_dict())
+        with torch.no_grad():
+            assert torch.equal(deploy(x), own(x))
 
 
 class TwoBranch(nn.Module):
@@ -619,3 +622,225 @@ def test_float64_copies_are_kept_only_where_a_merge_may_read_them():
     assert kept(R.realistic(R.RepVggBlock(8, 8), seed=1), x) == ["conv_1x1.conv", "conv_kxk.conv"]
     assert kept(R.realistic(R.ACBlock(8, 8), seed=1), x) == ["hor.conv", "square.conv", "ver.conv"]
     assert kept(R.realistic(R.RepVggBlock(8, 8), seed=1).to(torch.float64), x.double()) == []  # the cast is exact
+
+
+# ---- sums with signs and constant scales, and folds the merges make possible -------------------------------
+
+class Mixer(nn.Module):
+    """``x + scale * (conv(x) + conv1(x) - bn(x))``: FastViT's RepMixer with the scale given (None: no product)."""
+
+    def __init__(self, scale=None, channels: int = 4):
+        super().__init__()
+        self.conv = R.conv_bn(channels, channels, 3, padding=1, groups=channels)
+        self.conv1 = R.conv_bn(channels, channels, 1, groups=channels)
+        self.bn = nn.BatchNorm2d(channels)
+        self.scale = None if scale is None else nn.Parameter(scale)
+
+    def forward(self, x):
+        inner = self.conv(x) + self.conv1(x) - self.bn(x)
+        return x + (inner if self.scale is None else self.scale * inner)
+
+
+def test_a_subtracted_branch_is_merged_with_its_sign():
+    x = torch.randn(2, 4, 7, 7)
+    folded, report = check(Mixer(), x)
+    assert convs(folded, x) == 1 and count_bn_dispatched(folded, x) == report.bn_after == 0
+    assert [m.rule for m in report.merged] == ["merge-branches"] and "bn" in report.merged[0].removed
+
+
+@pytest.mark.parametrize("shape", [(4, 1, 1), (1, 4, 1, 1), (1, 1, 1), ()])
+def test_a_per_channel_constant_scale_is_merged(shape):
+    scale = torch.rand(shape, generator=torch.Generator().manual_seed(2)) + 0.1
+    x = torch.randn(2, 4, 7, 7)
+    folded, report = check(Mixer(scale), x)
+    assert convs(folded, x) == 1 and count_bn_dispatched(folded, x) == 0 and merged_count(report) == 1
+    # torch.export's ATen graph (aten.mul.Tensor, aten.sub.Tensor): the same merge
+    aten, report = check(Untraceable(Mixer(scale)), x)
+    assert any("torch.export" in note for note in report.notes)
+    assert convs(aten, x) == 1 and count_bn_dispatched(aten, x) == 0 and merged_count(report) == 1
+
+
+class ScaledNumber(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = R.conv_bn(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return 0.5 * (self.conv(x) - self.bn(x)) + x.mul(2.0)
+
+
+def test_a_scale_by_a_number_is_merged():
+    x = torch.randn(2, 4, 6, 6)
+    folded, report = check(ScaledNumber(), x)
+    assert convs(folded, x) == 1 and count_bn_dispatched(folded, x) == 0 and merged_count(report) == 1
+
+
+@pytest.mark.parametrize("shape, dtype, why", [((1, 1, 7, 1), torch.float32, "does not scale whole channels"),
+                                               ((1, 1, 1, 7), torch.float32, None),
+                                               ((4, 1, 1), torch.float64, "float64")])
+def test_a_scale_that_is_not_per_channel_is_not_merged(shape, dtype, why):
+    """A constant that varies along a spatial axis (or one of another dtype, which changes the product's dtype)
+    is no convolution's scale. Where the graph records the product's shape and dtype (example inputs), the product
+    is a term of its own and the sum under it still merges; without them, the merge through it is refused with
+    the reason (a constant varying along the last axis never scales channels: a term of its own anyway)."""
+    x = torch.randn(2, 4, 7, 7)
+    scale = (torch.rand(shape, generator=torch.Generator().manual_seed(3)) + 0.1).to(dtype)
+    folded, report = check(Mixer(scale), x)
+    assert convs(folded, x) == 1 and count_bn_dispatched(folded, x) == 0 and merged_count(report) == 1
+    assert not report.not_merged
+    model = R.realistic(Mixer(scale), seed=9)
+    folded, report = fold_module(model)
+    assert relative_error(folded, reference(model, x), x) <= 1e-5
+    if why is None:
+        assert convs(folded, x) == 1 and merged_count(report) == 1 and not report.not_merged
+    else:
+        assert convs(folded, x) == 2 and count_bn_dispatched(folded, x) == 1 and merged_count(report) == 0
+        assert [s.code for s in report.not_merged] == ["merge-refused"] and why in report.not_merged[0].reason
+
+
+class ScaledOther(nn.Module):
+    """Branches over ``x`` summed with terms of another input that carry a sign and a scale."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = R.conv_bn(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.gamma = nn.Parameter(torch.rand(1, 4, 1, 1) + 0.5)
+
+    def forward(self, x, z):
+        return self.conv(x) - self.gamma * (z - self.bn(x)) - z
+
+
+def test_terms_left_out_of_the_merge_keep_their_sign_and_scale():
+    x, z = torch.randn(2, 4, 6, 6), torch.randn(2, 4, 6, 6)
+    folded, report = check(ScaledOther(), x, z)
+    assert convs(folded, x, z) == 1 and count_bn_dispatched(folded, x, z) == 0 and merged_count(report) == 1
+
+
+class NormAfterSum(nn.Module):
+    """RepViT's ``bn(conv_bn(x) + conv1(x) + x)`` with the outer batch norm functional (timm's BatchNormAct2d
+    calls ``F.batch_norm`` on its buffers) or frozen (buffers and arithmetic, torchvision's FrozenBatchNorm2d):
+    the merges do not see it, the fold after them does."""
+
+    def __init__(self, frozen: bool, channels: int = 4):
+        super().__init__()
+        g = torch.Generator().manual_seed(4)
+        self.conv = R.conv_bn(channels, channels, 3, padding=1, groups=channels)
+        self.conv1 = nn.Conv2d(channels, channels, 1, groups=channels)
+        self.frozen = FrozenBatchNorm2d(channels) if frozen else None
+        self.register_buffer("running_mean", torch.randn(channels, generator=g) * 0.5)
+        self.register_buffer("running_var", torch.rand(channels, generator=g) + 0.3)
+        self.weight = nn.Parameter(torch.rand(channels, generator=g) + 0.5)
+        self.bias = nn.Parameter(torch.randn(channels, generator=g) * 0.3)
+        if frozen:
+            for name in ("running_mean", "running_var", "weight", "bias"):
+                getattr(self.frozen, name).copy_(getattr(self, name).detach())
+
+    def forward(self, x):
+        y = self.conv(x) + self.conv1(x) + x
+        if self.frozen is not None:
+            return torch.relu(self.frozen(y))
+        return torch.relu(torch.nn.functional.batch_norm(y, self.running_mean, self.running_var, self.weight,
+                                                         self.bias, False, 0.0, 1e-5))
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_a_batch_norm_after_a_merged_sum_is_folded_after_the_merge(frozen):
+    x = torch.randn(2, 4, 7, 7)
+    folded, report = check(NormAfterSum(frozen), x)
+    assert convs(folded, x) == 1 and count_bn_dispatched(folded, x) == report.bn_after == 0 and not report.skipped
+    assert report.bn_before == 2
+    assert [f.rule for f in report.folded if f.rule == "conv-bn"] == ["conv-bn", "conv-bn"]  # conv.bn, then it
+    assert [m.rule for m in report.merged] == ["merge-branches"] and not report.not_merged
+
+
+def test_keep_class_writes_a_scaled_sum_with_the_input_as_a_term():
+    """RepMixer's sum in the module's own class: the host conv holds (merged - identity) / scale, the other
+    branches are zero, the ``x +`` and the product stay in the forward."""
+    scale = torch.rand(4, 1, 1, generator=torch.Generator().manual_seed(5)) + 0.1
+    model = R.realistic(Mixer(scale), seed=6)
+    x = torch.randn(2, 4, 7, 7)
+    own, report = fold_module(model, (x,), keep_class=True)
+    assert type(own) is Mixer and convs(own, x) == 1 and count_bn_dispatched(own, x) == report.bn_after == 0
+    assert [(m.rule, m.into) for m in report.merged] == [("merge-branches", "conv.conv")] and not report.not_merged
+    assert relative_error(own, reference(model, x), x) <= 1e-5
+    # a scale with a zero channel: the host can not hold the merged kernel divided by it
+    zero = R.realistic(Mixer(torch.cat([torch.zeros(1, 1, 1), scale[1:]])), seed=6)
+    own, report = fold_module(zero, (x,), keep_class=True)
+    assert merged_count(report) == 0 and [s.code for s in report.not_merged] == ["needs-graph-module"]
+    assert "zero" in report.not_merged[0].reason
+    assert relative_error(own, reference(zero, x), x) <= 1e-5
+
+
+def test_keep_class_proves_a_batched_scale_from_the_example_inputs():
+    """A ``[1, C, 1, 1]`` scale is per channel only on a rank-4 tensor: the example inputs prove it."""
+    scale = torch.rand(1, 4, 1, 1, generator=torch.Generator().manual_seed(7)) + 0.1
+    model = R.realistic(Mixer(scale), seed=8)
+    x = torch.randn(2, 4, 7, 7)
+    own, report = fold_module(model, (x,), keep_class=True)
+    assert convs(own, x) == 1 and count_bn_dispatched(own, x) == 0 and merged_count(report) == 1
+    assert relative_error(own, reference(model, x), x) <= 1e-5
+
+
+class StartsAtZero(nn.Module):
+    """timm's FastViT MobileOneBlock: the sum starts at the number 0 for a branch the block does not have, and the
+    k×k branches are added with ``+=``."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1, groups: int = 1, branches: int = 1,
+                 scale: bool = True):
+        super().__init__()
+        self.identity = nn.BatchNorm2d(c_in) if c_in == c_out and stride == 1 else None
+        self.conv_kxk = nn.ModuleList(R.conv_bn(c_in, c_out, 3, stride, 1, groups) for _ in range(branches))
+        self.conv_scale = R.conv_bn(c_in, c_out, 1, stride, 0, groups) if scale else None
+
+    def forward(self, x):
+        identity_out = 0
+        if self.identity is not None:
+            identity_out = self.identity(x)
+        scale_out = 0
+        if self.conv_scale is not None:
+            scale_out = self.conv_scale(x)
+        out = scale_out + identity_out
+        for branch in self.conv_kxk:
+            out += branch(x)
+        return out
+
+
+class LayerScale2d(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.rand(channels, 1, 1, generator=torch.Generator().manual_seed(channels)) + .1)
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class TimmRepMixer(nn.Module):
+    """timm's RepMixer: ``x + layer_scale(mixer(x) - norm(x))``, ``norm`` a MobileOneBlock with only its BN skip."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.mixer = StartsAtZero(channels, channels, groups=channels)
+        self.norm = StartsAtZero(channels, channels, groups=channels, branches=0, scale=False)
+        self.layer_scale = LayerScale2d(channels)
+
+    def forward(self, x):
+        return x + self.layer_scale(self.mixer(x) - self.norm(x))
+
+
+def timm_style_fastvit() -> nn.Module:
+    return nn.Sequential(StartsAtZero(3, 8, stride=2), nn.GELU(), TimmRepMixer(8), StartsAtZero(8, 8, stride=2),
+                         TimmRepMixer(8), R.Head(8))
+
+
+@pytest.mark.parametrize("how", ["fx", "aten", "keep_class"])
+def test_timm_style_sums_that_start_at_zero_merge(how):
+    model = R.realistic(timm_style_fastvit(), seed=10)
+    if how == "aten":
+        model = Untraceable(model).eval()
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(11))
+    snap = snapshot(model)
+    folded, report = fold_module(model, (x,), keep_class=how == "keep_class")
+    assert_unchanged(model, snap)
+    assert convs(folded, x) == 4 and count_bn_dispatched(folded, x) == report.bn_after == 0, report.to_dict()
+    assert merged_count(report) == 4 and not report.skipped and not report.not_merged
+    assert relative_error(folded, reference(model, x), x) <= 1e-5

@@ -75,6 +75,10 @@ class MergeSequential(MergeRule):
     name, summary, sources = MERGE_SEQUENTIAL, MERGE_RULES[MERGE_SEQUENTIAL], frozenset({"Conv"})
 
     def match(self, g: GraphIndex, node: onnx.NodeProto) -> "MergePlan | Refusal | None":
+        inputs = g.inputs_of(node)
+        before = g.producer.get(inputs[0]) if inputs else None
+        if before is None or before.op_type not in _CHAIN_OPS:  # most Convs read an activation: no call deeper
+            return None
         return _merge_sequence(g, node)
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import onnx
 
-from .nodes import get_attr
+from .nodes import get_attr, get_attrs
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,22 @@ class LinearOp:
     def axis_groups(self, node: onnx.NodeProto, axis: int) -> int:
         """Groups along weight ``axis``: only axis 1 holds a channel within a group; axis 0 lists every row."""
         return self.groups(node) if axis == 1 else 1
+
+    def output_layout(self, node: onnx.NodeProto) -> tuple[int, int, float]:
+        """(output-channel axis, groups along it, bias scale) in one pass over the node's attributes, and none when
+        the op's layout needs no attribute (Conv's output channels are axis 0): what the batched path asks of every
+        layer before a BN, where each attribute lookup costs as much as the rest of the check."""
+        names = {}
+        if self.swap_axes_attr:
+            names[self.swap_axes_attr] = 0
+        if self.groups_attr and (self.out_axis == 1 or self.swap_axes_attr):
+            names[self.groups_attr] = 1
+        if self.bias_scale_attr:
+            names[self.bias_scale_attr] = 1.0
+        found = get_attrs(node, **names) if names else names
+        axis = self.in_axis if found.get(self.swap_axes_attr) else self.out_axis
+        groups = int(found.get(self.groups_attr, 1)) if axis == 1 else 1
+        return axis, groups, float(found.get(self.bias_scale_attr, 1.0))
 
     def weight_rank_reason(self, rank: int) -> str:
         """'' when a weight of ``rank`` fits the op, else the end of the refusal ("has rank 1, expected 2")."""

@@ -19,7 +19,7 @@ from ..affine import bn_to_affine_flat, channel_multiplier
 from .batchnorm import inference_epsilon
 from .graph import GraphIndex
 from .merge import may_be_merged
-from .nodes import get_attr, node_label
+from .nodes import node_label
 from .ops import LINEAR_OPS, batchable
 from .plan import LayerRead, MoveOutput, Plan, WriteTensor
 from .tensors import RAW_FLOAT_DTYPES
@@ -118,6 +118,8 @@ def prefetch_linear_plans(g: GraphIndex, nodes, affines: dict[int, tuple[np.ndar
     ``np.errstate(all="ignore")`` (the fold pass does)."""
     jobs = []
     producers = g.producer
+    ops = {op_type: op for op_type, op in LINEAR_OPS.items() if op_type in rule_for and batchable(op)}
+    merging = g.ctx.merging
     for bn in nodes:
         st = affines.get(id(bn))
         if st is None:
@@ -126,9 +128,8 @@ def prefetch_linear_plans(g: GraphIndex, nodes, affines: dict[int, tuple[np.ndar
         layer = producers.get(x)
         if layer is None:
             continue
-        op = LINEAR_OPS.get(layer.op_type)
-        if op is None or layer.op_type not in rule_for or not batchable(op) or layer.domain not in ("", "ai.onnx") \
-                or not g.only_consumer(x, bn):
+        op = ops.get(layer.op_type)
+        if op is None or layer.domain not in ("", "ai.onnx") or not g.only_consumer(x, bn):
             continue
         inputs = g.inputs_of(layer)
         if len(inputs) < 2:
@@ -136,17 +137,17 @@ def prefetch_linear_plans(g: GraphIndex, nodes, affines: dict[int, tuple[np.ndar
         weight = _plain_tensor(g, inputs[1])
         if weight is None:
             continue
-        if g.ctx.exact_wanted(RAW_FLOAT_DTYPES[weight.data_type]) and may_be_merged(g, layer, g.outputs_of(bn)[0]):
+        if merging and g.ctx.exact_wanted(RAW_FLOAT_DTYPES[weight.data_type]) and \
+                may_be_merged(g, layer, g.outputs_of(bn)[0]):
             # its float64 values are kept for the merges: the per-node path computes them as it applies the fold
             # (a plan computed ahead would hold them for every layer at once)
             continue
         dims = tuple(weight.dims)
         if op.weight_rank_reason(len(dims)):
             continue
-        if op.bias_scale_attr and get_attr(layer, op.bias_scale_attr, 1.0) != 1.0:
+        axis, group, bias_scale = op.output_layout(layer)
+        if bias_scale != 1.0:
             continue  # a bias scale != 1 is rewritten by the per-node path
-        axis, _ = op.axes(layer)
-        group = op.axis_groups(layer, axis)
         if group < 1 or dims[0] % group:
             continue
         channels = dims[axis] * group

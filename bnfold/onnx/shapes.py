@@ -129,14 +129,16 @@ class Annotations:
     __slots__ = ("_graph", "_last", "_first", "_shapes", "_types")
 
     def __init__(self, graph: onnx.GraphProto):
-        last: dict[str, onnx.ValueInfoProto] = {}
-        first: dict[str, onnx.ValueInfoProto] = {}
-        for field in (graph.input, graph.output, graph.value_info):
-            for vi in field:
-                name = vi.name
-                last[name] = vi
-                if name not in first:
-                    first[name] = vi
+        infos = [*graph.input, *graph.output, *graph.value_info]
+        names = [vi.name for vi in infos]
+        last = dict(zip(names, infos))  # (comprehensions: an exported model annotates every value)
+        if len(last) == len(infos):
+            first = dict(last)  # no name annotated twice (the usual case): the same annotations (a copy: annotates()
+            # edits its own)
+        else:
+            first = {}
+            for name, vi in zip(names, infos):
+                first.setdefault(name, vi)
         self._graph, self._last, self._first, self._shapes, self._types = graph, last, first, {}, {}
 
     def names(self):

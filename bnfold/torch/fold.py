@@ -90,7 +90,7 @@ def fold_module(module: nn.Module, example_inputs=None, *, inplace: bool = False
         if merge:
             from .merge import write_merges
 
-            write_merges(result, example_inputs, report, exact=folded)
+            write_merges(result, example_inputs, report, exact_by_path=folded)
         return result, report
     work = module if inplace else copy_module(module)
     work.eval()
@@ -110,10 +110,33 @@ def fold_module(module: nn.Module, example_inputs=None, *, inplace: bool = False
         return folded, report
     fold_graph(graph_module, example_inputs, report, exact=exact)
     if merge:
-        from .merge import merge_graph
-
-        merge_graph(graph_module, report, exact=exact)
+        _merge_and_refold(graph_module, example_inputs, report, exact)
     return graph_module, report
+
+
+_MAX_MERGE_ROUNDS = 16
+
+
+def _merge_and_refold(graph_module: fx.GraphModule, example_inputs, report: FoldReport,
+                      exact: ExactWeights) -> None:
+    """Merge branches, fold what the merges made foldable (a functional or frozen batch norm after a merged sum is
+    after one convolution now), and again, until neither changes anything (as the ONNX side does). The batch
+    norms left and their reasons are those of the last fold round, which saw the final graph; the merges refused
+    are those of the last merge round."""
+    from .merge import merge_graph
+
+    for _ in range(_MAX_MERGE_ROUNDS):
+        merges, refusals = len(report.merged), len(report.not_merged)
+        merge_graph(graph_module, report, exact=exact)
+        if len(report.merged) == merges:
+            return
+        again = FoldReport()
+        fold_graph(graph_module, example_inputs, again, exact=exact)
+        if not again.folded:
+            return
+        report.folded += again.folded
+        report.skipped, report.bn_after = again.skipped, again.bn_after
+        del report.not_merged[refusals:]  # the next merge round finds what stays unmerged again
 
 
 def copy_module(module: nn.Module) -> nn.Module:

@@ -4,10 +4,12 @@ Runs on the torch.fx graph after the batch norms are folded (:func:`bnfold.torch
 torch.export's ATen graph for modules torch.fx can not trace (``aten.conv*``, ``aten.avg_pool*``,
 ``aten.batch_norm`` and ``aten.add`` nodes; the merged convolution is an ``nn.ConvNd`` call there too), to a fixpoint:
 
-* ``merge-branches``: an addition (a tree of ``+``/``torch.add``/``+=``; literal zeros added count for nothing)
-  whose terms read the same tensor, each a convolution (``nn.ConvNd`` or ``F.convNd`` on constant weights), a batch
-  norm left alone in its branch (a module, or ``F.batch_norm`` on constant statistics), an average pool that equals
-  a convolution, or that tensor itself, becomes one convolution (RepVGG, MobileOne, ACNet, DBB);
+* ``merge-branches``: an addition (a tree of ``+``/``torch.add`` (also ``+=``), ``-``/``torch.sub`` and products by
+  a constant that scales whole channels, as FastViT's ``x + layer_scale * (mixer(x) - norm(x))``) whose terms read
+  the same tensor, each a convolution (``nn.ConvNd`` or ``F.convNd`` on constant weights), a batch norm left alone in
+  its branch (a module, or ``F.batch_norm`` on constant statistics), an average pool that equals a convolution, or
+  that tensor itself, becomes one convolution (RepVGG, MobileOne, ACNet, DBB, RepViT, RepGhost, FastViT); each
+  term's sign and scales are applied to its branch in float64 first;
 * ``merge-sequential``: two such ops in sequence, the first read by nothing else, become one where exact (DBB's
   1×1 then k×k, a pool then its batch norm).
 
@@ -26,8 +28,9 @@ import copy
 import inspect
 import math
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -35,7 +38,7 @@ from torch import nn
 
 from ..affine import FoldRefused
 from ..reparam import ConvBranch, MergeRefused, affine_branch, avgpool_branch, conv_branch, identity_branch
-from ..reparam import merge_parallel, merge_sequential
+from ..reparam import merge_parallel, merge_sequential, negated
 from ..report import FoldReport, Merge, Skip
 from .fold import ModuleIndex, attribute_tensor, functional_norm, hook_reason, module_affine, passes_input_on
 from .fold import runs_torch_forward, single_tensor_arg, value_users
@@ -43,9 +46,10 @@ from .ops import Affine, ExactWeights, constant_value, numpy64, to_torch
 
 _aten = torch.ops.aten
 _ADD = {operator.add, torch.add, _aten.add.Tensor}
-# torch.export keeps ``out += y`` (timm's RepVGG and MobileOne blocks sum so) as the in-place ATen add: the same sum,
-# where nothing else reads the tensor it overwrites.
-_ADD_INPLACE = {_aten.add_.Tensor}
+_SUB = {operator.sub, torch.sub, _aten.sub.Tensor}
+# ``out += y`` on torch.export's graph; an add, where nothing else reads the tensor it overwrites
+_INPLACE = {_aten.add_.Tensor: _aten.add.Tensor, _aten.sub_.Tensor: _aten.sub.Tensor}
+_MUL = {operator.mul, torch.mul, _aten.mul.Tensor}
 # Convolutions called as functions (torch.fx) or ATen ops (torch.export), all (input, weight, bias, stride, padding,
 # dilation, groups), by spatial rank.
 _CONV_FUNCTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3, torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3,
@@ -240,7 +244,7 @@ def may_be_merged(gm: fx.GraphModule, node: fx.Node) -> bool:
             readers.extend(reader.users)  # an eval-mode Identity/Dropout (timm's drop_path) between
         elif _maybe_linear(gm, reader):
             return True
-        elif _is_add(reader):
+        elif _is_sum_node(reader):
             root = reader
             while _inner_add(root):
                 root = next(iter(root.users))
@@ -308,7 +312,7 @@ def merge_graph(gm: fx.GraphModule, report: FoldReport, provenance: dict | None 
         for node in list(gm.graph.nodes):
             if node in modules.erased or not node.users:
                 continue
-            if _is_add(node) and not _inner_add(node):
+            if _is_sum_node(node) and not _inner_add(node):
                 changed |= _merge_parallel_at(gm, modules, node, report, refused)
             elif node.op in ("call_module", "call_function"):
                 changed |= _merge_sequential_at(gm, modules, node, report)
@@ -323,36 +327,151 @@ def merge_graph(gm: fx.GraphModule, report: FoldReport, provenance: dict | None 
 def _is_add(node) -> bool:
     if not isinstance(node, fx.Node) or node.kwargs or len(node.args) != 2:
         return False
-    if node.op == "call_function" and node.target in _ADD_INPLACE:
-        overwritten = node.args[0]
-        return isinstance(overwritten, fx.Node) and overwritten.op not in ("placeholder", "get_attr") and \
-            len(overwritten.users) == 1
-    return (node.op == "call_function" and node.target in _ADD) or (node.op == "call_method" and
-                                                                     node.target == "add")
+    return (node.op == "call_function" and _out_of_place(node) in _ADD) or (node.op == "call_method" and
+                                                                            node.target == "add")
 
 
-def _is_zero(term) -> bool:
-    """A literal 0 added (timm's MobileOne starts its sum from ``0`` where a branch is absent): it adds nothing."""
-    return type(term) in (int, float) and term == 0
+def _is_sub(node) -> bool:
+    if not isinstance(node, fx.Node) or node.kwargs or len(node.args) != 2:
+        return False
+    return (node.op == "call_function" and _out_of_place(node) in _SUB) or (node.op == "call_method" and
+                                                                            node.target == "sub")
+
+
+def _out_of_place(node: fx.Node):
+    """The call's target, an in-place ATen add or subtraction as its out-of-place twin when the tensor it
+    overwrites is a value computed here that nothing else reads (then writing a new tensor computes the same)."""
+    if node.target not in _INPLACE:
+        return node.target
+    target = node.args[0]
+    if isinstance(target, fx.Node) and target.op in ("call_function", "call_module") and list(target.users) == [node]:
+        return _INPLACE[node.target]
+    return None
+
+
+@dataclass(frozen=True, eq=False)  # compared by identity: its value is a tensor
+class Factor:
+    """A constant a term of a sum is multiplied by (``c * (...)``): ``value`` (a tensor or a number), ``constant``
+    (the graph's argument that holds it, reused when a term is written again) and ``mul`` (the product's node)."""
+
+    value: object
+    constant: object
+    mul: fx.Node
+
+
+def _scale_of(node) -> tuple[fx.Node, Factor] | None:
+    """``(operand, factor)`` when ``node`` multiplies one tensor by a constant (a parameter or buffer, or a number)
+    that may scale whole channels: it varies along one axis at most, not the last (a spatial one), and where the
+    graph records the product's shape, along dimension 0 or 1 of it, in its dtype (the channel axis is proven where
+    the convolutions' rank is known, :func:`_coefficient`). Anything else is a term of its own, so that a sum under
+    it still merges. A constant computed in the forward is not taken: a frozen batch norm's arithmetic is the
+    folds' to take whole."""
+    if not isinstance(node, fx.Node) or node.kwargs or len(node.args) != 2 or not (
+            (node.op == "call_function" and node.target in _MUL) or (node.op == "call_method" and
+                                                                     node.target == "mul")):
+        return None
+    gm = node.graph.owning_module
+    for i in (0, 1):
+        constant, operand = node.args[i], node.args[1 - i]
+        if not isinstance(operand, fx.Node) or _constant_node(operand):
+            continue
+        if isinstance(constant, (int, float)) and not isinstance(constant, bool):
+            return operand, Factor(float(constant), constant, node)
+        value = attribute_tensor(gm, constant) if gm is not None else None
+        if isinstance(value, torch.Tensor) and _may_scale_channels(value, operand, node):
+            return operand, Factor(value, constant, node)
+    return None
+
+
+def _may_scale_channels(value: torch.Tensor, operand: fx.Node, mul: fx.Node) -> bool:
+    shape = tuple(value.shape)
+    varying = [j for j, size in enumerate(shape) if size != 1]
+    if not value.is_floating_point() or len(varying) > 1 or (shape and shape[-1] != 1):
+        return False
+    out, read = _recorded(mul), _recorded(operand)
+    if read is not None and read.dtype != value.dtype:
+        return False
+    if out is None:
+        return True
+    rank = len(out.shape)
+    return len(shape) <= rank and all(j + rank - len(shape) in (0, 1) for j in varying)
+
+
+def _recorded(node: fx.Node):
+    """The shape and dtype the graph records for ``node`` (shape propagation's, or torch.export's), or None."""
+    meta = node.meta.get("tensor_meta")
+    if meta is None:
+        meta = node.meta.get("val")
+    return meta if hasattr(meta, "shape") and hasattr(meta, "dtype") else None
+
+
+def _is_sum_node(node) -> bool:
+    """An add, a subtraction or a constant scaling: a node of an addition tree."""
+    return _is_add(node) or _is_sub(node) or _scale_of(node) is not None
+
+
+def _operands(node: fx.Node) -> list[tuple[object, tuple]]:
+    """The operands of a sum node, each with the factors it gets there: ``-1`` for a subtracted one."""
+    if _is_add(node):
+        return [(node.args[0], ()), (node.args[1], ())]
+    if _is_sub(node):
+        return [(node.args[0], ()), (node.args[1], (-1,))]
+    operand, factor = _scale_of(node)
+    return [(operand, (factor,))]
 
 
 def _inner_add(node: fx.Node) -> bool:
+    """Whether ``node`` is read only by a sum node, as one of its (non-constant) operands."""
     users = list(node.users)
-    return len(users) == 1 and _is_add(users[0])
+    return len(users) == 1 and _is_sum_node(users[0]) and any(o is node for o, _ in _operands(users[0]))
 
 
-def _tree(root: fx.Node) -> tuple[list[fx.Node], list]:
-    """The adds of the tree under ``root`` (each inner one read by its parent only) and its terms (literal zeros
-    left out)."""
-    adds, terms, stack = [], [], [root]
+def _tree(root: fx.Node) -> tuple[list[fx.Node], list, list[tuple]]:
+    """The sum nodes of the tree under ``root`` (adds, subtractions and constant scalings, each inner one read by
+    its parent only), its terms, and each term's factors (outermost first; ``-1`` for a subtraction)."""
+    adds, terms, factors, stack = [], [], [], [(root, ())]
     while stack:
-        node = stack.pop()
-        if _is_add(node) and (node is root or len(node.users) == 1):
+        node, outer = stack.pop()
+        if _is_sum_node(node) and (node is root or len(node.users) == 1):
             adds.append(node)
-            stack.extend(reversed(node.args))
-        elif not _is_zero(node):
+            stack.extend((operand, outer + inner) for operand, inner in reversed(_operands(node)))
+        else:
             terms.append(node)
-    return adds, terms
+            factors.append(outer)
+    return adds, terms, factors
+
+
+def _coefficient(factors: tuple, channels: int, spatial_rank: int) -> np.ndarray | None:
+    """The per-channel float64 multiplier of a term with these factors (None: one), or MergeRefused when a
+    constant does not scale whole channels of a rank-``spatial_rank + 2`` (or unbatched) tensor."""
+    total = np.ones(channels)
+    for factor in factors:
+        if factor == -1:
+            total = -total
+            continue
+        value = factor.value
+        if isinstance(value, float):
+            total = total * value
+            continue
+        shape = tuple(value.shape)
+        recorded = _recorded(factor.mul)
+        out_rank = len(recorded.shape) if recorded is not None else spatial_rank + 1  # unproven: unbatched too
+        at = len(shape) - spatial_rank - 1  # where the channel axis falls in the constant, batched or not
+        if len(shape) > out_rank or any(size != 1 for j, size in enumerate(shape) if j != at) or \
+                (0 <= at < len(shape) and shape[at] not in (1, channels)):
+            raise MergeRefused(f"the constant of '{factor.mul.name}' (shape {list(shape)}) does not scale whole "
+                               "channels")
+        total = total * numpy64(value).reshape(-1)
+    return None if np.all(total == 1) else total
+
+
+def _scaled(branch: ConvBranch, coefficient: np.ndarray | None) -> ConvBranch:
+    """``coefficient · branch(x)`` per output channel, in float64 (a sign flip is exact)."""
+    if coefficient is None:
+        return branch
+    if np.all(coefficient == -1):
+        return negated(branch)
+    return merge_sequential(branch, affine_branch(coefficient, np.zeros_like(coefficient), branch.spatial_rank))
 
 
 def _term_op(gm, modules, term, adds: list[fx.Node]) -> LinearOp:
@@ -381,21 +500,30 @@ def _shape_of(ops: list[LinearOp]) -> tuple[int | None, int | None, int | None]:
     return c_in, c_out, rank
 
 
-def _branches(ops: list[LinearOp]) -> list[ConvBranch]:
+def _branches(ops: list[LinearOp], factors: list[tuple]) -> tuple[list[ConvBranch], list[np.ndarray | None]]:
+    """The ops as ConvBranches, each multiplied by its factors in the sum, and those per-channel coefficients."""
     c_in, c_out, rank = _shape_of(ops)
     if rank is None:
         raise MergeRefused("the spatial rank is not known")
-    return [op.build(c_in if op.kind != "conv" else None, rank) for op in ops]
+    like = next((op.like for op in ops if op.like is not None), None)
+    for factor in {id(f): f for term in factors for f in term if f != -1}.values():
+        if isinstance(factor.value, torch.Tensor) and like is not None and factor.value.dtype != like.dtype:
+            raise MergeRefused(f"the constant of '{factor.mul.name}' is {factor.value.dtype}, the branches "
+                               f"{like.dtype}: the product is computed in another dtype")
+    branches = [op.build(c_in if op.kind != "conv" else None, rank) for op in ops]
+    coefficients = [_coefficient(f, b.out_channels, rank) for b, f in zip(branches, factors)]
+    return [_scaled(b, c) for b, c in zip(branches, coefficients)], coefficients
 
 
 def _merge_parallel_at(gm, modules, root: fx.Node, report: FoldReport, refused: dict) -> bool:
-    adds, terms = _tree(root)
-    if len(terms) < 2 or not all(isinstance(t, fx.Node) for t in terms):
+    adds, terms, factors = _tree(root)
+    if len(terms) < 2 or not all(isinstance(t, fx.Node) or _is_number(t) for t in terms):
         return False
-    ops = [_term_op(gm, modules, t, adds) for t in terms]
+    ops = [_term_op(gm, modules, t, adds) if isinstance(t, fx.Node) else None for t in terms]
     groups: dict[fx.Node, list[int]] = {}
     for i, op in enumerate(ops):
-        groups.setdefault(op.x, []).append(i)
+        if op is not None:
+            groups.setdefault(op.x, []).append(i)
     for x, members in groups.items():
         group = [ops[i] for i in members]
         if len(group) < 2 or not any(op.kind == "conv" for op in group):
@@ -404,7 +532,7 @@ def _merge_parallel_at(gm, modules, root: fx.Node, report: FoldReport, refused: 
         if label in refused:
             continue  # the same ops refused in an earlier round
         try:
-            branches = _branches(group)
+            branches, coefficients = _branches(group, [factors[i] for i in members])
             merged = merge_parallel(branches)
             if _cost(merged) > sum(_cost(b) for b in branches):
                 refused[label] = Skip(label, f"the merged convolution ({list(merged.weight.shape)}) costs more "
@@ -423,19 +551,38 @@ def _merge_parallel_at(gm, modules, root: fx.Node, report: FoldReport, refused: 
         modules[name] = conv
         modules.calls[id(conv)] = 1
         modules.set_exact(conv, merged.weight, merged.bias)
-        rest = [terms[i] for i in range(len(terms)) if i not in members]
+        rest = [i for i in range(len(terms)) if i not in members and not (_is_number(terms[i]) and terms[i] == 0)]
         with gm.graph.inserting_before(root):
             total = gm.graph.call_module(name, (x,))
             if not rest:
                 total.meta = dict(root.meta)
-            for term in rest:
-                total = gm.graph.call_function(operator.add, (total, term))
+            for i in rest:
+                total = _add_term(gm, total, terms[i], factors[i])
         root.replace_all_uses_with(total)
         _erase(gm, modules, adds + [op.node for op in group if op.node is not None])
         _record(report, group, name, "merge-branches")
-        modules.provenance[name] = [src for op in group for src in _sources(op, modules.provenance)]
+        modules.provenance[name] = [src for op, c in zip(group, coefficients)
+                                    for src in _sources(op, modules.provenance, c)]
         return True
     return False
+
+
+def _is_number(term) -> bool:
+    """A number added in the sum (timm's MobileOneBlock starts it at ``0`` for a branch it does not have)."""
+    return isinstance(term, (int, float)) and not isinstance(term, bool)
+
+
+def _add_term(gm, total: fx.Node, term, factors: tuple) -> fx.Node:
+    """``total`` plus a term the merge left (a tensor or a number), with its factors as the sum had them (its
+    constants multiplied in from the innermost, a subtracted term subtracted). A zero the sum added is dropped by
+    the caller: adding it changes nothing."""
+    negative = False
+    for factor in reversed(factors):
+        if factor == -1:
+            negative = not negative
+        else:
+            term = gm.graph.call_function(operator.mul, (factor.constant, term))
+    return gm.graph.call_function(operator.sub if negative else operator.add, (total, term))
 
 
 def _merge_sequential_at(gm, modules, node: fx.Node, report: FoldReport) -> bool:
@@ -447,6 +594,8 @@ def _merge_sequential_at(gm, modules, node: fx.Node, report: FoldReport) -> bool
         return False
     if "conv" not in (first.kind, second.kind) and "pool" not in (first.kind, second.kind):
         return False  # two batch norms: merging them would make a convolution where there was none
+    if any(op.kind == "bn" and functional_norm(gm, op.node) is not None for op in (first, second)):
+        return False  # a functional batch norm next to a layer is the folds' (merges take it as a branch of a sum)
     # pairs that did not merge are not computed again while the addition they feed (if any) stays the same
     key = (first.node, node, tuple(_tree_of(node)[1]))
     if key in modules.tried:
@@ -487,12 +636,11 @@ def _merge_sequential_at(gm, modules, node: fx.Node, report: FoldReport) -> bool
     return True
 
 
-def _tree_of(node: fx.Node) -> tuple[list[fx.Node], list]:
-    """The addition tree ``node`` is a term of (its adds and terms), or two empty lists."""
-    users = list(node.users)
-    if len(users) != 1 or not _is_add(users[0]):
-        return [], []
-    root = users[0]
+def _tree_of(node: fx.Node) -> tuple[list[fx.Node], list, list]:
+    """The addition tree ``node`` is a term of (its sum nodes, terms and factors), or three empty lists."""
+    if not _inner_add(node):
+        return [], [], []
+    root = next(iter(node.users))
     while _inner_add(root):
         root = next(iter(root.users))
     return _tree(root)
@@ -501,7 +649,7 @@ def _tree_of(node: fx.Node) -> tuple[list[fx.Node], list]:
 def _pays_off(gm, modules, node: fx.Node, x: fx.Node, merged: ConvBranch, spent: int) -> bool:
     """Whether a costlier sequential merge is then merged into a sibling convolution of an addition (reading the
     same input) for no more than the ops it replaces cost."""
-    adds, terms = _tree_of(node)
+    adds, terms, _ = _tree_of(node)
     for term in terms:
         if term is node or not isinstance(term, fx.Node):
             continue
@@ -520,25 +668,30 @@ def _pays_off(gm, modules, node: fx.Node, x: fx.Node, merged: ConvBranch, spent:
 @dataclass(frozen=True)
 class Source:
     """An op of the traced module that a merged convolution absorbed: its node, the tensor it read, its kind, and
-    the module whose call it is (a functional call: the innermost module that made it; None for an identity)."""
+    the module whose call it is (a functional call: the innermost module that made it; None for an identity);
+    ``coefficient``: what the sums it was a term of multiplied it by, per output channel (None: one)."""
 
     node: fx.Node | None
     x: fx.Node
     kind: str
     path: str | None
+    coefficient: np.ndarray | None = field(default=None, compare=False)
 
 
-def _sources(op: LinearOp, provenance: dict) -> list[Source]:
+def _sources(op: LinearOp, provenance: dict, coefficient: np.ndarray | None = None) -> list[Source]:
     node = op.node
-    if node is not None and node.op == "call_module" and node.target in provenance:
-        return provenance[node.target]  # a convolution an earlier merge made
+    if node is not None and node.op == "call_module" and node.target in provenance:  # an earlier merge's conv
+        if coefficient is None:
+            return provenance[node.target]
+        return [replace(src, coefficient=coefficient if src.coefficient is None else src.coefficient * coefficient)
+                for src in provenance[node.target]]
     if node is None:
-        return [Source(None, op.x, op.kind, None)]
+        return [Source(None, op.x, op.kind, None, coefficient)]
     if node.op == "call_module":
-        return [Source(node, op.x, op.kind, str(node.target))]
+        return [Source(node, op.x, op.kind, str(node.target), coefficient)]
     stack = node.meta.get("nn_module_stack") or {}
     owner = list(stack.values())[-1][0] if stack else None
-    return [Source(node, op.x, op.kind, owner)]
+    return [Source(node, op.x, op.kind, owner, coefficient)]
 
 
 def _record(report: FoldReport, ops: list[LinearOp], into: str, rule: str) -> None:
@@ -613,6 +766,27 @@ def merged_count(report: FoldReport) -> int:
     return len(report.merged)
 
 
+def _without_identities(conv: nn.Module, exact: ExactWeights, identities: list[Source], factor) -> nn.Module:
+    """The convolution that, multiplied by ``factor`` (per output channel; None: one) and added to the input with
+    the identities' coefficients, computes ``conv``: ``(W - Σ cᵢ·I) / factor``, in float64 from the merge's own
+    float64 weights, rounded once."""
+    values = exact.of(conv.weight, conv.bias)
+    weight, bias = values if values is not None else (numpy64(conv.weight), numpy64(conv.bias))
+    rank = weight.ndim - 2
+    pads = list(_tuple(conv.padding, rank)) * 2
+    branch = conv_branch(weight, bias, groups=conv.groups, strides=conv.stride, dilations=conv.dilation, pads=pads)
+    channels = branch.out_channels
+    added = sum((np.ones(channels) if src.coefficient is None else src.coefficient) for src in identities)
+    if identities:
+        branch = merge_parallel([branch, negated(affine_branch(added, np.zeros(channels), rank))])
+    if factor is not None:
+        if not np.all(np.isfinite(factor)) or np.any(factor == 0):
+            raise MergeRefused("the convolution's branch is multiplied by zero on some channel in the module's "
+                               "forward")
+        branch = _scaled(branch, 1.0 / factor)
+    return _conv_module(branch, conv.weight)
+
+
 class Zero(nn.Module):
     """A branch merged into another one: adds nothing (a zero the sum broadcasts), as a deploy form drops it."""
 
@@ -620,18 +794,20 @@ class Zero(nn.Module):
         return x.new_zeros(())
 
 
-def write_merges(module: nn.Module, example_inputs, report: FoldReport, exact: dict | None = None) -> None:
+def write_merges(module: nn.Module, example_inputs, report: FoldReport, exact_by_path: dict | None = None) -> None:
     """For a ``keep_class=True`` result: write each merge the trace of ``module`` proves into the module itself, the
     way a block's own ``reparameterize()`` does. Where the block has the authors' empty deploy slot
     (:data:`DEPLOY_SLOTS`, e.g. timm's ``reparam_conv = None``) and its forward then runs that convolution alone, the
     merged convolution goes there and the merged branches are deleted, as their ``reparameterize()`` does: the state
     dict loads into the authors' deploy class. Otherwise one absorbed convolution module (the host, reading the
     block's input) becomes the merged convolution, the first module of every other branch a :class:`Zero`, the rest
-    of each branch ``nn.Identity``. A merge the module can not express that way (a term that is the input itself, a
-    module called elsewhere or computing more) is a Skip with code ``needs-graph-module``. The written module is
-    checked against the merged graph on ``example_inputs`` (without them nothing is written). ``exact``: the float64
-    (weight, bias) of layers the folds wrote, by module path (:func:`bnfold.torch.own.fold_own_class`'s), merged
-    from instead of their cast."""
+    of each branch ``nn.Identity``. A term that is the block's input itself stays in its forward, as do the sum's
+    signs and constant scales: the host gets the merged kernel less those identities, over its own factor. A merge
+    the module can not express that way (nothing but the input beside the host, an input term that is not the
+    block's input, a module called elsewhere or computing more) is a Skip with code ``needs-graph-module``. The
+    written module is checked against the merged graph on ``example_inputs`` (without them nothing is written).
+    ``exact_by_path``: the float64 (weight, bias) of layers the folds wrote, by module path
+    (:func:`bnfold.torch.own.fold_own_class`'s), merged from instead of their cast."""
     from .fold import copy_module, count_normalizations, run_example, trace
     from .own import same_outputs
 
@@ -639,7 +815,7 @@ def write_merges(module: nn.Module, example_inputs, report: FoldReport, exact: d
     graph_module = trace(copied)
     if isinstance(graph_module, str):
         return
-    if example_inputs is not None:  # ranks, for the batch norms no module type pins (functional ones)
+    if example_inputs is not None:  # ranks: where a constant scale's channel axis is, what a functional BN reads
         from torch.fx.passes.shape_prop import ShapeProp
 
         with torch.no_grad():
@@ -658,15 +834,16 @@ def write_merges(module: nn.Module, example_inputs, report: FoldReport, exact: d
     for _, m in module.named_modules(remove_duplicate=False):
         registered[id(m)] = registered.get(id(m), 0) + 1
     trial, provenance = FoldReport(), {}
-    merge_graph(graph_module, trial, provenance, exact=ExactWeights.at_paths(copied, exact or {}))
+    exact = ExactWeights.at_paths(copied, exact_by_path or {})
+    merge_graph(graph_module, trial, provenance, exact)
     finals = [n for n in graph_module.graph.nodes if n.op == "call_module" and n.target in provenance]
     written: list[_Writing] = []
     slots_taken: set[str] = set()
     for node in finals:
         sources = provenance[node.target]
-        rule = next(m.rule for m in trial.merged if m.into == node.target)
+        rule = _rule_of(node.target, trial)
         label = " + ".join(src.path or src.x.name for src in sources)
-        found = _assignment(module, graph_module, node, sources, calls, owners, registered)
+        found = _assignment(module, graph_module, node, sources, calls, owners, registered, exact)
         if isinstance(found, str) or example_inputs is None:
             why = found if isinstance(found, str) else "no example_inputs to check the written module with"
             report.not_merged.append(Skip(label, f"the {rule} merge is proven on the trace, but not written into "
@@ -679,7 +856,8 @@ def write_merges(module: nn.Module, example_inputs, report: FoldReport, exact: d
             slot = None  # one deploy convolution per block: a second merge in it keeps its host's name
         if slot is not None:
             slots_taken.add(slot[0])
-        written.append(_Writing(rule, sources, host, assignment[0][1], assignment, slot))
+        # in the slot the block's forward runs the whole merged convolution alone: identity terms and scales too
+        written.append(_Writing(rule, sources, host, graph_module.get_submodule(node.target), assignment, slot))
     if not written:
         return
     candidate = _written_copy(module, written, set())
@@ -691,9 +869,10 @@ def write_merges(module: nn.Module, example_inputs, report: FoldReport, exact: d
         slot = id(writing) in slotted
         _write(module, writing, slot)
         if slot:
-            into, removed = writing.slot[0], writing.sources
+            into, removed = writing.slot[0], [src for src in writing.sources if src.path is not None]
         else:
-            into, removed = writing.host.path, [src for src in writing.sources if src is not writing.host]
+            into = writing.host.path
+            removed = [src for src in writing.sources if src is not writing.host and src.path is not None]
         _add_merge(report, Merge(writing.rule, into, tuple(src.path for src in removed),
                                  absorbed=tuple(src.path for src in removed if src.kind == "bn")))
     module.eval()
@@ -727,7 +906,7 @@ def _deploy_slot(module: nn.Module, sources: list[Source]) -> tuple[str, list[st
     innermost such one that has it) has an empty :data:`DEPLOY_SLOTS` attribute its forward reads, and its branches
     hold no weights but the merged ops'; else None. Writing there gives the state dict keys of the authors' deploy
     form (``block.reparam_conv.weight``), loadable into their deploy class."""
-    parts = [src.path.split(".") for src in sources]
+    parts = [src.path.split(".") for src in sources if src.path is not None]  # None: the block's input itself
     common: list[str] = []
     for names in zip(*parts):
         if len(set(names)) != 1:
@@ -745,7 +924,7 @@ def _deploy_slot(module: nn.Module, sources: list[Source]) -> tuple[str, list[st
         return None
     prefix = "".join(f"{name}." for name in common)
     branches = sorted({prefix + p[len(common)] for p in parts})
-    merged_ops = {id(module.get_submodule(src.path)) for src in sources}
+    merged_ops = {id(module.get_submodule(src.path)) for src in sources if src.path is not None}
     for branch in branches:
         for m in module.get_submodule(branch).modules():
             holds = any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False))
@@ -811,13 +990,38 @@ def _same_function(candidate: nn.Module, written: nn.Module, graph_module, examp
         count_normalizations(traced) == count_normalizations(reference)
 
 
-def _assignment(module, graph_module, node, sources: list[Source], calls, owners, registered):
+def _rule_of(into: str, trial: FoldReport) -> str:
+    """``merge-branches`` when the convolution ``into`` comes of a branch merge, at any step (a batch norm after
+    the merged sum is a sequential merge after it), else ``merge-sequential``."""
+    records = {m.into: m for m in trial.merged}
+    work, seen = [into], set()
+    while work:
+        name = work.pop()
+        if name in seen or name not in records:
+            continue
+        seen.add(name)
+        if records[name].rule == "merge-branches":
+            return "merge-branches"
+        work.extend(records[name].removed)
+    return "merge-sequential"
+
+
+def _assignment(module, graph_module, node, sources: list[Source], calls, owners, registered,
+                exact: ExactWeights):
     """(host source, [(module path, replacement)]) writing the merged convolution ``node`` into ``module``, or why
-    the module can not express it."""
+    the module can not express it. A term that is the input itself stays in the module's forward, with the
+    factors its sum gives it, and so does the host's own factor: the host gets the merged kernel less those
+    identities, divided by its factor (in float64, rounded once)."""
     x = node.args[0]
+    identities = [src for src in sources if src.path is None]
+    if any(src.x is not x for src in identities):
+        return "a term of the sum is a tensor the block computed, not its input and not a module's output"
+    if len(identities) == len(sources) - 1:
+        return ("the other term of the sum is the input itself, which the module's forward adds anyway: nothing "
+                "to merge into the convolution")
     for src in sources:
         if src.path is None:
-            return "a term of the sum is the input itself, not a module's output"
+            continue
         try:
             owned = module.get_submodule(src.path)
         except AttributeError:
@@ -832,10 +1036,17 @@ def _assignment(module, graph_module, node, sources: list[Source], calls, owners
     host = next((src for src in sources if src.kind == "conv" and src.x is x), None)
     if host is None:
         return "no convolution of the block reads its input"
-    merged = copy.deepcopy(graph_module.get_submodule(node.target))
+    merged = graph_module.get_submodule(node.target)
+    if identities or host.coefficient is not None:
+        try:
+            merged = _without_identities(merged, exact, identities, host.coefficient)
+        except (MergeRefused, FoldRefused) as exc:
+            return str(exc)
+    else:
+        merged = copy.deepcopy(merged)
     assignment = [(host.path, merged)]
     for src in sources:
-        if src is not host:
+        if src is not host and src.path is not None:
             assignment.append((src.path, Zero() if src.x is x else nn.Identity()))
     return host, assignment
 
