@@ -21,6 +21,7 @@ from bnfold.onnx import fold as fold_module
 from bnfold.onnx.fold import fold_model, select_rules
 from bnfold.onnx.graph import GraphIndex, ModelContext
 from bnfold.onnx.merge import forget_unmergeable_exact
+from bnfold.onnx.ops import LINEAR_OPS
 from bnfold.onnx.plan import MoveOutput, Plan, WriteTensor, apply_plan
 from bnfold.onnx.prefetch import prefetch_batchnorm_affines, prefetch_linear_plans
 from bnfold.onnx.rules import RULE_NAMES, RULES, batchnorm_affine
@@ -100,7 +101,8 @@ def test_a_prefetched_plan_is_the_plan_the_rule_makes(dtype, merging):
     bn = next(n for n in model.graph.node if n.op_type == "BatchNormalization")
     with np.errstate(all="ignore"):
         affines = prefetch_batchnorm_affines(g, [bn])
-        prefetched, channels = prefetch_linear_plans(g, [bn], dict(affines), {"Conv": "conv-bn"})[id(bn)]
+        prefetched, channels = prefetch_linear_plans(g, [bn], dict(affines),
+                                                     {"Conv": (LINEAR_OPS["Conv"], "conv-bn")})[id(bn)]
     per_node = next(r for r in RULES if r.name == "conv-bn").match(g, batchnorm_affine(g, bn))
     assert isinstance(per_node, Plan) and isinstance(prefetched, Plan) and channels == 4
     assert (prefetched.rule, prefetched.into, prefetched.remove) == (per_node.rule, per_node.into, per_node.remove)
@@ -141,7 +143,8 @@ def test_a_layer_a_merge_may_read_is_left_to_the_rules_when_its_float64_values_a
     g = GraphIndex(model.graph, ctx)
     bns = [n for n in model.graph.node if n.op_type == "BatchNormalization"]
     with np.errstate(all="ignore"):
-        ready = prefetch_linear_plans(g, bns, prefetch_batchnorm_affines(g, bns), {"Conv": "conv-bn"})
+        ready = prefetch_linear_plans(g, bns, prefetch_batchnorm_affines(g, bns),
+                                      {"Conv": (LINEAR_OPS["Conv"], "conv-bn")})
     assert id(bns[0]) in ready
     assert (id(bns[1]) in ready) == (dtype == np.float32)
     _assert_same_and_coded(model)  # the two paths still give the same bytes

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import os
+from dataclasses import dataclass
 from typing import Iterable
 
 import numpy as np
@@ -15,7 +17,7 @@ from .io import materialize
 from .graph import GraphIndex, ModelContext
 from .nodes import free_names, node_label, subgraphs
 from .merge import MERGE_RULE_NAMES, MERGES, MergeRule, forget_unmergeable_exact
-from .ops import batchable
+from .ops import LinearOp, batchable
 from .plan import Plan, Refusal, apply_plan
 from .prefetch import prefetch_batchnorm_affines, prefetch_linear_plans
 from .rules import (RULE_NAMES, AffineAfterLinear, FoldAfter, Rule, batchnorm_affine, check_batchnorm_channels,
@@ -46,6 +48,35 @@ def select_rules(skip: Iterable[str] = ()) -> "list[Rule | MergeRule]":
     return [r for r in rules if r.name not in skip]
 
 
+@dataclass(frozen=True)
+class RuleSet:
+    """What the pass derives from its rules, once per distinct rule list (a small model's whole fold costs about
+    as much as deriving it every time): the fold rules by what they start from, the merge rules, the ops the index
+    lists, and the linear ops the batched path folds into (by op type, with their after-rule's name)."""
+
+    bn_rules: tuple[Rule, ...]
+    affine_rules: tuple[Rule, ...]
+    merges: tuple[MergeRule, ...]
+    fold_starts: frozenset[str]  # op types a fold rule starts from (BatchNormalization always: BNs are counted)
+    merge_sources: frozenset[str]
+    watch: frozenset[str]  # what the index lists: fold starts, merge sources, per-sample norms
+    batched: dict[str, tuple[LinearOp, str]]
+
+
+@functools.lru_cache(maxsize=64)
+def rule_set(rules: "tuple[Rule | MergeRule, ...]") -> RuleSet:
+    folds = [r for r in rules if not isinstance(r, MergeRule)]
+    merges = tuple(r for r in rules if isinstance(r, MergeRule))
+    bn_rules = tuple(r for r in folds if "BatchNormalization" in r.sources)
+    fold_starts = frozenset({"BatchNormalization"}).union(*(r.sources for r in folds))
+    merge_sources = frozenset().union(*(r.sources for r in merges))
+    # Linear op -> BN plans computed ahead. The after-rules come first in build_rules(), so for a BN after a
+    # batchable op the per-node path would return that op's after-rule plan: the same plan, made one by one.
+    batched = {r.op.op_type: (r.op, r.name) for r in bn_rules if isinstance(r, FoldAfter) and batchable(r.op)}
+    return RuleSet(bn_rules, tuple(r for r in folds if r.sources & _MUL_ADD), merges, fold_starts, merge_sources,
+                   fold_starts | merge_sources | PER_SAMPLE_NORMS.keys(), batched)
+
+
 def fold_model(model: onnx.ModelProto, rules: list[Rule],
                replacements: "dict[str, np.ndarray] | None" = None, external: "ExternalData | None" = None,
                *, batched: bool = True) -> FoldReport:
@@ -60,14 +91,12 @@ def fold_model(model: onnx.ModelProto, rules: list[Rule],
     """
     report = FoldReport()
     ctx = ModelContext(model, external)
-    merges = [r for r in rules if isinstance(r, MergeRule)]
-    rules = [r for r in rules if not isinstance(r, MergeRule)]
-    ctx.merging = bool(merges)
+    rs = rule_set(tuple(rules))
+    ctx.merging = bool(rs.merges)
     # Overflow and invalid values are checked for where they matter (a fold with them is refused); one errstate
     # for the whole pass, because entering one costs more than most of the small array operations it covers.
     with np.errstate(all="ignore"):
-        main = _fold_graph(GraphIndex(model.graph, ctx, watch=_watched_ops(rules, merges)), rules, merges, report,
-                           batched)
+        main = _fold_graph(GraphIndex(model.graph, ctx, watch=rs.watch), rs, report, batched)
     for function in model.functions:
         for node in function.node:
             if node.op_type == "BatchNormalization":
@@ -86,8 +115,7 @@ def fold_model(model: onnx.ModelProto, rules: list[Rule],
     return report
 
 
-def _merge_and_refold(index: GraphIndex, rules: list[Rule], merges: "list[MergeRule]", report: FoldReport,
-                      batched: bool) -> GraphIndex:
+def _merge_and_refold(index: GraphIndex, rs: RuleSet, report: FoldReport, batched: bool) -> GraphIndex:
     """Merge branches in the graph of ``index``, fold what the merges made foldable (a BN after an AveragePool is
     after a Conv once the pool is merged into it), and again, until neither changes anything. Returns the last
     index of the graph. ``report`` is this graph's own (not its subgraphs').
@@ -96,32 +124,32 @@ def _merge_and_refold(index: GraphIndex, rules: list[Rule], merges: "list[MergeR
     those of the last round, which saw the final graph."""
     for _ in range(_MAX_MERGE_ROUNDS):
         refused: list[Skip] = []
-        if not _merge_graph(index, merges, report, refused):
+        if not _merge_graph(index, rs, report, refused):
             report.not_merged = refused
             break
         again = FoldReport()
-        index = GraphIndex(index.graph, index.ctx, parent=index.parent, path=index.path,
-                           watch=_watched_ops(rules, merges), exact=index.exact)
-        _fold_nodes(index, rules, again, batched)
+        index = GraphIndex(index.graph, index.ctx, parent=index.parent, path=index.path, watch=rs.watch,
+                           exact=index.exact)
+        _fold_nodes(index, rs, again, batched)
         report.folded += again.folded
         report.bn_after = again.bn_after
         report.skipped = again.skipped
     return index
 
 
-def _merge_graph(g: GraphIndex, merges: "list[MergeRule]", report: FoldReport, refused: list[Skip]) -> bool:
+def _merge_graph(g: GraphIndex, rs: RuleSet, report: FoldReport, refused: list[Skip]) -> bool:
     """One sweep of the merge rules over ``g``, each plan applied as soon as it is made (a merge changes what the
     next one reads); True when anything was merged. A BatchNormalization a merge absorbs (a lone BN branch, a BN
     after an AveragePool) is also listed in ``folded``, with the merge's rule. Commits its edits."""
     changed = False
-    # The index lists the default-domain nodes of the merge rules' source ops as it reads the graph (_watched_ops):
+    # The index lists the default-domain nodes of the merge rules' source ops as it reads the graph (RuleSet.watch):
     # no walk over every node. A node an earlier merge or fold changed is judged by what it is now.
-    sources = frozenset().union(*(rule.sources for rule in merges))
+    sources = rs.merge_sources
     for node in list(g.watched):
         op = node.op_type
         if op not in sources or g.is_removed(node):
             continue
-        for rule in merges:
+        for rule in rs.merges:
             if op not in rule.sources:
                 continue
             plan = rule.match(g, node)
@@ -142,21 +170,13 @@ def _merge_graph(g: GraphIndex, merges: "list[MergeRule]", report: FoldReport, r
     return changed
 
 
-def _watched_ops(rules: list[Rule], merges: "list[MergeRule]" = ()) -> frozenset[str]:
-    """Ops a fold or merge starts from, and the per-sample norms the report names: the index lists them as it
-    reads."""
-    starts = frozenset({"BatchNormalization"}).union(*(rule.sources for rule in (*rules, *merges)))  # BNs always
-    return starts | PER_SAMPLE_NORMS.keys()
-
-
-def _fold_graph(g: GraphIndex, rules: list[Rule], merges: "list[MergeRule]", report: FoldReport,
-                batched: bool = True) -> GraphIndex:
+def _fold_graph(g: GraphIndex, rs: RuleSet, report: FoldReport, batched: bool = True) -> GraphIndex:
     """Fold the graph of ``g``, merge its branches (folding again what merges make foldable), then do the same in
     every subgraph (If/Loop/Scan bodies). Returns the graph's last index (a merge round re-indexes it)."""
     own = FoldReport()
-    _fold_nodes(g, rules, own, batched)
-    if merges:
-        g = _merge_and_refold(g, rules, merges, own, batched)
+    _fold_nodes(g, rs, own, batched)
+    if rs.merges:
+        g = _merge_and_refold(g, rs, own, batched)
     report.bn_before += own.bn_before
     report.bn_after += own.bn_after
     report.folded += own.folded
@@ -171,7 +191,7 @@ def _fold_graph(g: GraphIndex, rules: list[Rule], merges: "list[MergeRule]", rep
         for attr_name, sub in bodies:
             path = f"{g.path}/" if g.path else ""
             _fold_graph(GraphIndex(sub, g.ctx, parent=g, path=f"{path}{node_label(node)}.{attr_name}",
-                                   watch=_watched_ops(rules, merges)), rules, merges, report, batched)
+                                   watch=rs.watch), rs, report, batched)
         # a fold or merge inside may have stopped reading an outer value (BN parameters, a weight now copied
         # locally, the branches a merge removed)
         for name in read_before - set().union(*(free_names(b) for _, b in bodies)) - set(node.input):
@@ -181,14 +201,13 @@ def _fold_graph(g: GraphIndex, rules: list[Rule], merges: "list[MergeRule]", rep
     return g
 
 
-def _fold_nodes(g: GraphIndex, rules: list[Rule], report: FoldReport, batched: bool = True) -> None:
+def _fold_nodes(g: GraphIndex, rs: RuleSet, report: FoldReport, batched: bool = True) -> None:
     """Fold the normalizations of the graph of ``g`` itself (not its subgraphs) until nothing changes; commits."""
-    bn_rules = [r for r in rules if "BatchNormalization" in r.sources]
-    affine_rules = [r for r in rules if r.sources & _MUL_ADD]
+    bn_rules, affine_rules = rs.bn_rules, rs.affine_rules
     # Every node a rule starts from (folds never create new ones; a BN turned into an Add stays the same node),
-    # and the per-sample norms to report, as the index found them.
+    # and the per-sample norms to report, as the index found them (it also lists the merges' sources).
     candidates, per_sample = [], []
-    starts = {"BatchNormalization"}.union(*(rule.sources for rule in rules))  # the index also lists merge sources
+    starts = rs.fold_starts
     for node in g.watched:
         op = node.op_type
         if op in starts:
@@ -200,11 +219,7 @@ def _fold_nodes(g: GraphIndex, rules: list[Rule], report: FoldReport, batched: b
     prefetched, ready = {}, {}
     if batched:
         prefetched = prefetch_batchnorm_affines(g, batchnorms)
-        # Linear op -> BN plans computed ahead. The after-rules come first in build_rules(), so for a BN after a
-        # batchable op the per-node path would return that op's after-rule plan: the same plan, made one by one.
-        rule_for = {rule.op.op_type: rule.name for rule in bn_rules
-                    if isinstance(rule, FoldAfter) and batchable(rule.op)}
-        ready = prefetch_linear_plans(g, batchnorms, prefetched, rule_for)
+        ready = prefetch_linear_plans(g, batchnorms, prefetched, rs.batched)
     while True:
         changed = False
         skipped: list[Skip] = []

@@ -20,7 +20,7 @@ from .batchnorm import inference_epsilon
 from .graph import GraphIndex
 from .merge import may_be_merged
 from .nodes import node_label
-from .ops import LINEAR_OPS, batchable
+from .ops import LinearOp
 from .plan import LayerRead, MoveOutput, Plan, WriteTensor
 from .tensors import RAW_FLOAT_DTYPES
 
@@ -110,15 +110,14 @@ def _bias_values(g: GraphIndex, name: str, data_type: int, channels: int) -> np.
 
 
 def prefetch_linear_plans(g: GraphIndex, nodes, affines: dict[int, tuple[np.ndarray, np.ndarray]],
-                        rule_for: dict[str, str]) -> dict[int, tuple[Plan, int]]:
+                          rule_for: "dict[str, tuple[LinearOp, str]]") -> dict[int, tuple[Plan, int]]:
     """Plans for every linear op -> BatchNormalization whose op is :func:`~bnfold.onnx.ops.batchable`, whose
     weight is a plain initializer and whose bias is one too, or a computed constant, or absent; ``rule_for`` maps
-    each op whose rule is enabled to the rule's name. New biases are computed in one run of numpy calls; each weight
+    the type of each such op whose rule is enabled to its descriptor and the rule's name. New biases are computed in one run of numpy calls; each weight
     is multiplied straight into its folded dtype. Keyed by ``id(bn)``: ``(plan, channels)``. Call under
     ``np.errstate(all="ignore")`` (the fold pass does)."""
     jobs = []
     producers = g.producer
-    ops = {op_type: op for op_type, op in LINEAR_OPS.items() if op_type in rule_for and batchable(op)}
     merging = g.ctx.merging
     for bn in nodes:
         st = affines.get(id(bn))
@@ -128,7 +127,7 @@ def prefetch_linear_plans(g: GraphIndex, nodes, affines: dict[int, tuple[np.ndar
         layer = producers.get(x)
         if layer is None:
             continue
-        op = ops.get(layer.op_type)
+        op, _ = rule_for.get(layer.op_type, (None, ""))
         if op is None or layer.domain not in ("", "ai.onnx") or not g.only_consumer(x, bn):
             continue
         inputs = g.inputs_of(layer)
@@ -195,6 +194,6 @@ def prefetch_linear_plans(g: GraphIndex, nodes, affines: dict[int, tuple[np.ndar
             edits = [] if new_b is None else [WriteTensor(layer, op.bias_slot, new_b)]
             edits += [WriteTensor(layer, 1, new_w), MoveOutput(layer, g.outputs_of(bn)[0])]
             reads = [LayerRead(x, layer, bn, layer, tensor.name, op.bias_slot, bias_name)]
-            plan = Plan(rule_for[layer.op_type], bn, node_label(layer), edits, [bn], reads)
+            plan = Plan(rule_for[layer.op_type][1], bn, node_label(layer), edits, [bn], reads)
             done[id(bn)] = (plan, s.shape[0])
     return done
