@@ -379,17 +379,21 @@ def _merge_branches(g: GraphIndex, root: onnx.NodeProto) -> MergePlan | Refusal 
         return None
     terms, inner = _add_tree(g, root)
     producer = g.producer
-    if any(name in producer and producer[name].op_type in _DENSE_OPS for name, _, _ in terms):
-        dense = _merge_dense_branches(g, root, terms, inner)
-        if dense is not None:
-            return dense
-    chains = []
+    for name, _, _ in terms:
+        if name in producer and producer[name].op_type in _DENSE_OPS:
+            dense = _merge_dense_branches(g, root, terms, inner)
+            if dense is not None:
+                return dense
+            break
+    # (loops, not generators: this runs for every residual Add of a network, and almost always ends here)
+    chains, x = [], None
     for name, reader, _ in terms:
-        nodes, x = _chain(g, name, reader)
-        chains.append((nodes, x))
-    x = chains[0][1]
-    if any(start != x for _, start in chains):
-        return None  # the terms read different tensors: a residual sum, not branches of one op
+        nodes, start = _chain(g, name, reader)
+        if x is None:
+            x = start
+        elif start != x:
+            return None  # the terms read different tensors: a residual sum, not branches of one op
+        chains.append((nodes, start))
     has_conv = any(n.op_type == "Conv" for nodes, _ in chains for n in nodes)
     if not has_conv or x in g.initializers or \
             (x not in g.producer and x not in g.inputs and g.constant(x)[0] is not None):
