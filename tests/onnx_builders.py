@@ -186,14 +186,25 @@ def run_ref(model: onnx.ModelProto, feeds) -> dict[str, np.ndarray]:
     return {k: np.asarray(v, dtype=np.float64) for k, v in run_reference(model, feeds).items()}
 
 
-def assert_close(actual: dict, expected: dict, tol: float) -> None:
+def assert_close(actual: dict, expected: dict, tol: float, original=None) -> None:
+    """Every output within ``tol`` times its scale of the float64 reference. ``original``: a callable giving the
+    ORIGINAL model's outputs run the same way; where the folded output misses the bar, the original's own error
+    counts (twice it is allowed): an ill-conditioned model (a small output computed from large intermediate values)
+    misses the float64 result in float32 before anything is folded, and a fold is judged against that noise."""
     assert set(actual) == set(expected), (sorted(actual), sorted(expected))
+    own = None
     for name, want in expected.items():
         got = actual[name]
         assert got.shape == want.shape, (name, got.shape, want.shape)
         scale = max(1.0, float(np.max(np.abs(want)))) if want.size else 1.0
         err = float(np.max(np.abs(got - want))) if want.size else 0.0
         assert np.all(np.isfinite(got)), f"{name}: non-finite output"
+        if err > tol * scale and original is not None:
+            own = original() if own is None else own
+            own_err = float(np.max(np.abs(np.asarray(own[name], dtype=np.float64) - want)))
+            assert err <= 2 * own_err, (f"{name}: max abs error {err:.3g} > {tol:g} * {scale:.3g} and > twice the "
+                                        f"original's own error {own_err:.3g}")
+            continue
         assert err <= tol * scale, f"{name}: max abs error {err:.3g} > {tol:g} * {scale:.3g}"
 
 
@@ -317,7 +328,7 @@ def fold_and_check(model: onnx.ModelProto, *, bn_left: int = 0, rules=(), runner
     for f in feeds:
         expected = run_ref(expected_model if expected_model is not None else model, f)
         actual = run_ort(folded, f) if runner == "ort" else run_ref(folded, f)
-        assert_close(actual, expected, tol)
+        assert_close(actual, expected, tol, original=(lambda f=f: run_ort(model, f)) if runner == "ort" else None)
     return folded, report
 
 

@@ -1028,3 +1028,20 @@ def test_small_network_end_to_end():
     ]
     model = make_model(nodes, [("x", [2, 3, 8, 8])], ["y"], inits, 15)
     check(model, {"x": f(2, 3, 8, 8)})
+
+
+def test_the_fold_check_judges_an_output_against_the_originals_own_float_error():
+    """onnx_builders.assert_close, used by every fold check: within tol of the output's scale, or (for an
+    ill-conditioned model whose ORIGINAL float run already misses the float64 result) within twice that miss."""
+    try:
+        from onnx_builders import assert_close
+    except ImportError:  # pragma: no cover
+        from tests.onnx_builders import assert_close
+    want = {"y": np.array([10.0, -3.0])}
+    assert_close({"y": np.array([10.0005, -3.0])}, want, 1e-4)  # 5e-4 <= 1e-4 * 10
+    with pytest.raises(AssertionError, match="max abs error"):
+        assert_close({"y": np.array([10.01, -3.0])}, want, 1e-4)
+    original = {"y": np.array([10.02, -3.0])}  # the original itself is 0.02 off
+    assert_close({"y": np.array([10.01, -3.0])}, want, 1e-4, original=lambda: original)
+    with pytest.raises(AssertionError, match="twice the original's own error"):
+        assert_close({"y": np.array([10.05, -3.0])}, want, 1e-4, original=lambda: original)
