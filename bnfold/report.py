@@ -110,20 +110,22 @@ class FoldReport:
             lines.append(f"folded ({len(self.folded)}):")
             lines += [f"  {f.bn} -> {f.into}  [{f.rule}]" + (f"  (in {f.graph})" if f.graph else "")
                       for f in self.folded]
-        if self.skipped:
-            lines.append(f"left in place ({len(self.skipped)}):")
-            lines += [f"  {s.bn} ({s.op_type}): {s.reason}" + (f"  (in {s.graph})" if s.graph else "")
-                      for s in self.skipped]
+        lines += _skip_lines("left in place", self.skipped)
         if self.merged:
             lines.append(f"merged ({len(self.merged)}):")
             lines += [f"  {', '.join(m.removed)} -> {m.into}  [{m.rule}]" + (f"  (in {m.graph})" if m.graph else "")
                       for m in self.merged]
-        if self.not_merged:
-            lines.append(f"not merged ({len(self.not_merged)}):")
-            lines += [f"  {s.bn} ({s.op_type}): {s.reason}" + (f"  (in {s.graph})" if s.graph else "")
-                      for s in self.not_merged]
+        lines += _skip_lines("not merged", self.not_merged)
         lines += [f"note: {n}" for n in self.notes]
         return lines
+
+
+def _skip_lines(title: str, skips: "list[Skip]") -> list[str]:
+    """A heading and one line per refusal (a fold's or a merge's), as the text report writes them."""
+    if not skips:
+        return []
+    where = [f"  (in {s.graph})" if s.graph else "" for s in skips]
+    return [f"{title} ({len(skips)}):"] + [f"  {s.bn} ({s.op_type}): {s.reason}{w}" for s, w in zip(skips, where)]
 
 
 def _json_float(x: float) -> float | str | None:

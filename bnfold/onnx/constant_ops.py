@@ -22,27 +22,23 @@ _INTS = {np.dtype(t) for t in (np.int8, np.int16, np.int32, np.int64, np.uint8, 
 def evaluate(node: onnx.NodeProto, inputs: list[np.ndarray | None], opset: int) -> list[np.ndarray] | None:
     """The outputs of ``node`` on ``inputs`` (None for an absent optional input), or None if not covered here."""
     op = node.op_type
-    kernel = _KERNELS.get(op)
-    if kernel is None:
+    if op not in _KERNELS:
         return None
     attrs = {} if op in _NO_ATTRIBUTES else {a.name: attribute_value(a) for a in node.attribute}
-    try:
-        result = kernel(inputs, attrs, opset)
-    except (ValueError, IndexError, TypeError):  # malformed for numpy: let the reference evaluator judge it
-        return None
-    if result is None:
-        return None
-    return [np.asarray(result)]
+    result = _run(op, inputs, attrs, opset)
+    return None if result is None else [result]
 
 
 def evaluate_without_attributes(op: str, inputs: list[np.ndarray], opset: int) -> np.ndarray | None:
     """:func:`evaluate` for an op that takes no attributes (Expand, CastLike, ...), given by name: the same kernel
     and answer, without reading the node (the exporter's zero-bias chain runs this for every bias-less Conv)."""
-    if op not in _NO_ATTRIBUTES:
-        return None
+    return _run(op, inputs, {}, opset) if op in _NO_ATTRIBUTES else None
+
+
+def _run(op: str, inputs: list, attrs: dict, opset: int) -> np.ndarray | None:
     try:
-        result = _KERNELS[op](inputs, {}, opset)
-    except (ValueError, IndexError, TypeError):
+        result = _KERNELS[op](inputs, attrs, opset)
+    except (ValueError, IndexError, TypeError):  # malformed for numpy: let the reference evaluator judge it
         return None
     return None if result is None else np.asarray(result)
 
