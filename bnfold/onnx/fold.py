@@ -52,7 +52,7 @@ def select_rules(skip: Iterable[str] = ()) -> "list[Rule | MergeRule]":
 class RuleSet:
     """What the pass derives from its rules, once per distinct rule list (a small model's whole fold costs about
     as much as deriving it every time): the fold rules by what they start from, the merge rules, the ops the index
-    lists, and the linear ops the batched path folds into (by op type, with their after-rule's name)."""
+    lists, and the linear ops the batched path folds into."""
 
     bn_rules: tuple[Rule, ...]
     affine_rules: tuple[Rule, ...]
@@ -60,11 +60,12 @@ class RuleSet:
     fold_starts: frozenset[str]  # op types a fold rule starts from (BatchNormalization always: BNs are counted)
     merge_sources: frozenset[str]
     watch: frozenset[str]  # what the index lists: fold starts, merge sources, per-sample norms
-    batched: dict[str, tuple[LinearOp, str]]
+    batchable_ops: dict[str, tuple[LinearOp, str]]  # op type -> (descriptor, its after-rule), for prefetch
 
 
 @functools.lru_cache(maxsize=64)
 def rule_set(rules: "tuple[Rule | MergeRule, ...]") -> RuleSet:
+    """The :class:`RuleSet` of ``rules`` (cached: the rule objects of a table stay the same between calls)."""
     folds = [r for r in rules if not isinstance(r, MergeRule)]
     merges = tuple(r for r in rules if isinstance(r, MergeRule))
     bn_rules = tuple(r for r in folds if "BatchNormalization" in r.sources)
@@ -72,9 +73,9 @@ def rule_set(rules: "tuple[Rule | MergeRule, ...]") -> RuleSet:
     merge_sources = frozenset().union(*(r.sources for r in merges))
     # Linear op -> BN plans computed ahead. The after-rules come first in build_rules(), so for a BN after a
     # batchable op the per-node path would return that op's after-rule plan: the same plan, made one by one.
-    batched = {r.op.op_type: (r.op, r.name) for r in bn_rules if isinstance(r, FoldAfter) and batchable(r.op)}
+    batchable_ops = {r.op.op_type: (r.op, r.name) for r in bn_rules if isinstance(r, FoldAfter) and batchable(r.op)}
     return RuleSet(bn_rules, tuple(r for r in folds if r.sources & _MUL_ADD), merges, fold_starts, merge_sources,
-                   fold_starts | merge_sources | PER_SAMPLE_NORMS.keys(), batched)
+                   fold_starts | merge_sources | PER_SAMPLE_NORMS.keys(), batchable_ops)
 
 
 def fold_model(model: onnx.ModelProto, rules: list[Rule],
@@ -219,7 +220,7 @@ def _fold_nodes(g: GraphIndex, rs: RuleSet, report: FoldReport, batched: bool = 
     prefetched, ready = {}, {}
     if batched:
         prefetched = prefetch_batchnorm_affines(g, batchnorms)
-        ready = prefetch_linear_plans(g, batchnorms, prefetched, rs.batched)
+        ready = prefetch_linear_plans(g, batchnorms, prefetched, rs.batchable_ops)
     while True:
         changed = False
         skipped: list[Skip] = []
