@@ -57,6 +57,7 @@ class RuleSet:
     bn_rules: tuple[Rule, ...]
     affine_rules: tuple[Rule, ...]
     merges: tuple[MergeRule, ...]
+    merges_by_op: dict[str, tuple[MergeRule, ...]]  # op type -> the merge rules that start from it, in order
     fold_starts: frozenset[str]  # op types a fold rule starts from (BatchNormalization always: BNs are counted)
     merge_sources: frozenset[str]
     watch: frozenset[str]  # what the index lists: fold starts, merge sources, per-sample norms
@@ -71,11 +72,12 @@ def rule_set(rules: "tuple[Rule | MergeRule, ...]") -> RuleSet:
     bn_rules = tuple(r for r in folds if "BatchNormalization" in r.sources)
     fold_starts = frozenset({"BatchNormalization"}).union(*(r.sources for r in folds))
     merge_sources = frozenset().union(*(r.sources for r in merges))
+    merges_by_op = {op: tuple(r for r in merges if op in r.sources) for op in merge_sources}
     # Linear op -> BN plans computed ahead. The after-rules come first in build_rules(), so for a BN after a
     # batchable op the per-node path would return that op's after-rule plan: the same plan, made one by one.
     batchable_ops = {r.op.op_type: (r.op, r.name) for r in bn_rules if isinstance(r, FoldAfter) and batchable(r.op)}
-    return RuleSet(bn_rules, tuple(r for r in folds if r.sources & _MUL_ADD), merges, fold_starts, merge_sources,
-                   fold_starts | merge_sources | PER_SAMPLE_NORMS.keys(), batchable_ops)
+    return RuleSet(bn_rules, tuple(r for r in folds if r.sources & _MUL_ADD), merges, merges_by_op, fold_starts,
+                   merge_sources, fold_starts | merge_sources | PER_SAMPLE_NORMS.keys(), batchable_ops)
 
 
 def fold_model(model: onnx.ModelProto, rules: list[Rule],
@@ -145,14 +147,12 @@ def _merge_graph(g: GraphIndex, rs: RuleSet, report: FoldReport, refused: list[S
     changed = False
     # The index lists the default-domain nodes of the merge rules' source ops as it reads the graph (RuleSet.watch):
     # no walk over every node. A node an earlier merge or fold changed is judged by what it is now.
-    sources = rs.merge_sources
+    rules_for = rs.merges_by_op
     for node in list(g.watched):
-        op = node.op_type
-        if op not in sources or g.is_removed(node):
+        rules = rules_for.get(node.op_type)
+        if rules is None or g.is_removed(node):
             continue
-        for rule in rs.merges:
-            if op not in rule.sources:
-                continue
+        for rule in rules:
             plan = rule.match(g, node)
             if plan is None:
                 continue
@@ -229,9 +229,10 @@ def _fold_nodes(g: GraphIndex, rs: RuleSet, report: FoldReport, batched: bool = 
                 continue
             op = node.op_type
             if op == "BatchNormalization":
-                plan, channels = ready.pop(id(node), (None, 0))
-                if plan is not None and plan.holds(g):
-                    check_batchnorm_channels(g, node, channels)  # an annotated shape that disagrees: invalid
+                ahead = ready.pop(id(node), None) if ready else None
+                if ahead is not None and ahead[0].holds(g):
+                    plan = ahead[0]
+                    check_batchnorm_channels(g, node, ahead[1])  # an annotated shape that disagrees: invalid
                 else:
                     plan = _fold_batchnorm(g, node, bn_rules, prefetched)
                 if isinstance(plan, Refusal):

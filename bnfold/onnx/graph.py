@@ -152,10 +152,12 @@ class GraphIndex(ConstantEvaluator, ShapeQueries):
         parent_runtime = self.parent._is_runtime if self.parent is not None else (lambda _name: False)
         inputs_of, outputs_of = self._inputs_of, self._outputs_of
         watch, watched = self._watch, self.watched
+        known.discard("")  # (an empty name is an omitted input, never a value)
         for node in self.nodes:
             op = node.op_type
-            inputs = inputs_of[id(node)] = node.input[:]  # a list; slicing reads a repeated field fastest
-            outputs = outputs_of[id(node)] = node.output[:]
+            nid = id(node)
+            inputs = inputs_of[nid] = node.input[:]  # a list; slicing reads a repeated field fastest
+            outputs = outputs_of[nid] = node.output[:]
             default_domain = node.domain in ("", "ai.onnx")
             if op in watch and default_domain:
                 watched.append(node)
@@ -167,8 +169,10 @@ class GraphIndex(ConstantEvaluator, ShapeQueries):
                         runtime.update(outputs)
                         break
             for name in inputs:
-                if name:
-                    if name not in known and not self._outer_defines(name):
+                if name in known:  # (the common case first: one test)
+                    consumers[name].append(node)
+                elif name:
+                    if not self._outer_defines(name):
                         where = f" in subgraph {self.path}" if self.path else ""
                         raise InputError(f"invalid graph{where}: node {node_label(node)} reads '{name}', which is "
                                          "not defined before it (dangling input or a cycle)")
@@ -393,10 +397,10 @@ class GraphIndex(ConstantEvaluator, ShapeQueries):
             self._new_shapes = {}
             self._local_shapes = None
         if self._removed_nodes:
-            keep_positions = [i for i, n in enumerate(self.nodes) if id(n) not in self._removed_nodes]
-            _delete_positions(self.graph.node, len(self.nodes), keep_positions)
-            self.nodes = [self.nodes[i] for i in keep_positions]
-            self._removed_nodes.clear()
+            removed = self._removed_nodes
+            _delete_runs(self.graph.node, [i for i, n in enumerate(self.nodes) if id(n) in removed])
+            self.nodes = [n for n in self.nodes if id(n) not in removed]
+            removed.clear()
         if self._removed_initializers:
             gone = self._removed_initializers
             if len(self.initializers) == len(self.graph.initializer):  # the dict is in graph order: no names read
@@ -416,16 +420,12 @@ class GraphIndex(ConstantEvaluator, ShapeQueries):
             dropped = self._dropped_values
             annotations = self._local_shapes
             if annotations is None or not annotations.names().isdisjoint(dropped):
-                _delete_where(self.graph.value_info, lambda v: v.name in dropped)
+                infos = self.graph.value_info
+                _delete_runs(infos, [i for i, v in enumerate(infos) if v.name in dropped])
             self.removed_names |= dropped
             self._dropped_values = set()
             self._local_shapes = None
 
-
-
-def _delete_positions(field, length: int, keep_positions: list[int]) -> None:
-    keep = set(keep_positions)
-    _delete_runs(field, [i for i in range(length) if i not in keep])
 
 
 def _delete_where(field, predicate) -> None:
@@ -434,11 +434,13 @@ def _delete_where(field, predicate) -> None:
 
 def _delete_runs(field, positions: list[int]) -> None:
     """Delete sorted positions from a repeated field, back to front, one slice per contiguous run."""
-    end = len(positions)
-    while end:
-        start = end - 1
-        while start and positions[start - 1] == positions[start] - 1:
-            start -= 1
-        del field[positions[start]:positions[end - 1] + 1]
-        end = start
-
+    if not positions:
+        return
+    start = positions[-1]
+    end = start + 1  # the run [start, end) grows downwards while positions are consecutive
+    for position in reversed(positions):
+        if position < start - 1:
+            del field[start:end]
+            end = position + 1
+        start = position
+    del field[start:end]

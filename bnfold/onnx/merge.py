@@ -48,6 +48,7 @@ _CHAIN_OPS = frozenset({"Conv", "BatchNormalization", "AveragePool", "Identity"}
 _DENSE_OPS = frozenset({"Gemm", "MatMul"})
 _SUM_OPS = frozenset({"Add", "Sum", "Sub"})  # Sub: a + (-1)·b (FastViT's RepMixer subtracts a branch)
 _DEFAULT_DOMAINS = ("", "ai.onnx")
+_TERM_OPS = _CHAIN_OPS | _DENSE_OPS | _SUM_OPS  # what produces a term that is (or holds) a branch
 _READERS_OF_BRANCHES = _CHAIN_OPS | {"Add", "Sum"}
 # A chain op, or a per-channel Mul/Add/Sub/Div that a fold into the linear op before it replaces by that op.
 _MAY_PRODUCE_A_CHAIN = _CHAIN_OPS | {"Mul", "Add", "Sub", "Div"}
@@ -68,7 +69,14 @@ class MergeBranches(MergeRule):
     name, summary, sources = MERGE_BRANCHES, MERGE_RULES[MERGE_BRANCHES], _SUM_OPS
 
     def match(self, g: GraphIndex, node: onnx.NodeProto) -> "MergePlan | Refusal | None":
-        return _merge_branches(g, node)
+        # Most sums are residual (x + f(x), f ending in an activation): no term is an op a merge reads with this
+        # sum its one reader, so no term is a branch. Said without walking the tree (the walk would find the same).
+        producer = g.producer
+        for name in g.inputs_of(node):
+            term = producer.get(name)
+            if term is not None and term.op_type in _TERM_OPS and _sole_value_reader(g, name, node):
+                return _merge_branches(g, node)
+        return None
 
 
 class MergeSequential(MergeRule):
@@ -235,10 +243,10 @@ def _chain(g: GraphIndex, name: str, reader: onnx.NodeProto) -> tuple[list[onnx.
 
 def _reads_type_only(g: GraphIndex, name: str, node: onnx.NodeProto) -> bool:
     """``node`` takes only the dtype (CastLike's second input) or the shape (Shape) of ``name``."""
-    if node.domain not in _DEFAULT_DOMAINS:
+    op = node.op_type
+    if op not in ("Shape", "CastLike") or node.domain not in _DEFAULT_DOMAINS:
         return False
-    inputs = g.inputs_of(node)
-    return node.op_type == "Shape" or (node.op_type == "CastLike" and inputs[0] != name)
+    return op == "Shape" or g.inputs_of(node)[0] != name
 
 
 def _sole_value_reader(g: GraphIndex, name: str, reader: onnx.NodeProto) -> bool:
@@ -246,9 +254,17 @@ def _sole_value_reader(g: GraphIndex, name: str, reader: onnx.NodeProto) -> bool
     users = g.consumers.get(name, ())
     if name in g.outputs:
         return False
-    if len(users) == 1:  # the common case, without the generators below (this runs for every Add and Conv)
+    if len(users) == 1:  # the common case (this runs for every Add and Conv)
         return users[0] is reader
-    return sum(u is reader for u in users) == 1 and all(u is reader or _reads_type_only(g, name, u) for u in users)
+    found = False
+    for user in users:  # a loop that ends at the first other reader of the values: most values have one
+        if user is reader:
+            if found:
+                return False  # read twice by ``reader`` (x + x)
+            found = True
+        elif not _reads_type_only(g, name, user):
+            return False
+    return found
 
 
 def _type_readers_go(g: GraphIndex, vanishing: list[onnx.NodeProto], merged: list[onnx.NodeProto]

@@ -12,6 +12,7 @@ order (Conv's input channels, ConvTranspose's output channels); see :func:`bnfol
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import onnx
@@ -61,17 +62,25 @@ class LinearOp:
         """(output-channel axis, groups along it, bias scale) in one pass over the node's attributes, and none when
         the op's layout needs no attribute (Conv's output channels are axis 0): what the batched path asks of every
         layer before a BN, where each attribute lookup costs as much as the rest of the check."""
-        names = {}
+        names = self._layout_attributes
+        if not names:
+            return self.out_axis, 1, 1.0
+        found = get_attrs(node, **names)
+        axis = self.in_axis if found.get(self.swap_axes_attr) else self.out_axis
+        groups = int(found.get(self.groups_attr, 1)) if axis == 1 else 1
+        return axis, groups, float(found.get(self.bias_scale_attr, 1.0))
+
+    @functools.cached_property
+    def _layout_attributes(self) -> dict[str, object]:
+        """The attributes :meth:`output_layout` reads, with their defaults."""
+        names: dict[str, object] = {}
         if self.swap_axes_attr:
             names[self.swap_axes_attr] = 0
         if self.groups_attr and (self.out_axis == 1 or self.swap_axes_attr):
             names[self.groups_attr] = 1
         if self.bias_scale_attr:
             names[self.bias_scale_attr] = 1.0
-        found = get_attrs(node, **names) if names else names
-        axis = self.in_axis if found.get(self.swap_axes_attr) else self.out_axis
-        groups = int(found.get(self.groups_attr, 1)) if axis == 1 else 1
-        return axis, groups, float(found.get(self.bias_scale_attr, 1.0))
+        return names
 
     def weight_rank_reason(self, rank: int) -> str:
         """'' when a weight of ``rank`` fits the op, else the end of the refusal ("has rank 1, expected 2")."""

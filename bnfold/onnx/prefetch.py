@@ -127,9 +127,10 @@ def prefetch_linear_plans(g: GraphIndex, nodes, affines: dict[int, tuple[np.ndar
         layer = producers.get(x)
         if layer is None:
             continue
-        op, _ = rule_for.get(layer.op_type, (None, ""))
-        if op is None or layer.domain not in ("", "ai.onnx") or not g.only_consumer(x, bn):
+        entry = rule_for.get(layer.op_type)
+        if entry is None or layer.domain not in ("", "ai.onnx") or not g.only_consumer(x, bn):
             continue
+        op, rule = entry
         inputs = g.inputs_of(layer)
         if len(inputs) < 2:
             continue
@@ -158,18 +159,18 @@ def prefetch_linear_plans(g: GraphIndex, nodes, affines: dict[int, tuple[np.ndar
             bias = _bias_values(g, bias_name, weight.data_type, channels)
             if bias is None:
                 continue
-        jobs.append((bn, x, layer, op, weight, dims, axis, group, bias_name, bias, st))
+        jobs.append((bn, x, layer, op, rule, weight, dims, axis, group, bias_name, bias, st))
     done: dict[int, tuple[Plan, int]] = {}
     if not jobs:
         return done
     # New biases: s*b + t where the layer has a bias, t itself where it has none (as absorb_after has it).
-    with_bias = [job for job in jobs if job[9] is not None]
+    with_bias = [job for job in jobs if job[10] is not None]
     if with_bias:
-        flat = np.concatenate([job[10][0] for job in with_bias]) * \
-            np.concatenate([job[9] for job in with_bias]).astype(np.float64) + \
-            np.concatenate([job[10][1] for job in with_bias])
+        flat = np.concatenate([job[11][0] for job in with_bias]) * \
+            np.concatenate([job[10] for job in with_bias]).astype(np.float64) + \
+            np.concatenate([job[11][1] for job in with_bias])
     start = 0
-    for bn, x, layer, op, tensor, dims, axis, group, bias_name, bias, (s, t) in jobs:
+    for bn, x, layer, op, rule, tensor, dims, axis, group, bias_name, bias, (s, t) in jobs:
         if bias is not None:
             end = start + s.shape[0]
             new_b = flat[start:end]
@@ -194,6 +195,6 @@ def prefetch_linear_plans(g: GraphIndex, nodes, affines: dict[int, tuple[np.ndar
             edits = [] if new_b is None else [WriteTensor(layer, op.bias_slot, new_b)]
             edits += [WriteTensor(layer, 1, new_w), MoveOutput(layer, g.outputs_of(bn)[0])]
             reads = [LayerRead(x, layer, bn, layer, tensor.name, op.bias_slot, bias_name)]
-            plan = Plan(rule_for[layer.op_type][1], bn, node_label(layer), edits, [bn], reads)
+            plan = Plan(rule, bn, node_label(layer), edits, [bn], reads)
             done[id(bn)] = (plan, s.shape[0])
     return done
