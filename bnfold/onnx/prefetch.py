@@ -11,6 +11,7 @@ a graph changed by an earlier fold) takes the per-node path, which also explains
 from __future__ import annotations
 
 import math
+import operator
 from collections import defaultdict
 
 import numpy as np
@@ -23,6 +24,9 @@ from .nodes import node_label
 from .ops import LinearOp
 from .plan import LayerRead, MoveOutput, Plan, WriteTensor
 from .tensors import RAW_FLOAT_DTYPES
+
+
+_DIMS, _DATA_TYPE = operator.attrgetter("dims"), operator.attrgetter("data_type")
 
 
 def prefetch_batchnorm_affines(g: GraphIndex, nodes) -> dict[int, tuple[np.ndarray, np.ndarray]]:
@@ -49,11 +53,12 @@ def prefetch_batchnorm_affines(g: GraphIndex, nodes) -> dict[int, tuple[np.ndarr
             dtype = RAW_FLOAT_DTYPES.get(data_type)
             if dtype is None:
                 continue
-            raws = [t.raw_data for t in tensors if t.data_type == data_type]
+            raws = [t.raw_data for t in tensors]
             size = len(raws[0])
-            # four vectors of the same byte length: one value per channel each (else the per-node path refuses)
-            if size and len(raws) == 4 and all(len(r) == size for r in raws[1:]) and \
-                    all(len(t.dims) == 1 for t in tensors) and tensors[0].dims[0] * dtype.itemsize == size:
+            # four vectors of one dtype and byte length: one value per channel each (else the per-node path refuses)
+            # (map, not generators: this runs for every BN, and a generator costs a frame)
+            if size and set(map(_DATA_TYPE, tensors)) == {data_type} and set(map(len, raws)) == {size} and \
+                    set(map(len, map(_DIMS, tensors))) == {1} and tensors[0].dims[0] * dtype.itemsize == size:
                 by_dtype[data_type].append((node, raws, epsilon, size // dtype.itemsize))
     cache = {}
     for data_type, members in by_dtype.items():
