@@ -50,14 +50,14 @@ class ModelContext:
         # Set by the pass when merge rules run: written tensors then keep their float64 values (exact_wanted).
         self.merging = False
 
-    def exact_wanted(self, dtype) -> bool:
+    def exact_wanted(self, dtype: np.dtype) -> bool:
         """Whether a tensor of ``dtype`` written now keeps its float64 value (before the cast) for the merges.
 
         A merge sums or composes weights that folds already rounded; rounding that result again is a second
         rounding. In float32 that is about an ulp, inside verification noise, and keeping a float64 copy of every
         folded weight would double the fold's memory; in the 16-bit floats (float16, bfloat16) it is not (the
         fuzz soak found an fp16 model out of tolerance). So: narrower than float32, and only while merging."""
-        return self.merging and np.dtype(dtype).itemsize < 4
+        return self.merging and dtype.itemsize < 4
 
     def unique_name(self, base: str) -> str:
         if self._names is None:  # built on first need: most folds rewrite tensors in place and name nothing

@@ -79,13 +79,15 @@ def get_attr(node: onnx.NodeProto, name: str, default=None):
 
 def get_attrs(node: onnx.NodeProto, **defaults) -> dict:
     """Several attributes in one pass over the node's attributes: ``{name: value or its default}``."""
-    found = dict(defaults)
+    found = defaults  # (a dict of its own: ``**`` builds a new one each call)
     pending = set(defaults)
     for attr in node.attribute:
         name = attr.name
         if name in pending:  # the first of a name counts, as in get_attr
             found[name] = attribute_value(attr)
             pending.discard(name)
+            if not pending:  # (reading each attribute of a protobuf node costs; the rest are not asked for)
+                break
     return found
 
 

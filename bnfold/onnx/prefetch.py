@@ -197,8 +197,9 @@ def prefetch_linear_plans(g: GraphIndex, nodes, affines: dict[int, tuple[np.ndar
             new_b = new_b.astype(dtype)
         if np.isfinite(new_w).all() and (new_b is None or np.isfinite(new_b).all()):
             # the edits AfterTarget.plan_edits makes, in its order: bias first, weight, then the output moves
-            edits = [] if new_b is None else [WriteTensor(layer, op.bias_slot, new_b)]
-            edits += [WriteTensor(layer, 1, new_w), MoveOutput(layer, g.outputs_of(bn)[0])]
+            weight_and_output = WriteTensor(layer, 1, new_w), MoveOutput(layer, g.outputs_of(bn)[0])
+            edits = [*weight_and_output] if new_b is None else \
+                [WriteTensor(layer, op.bias_slot, new_b), *weight_and_output]
             reads = [LayerRead(x, layer, bn, layer, tensor.name, op.bias_slot, bias_name)]
             plan = Plan(rule, bn, node_label(layer), edits, [bn], reads)
             done[id(bn)] = (plan, s.shape[0])
