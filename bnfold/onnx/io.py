@@ -364,14 +364,15 @@ def materialize(model: onnx.ModelProto, replacements: "dict[str, np.ndarray] | N
     graph's initializers by name, when at hand (every replaced one among them)."""
     if not replacements:
         return
-    if initializers is not None:
-        tensors = [initializers[name] for name in replacements if name in initializers]
-    else:
-        tensors = [tensor for tensor in model.graph.initializer if tensor.name in replacements]
-    for tensor in tensors:
-        value = replacements.pop(tensor.name, None)
+    if initializers is None:
+        initializers = {}
+        for tensor in model.graph.initializer:
+            if tensor.name in replacements:
+                initializers.setdefault(tensor.name, tensor)  # (a name given twice: its first tensor)
+    for name in [name for name in replacements if name in initializers]:
+        tensor, value = initializers[name], replacements.pop(name)
         if value is not None:
-            tensor.raw_data = np.ascontiguousarray(value_of(value)).tobytes()
+            tensor.raw_data = value_of(value).tobytes()  # (C order whatever the array's layout)
             if tensor.data_location == onnx.TensorProto.EXTERNAL:
                 tensor.data_location = onnx.TensorProto.DEFAULT
                 del tensor.external_data[:]
