@@ -148,7 +148,7 @@ def _merge_graph(g: GraphIndex, rs: RuleSet, report: FoldReport, refused: list[S
     # The index lists the default-domain nodes of the merge rules' source ops as it reads the graph (RuleSet.watch):
     # no walk over every node. A node an earlier merge or fold changed is judged by what it is now.
     rules_for = rs.merges_by_op
-    for node in list(g.watched):
+    for node in g.watched:  # (the index built it; edits never change it)
         rules = rules_for.get(node.op_type)
         if rules is None or g.is_removed(node):
             continue
