@@ -23,7 +23,7 @@ MAX_EVAL_ELEMENTS = 1 << 24
 
 class ConstantEvaluator:
     """Constant lookups of a :class:`~bnfold.onnx.graph.GraphIndex` (which provides ``producer``,
-    ``initializers``, ``inputs``, ``parent``, ``ctx``, ``_constants``, ``_not_constant``, ``_runtime_values``,
+    ``initializers``, ``inputs``, ``parent``, ``ctx``, ``_constants``, ``_not_constant``, ``_runtime``,
     ``_inputs_of``, ``_outputs_of``, ``is_overridable_input``, ``elem_type`` and ``static_shape``)."""
 
     def constant(self, name: str) -> tuple[np.ndarray | None, str]:
@@ -66,7 +66,7 @@ class ConstantEvaluator:
         (fill, x), (shape_out, one) = inputs_of[id(cast_like)], inputs_of[id(count)]
         fill_node, shape, one_node = producer.get(fill), producer.get(shape_out), producer.get(one)
         if fill_node is None or shape is None or one_node is None or fill_node.op_type != "Constant" \
-                or one_node.op_type != "Constant" or shape.op_type != "Shape" or x not in self._runtime_values():
+                or one_node.op_type != "Constant" or shape.op_type != "Shape" or x not in self._runtime:
             return None
         weight = inputs_of[id(shape)]
         if len(weight) != 1 or weight[0] not in self.initializers or weight[0] in self._constants:
@@ -75,7 +75,7 @@ class ConstantEvaluator:
         for node in nodes:
             outputs = self._outputs_of[id(node)]
             if node.domain not in ("", "ai.onnx") or len(outputs) != 1 or outputs[0] in self._not_constant \
-                    or outputs[0] in self._runtime_values():
+                    or outputs[0] in self._runtime:
                 return None
         stand_in = self._stand_in(cast_like, 1)
         if stand_in is None:
@@ -118,7 +118,7 @@ class ConstantEvaluator:
     def _compute(self, name: str) -> tuple[np.ndarray | None, str]:
         """Evaluate the producer of ``name`` after its inputs, bottom-up with an explicit stack: a deep graph must
         not exhaust Python's recursion limit."""
-        constants, runtime = self._constants, self._runtime_values()
+        constants, runtime = self._constants, self._runtime
         stack, active = [name], {name}
         while stack:
             current = stack[-1]
@@ -181,7 +181,7 @@ class ConstantEvaluator:
                     return self.ctx.external.read(tensor), ""
                 return None, f"'{name}' lives in external data that was not loaded"
             return tensor_to_array(tensor), ""
-        if name in self.producer and name in self._runtime_values():
+        if name in self._runtime and name in self.producer:
             node = self.producer[name]
             reason = self._not_constant[name] = f"'{name}' is computed at run time by {node.op_type} {node_label(node)}"
             return None, reason

@@ -121,7 +121,7 @@ class GraphIndex(ConstantEvaluator, ShapeQueries):
         self._dropped_values: set[str] = set()
         self._constants: dict[str, np.ndarray] = {}
         self._not_constant: dict[str, str] = {}  # name -> why it is not a compile-time constant
-        self._runtime: set[str] | None = None  # names whose value depends on a graph input (_runtime_values)
+        self._runtime: set[str] = set()  # names whose value depends on a graph input
         self._local_shapes: Annotations | None = None
         self.rewritten: set[str] = set()  # initializers given new values (invalidates prefetched math)
         # Input and output names of each node (by id), read once: reading them from the protobuf costs ~0.3 us a
@@ -145,6 +145,11 @@ class GraphIndex(ConstantEvaluator, ShapeQueries):
     def _index(self, graph: onnx.GraphProto) -> None:
         known = set(self.inputs) | set(self.initializers) | {t.name for t in graph.sparse_initializer}
         consumers, producer, initializers, inputs_ = self.consumers, self.producer, self.initializers, self.inputs
+        # Values that depend on a run-time input, found in the same pass: asking whether they are constant then
+        # costs one lookup. (Shape reads only a shape and CastLike's second input only a dtype: not counted.)
+        runtime = self._runtime
+        runtime.update(n for n in inputs_ if n not in initializers or self.ctx.ir_version >= 4)
+        parent_runtime = self.parent._is_runtime if self.parent is not None else (lambda _name: False)
         inputs_of, outputs_of = self._inputs_of, self._outputs_of
         watch, watched = self._watch, self.watched
         known.discard("")  # (an empty name is an omitted input, never a value)
@@ -156,6 +161,13 @@ class GraphIndex(ConstantEvaluator, ShapeQueries):
             default_domain = node.domain in ("", "ai.onnx")
             if op in watch and default_domain:
                 watched.append(node)
+            if op in NONDETERMINISTIC:
+                runtime.update(outputs)
+            elif default_domain and op != "Shape":
+                for n in (inputs[:1] if op == "CastLike" else inputs):
+                    if n in runtime or (n and n not in known and parent_runtime(n)):
+                        runtime.update(outputs)
+                        break
             for name in inputs:
                 if name in known:  # (the common case first: one test)
                     consumers[name].append(node)
@@ -185,40 +197,10 @@ class GraphIndex(ConstantEvaluator, ShapeQueries):
             if name not in known and not self._outer_defines(name):
                 raise InputError(f"invalid graph: graph output '{name}' is never computed")
 
-    def _runtime_values(self) -> set[str]:
-        """The values that depend on a run-time input (a graph input, a random op), found on first need: the
-        constant lookups of most folds read initializers only and never ask."""
-        if self._runtime is None:
-            self._runtime = self._find_runtime()
-        return self._runtime
-
-    def _find_runtime(self) -> set[str]:
-        """One pass over the graph as it is now, in order. (Shape reads only a shape and CastLike's second input
-        only a dtype: not counted. A value no node of this graph defines is an enclosing graph's.)"""
-        initializers, inputs_, producer = self.initializers, self.inputs, self.producer
-        runtime = {n for n in inputs_ if n not in initializers or self.ctx.ir_version >= 4}
-        sparse = {t.name for t in self.graph.sparse_initializer}
-        parent_runtime = self.parent._is_runtime if self.parent is not None else (lambda _name: False)
-        removed, inputs_of, outputs_of = self._removed_nodes, self._inputs_of, self._outputs_of
-        for node in self.nodes:
-            if id(node) in removed:
-                continue
-            op = node.op_type
-            if op in NONDETERMINISTIC:
-                runtime.update(outputs_of[id(node)])
-            elif op != "Shape" and node.domain in ("", "ai.onnx"):
-                inputs = inputs_of[id(node)]
-                for n in (inputs[:1] if op == "CastLike" else inputs):
-                    if n in runtime or (n and n not in producer and n not in initializers and n not in inputs_
-                                        and n not in sparse and parent_runtime(n)):
-                        runtime.update(outputs_of[id(node)])
-                        break
-        return runtime
-
     def _is_runtime(self, name: str) -> bool:
         g = self
         while g is not None:
-            if name in g._runtime_values():
+            if name in g._runtime:
                 return True
             if name in g.producer or name in g.initializers:
                 return False
@@ -310,8 +292,7 @@ class GraphIndex(ConstantEvaluator, ShapeQueries):
             if old not in self.producer and not self.consumers.get(old):
                 self._constants.pop(old, None)
                 self._not_constant.pop(old, None)
-                if self._runtime is not None:
-                    self._runtime.discard(old)
+                self._runtime.discard(old)
                 self.rewritten.add(old)
                 self.add_initializer(value, old, exact=True)
                 self.consumers[old].append(node)
