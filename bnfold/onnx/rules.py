@@ -449,8 +449,12 @@ class FoldBefore(Rule):
         alpha = float(get_attr(consumer, op.output_scale_attr, 1.0)) if op.output_scale_attr else 1.0
         beta = float(get_attr(consumer, op.bias_scale_attr, 1.0)) if op.bias_scale_attr else 1.0
 
-        def shifted(bias, shift):  # alpha and beta of 1 multiply exactly: an op without them gets bias + shift
-            return alpha * shift if bias is None else beta * np.asarray(bias, np.float64) + alpha * shift
+        def shifted(bias, shift):  # beta * bias + alpha * shift; a factor of 1 is left out (1 * x is x exactly)
+            scaled = shift if alpha == 1.0 else alpha * shift
+            if bias is None:
+                return scaled
+            bias = np.asarray(bias, np.float64)
+            return (bias if beta == 1.0 else beta * bias) + scaled
 
         new_b = cast_checked(shifted(bias, shift), weight.dtype, "folded bias")
         exact_b = None if exact_w is None else shifted(bias if exact_bias is None else exact_bias, exact_shift)
