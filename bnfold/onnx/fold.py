@@ -59,7 +59,6 @@ class RuleSet:
     merges: tuple[MergeRule, ...]
     merges_by_op: dict[str, tuple[MergeRule, ...]]  # op type -> the merge rules that start from it, in order
     fold_starts: frozenset[str]  # op types a fold rule starts from (BatchNormalization always: BNs are counted)
-    merge_sources: frozenset[str]
     watch: frozenset[str]  # what the index lists: fold starts, merge sources, per-sample norms
     batchable_ops: dict[str, tuple[LinearOp, str]]  # op type -> (descriptor, its after-rule), for prefetch
 
@@ -77,7 +76,7 @@ def rule_set(rules: "tuple[Rule | MergeRule, ...]") -> RuleSet:
     # batchable op the per-node path would return that op's after-rule plan: the same plan, made one by one.
     batchable_ops = {r.op.op_type: (r.op, r.name) for r in bn_rules if isinstance(r, FoldAfter) and batchable(r.op)}
     return RuleSet(bn_rules, tuple(r for r in folds if r.sources & _MUL_ADD), merges, merges_by_op, fold_starts,
-                   merge_sources, fold_starts | merge_sources | PER_SAMPLE_NORMS.keys(), batchable_ops)
+                   fold_starts | merge_sources | PER_SAMPLE_NORMS.keys(), batchable_ops)
 
 
 def fold_model(model: onnx.ModelProto, rules: list[Rule],
