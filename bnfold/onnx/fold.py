@@ -92,7 +92,7 @@ def fold_model(model: onnx.ModelProto, rules: list[Rule],
     main graph's initializers of a lazily loaded model (:func:`bnfold.onnx.io.load_model_lazily`).
     """
     report = FoldReport()
-    ctx = ModelContext(model, external)
+    ctx = ModelContext(model, external, defer_writes=replacements is not None)
     rs = rule_set(tuple(rules))
     ctx.merging = bool(rs.merges)
     # Overflow and invalid values are checked for where they matter (a fold with them is refused); one errstate

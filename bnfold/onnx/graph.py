@@ -31,7 +31,7 @@ from .tensors import RAW_FLOAT_DTYPES, constant_node_value, tensor_to_array  # n
 class ModelContext:
     """What every graph of one model shares: opset, IR version, the set of taken names, lazy shape info."""
 
-    def __init__(self, model: onnx.ModelProto, external: "ExternalData | None" = None):
+    def __init__(self, model: onnx.ModelProto, external: "ExternalData | None" = None, defer_writes: bool = True):
         self.model = model
         # Serves main-graph initializers that stay in external files (lazily loaded models); folded values of
         # those are spilled to disk rather than held in memory.
@@ -47,6 +47,9 @@ class ModelContext:
         # New values of main-graph initializers, kept as arrays until saved or materialized: copying each folded
         # weight into the protobuf costs as much again as the fold (see io.write_streamed).
         self.replacements: dict[str, np.ndarray] = {}
+        # False: a folded value is written into its tensor at once (the caller wants the protobuf folded, nothing
+        # is saved from the arrays), which spares the pending table and a second walk over the tensors.
+        self.defer_writes = defer_writes or external is not None
         # Set by the pass when merge rules run: written tensors then keep their float64 values (exact_wanted).
         self.merging = False
 
@@ -279,7 +282,8 @@ class GraphIndex(ConstantEvaluator, ShapeQueries):
             dims = tuple(tensor.dims)
             if dims != value.shape:  # its annotations (value_info, graph input) follow at commit
                 self._new_shapes[old] = value.shape
-            store_value(tensor, np.ascontiguousarray(value), self.ctx.replacements if self.parent is None else None,
+            store_value(tensor, np.ascontiguousarray(value),
+                        self.ctx.replacements if self.parent is None and self.ctx.defer_writes else None,
                         self.ctx.external, name=old, dims=dims, in_file=external)
             self._constants.pop(old, None)
             return old
