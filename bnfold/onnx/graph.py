@@ -155,12 +155,10 @@ class GraphIndex(ConstantEvaluator, ShapeQueries):
         parent_runtime = self.parent._is_runtime if self.parent is not None else (lambda _name: False)
         inputs_of, outputs_of = self._inputs_of, self._outputs_of
         watch, watched = self._watch, self.watched
-        known.discard("")  # (an empty name is an omitted input, never a value)
         for node in self.nodes:
             op = node.op_type
-            nid = id(node)
-            inputs = inputs_of[nid] = node.input[:]  # a list; slicing reads a repeated field fastest
-            outputs = outputs_of[nid] = node.output[:]
+            inputs = inputs_of[id(node)] = node.input[:]  # a list; slicing reads a repeated field fastest
+            outputs = outputs_of[id(node)] = node.output[:]
             default_domain = node.domain in ("", "ai.onnx")
             if op in watch and default_domain:
                 watched.append(node)
@@ -172,10 +170,8 @@ class GraphIndex(ConstantEvaluator, ShapeQueries):
                         runtime.update(outputs)
                         break
             for name in inputs:
-                if name in known:  # (the common case first: one test)
-                    consumers[name].append(node)
-                elif name:
-                    if not self._outer_defines(name):
+                if name:
+                    if name not in known and not self._outer_defines(name):
                         where = f" in subgraph {self.path}" if self.path else ""
                         raise InputError(f"invalid graph{where}: node {node_label(node)} reads '{name}', which is "
                                          "not defined before it (dangling input or a cycle)")

@@ -370,12 +370,11 @@ def materialize(model: onnx.ModelProto, replacements: "dict[str, np.ndarray] | N
             if tensor.name in replacements:
                 initializers.setdefault(tensor.name, tensor)  # (a name given twice: its first tensor)
     for name in [name for name in replacements if name in initializers]:
-        tensor, value = initializers[name], replacements.pop(name)
-        if value is not None:
-            tensor.raw_data = value_of(value).tobytes()  # (C order whatever the array's layout)
-            if tensor.data_location == onnx.TensorProto.EXTERNAL:
-                tensor.data_location = onnx.TensorProto.DEFAULT
-                del tensor.external_data[:]
+        tensor = initializers[name]
+        tensor.raw_data = value_of(replacements.pop(name)).tobytes()  # (C order whatever the array's layout)
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
 
 
 def _copy_fields(src, dst, keep) -> None:

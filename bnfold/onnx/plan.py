@@ -144,10 +144,7 @@ class Plan:
 
     def holds(self, g: GraphIndex) -> bool:
         """Everything the plan read is still as it was (a plan computed ahead, before earlier folds)."""
-        reads = self.reads
-        if len(reads) == 1:  # a prefetched fold (this runs once per fold): no loop
-            return reads[0].holds(g)
-        for read in reads:
+        for read in self.reads:  # a loop, not all(): this runs once per prefetched fold
             if not read.holds(g):
                 return False
         return True
