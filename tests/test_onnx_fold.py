@@ -1447,3 +1447,28 @@ def test_annotated_channels_that_disagree_with_the_batchnorm_are_an_invalid_mode
     model.graph.value_info.append(helper.make_tensor_value_info(c, TP.FLOAT, [2, 5, 6, 6]))
     with pytest.raises(bnfold.InputError, match="has 4 channels, but its input has 5"):
         bnfold.fold_onnx(model)
+
+
+# ============================================================================================ annotations
+
+def test_annotations_first_tensor_type_counts_and_every_annotation_stays_listed():
+    """A value annotated first without a tensor type and later with one takes the later's element type; a value
+    with no tensor type at all is not annotated for shape queries, but stays listed (commit deletes its value_info
+    by those names when the value goes)."""
+    from bnfold.onnx.shapes import Annotations
+
+    graph = helper.make_graph(
+        [], "g", [helper.make_tensor_value_info("x", TP.FLOAT, [1, 2])],
+        [helper.make_tensor_value_info("y", TP.FLOAT16, [3])],
+        value_info=[helper.make_empty_tensor_value_info("v"), helper.make_empty_tensor_value_info("w"),
+                    helper.make_tensor_value_info("v", TP.DOUBLE, [4, 5])])
+    annotations = Annotations(graph)
+    assert annotations.value_info_names == ["v", "w", "v"]
+    assert annotations.annotates("v") and annotations.elem_type("v") == TP.DOUBLE
+    assert annotations.get("v") == [4, 5]  # the last shape
+    assert not annotations.annotates("w")
+    assert set(annotations.names()) == {"x", "y", "v", "w"}
+    assert annotations.annotates("x") and annotations.elem_type("y") == TP.FLOAT16 and annotations.get("x") == [1, 2]
+
+    single = Annotations(helper.make_graph([], "g", [], [], value_info=[helper.make_empty_tensor_value_info("w")]))
+    assert not single.annotates("w") and list(single.names()) == ["w"]  # (no name twice: one dict, copied to edit)

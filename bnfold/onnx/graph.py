@@ -419,9 +419,12 @@ class GraphIndex(ConstantEvaluator, ShapeQueries):
         if self._dropped_values:
             dropped = self._dropped_values
             annotations = self._local_shapes
-            if annotations is None or not annotations.names().isdisjoint(dropped):
+            if annotations is None:
                 infos = self.graph.value_info
                 _delete_runs(infos, [i for i, v in enumerate(infos) if v.name in dropped])
+            elif not annotations.names().isdisjoint(dropped):  # their names, read once already
+                _delete_runs(self.graph.value_info,
+                             [i for i, name in enumerate(annotations.value_info_names) if name in dropped])
             self.removed_names |= dropped
             self._dropped_values = set()
             self._local_shapes = None

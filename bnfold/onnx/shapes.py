@@ -126,20 +126,23 @@ class Annotations:
 
     Where a name is annotated twice the last shape and the first tensor type count."""
 
-    __slots__ = ("_graph", "_last", "_first", "_shapes", "_types")
+    __slots__ = ("_graph", "_last", "_first", "_shapes", "_types", "value_info_names")
 
     def __init__(self, graph: onnx.GraphProto):
         infos = [*graph.input, *graph.output, *graph.value_info]
         names = [vi.name for vi in infos]
         last = dict(zip(names, infos))  # (comprehensions: an exported model annotates every value)
         if len(last) == len(infos):
-            first = dict(last)  # no name annotated twice (the usual case): the same annotations (a copy: annotates()
-            # edits its own)
+            first = last  # no name annotated twice (the usual case): the same annotations (annotates() copies
+            # before it edits its own)
         else:
             first = {}
             for name, vi in zip(names, infos):
                 first.setdefault(name, vi)
         self._graph, self._last, self._first, self._shapes, self._types = graph, last, first, {}, {}
+        #: The names of ``graph.value_info`` in order, read once here: the index's commit (the one writer of
+        #: value_info, which drops this object after) finds the annotations of removed values by position.
+        self.value_info_names = names[len(infos) - len(graph.value_info):]
 
     def names(self):
         """Every annotated name (a view)."""
@@ -165,10 +168,15 @@ class Annotations:
         for field in (self._graph.input, self._graph.output, self._graph.value_info):  # rare: a later one may
             for other in field:
                 if other.name == name and other.type.HasField("tensor_type"):
-                    self._first[name] = other
+                    self._own_first()[name] = other
                     return True
-        self._first.pop(name)
+        self._own_first().pop(name)
         return False
+
+    def _own_first(self) -> dict:
+        if self._first is self._last:
+            self._first = dict(self._last)
+        return self._first
 
     def elem_type(self, name: str) -> int | None:
         try:
