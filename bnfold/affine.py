@@ -36,7 +36,8 @@ def bn_to_affine(scale, bias, mean, var, epsilon: float) -> tuple[np.ndarray, np
     :func:`bn_to_affine_flat`, so both give identical bits.
     """
     params = np.array([scale, bias, mean, var], dtype=np.float64)
-    s, t, valid = bn_to_affine_flat(*params, np.float64(epsilon))
+    with np.errstate(all="ignore"):
+        s, t, valid = bn_to_affine_flat(*params, np.float64(epsilon))
     if valid.all():
         return s, t
     var = params[3]
@@ -58,14 +59,14 @@ def bn_to_affine_flat(scale: np.ndarray, bias: np.ndarray, mean: np.ndarray, var
     layer with such a channel must not be folded).
 
     Batching matters: a model with thousands of BN layers would otherwise spend most of its fold time in the
-    per-call overhead of numpy on arrays of a few dozen values.
+    per-call overhead of numpy on arrays of a few dozen values. Call under ``np.errstate(all="ignore")`` (the bad
+    values are what ``valid`` reports; the ONNX fold pass holds one errstate for all of its math).
     """
-    with np.errstate(all="ignore"):
-        s = scale / np.sqrt(var + epsilon)
-        t = bias - mean * s
-        # Enough to catch every bad parameter: a non-finite scale, bias or mean, or var + eps <= 0, makes s or t
-        # non-finite; only an infinite variance (s = 0) needs its own test.
-        valid = np.isfinite(s) & np.isfinite(t) & np.isfinite(var) & (var >= 0)
+    s = scale / np.sqrt(var + epsilon)
+    t = bias - mean * s
+    # Enough to catch every bad parameter: a non-finite scale, bias or mean, or var + eps <= 0, makes s or t
+    # non-finite; only an infinite variance (s = 0) needs its own test.
+    valid = np.isfinite(s) & np.isfinite(t) & np.isfinite(var) & (var >= 0)
     return s, t, valid
 
 

@@ -304,8 +304,8 @@ def test_bn_to_affine_flat_validity_is_the_full_definition():
     grid = np.array(np.meshgrid(special, special, special, special, indexing="ij")).reshape(4, -1)
     for eps in (1e-5, 0.0, -1.0, 1e-320):
         scale, bias, mean, var = grid
-        s, t, valid = bn_to_affine_flat(scale, bias, mean, var, np.float64(eps))
-        with np.errstate(all="ignore"):
+        with np.errstate(all="ignore"):  # (as its callers hold one)
+            s, t, valid = bn_to_affine_flat(scale, bias, mean, var, np.float64(eps))
             denom = var + eps
             full = (np.isfinite(grid).all(axis=0) & (var >= 0) & (denom > 0) & np.isfinite(s) & np.isfinite(t))
             np.testing.assert_array_equal(s, scale / np.sqrt(denom))

@@ -85,7 +85,8 @@ class MergeSequential(MergeRule):
     def match(self, g: GraphIndex, node: onnx.NodeProto) -> "MergePlan | Refusal | None":
         inputs = g.inputs_of(node)
         before = g.producer.get(inputs[0]) if inputs else None
-        if before is None or before.op_type not in _CHAIN_OPS:  # most Convs read an activation: no call deeper
+        # Most Convs read an activation, or a value that others read too (a residual stream): no call deeper.
+        if before is None or before.op_type not in _CHAIN_OPS or not _sole_value_reader(g, inputs[0], node):
             return None
         return _merge_sequence(g, node)
 

@@ -32,7 +32,7 @@ _DIMS, _DATA_TYPE = operator.attrgetter("dims"), operator.attrgetter("data_type"
 def prefetch_batchnorm_affines(g: GraphIndex, nodes) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """``bn_to_affine`` for every BatchNormalization whose parameters are plain float initializers, all channels of
     one dtype in one run of numpy calls. Keyed by ``id(node)``; nodes left out take the per-node path, which also
-    explains refusals."""
+    explains refusals. Call under ``np.errstate(all="ignore")`` (the fold pass does)."""
     by_dtype: dict[int, list] = defaultdict(list)
     initializers, inputs = g.initializers, g.inputs
     replaced = g.ctx.replacements if g.parent is None else {}
