@@ -35,17 +35,23 @@ ALL_RULE_NAMES: tuple[str, ...] = RULE_NAMES + MERGE_RULE_NAMES
 _MAX_MERGE_ROUNDS = 1000
 
 
-def select_rules(skip: Iterable[str] = ()) -> "list[Rule | MergeRule]":
+def select_rules(skip: Iterable[str] = ()) -> "tuple[Rule | MergeRule, ...]":
     """The fold rules of the descriptor table as it is now and the merge rules, less those named in ``skip``."""
-    rules = (*current_rules(), *MERGES)
+    folds = current_rules()
+    if _selected[0] is not folds:  # (the table changed: a new descriptor)
+        _selected[:] = [folds, (*folds, *MERGES)]
+    rules = _selected[1]
     if not skip:
-        return list(rules)
+        return rules
     skip = set(skip)
     names = [r.name for r in rules]
     unknown = skip - set(names)
     if unknown:
         raise InputError(f"unknown rule {', '.join(sorted(unknown))} (choose from {', '.join(names)})")
-    return [r for r in rules if r.name not in skip]
+    return tuple(r for r in rules if r.name not in skip)
+
+
+_selected: list = [None, ()]  # [the fold rules of the table, those and the merge rules]
 
 
 @dataclass(frozen=True)
@@ -79,7 +85,7 @@ def rule_set(rules: "tuple[Rule | MergeRule, ...]") -> RuleSet:
                    fold_starts | merge_sources | PER_SAMPLE_NORMS.keys(), batchable_ops)
 
 
-def fold_model(model: onnx.ModelProto, rules: list[Rule],
+def fold_model(model: onnx.ModelProto, rules: "Iterable[Rule | MergeRule]",
                replacements: "dict[str, np.ndarray] | None" = None, external: "ExternalData | None" = None,
                *, batched: bool = True) -> FoldReport:
     """Fold ``model`` in place and say what happened.

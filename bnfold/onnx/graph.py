@@ -80,8 +80,10 @@ class ModelContext:
         taken.update(main.outputs)
         taken.update(main.removed_names)  # gone from the graph (committed or not): the old protobuf had them
         taken.update(main._dropped_values)
-        taken.update(vi.name for vi in graph.value_info)
-        taken.update(node.name for node in main.nodes)
+        annotations = main._local_shapes  # (value_info's names, when a shape lookup has read them already)
+        taken.update(annotations.value_info_names if annotations is not None else
+                     [vi.name for vi in graph.value_info])
+        taken.update([node.name for node in main.nodes])
         for body in main.bodies:
             all_names(body, taken)
         return taken

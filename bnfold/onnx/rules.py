@@ -614,15 +614,16 @@ def build_rules(ops: dict[str, LinearOp] | None = None) -> tuple[Rule, ...]:
             *(FoldBefore(op) for op in ops.values() if op.before_rule), AffineAfterLinear())
 
 
-_built: list = [None, ()]  # [the descriptors the rules were built from, the rules]
+_built: list = [None, ()]  # [a copy of the table the rules were built from, the rules]
 
 
 def current_rules() -> tuple[Rule, ...]:
     """:func:`build_rules` of the table as it is now, rebuilt only when the table changed (a fold of a small
-    model would otherwise spend a noticeable part of its time building rule objects)."""
-    key = tuple(LINEAR_OPS.values())
-    if _built[0] != key:
-        _built[:] = [key, build_rules()]
+    model would otherwise spend a noticeable part of its time building rule objects). The check compares the
+    entries (a dict comparison allocates nothing), not their order: reordering the same descriptors in place keeps
+    the rules built for the old order."""
+    if _built[0] != LINEAR_OPS:
+        _built[:] = [dict(LINEAR_OPS), build_rules()]
     return _built[1]
 
 
