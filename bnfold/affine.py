@@ -122,9 +122,16 @@ def absorb_before(weight, bias, s, t, *, in_axis: int, out_axis: int, groups: in
 
 def cast_checked(values: np.ndarray, dtype, what: str = "folded weights") -> np.ndarray:
     """Round float64 results once to ``dtype``; refuse when a value is not finite or overflows the dtype."""
+    with np.errstate(over="ignore", invalid="ignore"):  # (an overflowing cast is refused, not warned about)
+        return cast_checked_in_errstate(values, dtype, what)
+
+
+def cast_checked_in_errstate(values: np.ndarray, dtype, what: str = "folded weights") -> np.ndarray:
+    """:func:`cast_checked` for a caller that holds ``np.errstate(over="ignore", invalid="ignore")`` already: the
+    ONNX fold pass holds one for all of its math, and entering another per cast costs more than casting a small
+    tensor."""
     values = np.asarray(values, dtype=np.float64)
-    with np.errstate(over="ignore", invalid="ignore"):
-        out = values.astype(dtype)
+    out = values.astype(dtype)
     if np.isfinite(out).all():  # one pass in the common case; diagnose only on failure
         return out
     if not np.isfinite(values).all():

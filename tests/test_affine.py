@@ -244,6 +244,25 @@ def test_cast_checked_refuses_bf16_and_fp32_overflow():
     assert cast_checked(np.array([1e39]), np.float64)[0] == 1e39
 
 
+def test_cast_checked_warns_nowhere_and_its_core_refuses_the_same_inside_an_errstate():
+    """cast_checked holds its own errstate (an overflow is refused, never warned about); the core the ONNX pass
+    calls inside its errstate refuses the same values with the same message."""
+    import warnings
+
+    from bnfold.affine import cast_checked_in_errstate
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(FoldRefused, match="overflow float16") as guarded:
+            cast_checked(np.array([1.0, 1e5]), np.float16)
+    with np.errstate(over="ignore", invalid="ignore"):
+        with pytest.raises(FoldRefused, match="overflow float16") as core:
+            cast_checked_in_errstate(np.array([1.0, 1e5]), np.float16)
+        values = np.array([1.0 / 3, -65504.0])
+        np.testing.assert_array_equal(cast_checked_in_errstate(values, np.float16), values.astype(np.float16))
+    assert str(core.value) == str(guarded.value) and core.value.code == guarded.value.code == "would-overflow"
+
+
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 def test_cast_checked_refuses_non_finite(value, dtype):

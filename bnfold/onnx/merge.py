@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from ..affine import FoldRefused, cast_checked
+from ..affine import FoldRefused, cast_checked_in_errstate  # (rules run inside the fold pass's errstate)
 from ..reparam import (ConvBranch, MergeRefused, affine_branch, avgpool_branch, conv_branch, dense_branch,
                        dense_identity, identity_branch, merge_parallel, merge_parallel_dense, merge_sequential,
                        negated)
@@ -531,7 +531,8 @@ def _cast_to_weight_dtype(g: GraphIndex, survivor: onnx.NodeProto, merged) -> tu
     float64 values where a later merge should compose from those (else None, None)."""
     dtype = g.constant(survivor.input[1])[0].dtype
     try:
-        cast = cast_checked(merged.weight, dtype), cast_checked(merged.bias, dtype, "merged bias")
+        cast = (cast_checked_in_errstate(merged.weight, dtype),
+                cast_checked_in_errstate(merged.bias, dtype, "merged bias"))
     except FoldRefused as exc:
         return _inexact(exc)
     return cast + ((merged.weight, merged.bias) if g.ctx.exact_wanted(dtype) else (None, None))

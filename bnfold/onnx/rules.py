@@ -21,7 +21,8 @@ from typing import ClassVar
 import numpy as np
 import onnx
 
-from ..affine import FoldRefused, absorb_after, absorb_before, bn_to_affine, cast_checked
+# (rules run inside the fold pass's np.errstate: their casts enter none of their own)
+from ..affine import FoldRefused, absorb_after, absorb_before, bn_to_affine, cast_checked_in_errstate
 from ..errors import InputError
 from .batchnorm import check_channels, check_parameter_lengths, inference_epsilon
 from .graph import GraphIndex
@@ -171,9 +172,9 @@ class AfterTarget:
                 exact_w, exact_b = absorb_after(self.weight.values if earlier_w is None else earlier_w,
                                                 self.bias if earlier_b is None else earlier_b, s, t,
                                                 axis=self.axis, groups=self.groups)
-        new_w = cast_checked(new_w, dtype)
+        new_w = cast_checked_in_errstate(new_w, dtype)
         needs_bias = self.bias is not None or bool(np.any(t != 0))
-        new_b = cast_checked(new_b, dtype, "folded bias") if needs_bias else None
+        new_b = cast_checked_in_errstate(new_b, dtype, "folded bias") if needs_bias else None
         op, node, renamed = self.op, self.node, self.node
         edits: list = []
         norm_kept = False
@@ -434,7 +435,7 @@ class FoldBefore(Rule):
             earlier = g.exact_value(consumer.input[1])
             exact_w, exact_shift = (new_w, shift) if earlier is None else \
                 absorb_before(earlier, None, s, t, in_axis=in_axis, out_axis=out_axis, groups=groups)
-        new_w = cast_checked(new_w, weight.dtype)
+        new_w = cast_checked_in_errstate(new_w, weight.dtype)
         if op.bias_slot is None:
             return _bias_after(g, consumer, weight, new_w, shift, exact_w, exact_shift)
         bias = exact_bias = None
@@ -456,7 +457,7 @@ class FoldBefore(Rule):
             bias = np.asarray(bias, np.float64)
             return (bias if beta == 1.0 else beta * bias) + scaled
 
-        new_b = cast_checked(shifted(bias, shift), weight.dtype, "folded bias")
+        new_b = cast_checked_in_errstate(shifted(bias, shift), weight.dtype, "folded bias")
         exact_b = None if exact_w is None else shifted(bias if exact_bias is None else exact_bias, exact_shift)
         edits = [WriteTensor(consumer, 1, new_w, exact_w), WriteTensor(consumer, op.bias_slot, new_b, exact_b)]
         if beta != 1.0:
@@ -476,7 +477,7 @@ def _bias_after(g: GraphIndex, consumer: onnx.NodeProto, weight: np.ndarray, new
             add, _, slot, bias = found
             if bias.ndim <= 2 and (bias.ndim == 0 or bias.shape[-1] in (1, shift.shape[0])) and \
                     (bias.ndim < 2 or bias.shape[0] == 1):
-                new_b = cast_checked(bias + shift, weight.dtype, "folded bias")
+                new_b = cast_checked_in_errstate(bias + shift, weight.dtype, "folded bias")
                 exact_b = None
                 if exact_shift is not None:
                     earlier = g.exact_value(add.input[slot])
@@ -486,7 +487,7 @@ def _bias_after(g: GraphIndex, consumer: onnx.NodeProto, weight: np.ndarray, new
         return [WriteTensor(consumer, 1, new_w, exact_w)]
     if not _gemm_allowed(g, weight.dtype):
         return Refusal("no-bias-carrier", "the shift needs a bias and this opset's Gemm can not carry one")
-    new_b = cast_checked(shift, weight.dtype, "folded bias")
+    new_b = cast_checked_in_errstate(shift, weight.dtype, "folded bias")
     return [SetOpType(consumer, "Gemm"), WriteTensor(consumer, 1, new_w, exact_w),
             WriteTensor(consumer, 2, new_b, exact_shift)]
 
