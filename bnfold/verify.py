@@ -309,7 +309,8 @@ def perturb_array(values: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     uint = {2: np.uint16, 4: np.uint32, 8: np.uint64}[values.dtype.itemsize]
     bits = np.ascontiguousarray(values).view(uint)
     up = rng.integers(0, 2, size=values.shape, dtype=np.uint8).astype(bool)
-    with np.errstate(over="ignore"):
+    # (a NaN's stepped bits may be a signalling NaN, whose cast sets 'invalid': ``keep`` restores the NaN)
+    with np.errstate(over="ignore", invalid="ignore"):
         stepped = np.where(up, bits + uint(1), bits - uint(1)).astype(uint).view(values.dtype).reshape(values.shape)
         wide = values.astype(np.float64)
         keep = (wide == 0) | ~np.isfinite(wide) | ~np.isfinite(stepped.astype(np.float64))
