@@ -212,15 +212,16 @@ def _fold_nodes(g: GraphIndex, rs: RuleSet, report: FoldReport, batched: bool = 
     bn_rules, affine_rules = rs.bn_rules, rs.affine_rules
     # Every node a rule starts from (folds never create new ones; a BN turned into an Add stays the same node),
     # and the per-sample norms to report, as the index found them (it also lists the merges' sources).
-    candidates, per_sample = [], []
+    candidates, per_sample, batchnorms = [], [], []
     starts = rs.fold_starts
     for node in g.watched:
         op = node.op_type
         if op in starts:
             candidates.append(node)
+            if op == "BatchNormalization":
+                batchnorms.append(node)
         elif op in PER_SAMPLE_NORMS:
             per_sample.append(node)
-    batchnorms = [n for n in candidates if n.op_type == "BatchNormalization"]
     report.bn_before += len(batchnorms)
     prefetched, ready = {}, {}
     if batched:

@@ -170,15 +170,21 @@ def prefetch_linear_plans(g: GraphIndex, nodes, affines: dict[int, tuple[np.ndar
         return done
     # New biases: s*b + t where the layer has a bias, t itself where it has none (as absorb_after has it).
     with_bias = [job for job in jobs if job[10] is not None]
+    cast_biases, biases_finite = None, False
     if with_bias:
         flat = np.concatenate([job[11][0] for job in with_bias]) * \
             np.concatenate([job[10] for job in with_bias]).astype(np.float64) + \
             np.concatenate([job[11][1] for job in with_bias])
+        if len({job[5].data_type for job in with_bias}) == 1:  # one dtype (the usual case): rounded in one call
+            cast_biases = flat.astype(RAW_FLOAT_DTYPES[with_bias[0][5].data_type])
+            biases_finite = bool(np.isfinite(cast_biases).all())
     start = 0
     for bn, x, layer, op, rule, tensor, dims, axis, group, bias_name, bias, (s, t) in jobs:
+        bias_finite = False
         if bias is not None:
             end = start + s.shape[0]
-            new_b = flat[start:end]
+            new_b = flat[start:end] if cast_biases is None else cast_biases[start:end]
+            bias_finite = biases_finite
             start = end
         else:
             new_b = t if t.any() else None  # as in AfterTarget.plan_edits: no bias for an all-zero shift
@@ -193,9 +199,9 @@ def prefetch_linear_plans(g: GraphIndex, nodes, affines: dict[int, tuple[np.ndar
         new_w = np.empty(dims, dtype=dtype)
         np.multiply(weight, channel_multiplier(s, dims, axis, group), out=new_w, dtype=np.float64, casting="unsafe")
         del weight, raw
-        if new_b is not None:
+        if new_b is not None and new_b.dtype != dtype:
             new_b = new_b.astype(dtype)
-        if np.isfinite(new_w).all() and (new_b is None or np.isfinite(new_b).all()):
+        if np.isfinite(new_w).all() and (new_b is None or bias_finite or np.isfinite(new_b).all()):
             # the edits AfterTarget.plan_edits makes, in its order: bias first, weight, then the output moves
             weight_and_output = WriteTensor(layer, 1, new_w), MoveOutput(layer, g.outputs_of(bn)[0])
             edits = [*weight_and_output] if new_b is None else \
