@@ -52,6 +52,8 @@ def attribute_value(attr: onnx.AttributeProto):
         return attr.f
     if kind == onnx.AttributeProto.INTS:
         return list(attr.ints)
+    if kind == onnx.AttributeProto.STRING:  # (auto_pad)
+        return attr.s
     return helper.get_attribute_value(attr)
 
 

@@ -26,7 +26,7 @@ from ..affine import FoldRefused, absorb_after, absorb_before, bn_to_affine, cas
 from ..errors import InputError
 from .batchnorm import check_channels, check_parameter_lengths, inference_epsilon
 from .graph import GraphIndex
-from .nodes import get_attr, node_label
+from .nodes import get_attr, get_attrs, node_label
 from .ops import LINEAR_OPS, LinearOp, linear_op
 from .plan import (LayerRead, MoveOutput, Plan, Refusal, RenameInput, SetAttribute, SetOpType,
                    TurnIntoAdd, WriteTensor)
@@ -519,8 +519,8 @@ def _flatten_keeps_channels(g: GraphIndex, node: onnx.NodeProto, norm: Affine) -
 
 
 def _no_padding(g: GraphIndex, conv: onnx.NodeProto, weight: np.ndarray) -> bool:
-    pads = get_attr(conv, "pads", None)
-    auto_pad = get_attr(conv, "auto_pad", b"NOTSET")
+    found = get_attrs(conv, pads=None, auto_pad=b"NOTSET")
+    pads, auto_pad = found["pads"], found["auto_pad"]
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
     if auto_pad in ("SAME_UPPER", "SAME_LOWER"):  # pads only when the dilated kernel is wider than 1
         return all(k == 1 for k in weight.shape[2:])
