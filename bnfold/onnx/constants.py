@@ -80,7 +80,7 @@ class ConstantEvaluator:
         stand_in = self._stand_in(cast_like, 1)
         if stand_in is None:
             return None
-        dims = _ShapeOnly(tuple(self.initializers[weight[0]].dims))
+        dims = _ShapeOnly(tuple(self.initializers[weight[0]].dims[:]))
         # A string input is the output of an earlier node of the chain, read from the cache when its turn comes.
         return [(shape, shape_out, [dims]), (one_node, one, []), (count, inputs[1], [shape_out, one]),
                 (fill_node, fill, []), (cast_like, inputs[0], [fill, stand_in]), (expand, name, inputs[:])]
@@ -132,7 +132,7 @@ class ConstantEvaluator:
                     continue
                 value = constants.get(inp)
                 if value is None and op == "Shape" and inp in self.initializers:  # Shape(weight): dims, not a copy
-                    value = _ShapeOnly(tuple(self.initializers[inp].dims))
+                    value = _ShapeOnly(tuple(self.initializers[inp].dims[:]))
                 if value is not None:
                     values.append(value)
                     continue
@@ -247,7 +247,7 @@ class ConstantEvaluator:
             return None
         if name in self.inputs:
             self.ctx.used_initializer_inputs = True
-        return tuple(tensor.dims), dtype
+        return tuple(tensor.dims[:]), dtype
 
     def _serves_external(self) -> bool:
         return self.parent is None and self.ctx.external is not None

@@ -277,7 +277,7 @@ class GraphIndex(ConstantEvaluator, ShapeQueries):
         if tensor is not None and self.only_consumer(old, node) and old not in self.inputs \
                 and (not external or self._serves_external()):
             self.rewritten.add(old)
-            dims = tuple(tensor.dims)
+            dims = tuple(tensor.dims[:])  # (a slice reads a repeated field faster than iterating it)
             if dims != value.shape:  # its annotations (value_info, graph input) follow at commit
                 self._new_shapes[old] = value.shape
             store_value(tensor, np.ascontiguousarray(value),

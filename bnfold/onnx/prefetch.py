@@ -100,7 +100,7 @@ def _bias_values(g: GraphIndex, name: str, data_type: int, channels: int) -> np.
     dtype = RAW_FLOAT_DTYPES[data_type]
     tensor = g.initializers.get(name)
     if tensor is not None:
-        if _plain_tensor(g, name) is None or tensor.data_type != data_type or tuple(tensor.dims) != (channels,):
+        if _plain_tensor(g, name) is None or tensor.data_type != data_type or tuple(tensor.dims[:]) != (channels,):
             return None
         raw = tensor.raw_data
         if len(raw) != channels * dtype.itemsize:
@@ -147,7 +147,7 @@ def prefetch_linear_plans(g: GraphIndex, nodes, affines: dict[int, tuple[np.ndar
             # its float64 values are kept for the merges: the per-node path computes them as it applies the fold
             # (a plan computed ahead would hold them for every layer at once)
             continue
-        dims = tuple(weight.dims)
+        dims = tuple(weight.dims[:])
         if op.weight_rank_reason(len(dims)):
             continue
         axis, group, bias_scale = op.output_layout(layer)

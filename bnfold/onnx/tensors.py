@@ -26,7 +26,7 @@ def tensor_to_array(tensor: onnx.TensorProto) -> np.ndarray:
     if dtype is not None:
         raw = tensor.raw_data
         if raw:
-            dims = tuple(tensor.dims)
+            dims = tuple(tensor.dims[:])  # (a slice reads a repeated field faster than iterating it)
             if len(raw) == math.prod(dims) * dtype.itemsize:
                 return np.frombuffer(raw, dtype=dtype).reshape(dims)
     return numpy_helper.to_array(tensor)
