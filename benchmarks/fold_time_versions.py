@@ -12,9 +12,12 @@ Each version runs in its own long-lived subprocess (its ``bnfold`` imported from
 install's import hook removed), so both share the machine's state of the moment. The parent asks them in turn
 for ``--calls`` folds of one model (the order swapped every round); each call is timed as ``python_floor.py`` and
 ``peers.py`` time it: ``bnfold.onnx.fold.fold_onnx(copy, inplace=True)`` on a fresh ``CopyFrom`` copy, after
-``gc.collect()``, both outside the timer. The timer is the thread's CPU time (``time.thread_time``): on a busy
-machine the time a process waits for a core would otherwise swamp differences of a few percent. Every round's
-minimum is one sample.
+``gc.collect()``, both outside the timer, with what was imported and loaded before the timed calls frozen out of
+the collector's way (``gc.freeze()``, as peers.py does). The timer is the thread's CPU time
+(``time.thread_time``): on a busy machine the time a process waits for a core would otherwise swamp differences
+of a few percent. Every round's minimum is one sample. ``--cold`` leaves out the freeze: each ``gc.collect()``
+then walks the whole heap and leaves the CPU caches cold for the fold that follows, a harsher regime than
+peers.py's (about twice the time for a sub-millisecond fold).
 
 ``--in-process`` runs both versions in one subprocess instead, imported side by side as two packages (symbolic
 links named ``bnfold_this`` and ``bnfold_other`` in a temporary folder; the fold path's relative imports keep each
@@ -50,7 +53,8 @@ _WORKER = textwrap.dedent("""
     import bnfold
     from bnfold.onnx.fold import fold_onnx
     assert bnfold.__file__.startswith(code), bnfold.__file__
-    if len(sys.argv) > 3 and sys.argv[3]:  # rules to skip (this version only): fold_onnx with them left out
+    freeze = sys.argv[4] == "1"
+    if sys.argv[3]:  # rules to skip (this version only): fold_onnx with them left out
         import functools
         fold_onnx = functools.partial(fold_onnx, skip=sys.argv[3].split(","))
     models = {}
@@ -62,6 +66,10 @@ _WORKER = textwrap.dedent("""
         if calls == "digest":
             folded, _ = fold_onnx(model)
             print(hashlib.sha256(folded.SerializeToString()).hexdigest(), flush=True)
+            if freeze:  # everything loaded so far is out of the collector's way, as in peers.py
+                del folded
+                gc.collect()
+                gc.freeze()
             continue
         times = []
         for _ in range(int(calls)):
@@ -77,7 +85,7 @@ _WORKER = textwrap.dedent("""
 
 _IN_PROCESS_WORKER = textwrap.dedent("""
     import gc, hashlib, json, os, sys, tempfile, time
-    this_code, other_code, models_dir, skip = sys.argv[1:5]
+    this_code, other_code, models_dir, skip, freeze = sys.argv[1:6]
     sys.meta_path[:] = [f for f in sys.meta_path if not type(f).__module__.startswith("__editable__")]
     packages = tempfile.mkdtemp()
     os.symlink(os.path.join(this_code, "bnfold"), os.path.join(packages, "bnfold_this"))
@@ -118,6 +126,9 @@ _IN_PROCESS_WORKER = textwrap.dedent("""
         minima = {"this": [], "other": []}
         for key in minima:  # warm-up
             best(key, model, int(calls))
+        if freeze == "1":  # everything loaded so far is out of the collector's way, as in peers.py
+            gc.collect()
+            gc.freeze()
         for r in range(int(rounds)):
             for key in (("this", "other") if r % 2 == 0 else ("other", "this")):
                 minima[key].append(best(key, model, int(calls)))
@@ -127,9 +138,9 @@ _IN_PROCESS_WORKER = textwrap.dedent("""
 
 
 class Worker:
-    def __init__(self, code: Path, skip: str = ""):
-        self.proc = subprocess.Popen([sys.executable, "-c", _WORKER, str(code), str(ROOT / "sample_models"), skip],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    def __init__(self, code: Path, skip: str, freeze: bool):
+        self.proc = subprocess.Popen([sys.executable, "-c", _WORKER, str(code), str(ROOT / "sample_models"), skip,
+                                      "1" if freeze else "0"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
     def ask(self, model: str, calls: str) -> str:
         self.proc.stdin.write(f"{model} {calls}\n")
@@ -164,18 +175,22 @@ def main() -> int:
                              "alone against a version without them")
     parser.add_argument("--in-process", action="store_true",
                         help="both versions in one process, side by side (tighter pairs; see the module text)")
+    parser.add_argument("--cold", action="store_true",
+                        help="no gc.freeze(): every gc.collect() walks the whole heap (harsher than peers.py)")
     args = parser.parse_args()
     skip = ",".join(args.skip)
+    freeze = not args.cold
     if args.in_process:
-        workers = {"both": subprocess.Popen([sys.executable, "-c", _IN_PROCESS_WORKER, str(ROOT), str(args.other.resolve()),
-                                             str(ROOT / "sample_models"), skip],
+        workers = {"both": subprocess.Popen([sys.executable, "-c", _IN_PROCESS_WORKER, str(ROOT),
+                                             str(args.other.resolve()), str(ROOT / "sample_models"), skip,
+                                             "1" if freeze else "0"],
                                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)}
     else:
-        workers = {"this": Worker(ROOT, skip), "other": Worker(args.other.resolve())}
+        workers = {"this": Worker(ROOT, skip, freeze), "other": Worker(args.other.resolve(), "", freeze)}
     status = 0
     try:
         print(f"this: {ROOT}   other: {args.other.resolve()}   {args.rounds} rounds x {args.calls} calls"
-              f"{'   (one process)' if args.in_process else ''}")
+              f"{'   (one process)' if args.in_process else ''}{'   (cold: no gc.freeze)' if args.cold else ''}")
         print(f"{'model':<24}{'this ms':>9}{'spread':>8}{'other ms':>10}{'spread':>8}{'this/other':>12}"
               f"{'paired p10-p90':>17}  bytes")
         for model in args.models:
