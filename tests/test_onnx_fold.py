@@ -1472,3 +1472,13 @@ def test_annotations_first_tensor_type_counts_and_every_annotation_stays_listed(
 
     single = Annotations(helper.make_graph([], "g", [], [], value_info=[helper.make_empty_tensor_value_info("w")]))
     assert not single.annotates("w") and list(single.names()) == ["w"]  # (no name twice: one dict, copied to edit)
+
+
+def test_shape_of_reads_every_kind_of_dim():
+    """An explicit 0 is a dim of 0 (not unset), a dim_param its name, an unset dim None; no shape: None."""
+    from bnfold.onnx.shapes import shape_of
+
+    assert shape_of(helper.make_tensor_value_info("x", TP.FLOAT, [0, "N", None, 5]).type) == [0, "N", None, 5]
+    assert shape_of(helper.make_tensor_value_info("x", TP.FLOAT, []).type) == []
+    assert shape_of(helper.make_tensor_value_info("x", TP.FLOAT, None).type) is None
+    assert shape_of(helper.make_empty_tensor_value_info("x").type) is None

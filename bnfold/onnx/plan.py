@@ -163,7 +163,7 @@ def apply_plan(g: GraphIndex, plan: Plan) -> Fold | Merge:
         record = Merge(plan.rule, plan.into, tuple(f"{n.op_type} {node_label(n)}" for n in plan.remove), graph=g.path,
                        absorbed=tuple(node_label(n) for n in plan.remove if n.op_type == "BatchNormalization"))
     else:
-        record = Fold(node_label(plan.source), plan.into, plan.rule, graph=g.path)
+        record = Fold(node_label(plan.source), plan.into, plan.rule, g.path)
     for edit in plan.edits:
         kind = type(edit)
         if kind is WriteTensor:

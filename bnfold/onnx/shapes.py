@@ -13,12 +13,16 @@ from .external import ExternalData
 
 
 def shape_of(type_proto: onnx.TypeProto) -> list[int | str | None] | None:
-    if not type_proto.HasField("tensor_type") or not type_proto.tensor_type.HasField("shape"):
+    if not type_proto.HasField("tensor_type"):
+        return None
+    tensor_type = type_proto.tensor_type
+    if not tensor_type.HasField("shape"):
         return None
     dims: list[int | str | None] = []
-    for d in type_proto.tensor_type.shape.dim:
-        if d.HasField("dim_value"):
-            dims.append(d.dim_value)
+    for d in tensor_type.shape.dim:
+        value = d.dim_value
+        if value or d.HasField("dim_value"):  # (a non-zero value is set: one read, not two, for the usual dim)
+            dims.append(value)
         elif d.HasField("dim_param"):
             dims.append(d.dim_param)
         else:
