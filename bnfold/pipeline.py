@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -27,7 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+import onnx
+
+from .audit import invalid_statistics
 from .errors import InputError
+# (imported here, not per call: a lazy import costs as much as a small model's checks where each call starts cold)
+from .onnx.fold import fold_model, select_rules
+from .onnx.io import estimated_size, load_model_lazily, load_model_with_info, save_model
 from .report import ExitCode, FoldReport, VerifyReport
 
 FOLDED_SUFFIX = ".folded"
@@ -94,15 +101,24 @@ def default_output(source: "str | os.PathLike") -> Path:
 
 def is_program(source: "str | os.PathLike") -> bool:
     """A torch.export program (``.pt2``), folded and verified in torch; anything else is read as ONNX."""
-    return Path(source).suffix.lower() == ".pt2"
+    # Path(source).suffix == ".pt2" (case-insensitive: a name longer than its suffix), said with str methods:
+    # pathlib costs ten times as much where each call starts with cold caches, as a pipeline step does.
+    name = os.fspath(source).rstrip(os.sep).rpartition(os.sep)[2]
+    return len(name) > 4 and name[-4:].lower() == ".pt2"
 
 
-def check_output_path(output: Path) -> None:
+def check_output_path(output: "str | os.PathLike") -> None:
     """An output file must be creatable: its directory exists and the path is not a directory."""
-    if output.is_dir():
-        raise InputError(f"{output}: output is a directory")
-    if str(output.parent) and not output.parent.is_dir():
-        raise InputError(f"{output}: output directory {output.parent} does not exist")
+    name = os.fspath(output)  # (os.stat, not pathlib: see is_program; one call when the output exists)
+    try:
+        if stat.S_ISDIR(os.stat(name).st_mode):
+            raise InputError(f"{output}: output is a directory")
+        return  # an existing file: its directory exists
+    except OSError:
+        pass
+    directory = os.path.dirname(name)
+    if directory and not os.path.isdir(directory):
+        raise InputError(f"{output}: output directory {directory} does not exist")
 
 
 def jobs_for(inputs: Iterable["str | os.PathLike"], output: "str | os.PathLike | None" = None
@@ -177,14 +193,19 @@ def fold_path(source: "str | os.PathLike", destination: "str | os.PathLike | IO[
     return result
 
 
+def fold_file(source: "str | os.PathLike", destination: "str | os.PathLike", *,
+              skip: Iterable[str] = ()) -> FoldReport:
+    """Load, fold and save without verification (:func:`fold_path` with ``verify=False``); also importable as
+    ``bnfold.onnx.fold.fold_file``.
+
+    A model with external data keeps it: its tensors are read from their files one at a time, folded values are
+    spilled to a temporary file, and the output's data file is written tensor by tensor, so memory holds about
+    the protobuf and a few tensors, never the weights."""
+    return fold_path(source, destination, skip=skip, verify=False).report
+
+
 def _fold_onnx(source, output, stream, skip, verify, providers, input_shapes, atol, rtol, seed, simplify, data,
                write, log) -> FoldResult:
-    import onnx
-
-    from .audit import invalid_statistics
-    from .onnx.fold import fold_model, select_rules
-    from .onnx.io import estimated_size, load_model_lazily, load_model_with_info, save_model
-
     rules = select_rules(skip)
     seconds: dict[str, float] = {}
     start = time.perf_counter()
@@ -215,9 +236,10 @@ def _fold_onnx(source, output, stream, skip, verify, providers, input_shapes, at
         pending = None if verify and not from_files else {}
         report = fold_model(folded, rules, pending, lazy_source)
         seconds["fold"] = time.perf_counter() - start
-        log(f"{source}: {len(report.folded)} folds, BatchNormalization {report.bn_before} -> {report.bn_after}")
-        if report.merged:
-            log(f"{source}: {len(report.merged)} branch merges")
+        if log is not _silent:  # (the message is not even formatted for nobody)
+            log(f"{source}: {len(report.folded)} folds, BatchNormalization {report.bn_before} -> {report.bn_after}")
+            if report.merged:
+                log(f"{source}: {len(report.merged)} branch merges")
         # The fold's BatchNorm reader refuses NaN/inf parameters and negative variances, so a BN with invalid
         # statistics is always among those left, with its original parameters: only then is there one to find
         # (checking every BN of a clean model would cost as much as the fold).
@@ -359,5 +381,5 @@ def _silent(message: str) -> None:
     del message
 
 
-__all__ = ["FOLDED_SUFFIX", "FoldResult", "check_output_path", "default_output", "fold_path", "is_program",
-           "jobs_for", "require_providers"]
+__all__ = ["FOLDED_SUFFIX", "FoldResult", "check_output_path", "default_output", "fold_file", "fold_path",
+           "is_program", "jobs_for", "require_providers"]

@@ -291,18 +291,6 @@ def _fold_batchnorm(g: GraphIndex, node: onnx.NodeProto, rules: list[Rule], pref
     return Refusal("no-linear-neighbour", f"no foldable linear op next to it (input from {src}, output to {dst})")
 
 
-def fold_file(source: "str | os.PathLike", destination: "str | os.PathLike", *,
-              skip: Iterable[str] = ()) -> FoldReport:
-    """Load, fold and save without verification (:func:`bnfold.pipeline.fold_path` with ``verify=False``).
-
-    A model with external data keeps it: its tensors are read from their files one at a time, folded values are
-    spilled to a temporary file, and the output's data file is written tensor by tensor, so memory holds about
-    the protobuf and a few tensors, never the weights."""
-    from ..pipeline import fold_path
-
-    return fold_path(source, destination, skip=skip, verify=False).report
-
-
 def fold_onnx(model: "onnx.ModelProto | str | os.PathLike", *, skip: Iterable[str] = (),
               inplace: bool = False) -> tuple[onnx.ModelProto, FoldReport]:
     """Fold every BatchNormalization that folds exactly; return the folded model and a report.
@@ -322,3 +310,13 @@ def fold_onnx(model: "onnx.ModelProto | str | os.PathLike", *, skip: Iterable[st
         model = load_model(model)
     report = fold_model(model, rules)
     return model, report
+
+
+def __getattr__(name: str):
+    # fold_file (load, fold, save: bnfold.pipeline) is importable from here too, where it was first defined; the
+    # pipeline imports this module, so the name is looked up when first asked for.
+    if name == "fold_file":
+        from ..pipeline import fold_file
+
+        return fold_file
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
