@@ -3,9 +3,9 @@ interrupted write never leaves a partial file (and never touches an existing one
 
 from __future__ import annotations
 
-import functools
+import contextlib
+import errno
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,23 +17,36 @@ def write_atomically(path: Path, write: Callable[[object], None]) -> None:
     the permissions a plain ``open(path, "wb")`` would give; any OSError becomes an InputError naming ``path``."""
     directory = path.parent if str(path.parent) else Path(".")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+        fd, tmp = _create_temporary(directory, path.name)
     except OSError as exc:
         raise InputError(f"{path}: cannot write ({exc.strerror or exc})") from None
+    replaced = False
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600
         os.replace(tmp, path)
+        replaced = True
     except OSError as exc:
         raise InputError(f"{path}: cannot write ({exc.strerror or exc})") from None
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        if not replaced:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
-@functools.lru_cache(maxsize=1)
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+# What tempfile.mkstemp opens with, less its 0600 mode: the kernel applies the umask to 0666, as for open(). Its
+# Python-level name generation, and a chmod after it, cost more than writing a small model.
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0) | \
+    getattr(os, "O_BINARY", 0)
+
+
+def _create_temporary(directory: Path, name: str) -> tuple[int, str]:
+    """A new file ``.<name>.<random>.tmp`` in ``directory``, opened for writing. O_EXCL never opens a file that is
+    already there, nor follows a link planted under that name: a name that exists is skipped for another."""
+    for _ in range(100):
+        tmp = os.path.join(directory, f".{name}.{os.urandom(6).hex()}.tmp")
+        try:
+            return os.open(tmp, _CREATE, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary file name", os.fspath(directory))

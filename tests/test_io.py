@@ -122,6 +122,56 @@ def test_save_is_atomic_and_deterministic(tmp_path):
         save_model(model, tmp_path / "missing" / "c.onnx")
 
 
+def test_write_atomically_leaves_nothing_behind_and_gives_open_s_permissions(tmp_path):
+    """The written file has the mode a plain open() gives; a writer that fails, with any exception, leaves the
+    existing file untouched and no temporary file; an OSError becomes an InputError naming the path."""
+    import os
+
+    from bnfold.files import write_atomically
+
+    target = tmp_path / "out.bin"
+    write_atomically(target, lambda f: f.write(b"first"))
+    with open(tmp_path / "plain.bin", "wb") as f:
+        f.write(b"x")
+    assert target.read_bytes() == b"first"
+    assert os.stat(target).st_mode == os.stat(tmp_path / "plain.bin").st_mode
+    (tmp_path / "plain.bin").unlink()
+
+    def fails(error):
+        def write(f):
+            f.write(b"partial")
+            raise error
+        return write
+
+    with pytest.raises(ZeroDivisionError):
+        write_atomically(target, fails(ZeroDivisionError()))
+    with pytest.raises(InputError, match=r"out\.bin: cannot write \(disk full\)"):
+        write_atomically(target, fails(OSError(28, "disk full")))
+    assert target.read_bytes() == b"first" and [p.name for p in tmp_path.iterdir()] == ["out.bin"]
+    with pytest.raises(InputError, match="cannot write"):
+        write_atomically(tmp_path / "missing" / "x.bin", lambda f: f.write(b"x"))
+    (tmp_path / "dir.bin").mkdir()
+    with pytest.raises(InputError, match="cannot write"):  # a directory is not replaced by a file
+        write_atomically(tmp_path / "dir.bin", lambda f: f.write(b"x"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.bin", "out.bin"]
+    assert not any((tmp_path / "dir.bin").iterdir())
+
+
+def test_write_atomically_skips_a_temporary_name_that_is_taken(tmp_path, monkeypatch):
+    """A name that exists (or a link planted under it) is never opened: the next random name is used."""
+    import os
+
+    from bnfold import files
+
+    taken = tmp_path / ".out.bin.000000000000.tmp"
+    taken.symlink_to(tmp_path / "elsewhere")
+    names = iter([bytes(6), bytes([1] * 6)])
+    monkeypatch.setattr(files.os, "urandom", lambda n: next(names))
+    files.write_atomically(tmp_path / "out.bin", lambda f: f.write(b"data"))
+    assert (tmp_path / "out.bin").read_bytes() == b"data"
+    assert not (tmp_path / "elsewhere").exists() and os.path.islink(taken)
+
+
 def test_fold_file_matches_fold_onnx_byte_for_byte(tmp_path):
     report = fold_file(RESNET, tmp_path / "streamed.onnx")
     folded, report2 = fold_onnx(str(RESNET))

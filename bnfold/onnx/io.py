@@ -146,7 +146,7 @@ def estimated_size(model: onnx.ModelProto) -> int:
                 itemsizes[t.data_type] = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
             except Exception:  # string or unknown element types: count one byte each
                 itemsizes[t.data_type] = 1
-        total += math.prod(t.dims) * itemsizes[t.data_type]
+        total += math.prod(t.dims[:]) * itemsizes[t.data_type]  # (a slice reads the dims fastest)
     return total
 
 
@@ -162,10 +162,12 @@ def save_model(model: onnx.ModelProto, path: "str | os.PathLike", *, external_da
     directory = path.parent if str(path.parent) else Path(".")
     if not directory.is_dir():
         raise InputError(f"{path}: output directory {directory} does not exist")
+    size = None
     if external_data is None:  # from shapes: upb's ByteSize would serialize the whole model to count it
-        external_data = estimated_size(model) > _PROTOBUF_LIMIT - (64 << 20)
+        size = estimated_size(model)
+        external_data = size > _PROTOBUF_LIMIT - (64 << 20)
     if not external_data:
-        _save_inline(model, path, replacements)
+        _save_inline(model, path, replacements, size)
         return
     try:
         tmp_dir = tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
@@ -208,9 +210,10 @@ def move_model(staged: Path, path: Path) -> None:
 _STREAM_FROM = 16 << 20
 
 
-def _save_inline(model: onnx.ModelProto, path: Path, replacements) -> None:
-    """One file: written to a temporary file in the same directory, then renamed over ``path``."""
-    if estimated_size(model) < _STREAM_FROM:
+def _save_inline(model: onnx.ModelProto, path: Path, replacements, size: int | None = None) -> None:
+    """One file: written to a temporary file in the same directory, then renamed over ``path``. ``size``: the
+    model's :func:`estimated_size`, when the caller has it."""
+    if (estimated_size(model) if size is None else size) < _STREAM_FROM:
         materialize(model, replacements)
         data = model.SerializeToString()
         write_atomically(path, lambda f: f.write(data))
