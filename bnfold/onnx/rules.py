@@ -377,17 +377,18 @@ class FoldBefore(Rule):
                 return None
             via, consumer = consumer, readers[0]
         reads = via.output[0] if via is not None else norm.y
+        inputs = g.inputs_of(consumer)  # (the index's list: no protobuf reads)
         if consumer.op_type != self.op.op_type or consumer.domain not in ("", "ai.onnx") or \
-                not consumer.input or consumer.input[0] != reads:
+                not inputs or inputs[0] != reads:
             return None
         label = f"{consumer.op_type} {node_label(consumer)}"
         if via is not None:
             reason = _flatten_keeps_channels(g, via, norm)
             if reason:
                 return reason
-        if len(consumer.input) < 2 or consumer.input[1] == reads:
+        if len(inputs) < 2 or inputs[1] == reads:
             return Refusal("weight-is-input", f"{label} reads the normalized tensor as its weight")
-        weight, reason = g.constant(consumer.input[1])
+        weight, reason = g.constant(inputs[1])
         if weight is None:
             return Refusal("weight-not-constant", f"weight of {label} is not constant: {reason}")
         if not _is_float(weight):
@@ -411,7 +412,7 @@ class FoldBefore(Rule):
         return Plan(self.name, norm.node, node_label(consumer), edits, [norm.node])
 
     def plan(self, g, consumer, weight, s, t, label, rank_known) -> list | Refusal:
-        op = self.op
+        op, inputs = self.op, g.inputs_of(consumer)
         if op.refuse_before_attr and get_attr(consumer, op.refuse_before_attr, 0):
             return Refusal("batch-axis-contracted", f"{label} {op.refuse_before_reason}")
         if op.activation_rank is not None and not rank_known:
@@ -432,21 +433,21 @@ class FoldBefore(Rule):
         new_w, shift = absorb_before(weight, None, s, t, in_axis=in_axis, out_axis=out_axis, groups=groups)
         exact_w = exact_shift = None
         if g.ctx.exact_wanted(weight.dtype):
-            earlier = g.exact_value(consumer.input[1])
+            earlier = g.exact_value(inputs[1])
             exact_w, exact_shift = (new_w, shift) if earlier is None else \
                 absorb_before(earlier, None, s, t, in_axis=in_axis, out_axis=out_axis, groups=groups)
         new_w = cast_checked_in_errstate(new_w, weight.dtype)
         if op.bias_slot is None:
             return _bias_after(g, consumer, weight, new_w, shift, exact_w, exact_shift)
         bias = exact_bias = None
-        if len(consumer.input) > op.bias_slot and consumer.input[op.bias_slot]:
-            bias, reason = g.constant(consumer.input[op.bias_slot])
+        if len(inputs) > op.bias_slot and inputs[op.bias_slot]:
+            bias, reason = g.constant(inputs[op.bias_slot])
             if bias is None:
                 return Refusal("bias-not-constant", f"bias of {label} is not constant: {reason}")
             if op.bias_broadcasts and (bias.ndim > 2 or (bias.ndim >= 1 and bias.shape[-1] not in (1, shift.shape[0]))):
                 return Refusal("bias-shape", f"bias of {label} has shape {list(bias.shape)}")
             if exact_w is not None:
-                exact_bias = g.exact_value(consumer.input[op.bias_slot])
+                exact_bias = g.exact_value(inputs[op.bias_slot])
         alpha = float(get_attr(consumer, op.output_scale_attr, 1.0)) if op.output_scale_attr else 1.0
         beta = float(get_attr(consumer, op.bias_scale_attr, 1.0)) if op.bias_scale_attr else 1.0
 
@@ -576,10 +577,11 @@ class AffineAfterLinear(Rule):
 
     def match(self, g, node):
         op = node.op_type
-        if len(node.input) != 2 or not node.output or not node.output[0]:
+        inputs, outputs = g.inputs_of(node), g.outputs_of(node)  # (the index's lists: no protobuf reads)
+        if len(inputs) != 2 or not outputs or not outputs[0]:
             return None
         for slot in ((0, 1) if op in ("Mul", "Add") else (0,)):
-            x, c = node.input[slot], node.input[1 - slot]
+            x, c = inputs[slot], inputs[1 - slot]
             producer = g.producer.get(x)
             linear = LINEAR_OPS.get(producer.op_type) if producer is not None else None
             if linear is None:
@@ -600,7 +602,7 @@ class AffineAfterLinear(Rule):
                 continue
             s, t = {"Mul": (vec, zeros), "Add": (ones, vec), "Sub": (ones, -vec), "Div": (1.0 / vec, zeros)}[op]
             try:
-                edits, _ = target.plan_edits(g, s, t, node.output[0], None)
+                edits, _ = target.plan_edits(g, s, t, outputs[0], None)
             except FoldRefused:
                 return None
             return Plan(self.name, node, node_label(target.node), edits, [node])
