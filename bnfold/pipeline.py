@@ -101,10 +101,13 @@ def default_output(source: "str | os.PathLike") -> Path:
 
 def is_program(source: "str | os.PathLike") -> bool:
     """A torch.export program (``.pt2``), folded and verified in torch; anything else is read as ONNX."""
-    # Path(source).suffix == ".pt2" (case-insensitive: a name longer than its suffix), said with str methods:
-    # pathlib costs ten times as much where each call starts with cold caches, as a pipeline step does.
-    name = os.fspath(source).rstrip(os.sep).rpartition(os.sep)[2]
+    # Path(source).suffix == ".pt2" (case-insensitive: a name longer than its suffix), said with os.path and str
+    # methods: pathlib costs ten times as much where each call starts with cold caches, as a pipeline step does.
+    name = os.path.basename(os.fspath(source).rstrip(_SEPARATORS))
     return len(name) > 4 and name[-4:].lower() == ".pt2"
+
+
+_SEPARATORS = os.sep + (os.altsep or "")
 
 
 def check_output_path(output: "str | os.PathLike") -> None:

@@ -102,6 +102,28 @@ def test_bad_output_is_refused_before_any_work(tmp_path):
         fold_path(tmp_path / "p.pt2", tmp_path / "o.pt2", skip=["conv-bn"])
 
 
+@pytest.mark.parametrize("name", ["a.pt2", "A.PT2", ".pt2", "x/.pt2", "..pt2", "a..pt2", "dir/m.onnx", "m.pt2.",
+                                  "pt2", "x.pt2/", "x.pt2//", "a/b.Pt2", "/", "./.pt2/", "a/.PT2", "m.pt2.onnx"])
+def test_is_program_reads_the_suffix_as_pathlib_does(name):
+    from bnfold.pipeline import is_program
+
+    assert is_program(name) == is_program(Path(name)) == (Path(name).suffix.lower() == ".pt2")
+
+
+def test_output_check_accepts_a_new_or_existing_file_and_refuses_a_directory_or_a_missing_one(tmp_path):
+    from bnfold.pipeline import check_output_path
+
+    (tmp_path / "old.onnx").write_bytes(b"")
+    for fine in (tmp_path / "new.onnx", tmp_path / "old.onnx", str(tmp_path / "new.onnx")):
+        check_output_path(fine)
+    with pytest.raises(InputError, match="output is a directory"):
+        check_output_path(tmp_path)
+    with pytest.raises(InputError, match=f"output directory {tmp_path / 'nope'} does not exist"):
+        check_output_path(tmp_path / "nope" / "m.onnx")
+    with pytest.raises(InputError, match="does not exist"):  # a file where the directory should be
+        check_output_path(tmp_path / "old.onnx" / "m.onnx")
+
+
 def test_jobs_for(tmp_path):
     models = tmp_path / "models"
     models.mkdir()

@@ -119,8 +119,8 @@ def prefetch_linear_plans(g: GraphIndex, nodes, affines: dict[int, tuple[np.ndar
     """Plans for every linear op -> BatchNormalization whose op is :func:`~bnfold.onnx.ops.batchable`, whose
     weight is a plain initializer and whose bias is one too, or a computed constant, or absent; ``rule_for`` maps
     the type of each such op whose rule is enabled to its descriptor and the rule's name. New biases are computed
-    in one run of numpy calls; each weight is multiplied straight into its folded dtype. Keyed by ``id(bn)``: ``(plan, channels)``. Call under
-    ``np.errstate(all="ignore")`` (the fold pass does)."""
+    in one run of numpy calls; each weight is multiplied straight into its folded dtype. Keyed by ``id(bn)``:
+    ``(plan, channels)``. Call under ``np.errstate(all="ignore")`` (the fold pass does)."""
     jobs = []
     producers = g.producer
     merging = g.ctx.merging
