@@ -7,6 +7,7 @@ Run it from the repository root::
     python benchmarks/fold_time_versions.py /tmp/base resnet_small --rounds 60 --calls 10
     python benchmarks/fold_time_versions.py /tmp/base --skip merge-branches --skip merge-sequential  # fold alone
     python benchmarks/fold_time_versions.py /tmp/base --in-process --rounds 60   # both in one process: tighter
+    python benchmarks/fold_time_versions.py /tmp/base --in-process --file        # fold_file, file to file
 
 Each version runs in its own long-lived subprocess (its ``bnfold`` imported from its directory, the editable
 install's import hook removed), so both share the machine's state of the moment. The parent asks them in turn
@@ -17,7 +18,9 @@ the collector's way (``gc.freeze()``, as peers.py does). The timer is the thread
 (``time.thread_time``): on a busy machine the time a process waits for a core would otherwise swamp differences
 of a few percent. Every round's minimum is one sample. ``--cold`` leaves out the freeze: each ``gc.collect()``
 then walks the whole heap and leaves the CPU caches cold for the fold that follows, a harsher regime than
-peers.py's (about twice the time for a sub-millisecond fold).
+peers.py's (about twice the time for a sub-millisecond fold). ``--file`` times ``bnfold.onnx.fold.fold_file(path,
+out)`` instead, load, fold and save, as peers.py's file-to-file column does (the CPU time: a rename that waits for
+the disk does not count), and compares the written files' bytes.
 
 ``--in-process`` runs both versions in one subprocess instead, imported side by side as two packages (symbolic
 links named ``bnfold_this`` and ``bnfold_other`` in a temporary folder; the fold path's relative imports keep each
@@ -45,39 +48,50 @@ ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("resnet_small", "mobilenet_small", "mlp_bn1d", "tcn1d", "decoder_convtranspose")
 
 _WORKER = textwrap.dedent("""
-    import gc, hashlib, json, sys, time
+    import gc, hashlib, json, os, sys, tempfile, time
     code = sys.argv[1]
     sys.meta_path[:] = [f for f in sys.meta_path if not type(f).__module__.startswith("__editable__")]
     sys.path.insert(0, code)
     import onnx
     import bnfold
-    from bnfold.onnx.fold import fold_onnx
+    from bnfold.onnx.fold import fold_file, fold_onnx
     assert bnfold.__file__.startswith(code), bnfold.__file__
-    freeze = sys.argv[4] == "1"
+    freeze, file_mode = sys.argv[4] == "1", sys.argv[5] == "file"
     if sys.argv[3]:  # rules to skip (this version only): fold_onnx with them left out
         import functools
         fold_onnx = functools.partial(fold_onnx, skip=sys.argv[3].split(","))
+        fold_file = functools.partial(fold_file, skip=sys.argv[3].split(","))
+    out = os.path.join(tempfile.mkdtemp(), "folded.onnx")
     models = {}
     for line in sys.stdin:
         name, calls = line.split()
         if name not in models:
             models[name] = onnx.load(sys.argv[2] + "/" + name + ".onnx")
         model = models[name]
+        path = sys.argv[2] + "/" + name + ".onnx"
         if calls == "digest":
-            folded, _ = fold_onnx(model)
-            print(hashlib.sha256(folded.SerializeToString()).hexdigest(), flush=True)
+            if file_mode:
+                fold_file(path, out)
+                with open(out, "rb") as f:
+                    print(hashlib.sha256(f.read()).hexdigest(), flush=True)
+            else:
+                print(hashlib.sha256(fold_onnx(model)[0].SerializeToString()).hexdigest(), flush=True)
             if freeze:  # everything loaded so far is out of the collector's way, as in peers.py
-                del folded
                 gc.collect()
                 gc.freeze()
             continue
         times = []
         for _ in range(int(calls)):
-            copy = onnx.ModelProto()
-            copy.CopyFrom(model)
-            gc.collect()
-            start = time.thread_time()
-            fold_onnx(copy, inplace=True)
+            if file_mode:
+                gc.collect()
+                start = time.thread_time()
+                fold_file(path, out)
+            else:
+                copy = onnx.ModelProto()
+                copy.CopyFrom(model)
+                gc.collect()
+                start = time.thread_time()
+                fold_onnx(copy, inplace=True)
             times.append(time.thread_time() - start)
         print(json.dumps(times), flush=True)
 """)
@@ -85,16 +99,18 @@ _WORKER = textwrap.dedent("""
 
 _IN_PROCESS_WORKER = textwrap.dedent("""
     import gc, hashlib, json, os, sys, tempfile, time
-    this_code, other_code, models_dir, skip, freeze = sys.argv[1:6]
+    this_code, other_code, models_dir, skip, freeze, mode = sys.argv[1:7]
     sys.meta_path[:] = [f for f in sys.meta_path if not type(f).__module__.startswith("__editable__")]
     packages = tempfile.mkdtemp()
     os.symlink(os.path.join(this_code, "bnfold"), os.path.join(packages, "bnfold_this"))
     os.symlink(os.path.join(other_code, "bnfold"), os.path.join(packages, "bnfold_other"))
     sys.path.insert(0, packages)
     import onnx
-    from bnfold_this.onnx.fold import fold_onnx as fold_this
-    from bnfold_other.onnx.fold import fold_onnx as fold_other
-    folds = {"this": (fold_this, {"skip": skip.split(",")} if skip else {}), "other": (fold_other, {})}
+    from bnfold_this.onnx.fold import fold_file as file_this, fold_onnx as fold_this
+    from bnfold_other.onnx.fold import fold_file as file_other, fold_onnx as fold_other
+    folds = {"this": (fold_this, file_this, {"skip": skip.split(",")} if skip else {}),
+             "other": (fold_other, file_other, {})}
+    out_dir = tempfile.mkdtemp()
 
     def by_own_name():
         return {m for m in sys.modules if m == "bnfold" or m.startswith("bnfold.")}
@@ -105,42 +121,58 @@ _IN_PROCESS_WORKER = textwrap.dedent("""
         if by_own_name() - imported:
             sys.exit("a fold imported bnfold by its own name, which mixes versions: run without --in-process")
 
-    def best(key, model, calls):
-        fold, kwargs = folds[key]
+    def best(key, model, path, calls):
+        fold, fold_file, kwargs = folds[key]
+        out = os.path.join(out_dir, key + ".onnx")
         times = []
         for _ in range(calls):
-            copy = onnx.ModelProto()
-            copy.CopyFrom(model)
-            gc.collect()
-            start = time.thread_time()
-            fold(copy, inplace=True, **kwargs)
+            if mode == "file":
+                gc.collect()
+                start = time.thread_time()
+                fold_file(path, out, **kwargs)
+            else:
+                copy = onnx.ModelProto()
+                copy.CopyFrom(model)
+                gc.collect()
+                start = time.thread_time()
+                fold(copy, inplace=True, **kwargs)
             times.append(time.thread_time() - start)
         return min(times)
 
+    def digest(key, model, path):
+        fold, fold_file, kwargs = folds[key]
+        if mode != "file":
+            return hashlib.sha256(fold(model, **kwargs)[0].SerializeToString()).hexdigest()
+        out = os.path.join(out_dir, key + ".onnx")
+        fold_file(path, out, **kwargs)
+        with open(out, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+
     for line in sys.stdin:
         name, rounds, calls = line.split()
-        model = onnx.load(os.path.join(models_dir, name + ".onnx"))
-        digests = {key: hashlib.sha256(fold(model, **kwargs)[0].SerializeToString()).hexdigest()
-                   for key, (fold, kwargs) in folds.items()}
+        path = os.path.join(models_dir, name + ".onnx")
+        model = onnx.load(path)
+        digests = {key: digest(key, model, path) for key in folds}
         own_names_only()
         minima = {"this": [], "other": []}
         for key in minima:  # warm-up
-            best(key, model, int(calls))
+            best(key, model, path, int(calls))
         if freeze == "1":  # everything loaded so far is out of the collector's way, as in peers.py
             gc.collect()
             gc.freeze()
         for r in range(int(rounds)):
             for key in (("this", "other") if r % 2 == 0 else ("other", "this")):
-                minima[key].append(best(key, model, int(calls)))
+                minima[key].append(best(key, model, path, int(calls)))
         own_names_only()
         print(json.dumps({"same": digests["this"] == digests["other"], **minima}), flush=True)
 """)
 
 
 class Worker:
-    def __init__(self, code: Path, skip: str, freeze: bool):
+    def __init__(self, code: Path, skip: str, freeze: bool, mode: str):
         self.proc = subprocess.Popen([sys.executable, "-c", _WORKER, str(code), str(ROOT / "sample_models"), skip,
-                                      "1" if freeze else "0"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                                      "1" if freeze else "0", mode],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
     def ask(self, model: str, calls: str) -> str:
         self.proc.stdin.write(f"{model} {calls}\n")
@@ -175,22 +207,25 @@ def main() -> int:
                              "alone against a version without them")
     parser.add_argument("--in-process", action="store_true",
                         help="both versions in one process, side by side (tighter pairs; see the module text)")
+    parser.add_argument("--file", action="store_true",
+                        help="time fold_file (load, fold, save a file) instead of fold_onnx in memory")
     parser.add_argument("--cold", action="store_true",
                         help="no gc.freeze(): every gc.collect() walks the whole heap (harsher than peers.py)")
     args = parser.parse_args()
     skip = ",".join(args.skip)
-    freeze = not args.cold
+    freeze, mode = not args.cold, "file" if args.file else "memory"
     if args.in_process:
         workers = {"both": subprocess.Popen([sys.executable, "-c", _IN_PROCESS_WORKER, str(ROOT),
                                              str(args.other.resolve()), str(ROOT / "sample_models"), skip,
-                                             "1" if freeze else "0"],
+                                             "1" if freeze else "0", mode],
                                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)}
     else:
-        workers = {"this": Worker(ROOT, skip, freeze), "other": Worker(args.other.resolve(), "", freeze)}
+        workers = {"this": Worker(ROOT, skip, freeze, mode), "other": Worker(args.other.resolve(), "", freeze, mode)}
     status = 0
     try:
         print(f"this: {ROOT}   other: {args.other.resolve()}   {args.rounds} rounds x {args.calls} calls"
-              f"{'   (one process)' if args.in_process else ''}{'   (cold: no gc.freeze)' if args.cold else ''}")
+              f"{'   (one process)' if args.in_process else ''}{'   (cold: no gc.freeze)' if args.cold else ''}"
+              f"{'   (fold_file, file to file)' if args.file else ''}")
         print(f"{'model':<24}{'this ms':>9}{'spread':>8}{'other ms':>10}{'spread':>8}{'this/other':>12}"
               f"{'paired p10-p90':>17}  bytes")
         for model in args.models:
