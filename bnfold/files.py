@@ -34,8 +34,9 @@ def write_atomically(path: Path, write: Callable[[object], None]) -> None:
                 os.unlink(tmp)
 
 
-# What tempfile.mkstemp opens with, less its 0600 mode: the kernel applies the umask to 0666, as for open(). Its
-# Python-level name generation, and a chmod after it, cost more than writing a small model.
+# Opened as tempfile.mkstemp opens its file (exclusively, following no link, binary), but with mode 0666 for the
+# kernel to apply the umask to, as open() does: mkstemp's Python-level name generation, and the chmod its 0600 then
+# needs, cost more than writing a small model.
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0) | \
     getattr(os, "O_BINARY", 0)
 
