@@ -72,7 +72,6 @@ class ModelContext:
         main = self._main_index() if self._main_index is not None else None
         if main is None:
             return all_names(self.model.graph, set())
-        graph = self.model.graph
         taken = set(main.producer)
         taken.update(main.consumers)
         taken.update(main.initializers)
@@ -80,9 +79,7 @@ class ModelContext:
         taken.update(main.outputs)
         taken.update(main.removed_names)  # gone from the graph (committed or not): the old protobuf had them
         taken.update(main._dropped_values)
-        annotations = main._local_shapes  # (value_info's names, when a shape lookup has read them already)
-        taken.update(annotations.value_info_names if annotations is not None else
-                     [vi.name for vi in graph.value_info])
+        taken.update(main.value_info_names())
         taken.update([node.name for node in main.nodes])
         for body in main.bodies:
             all_names(body, taken)
@@ -392,6 +389,13 @@ class GraphIndex(ConstantEvaluator, ShapeQueries):
                 return
         self.remove_node(producer)
 
+    def value_info_names(self) -> list[str]:
+        """The names of the graph's value_info, in order: those the shape annotations read, when a lookup has
+        built them (value_info changes only at commit, which drops them), else read now."""
+        if self._local_shapes is not None:
+            return self._local_shapes.value_info_names
+        return [vi.name for vi in self.graph.value_info]
+
     def commit(self) -> None:
         """Apply recorded removals to the protobuf, each repeated field rewritten at most once."""
         if self._new_shapes:
@@ -421,12 +425,9 @@ class GraphIndex(ConstantEvaluator, ShapeQueries):
         if self._dropped_values:
             dropped = self._dropped_values
             annotations = self._local_shapes
-            if annotations is None:
-                infos = self.graph.value_info
-                _delete_runs(infos, [i for i, v in enumerate(infos) if v.name in dropped])
-            elif not annotations.names().isdisjoint(dropped):  # their names, read once already
+            if annotations is None or not annotations.names().isdisjoint(dropped):
                 _delete_runs(self.graph.value_info,
-                             [i for i, name in enumerate(annotations.value_info_names) if name in dropped])
+                             [i for i, name in enumerate(self.value_info_names()) if name in dropped])
             self.removed_names |= dropped
             self._dropped_values = set()
             self._local_shapes = None
